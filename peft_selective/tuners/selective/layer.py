@@ -1,0 +1,289 @@
+"""The delta layer shared by every peft-selective method.
+
+A targeted layer `y = W x + b` becomes `y = W x + b + Σ_active (ΔW_a x + Δb_a)`: each adapter holds an additive
+update, so several adapters active at once simply add up (months 1..t stacked), disabling adapters returns exactly
+the base computation, and merging adds `ΔW` into `W`. `ΔW` is a full matrix (`rank=None`) or `scale · B A`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from torch import nn
+
+from .config import SelectiveConfig
+
+
+class SelectiveLayer(BaseTunerLayer):
+    """Adapter state of one targeted layer: per adapter a full-rank `delta_weight` or a low-rank pair
+    `delta_A`/`delta_B`, and optionally `delta_bias`. Every matrix is stored `(out_features, in_features)`."""
+
+    adapter_layer_names = ("delta_weight", "delta_A", "delta_B", "delta_bias")
+    other_param_names = ("rank", "scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.rank: dict[str, int | None] = {}
+        self.scaling: dict[str, float] = {}
+        self.delta_weight = nn.ParameterDict({})
+        self.delta_A = nn.ParameterDict({})
+        self.delta_B = nn.ParameterDict({})
+        self.delta_bias = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------------- adapter set-up
+    def _init_shapes(self, in_features: int, out_features: int, has_bias: bool, leading: tuple[int, ...] = ()):
+        self.in_features, self.out_features = in_features, out_features
+        self.base_has_bias = has_bias
+        # Fused MoE expert parameters carry one matrix per expert: the update gets the same leading dimension.
+        self.leading_shape = leading
+
+    def update_layer(self, adapter_name: str, config: SelectiveConfig, inference_mode: bool = False) -> None:
+        """Create (or re-create) the update of `adapter_name` in this layer."""
+        rank = config.rank
+        if rank is not None and rank > min(self.in_features, self.out_features):
+            warnings.warn(
+                f"rank={rank} exceeds min(in, out) = {min(self.in_features, self.out_features)} of a "
+                f"{self.out_features}x{self.in_features} layer; a full-rank update (rank=None) is cheaper.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.rank[adapter_name] = rank
+        self.scaling[adapter_name] = config.scaling
+        lead = self.leading_shape
+        if rank is None:
+            self.delta_weight[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features, self.in_features))
+        else:
+            self.delta_A[adapter_name] = nn.Parameter(torch.empty(*lead, rank, self.in_features))
+            self.delta_B[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features, rank))
+        if config.train_bias and self.base_has_bias:
+            self.delta_bias[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features))
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        if adapter_name in self.delta_A:
+            # As LoRA: A random, B zero, so the update starts at exactly zero but gradients reach B at once.
+            A = self.delta_A[adapter_name]
+            nn.init.kaiming_uniform_(A.view(-1, A.shape[-1]), a=math.sqrt(5))
+        if init_weights:
+            return
+        # Non-zero start, for tests only: small enough to keep activations sane, large enough to see.
+        for params in (self.delta_weight, self.delta_B, self.delta_bias):
+            if adapter_name in params:
+                nn.init.normal_(params[adapter_name], std=0.02)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale
+
+    # ------------------------------------------------------------------------------------------------ the update
+    def _has_adapter(self, adapter: str) -> bool:
+        return adapter in self.rank
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout."""
+        if self.rank[adapter] is None:
+            return self.delta_weight[adapter]
+        return (self.delta_B[adapter] @ self.delta_A[adapter]) * self.scaling[adapter]
+
+    def get_delta_bias(self, adapter: str) -> torch.Tensor | None:
+        return self.delta_bias[adapter] if adapter in self.delta_bias else None
+
+    def delta_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """`ΔW x + Δb` for the 2-D case, computed in the adapter's dtype (fp32 master weights under bf16 bases)."""
+        bias = self.get_delta_bias(adapter)
+        if self.rank[adapter] is None:
+            weight = self.delta_weight[adapter]
+            return F.linear(self._cast_input_dtype(x, weight.dtype), weight, bias)
+        A, B = self.delta_A[adapter], self.delta_B[adapter]
+        out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * self.scaling[adapter]
+        return out if bias is None else out + bias
+
+    def _active_present_adapters(self) -> list[str]:
+        return [a for a in self.active_adapters if self._has_adapter(a)]
+
+    def _check_mergeable(self) -> None:
+        if self.quantization_backend is not None:
+            if not self.quantization_backend.supports_merge:
+                raise ValueError(
+                    f"Cannot merge into a {self.quantization_backend.backend_name} base layer. Load the base model "
+                    "in float (bf16/fp32) and merge there."
+                )
+            warnings.warn(
+                f"Merging into a {self.quantization_backend.backend_name} quantized base: the merged weight is "
+                "re-quantized, so the merged model's outputs differ from the unmerged adapter by rounding. Merge into "
+                "a bf16/fp32 copy of the base for an exact merge.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+class Linear(nn.Module, SelectiveLayer):
+    """Selective update on `nn.Linear` (and subclasses: bitsandbytes 4/8-bit, Falcon's linear) and GPT-2's `Conv1D`.
+
+    Quantized bases (bitsandbytes) and low-rank updates add `ΔW x` to the base layer's own output, so stored 4-bit
+    weights are never dequantized during training. A full-rank update on a float base is applied as one matmul with
+    `W + ΔW`, which costs the same as the base layer instead of two matmuls.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SelectiveConfig, **kwargs: Any) -> None:
+        super().__init__()
+        SelectiveLayer.__init__(self, base_layer, **kwargs)
+        base = self.get_base_layer()
+        self.quantization_backend = resolve_quantization_backend(base)
+        # Conv1D stores its weight as (in, out): remember it so merges transpose the update.
+        self.fan_in_fan_out = type(base).__name__ == "Conv1D"
+        in_features, out_features = _get_in_out_features(base)
+        self._init_shapes(in_features, out_features, getattr(base, "bias", None) is not None)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def _weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the updates of `adapter_names` (default: the active ones) into the base weight and bias."""
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if self._has_adapter(a)]
+        if not adapter_names:
+            return
+        self._check_mergeable()
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            weight = self.get_base_weight()
+            delta = self._weight_layout(self.get_delta_weight(adapter)).detach().to(weight.dtype)
+            merged = weight.clone() + delta if safe_merge else weight + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights: adapter {adapter!r} seems to be broken.")
+            self.set_base_weight(merged)
+            delta_bias = self.get_delta_bias(adapter)
+            if delta_bias is not None:
+                base.bias.data += delta_bias.detach().to(base.bias.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight = self.get_base_weight()
+            self.set_base_weight(
+                weight - self._weight_layout(self.get_delta_weight(adapter)).detach().to(weight.dtype)
+            )
+            delta_bias = self.get_delta_bias(adapter)
+            if delta_bias is not None:
+                base.bias.data -= delta_bias.detach().to(base.bias.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = self._active_present_adapters()
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is None and all(self.rank[a] is None for a in adapters):
+            return self._fused_forward(x, adapters)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter in adapters:
+            result = result + self.delta_output(x, adapter).to(result.dtype)
+        return result
+
+    def _fused_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = self._weight_layout(base.weight)
+        bias = base.bias
+        for adapter in adapters:
+            weight = weight + self.delta_weight[adapter].to(weight.dtype)
+            delta_bias = self.get_delta_bias(adapter)
+            if delta_bias is not None:
+                bias = bias + delta_bias.to(bias.dtype)
+        return F.linear(self._cast_input_dtype(x, weight.dtype), weight, bias)
+
+    def __repr__(self) -> str:
+        return "selective." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)
+
+
+class ParamWrapper(nn.Module, SelectiveLayer):
+    """Selective update on a 3-D parameter of a fused MoE experts module (`experts.gate_up_proj`, shape
+    `(num_experts, out, in)` as in transformers >= 5): each expert gets its own update. The experts module is
+    called with `W + ΔW` substituted for the parameter (`torch.func.functional_call`), so any routing code it has
+    runs unchanged. The class name matches PEFT's own `ParamWrapper`, which PEFT's injection code looks for when a
+    second adapter targets the same parameter.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: SelectiveConfig, parameter_name: str, **kwargs: Any
+    ) -> None:
+        super().__init__()
+        SelectiveLayer.__init__(self, base_layer, **kwargs)
+        self.parameter_name = parameter_name
+        param = getattr(self.get_base_layer(), parameter_name)
+        if param.dim() != 3:
+            raise ValueError(
+                f"Only 3-D expert parameters (num_experts, out, in) can be targeted, got {parameter_name} with shape "
+                f"{tuple(param.shape)}."
+            )
+        num_experts, out_features, in_features = param.shape
+        self._init_shapes(in_features, out_features, has_bias=False, leading=(num_experts,))
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def _base_param(self) -> nn.Parameter:
+        return getattr(self.get_base_layer(), self.parameter_name)
+
+    def get_base_weight(self) -> torch.Tensor:
+        return self._base_param().data
+
+    def set_base_weight(self, weight_data: torch.Tensor) -> None:
+        self._base_param().data = weight_data
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if self._has_adapter(a)]
+        for adapter in adapter_names:
+            weight = self.get_base_weight()
+            merged = weight + self.get_delta_weight(adapter).detach().to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights: adapter {adapter!r} seems to be broken.")
+            self.set_base_weight(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight = self.get_base_weight()
+            self.set_base_weight(weight - self.get_delta_weight(adapter).detach().to(weight.dtype))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        adapters = [] if (self.disable_adapters or self.merged) else self._active_present_adapters()
+        if not adapters:
+            return self.base_layer(*args, **kwargs)
+        param = self._base_param()
+        weight = param
+        for adapter in adapters:
+            weight = weight + self.get_delta_weight(adapter).to(param.dtype)
+        return torch.func.functional_call(self.base_layer, {self.parameter_name: weight}, args, kwargs, strict=False)
+
+    def __repr__(self) -> str:
+        return "selective." + super().__repr__()
