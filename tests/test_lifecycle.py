@@ -107,7 +107,11 @@ def test_save_writes_safetensors_and_reloads_exactly(tmp_path, base_dir):
     x = tokens()
     expected = model(x).logits
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and all(".delta_" in k for k in saved)
     reloaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path)
