@@ -1,0 +1,74 @@
+"""The selective methods on the bundled real model (SmolLM2-135M-Instruct, Llama architecture, 30 blocks)."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_selective import SAProjConfig, SelectiveMLPConfig
+
+
+pytestmark = pytest.mark.slow
+
+HIDDEN, INTERMEDIATE, KV, LAYERS = 576, 1536, 192, 30
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from peft_selective.embedded import load_embedded_model
+
+    return load_embedded_model()
+
+
+@pytest.mark.parametrize(
+    "config, expected_params, expected_suffixes",
+    [
+        (SelectiveMLPConfig(), LAYERS * 2 * HIDDEN * INTERMEDIATE, {"mlp.gate_proj", "mlp.up_proj"}),
+        (
+            SAProjConfig(),
+            LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV),
+            {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
+        ),
+    ],
+    ids=["selective_mlp", "saproj"],
+)
+def test_real_model_trains_only_the_preset_and_keeps_base_recoverable(
+    smollm2, config, expected_params, expected_suffixes
+):
+    model, tokenizer = smollm2
+    batch = tokenizer(
+        ["The capital of France is Paris.", "The capital of Peru is Lima."], return_tensors="pt", padding=True
+    )
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    peft_model = get_peft_model(model, config)
+    try:
+        trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        assert sum(p.numel() for p in trainable.values()) == expected_params
+        assert {
+            n.split(".layers.")[1].split(".", 1)[1].rsplit(".delta_", 1)[0] for n in trainable
+        } == expected_suffixes
+        optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
+        peft_model.train()
+        losses = []
+        for _ in range(3):
+            loss = peft_model(**batch, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        peft_model.eval()
+        with torch.no_grad():
+            adapted = peft_model(**batch).logits
+            with peft_model.disable_adapter():
+                assert torch.equal(peft_model(**batch).logits, base_logits)
+            peft_model.merge_adapter()
+            torch.testing.assert_close(peft_model(**batch).logits, adapted, atol=1e-4, rtol=0)
+            peft_model.unmerge_adapter()
+    finally:
+        # give the shared base model back untouched for the next test
+        peft_model.unload()
+    with torch.no_grad():
+        # merge + unmerge is W + ΔW - ΔW in float: equal up to rounding, as with LoRA
+        torch.testing.assert_close(model(**batch).logits, base_logits, atol=1e-4, rtol=0)
