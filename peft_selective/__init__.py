@@ -6,6 +6,14 @@ plain PEFT code can load saved adapters (see `peft_selective._autoload`).
 """
 
 from .registration import register
+from .tuners.geometry import (
+    GeometryProjectedConfig,
+    GeometryProjectedModel,
+    GuaranteeReport,
+    calibrate,
+    measure_guarantees,
+    report_from_model,
+)
 from .tuners.selective import (
     SAProjConfig,
     SAProjModel,
@@ -20,6 +28,12 @@ register()
 __version__ = "0.1.0"
 
 __all__ = [
+    "GeometryProjectedConfig",
+    "GeometryProjectedModel",
+    "GuaranteeReport",
+    "calibrate",
+    "measure_guarantees",
+    "report_from_model",
     "SAProjConfig",
     "SAProjModel",
     "SelectiveConfig",

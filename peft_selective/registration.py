@@ -44,9 +44,9 @@ def register() -> None:
             return
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-        from .tuners.selective import METHODS
+        from .tuners.selective import methods
 
-        for method in METHODS:
+        for method in methods():
             peft_type = _extend_peft_type(method.name.upper())
             if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is method.config_cls:
                 continue

@@ -17,13 +17,19 @@ class Method(NamedTuple):
     model_cls: type
 
 
-METHODS: list[Method] = [
-    Method("selective_mlp", SelectiveMLPConfig, SelectiveMLPModel),
-    Method("saproj", SAProjConfig, SAProjModel),
-]
+def methods() -> list[Method]:
+    """Every PEFT method of the package (imported lazily: GeometryProjected builds on this module)."""
+    from ..geometry import GeometryProjectedConfig, GeometryProjectedModel
+
+    return [
+        Method("selective_mlp", SelectiveMLPConfig, SelectiveMLPModel),
+        Method("saproj", SAProjConfig, SAProjModel),
+        Method("geometry_projected", GeometryProjectedConfig, GeometryProjectedModel),
+    ]
+
 
 __all__ = [
-    "METHODS",
+    "methods",
     "Linear",
     "Method",
     "ParamWrapper",

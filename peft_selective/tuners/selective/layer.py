@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
@@ -22,10 +23,19 @@ from .config import SelectiveConfig
 
 class SelectiveLayer(BaseTunerLayer):
     """Adapter state of one targeted layer: per adapter a full-rank `delta_weight` or a low-rank pair
-    `delta_A`/`delta_B`, and optionally `delta_bias`. Every matrix is stored `(out_features, in_features)`."""
+    `delta_A`/`delta_B`, and optionally `delta_bias`. Every matrix is stored `(out_features, in_features)`.
+
+    An adapter may also carry a protected input subspace (GeometryProjected): orthonormal columns `U` with removal
+    weights `w`, applied to the input side of the update, `ΔW = ΔW' (I - U diag(w) Uᵀ)`, and a cap on `‖ΔW‖_F`.
+    Projecting the parametrisation (not the gradients) keeps the constraint exact under any optimizer. Adapters
+    without a subspace are the plain selective update."""
 
     adapter_layer_names = ("delta_weight", "delta_A", "delta_B", "delta_bias")
-    other_param_names = ("rank", "scaling")
+    other_param_names = ("rank", "scaling", "norm_cap")
+    # Buffers of the protected subspace; their shapes depend on calibration, see `_resize_protected_buffers`.
+    protected_buffer_names = ("protected_basis", "protected_weights", "protected_values", "protected_stats")
+    # protected_stats layout: [residual eigenvalue, output energy E‖y‖², calibration tokens, norm cap, outlier axes]
+    _STATS_SIZE = 5
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -35,6 +45,10 @@ class SelectiveLayer(BaseTunerLayer):
         self.delta_A = nn.ParameterDict({})
         self.delta_B = nn.ParameterDict({})
         self.delta_bias = nn.ParameterDict({})
+        self.norm_cap: dict[str, Optional[float]] = {}
+        self.requires_calibration: dict[str, bool] = {}
+        for name in self.protected_buffer_names:
+            setattr(self, name, BufferDict({}, persistent=True))
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -67,6 +81,17 @@ class SelectiveLayer(BaseTunerLayer):
         if config.train_bias and self.base_has_bias:
             self.delta_bias[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features))
         self.reset_parameters(adapter_name, config.init_weights)
+        self.requires_calibration[adapter_name] = getattr(config, "requires_calibration", False)
+        self.norm_cap[adapter_name] = None
+        if self.requires_calibration[adapter_name]:
+            # Empty placeholders, so the keys exist when a calibrated adapter is loaded (shapes fixed on load).
+            self._store_protected(
+                adapter_name,
+                torch.zeros(self.in_features, 0),
+                torch.zeros(0),
+                torch.zeros(0),
+                torch.zeros(self._STATS_SIZE),
+            )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -83,6 +108,81 @@ class SelectiveLayer(BaseTunerLayer):
             if adapter_name in params:
                 nn.init.normal_(params[adapter_name], std=0.02)
 
+    # ------------------------------------------------------------------------------------------ protected subspace
+    def _store_protected(self, adapter: str, basis, weights, values, stats) -> None:
+        device = self._adapter_device(adapter)
+        for name, tensor in zip(self.protected_buffer_names, (basis, weights, values, stats)):
+            # fp32 whatever the base dtype: the projection is what the guarantee rests on
+            getattr(self, name)[adapter] = tensor.detach().to(device=device, dtype=torch.float32)
+
+    def _adapter_device(self, adapter: str) -> torch.device:
+        for params in (self.delta_weight, self.delta_A):
+            if adapter in params:
+                return params[adapter].device
+        return torch.device("cpu")
+
+    def set_protected_subspace(
+        self, adapter: str, subspace, *, output_energy: float, norm_cap: float, num_tokens: int
+    ) -> None:
+        """Install a calibrated protected subspace (`geometry.subspace.ProtectedSubspace`) for `adapter`."""
+        stats = torch.tensor(
+            [subspace.residual_eigenvalue, output_energy, float(num_tokens), norm_cap, float(subspace.num_outliers)]
+        )
+        self._store_protected(adapter, subspace.basis, subspace.weights, subspace.basis_values, stats)
+        self.norm_cap[adapter] = norm_cap
+        self.requires_calibration[adapter] = True
+
+    def is_calibrated(self, adapter: str) -> bool:
+        return adapter in self.protected_stats and float(self.protected_stats[adapter][2]) > 0
+
+    def _project(self, adapter: str, matrix: torch.Tensor) -> torch.Tensor:
+        """`M (I - U diag(w) Uᵀ)` on the input side of an update factor (`delta_weight` or `delta_A`)."""
+        if adapter not in self.protected_basis or self.protected_basis[adapter].shape[1] == 0:
+            return matrix
+        basis = self.protected_basis[adapter].to(matrix.dtype)
+        weights = self.protected_weights[adapter].to(matrix.dtype)
+        return matrix - ((matrix @ basis) * weights) @ basis.T
+
+    def _cap_factor(self, adapter: str, frobenius_sq: torch.Tensor) -> torch.Tensor | float:
+        """Rescale so that `‖ΔW‖_F <= norm_cap` (differentiable, so training sees the cap)."""
+        cap = self.norm_cap.get(adapter)
+        if cap is None:
+            return 1.0
+        return torch.clamp(cap / frobenius_sq.clamp_min(1e-30).sqrt(), max=1.0)
+
+    def _check_calibrated(self, adapters: list[str]) -> None:
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        for adapter in adapters:
+            if self.requires_calibration.get(adapter) and not self.is_calibrated(adapter):
+                raise RuntimeError(
+                    f"Adapter {adapter!r} is a GeometryProjected adapter that has not been calibrated, so nothing "
+                    "protects the old behaviour yet. Call `peft_selective.calibrate(model, protected_texts, "
+                    "tokenizer)` before training."
+                )
+
+    def _resize_protected_buffers(self, state_dict, prefix, *args) -> None:
+        """Load-state-dict pre-hook: calibrated subspaces vary in size per layer, so size the placeholders from the
+        checkpoint before the tensors are copied in."""
+        for name in self.protected_buffer_names:
+            buffers = getattr(self, name)
+            for adapter in list(buffers.keys()):
+                key = f"{prefix}{name}.{adapter}"
+                if key in state_dict and state_dict[key].shape != buffers[adapter].shape:
+                    buffers[adapter] = torch.empty_like(state_dict[key], device=buffers[adapter].device)
+        for adapter in list(self.protected_stats.keys()):
+            key = f"{prefix}protected_stats.{adapter}"
+            if key in state_dict and float(state_dict[key][2]) > 0:
+                self.norm_cap[adapter] = float(state_dict[key][3])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for name in self.protected_buffer_names:
+            buffers = getattr(self, name)
+            if adapter_name in buffers:
+                del buffers[adapter_name]
+        self.requires_calibration.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
             self.scaling[adapter] = scale
@@ -92,10 +192,15 @@ class SelectiveLayer(BaseTunerLayer):
         return adapter in self.rank
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout."""
+        """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout
+        (projected and norm-capped for GeometryProjected adapters)."""
         if self.rank[adapter] is None:
-            return self.delta_weight[adapter]
-        return (self.delta_B[adapter] @ self.delta_A[adapter]) * self.scaling[adapter]
+            delta = self._project(adapter, self.delta_weight[adapter])
+        else:
+            delta = (self.delta_B[adapter] @ self._project(adapter, self.delta_A[adapter])) * self.scaling[adapter]
+        if self.norm_cap.get(adapter) is not None:
+            delta = delta * self._cap_factor(adapter, delta.pow(2).sum())
+        return delta
 
     def get_delta_bias(self, adapter: str) -> torch.Tensor | None:
         return self.delta_bias[adapter] if adapter in self.delta_bias else None
@@ -104,10 +209,14 @@ class SelectiveLayer(BaseTunerLayer):
         """`ΔW x + Δb` for the 2-D case, computed in the adapter's dtype (fp32 master weights under bf16 bases)."""
         bias = self.get_delta_bias(adapter)
         if self.rank[adapter] is None:
-            weight = self.delta_weight[adapter]
+            weight = self.get_delta_weight(adapter)
             return F.linear(self._cast_input_dtype(x, weight.dtype), weight, bias)
-        A, B = self.delta_A[adapter], self.delta_B[adapter]
-        out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * self.scaling[adapter]
+        A, B = self._project(adapter, self.delta_A[adapter]), self.delta_B[adapter]
+        scale = self.scaling[adapter]
+        if self.norm_cap.get(adapter) is not None:
+            # ‖s B A‖_F² = s² tr((BᵀB)(A Aᵀ)): r x r products instead of the full out x in matrix
+            scale = scale * self._cap_factor(adapter, scale**2 * ((B.T @ B) * (A @ A.T)).sum())
+        out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * scale
         return out if bias is None else out + bias
 
     def _active_present_adapters(self) -> list[str]:
@@ -147,6 +256,7 @@ class Linear(nn.Module, SelectiveLayer):
         in_features, out_features = _get_in_out_features(base)
         self._init_shapes(in_features, out_features, getattr(base, "bias", None) is not None)
         self._active_adapter = adapter_name
+        self._register_load_state_dict_pre_hook(self._resize_protected_buffers)
         self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
 
     def _weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
@@ -196,6 +306,7 @@ class Linear(nn.Module, SelectiveLayer):
         adapters = self._active_present_adapters()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        self._check_calibrated(adapters)
         if self.quantization_backend is None and all(self.rank[a] is None for a in adapters):
             return self._fused_forward(x, adapters)
         result = self.base_layer(x, *args, **kwargs)
@@ -210,7 +321,7 @@ class Linear(nn.Module, SelectiveLayer):
         weight = self._weight_layout(base.weight)
         bias = base.bias
         for adapter in adapters:
-            weight = weight + self.delta_weight[adapter].to(weight.dtype)
+            weight = weight + self.get_delta_weight(adapter).to(weight.dtype)
             delta_bias = self.get_delta_bias(adapter)
             if delta_bias is not None:
                 bias = bias + delta_bias.to(bias.dtype)
@@ -273,6 +384,28 @@ class ParamWrapper(nn.Module, SelectiveLayer):
             weight = self.get_base_weight()
             self.set_base_weight(weight - self.get_delta_weight(adapter).detach().to(weight.dtype))
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """Called by PEFT's `merge_and_unload` / `unload` instead of `merge` + `get_base_layer`. Targeting two
+        parameters of one experts module (e.g. `gate_up_proj` and `down_proj` with `train_down_proj=True`) nests one
+        wrapper in the other, and PEFT only visits the outer one: merge every level, or the inner update is lost."""
+        module: nn.Module = self
+        while isinstance(module, ParamWrapper):
+            if merge:
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            module = module.base_layer
+        return module
+
+    def _param_path(self) -> str:
+        # The parameter's name relative to `self.base_layer`: with nested wrappers (see above) it sits under one
+        # `base_layer.` per inner wrapper. `functional_call(strict=False)` silently ignores a name that does not
+        # resolve to the parameter, which would drop this wrapper's update without any error.
+        path, module = self.parameter_name, self.base_layer
+        while isinstance(module, ParamWrapper):
+            path, module = f"base_layer.{path}", module.base_layer
+        return path
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters and self.merged:
             self.unmerge()
@@ -283,7 +416,7 @@ class ParamWrapper(nn.Module, SelectiveLayer):
         weight = param
         for adapter in adapters:
             weight = weight + self.get_delta_weight(adapter).to(param.dtype)
-        return torch.func.functional_call(self.base_layer, {self.parameter_name: weight}, args, kwargs, strict=False)
+        return torch.func.functional_call(self.base_layer, {self._param_path(): weight}, args, kwargs, strict=False)
 
     def __repr__(self) -> str:
         return "selective." + super().__repr__()

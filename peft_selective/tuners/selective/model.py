@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -40,8 +42,21 @@ class SelectiveModel(BaseTuner):
             )
             # Recording the concrete names makes the saved adapter_config.json say exactly what was adapted.
             peft_config.target_modules = set(resolved.modules) if resolved.modules else None
-            peft_config.target_parameters = resolved.parameters or None
+            # PEFT applies `exclude_modules` to `target_modules` only, never to `target_parameters`: drop the
+            # resolved expert parameters whose experts module is excluded here, or they would be adapted anyway.
+            parameters = [p for p in resolved.parameters if not _is_excluded(p.rpartition(".")[0], peft_config)]
+            peft_config.target_parameters = parameters or None
         return peft_config
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner._replace_module re-assigns `child.base_layer.weight` (and `.bias`) onto a replacement module that
+        # has no `base_layer`, i.e. when unloading. An unloaded ParamWrapper gives back the fused experts module,
+        # which has no `weight` attribute (AttributeError in merge_and_unload); its parameters are already in place.
+        base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        if not hasattr(new_module, "base_layer") and new_module is base and not hasattr(base, "weight"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def _create_and_replace(
         self,
@@ -74,6 +89,16 @@ class SelectiveModel(BaseTuner):
             # an additional adapter is not trainable until it is activated, as in PEFT
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _is_excluded(module_name: str, config: SelectiveConfig) -> bool:
+    """`exclude_modules` matching as PEFT does it for modules: a full-match regex, or a set of names / suffixes."""
+    exclude = config.exclude_modules
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, module_name) is not None
+    return any(module_name == key or module_name.endswith(f".{key}") for key in exclude)
 
 
 class SelectiveMLPModel(SelectiveModel):

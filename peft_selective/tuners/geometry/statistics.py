@@ -1,0 +1,213 @@
+"""Input statistics of linear layers on protected data, collected with forward hooks.
+
+For each layer we need the uncentred second moment `C = E[x xᵀ]` of its input and the output energy `E‖y‖²`. The
+statistics are gathered on the model *as served*: quantized layers, already-active adapters and all, since the hooks
+only look at what flows in and out of each layer (4-bit weights are never dequantized). Padding is masked out. Layers
+that read the same input tensor (q/k/v; gate/up) share one `C`. Accumulation is fp32 and chunked, and the memory
+held by the `C` matrices is bounded by running several passes over the data when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStatistics:
+    """Sums over the protected tokens seen by one layer.
+
+    Attributes:
+        input_key: name of the layer whose input these sums belong to (layers sharing an input share the key).
+        xxt_sum: `Σ x xᵀ` over tokens, fp32, `(in, in)`; shared object between layers with the same input.
+        output_sq_sum: `Σ ‖y‖²` over tokens.
+        num_tokens: number of (non-padding) tokens.
+    """
+
+    input_key: str
+    xxt_sum: torch.Tensor
+    output_sq_sum: float = 0.0
+    num_tokens: int = 0
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.xxt_sum / max(self.num_tokens, 1)
+
+    @property
+    def output_energy(self) -> float:
+        return self.output_sq_sum / max(self.num_tokens, 1)
+
+
+@dataclass
+class StatisticsReport:
+    statistics: dict[str, LayerStatistics]
+    num_tokens: int
+    passes: int
+    peak_statistics_mb: float
+    shared_inputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _tokens_2d(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, seq, d) -> (non-padding tokens, d); anything else is flattened to (-1, d)."""
+    if mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape:
+        return t[mask]
+    return t.reshape(-1, t.shape[-1])
+
+
+class _Collector:
+    def __init__(self, names: list[str], chunk_tokens: int):
+        self.names = names
+        self.chunk_tokens = chunk_tokens
+        self.mask: torch.Tensor | None = None
+        self.stats: dict[str, LayerStatistics] = {}
+        # Layers that share an input (q/k/v, gate/up) are called one after the other on the very same tensor
+        # object; holding a reference to the last input (not its address, which the allocator may reuse) tells.
+        self._last_input: torch.Tensor | None = None
+        self._last_owner: str | None = None
+
+    def new_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask.bool() if mask is not None else None
+        self._last_input, self._last_owner = None, None
+
+    def hook(self, name: str):
+        def forward_hook(module: nn.Module, args, output):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+                return
+            owner = self._last_owner if x is self._last_input else None
+            xs = _tokens_2d(x.detach(), self.mask)
+            ys = _tokens_2d(output.detach(), self.mask)
+            if name not in self.stats:
+                if owner is not None and owner in self.stats:
+                    xxt = self.stats[owner].xxt_sum
+                    key = self.stats[owner].input_key
+                else:
+                    xxt = torch.zeros(xs.shape[-1], xs.shape[-1], dtype=torch.float32, device=xs.device)
+                    key = name
+                self.stats[name] = LayerStatistics(input_key=key, xxt_sum=xxt)
+            stat = self.stats[name]
+            if stat.input_key == name:  # the owner accumulates Σ x xᵀ; sharers only count
+                for start in range(0, xs.shape[0], self.chunk_tokens):
+                    chunk = xs[start : start + self.chunk_tokens].float()
+                    stat.xxt_sum.addmm_(chunk.T, chunk)
+            stat.output_sq_sum += float(ys.float().pow(2).sum())
+            stat.num_tokens += xs.shape[0]
+            if x is not self._last_input:
+                self._last_input, self._last_owner = x, name
+
+        return forward_hook
+
+
+def _group_by_budget(model: nn.Module, names: list[str], max_memory_mb: float | None) -> list[list[str]]:
+    """Split layers into passes so that the `(in, in)` fp32 sums of one pass fit the budget (no sharing assumed)."""
+    if not max_memory_mb:
+        return [names]
+    groups, current, current_mb = [], [], 0.0
+    for name in names:
+        module = model.get_submodule(name)
+        in_features = _in_features(module)
+        mb = in_features * in_features * 4 / 2**20
+        if mb > max_memory_mb:
+            raise ValueError(
+                f"The input statistics of {name} alone need {mb:.0f} MiB, more than max_memory_mb={max_memory_mb}. "
+                "Raise the budget."
+            )
+        if current and current_mb + mb > max_memory_mb:
+            groups.append(current)
+            current, current_mb = [], 0.0
+        current.append(name)
+        current_mb += mb
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _in_features(module: nn.Module) -> int:
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if hasattr(base, "in_features"):
+        return base.in_features
+    if type(base).__name__ == "Conv1D":
+        return base.weight.shape[0]
+    raise TypeError(f"Cannot read in_features of {type(base).__name__}")
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    layer_names: list[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    max_memory_mb: float | None = 2048,
+    chunk_tokens: int = 4096,
+    show_progress: bool = True,
+) -> StatisticsReport:
+    """Run `batches` (dicts with `input_ids` and optionally `attention_mask`) through `model` and collect per-layer
+    input second moments and output energies for the modules named in `layer_names`.
+
+    Args:
+        max_memory_mb: bound on the memory of the accumulated `Σ x xᵀ` matrices. When the layers need more, the data
+            is run through the model in several passes, each collecting a group of layers. `None`: one pass.
+        chunk_tokens: tokens per fp32 matmul chunk, bounding the temporary memory of a hook.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("No calibration data: pass at least one batch of protected text.")
+    groups = _group_by_budget(model, layer_names, max_memory_mb)
+    was_training = model.training
+    model.eval()
+    stats: dict[str, LayerStatistics] = {}
+    peak_mb = 0.0
+    total_tokens = 0
+    try:
+        for pass_idx, group in enumerate(groups):
+            collector = _Collector(group, chunk_tokens)
+            handles = [model.get_submodule(n).register_forward_hook(collector.hook(n)) for n in group]
+            try:
+                desc = "Calibrating protected subspace" + (
+                    f" (pass {pass_idx + 1}/{len(groups)})" if len(groups) > 1 else ""
+                )
+                for batch in tqdm(batches, desc=desc, disable=not show_progress):
+                    mask = batch.get("attention_mask")
+                    collector.new_batch(mask)
+                    device = next(model.parameters()).device
+                    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                    model(**inputs)
+                    if pass_idx == 0:
+                        total_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            owners = {id(s.xxt_sum): s.xxt_sum for s in collector.stats.values()}
+            peak_mb = max(peak_mb, sum(t.numel() * 4 for t in owners.values()) / 2**20)
+            stats.update(collector.stats)
+    finally:
+        model.train(was_training)
+    missing = [n for n in layer_names if n not in stats]
+    if missing:
+        raise RuntimeError(f"These layers were never called during calibration: {missing[:5]}...")
+    shared: dict[str, list[str]] = {}
+    for name, stat in stats.items():
+        shared.setdefault(stat.input_key, []).append(name)
+    logger.info(
+        "Collected input statistics for %d layers (%d distinct inputs) on %d tokens in %d pass(es), %.0f MiB.",
+        len(stats),
+        len(shared),
+        total_tokens,
+        len(groups),
+        peak_mb,
+    )
+    return StatisticsReport(
+        statistics=stats,
+        num_tokens=total_tokens,
+        passes=len(groups),
+        peak_statistics_mb=peak_mb,
+        shared_inputs={k: v for k, v in shared.items() if len(v) > 1},
+    )
