@@ -9,7 +9,8 @@ where `C = E[x xᵀ] = Σ λ_i u_i u_iᵀ` and `λ_rest` is the largest eigenval
 the relative change `sqrt(E‖ΔW x‖² / E‖y‖²)` is at most `sqrt(λ_bound) ρ / sqrt(E‖y‖²)`. A hard projector
 (`w_i = 1` on the top-k eigenvectors) takes the smallest `k` for which that bound is below the tolerance δ. Where
 that leaves too little room, a soft projector `w_i = λ_i / (λ_i + α)` over the whole spectrum keeps some freedom in
-every direction, with `λ_bound = max_i λ_i α² / (λ_i + α)² ≤ α / 4`.
+every direction, with `λ_bound = max_i λ_i α² / (λ_i + α)² ≤ α / 4`; a soft projector is invertible, so there the
+norm cap applies to the update before projection, `‖ΔW'‖_F ≤ ρ` (the layer does this).
 
 Massive activations (a few input coordinates that are orders of magnitude larger than the rest) are deflated first:
 their coordinate axes are protected outright and the eigendecomposition runs on the rest, which keeps it accurate.

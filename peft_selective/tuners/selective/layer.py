@@ -143,8 +143,15 @@ class SelectiveLayer(BaseTunerLayer):
         weights = self.protected_weights[adapter].to(matrix.dtype)
         return matrix - ((matrix @ basis) * weights) @ basis.T
 
+    def _soft_projection(self, adapter: str) -> bool:
+        return adapter in self.protected_weights and bool((self.protected_weights[adapter] < 1).any())
+
     def _cap_factor(self, adapter: str, frobenius_sq: torch.Tensor) -> torch.Tensor | float:
-        """Rescale so that `‖ΔW‖_F <= norm_cap` (differentiable, so training sees the cap)."""
+        """Rescale so that the capped norm is <= norm_cap (differentiable, so training sees the cap).
+
+        A hard projector P is idempotent, so capping the projected update `ΔW = ΔW' P` is what the bound needs. A
+        soft projector is invertible: `ΔW` itself is unconstrained and the bound holds for `‖ΔW'‖_F`, the norm
+        before projection, which is what gets capped then."""
         cap = self.norm_cap.get(adapter)
         if cap is None:
             return 1.0
@@ -195,11 +202,15 @@ class SelectiveLayer(BaseTunerLayer):
         """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout
         (projected and norm-capped for GeometryProjected adapters)."""
         if self.rank[adapter] is None:
-            delta = self._project(adapter, self.delta_weight[adapter])
+            raw = self.delta_weight[adapter]
+            delta = self._project(adapter, raw)
         else:
+            raw = self.delta_B[adapter] @ self.delta_A[adapter]
             delta = (self.delta_B[adapter] @ self._project(adapter, self.delta_A[adapter])) * self.scaling[adapter]
+            raw = raw * self.scaling[adapter]
         if self.norm_cap.get(adapter) is not None:
-            delta = delta * self._cap_factor(adapter, delta.pow(2).sum())
+            capped = raw if self._soft_projection(adapter) else delta
+            delta = delta * self._cap_factor(adapter, capped.pow(2).sum())
         return delta
 
     def get_delta_bias(self, adapter: str) -> torch.Tensor | None:
@@ -214,8 +225,9 @@ class SelectiveLayer(BaseTunerLayer):
         A, B = self._project(adapter, self.delta_A[adapter]), self.delta_B[adapter]
         scale = self.scaling[adapter]
         if self.norm_cap.get(adapter) is not None:
+            capped_A = self.delta_A[adapter] if self._soft_projection(adapter) else A
             # ‖s B A‖_F² = s² tr((BᵀB)(A Aᵀ)): r x r products instead of the full out x in matrix
-            scale = scale * self._cap_factor(adapter, scale**2 * ((B.T @ B) * (A @ A.T)).sum())
+            scale = scale * self._cap_factor(adapter, scale**2 * ((B.T @ B) * (capped_A @ capped_A.T)).sum())
         out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * scale
         return out if bias is None else out + bias
 
