@@ -45,7 +45,10 @@ class SelectiveLayer(BaseTunerLayer):
         self.delta_A = nn.ParameterDict({})
         self.delta_B = nn.ParameterDict({})
         self.delta_bias = nn.ParameterDict({})
+        # Python-side mirrors of the protected buffers, so the forward pass needs no device sync to read them:
+        # `norm_cap` is set exactly when the adapter is calibrated.
         self.norm_cap: dict[str, Optional[float]] = {}
+        self.soft_projection: dict[str, bool] = {}
         self.requires_calibration: dict[str, bool] = {}
         for name in self.protected_buffer_names:
             setattr(self, name, BufferDict({}, persistent=True))
@@ -130,10 +133,11 @@ class SelectiveLayer(BaseTunerLayer):
         )
         self._store_protected(adapter, subspace.basis, subspace.weights, subspace.basis_values, stats)
         self.norm_cap[adapter] = norm_cap
+        self.soft_projection[adapter] = bool(subspace.soft)
         self.requires_calibration[adapter] = True
 
     def is_calibrated(self, adapter: str) -> bool:
-        return adapter in self.protected_stats and float(self.protected_stats[adapter][2]) > 0
+        return self.norm_cap.get(adapter) is not None
 
     def _project(self, adapter: str, matrix: torch.Tensor) -> torch.Tensor:
         """`M (I - U diag(w) Uᵀ)` on the input side of an update factor (`delta_weight` or `delta_A`)."""
@@ -142,9 +146,6 @@ class SelectiveLayer(BaseTunerLayer):
         basis = self.protected_basis[adapter].to(matrix.dtype)
         weights = self.protected_weights[adapter].to(matrix.dtype)
         return matrix - ((matrix @ basis) * weights) @ basis.T
-
-    def _soft_projection(self, adapter: str) -> bool:
-        return adapter in self.protected_weights and bool((self.protected_weights[adapter] < 1).any())
 
     def _cap_factor(self, adapter: str, frobenius_sq: torch.Tensor) -> torch.Tensor | float:
         """Rescale so that the capped norm is <= norm_cap (differentiable, so training sees the cap).
@@ -181,6 +182,8 @@ class SelectiveLayer(BaseTunerLayer):
             key = f"{prefix}protected_stats.{adapter}"
             if key in state_dict and float(state_dict[key][2]) > 0:
                 self.norm_cap[adapter] = float(state_dict[key][3])
+                weights = state_dict.get(f"{prefix}protected_weights.{adapter}")
+                self.soft_projection[adapter] = bool(weights is not None and (weights < 1).any())
 
     def delete_adapter(self, adapter_name: str) -> None:
         for name in self.protected_buffer_names:
@@ -188,6 +191,7 @@ class SelectiveLayer(BaseTunerLayer):
             if adapter_name in buffers:
                 del buffers[adapter_name]
         self.requires_calibration.pop(adapter_name, None)
+        self.soft_projection.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -209,7 +213,7 @@ class SelectiveLayer(BaseTunerLayer):
             delta = (self.delta_B[adapter] @ self._project(adapter, self.delta_A[adapter])) * self.scaling[adapter]
             raw = raw * self.scaling[adapter]
         if self.norm_cap.get(adapter) is not None:
-            capped = raw if self._soft_projection(adapter) else delta
+            capped = raw if self.soft_projection.get(adapter, False) else delta
             delta = delta * self._cap_factor(adapter, capped.pow(2).sum())
         return delta
 
@@ -225,7 +229,7 @@ class SelectiveLayer(BaseTunerLayer):
         A, B = self._project(adapter, self.delta_A[adapter]), self.delta_B[adapter]
         scale = self.scaling[adapter]
         if self.norm_cap.get(adapter) is not None:
-            capped_A = self.delta_A[adapter] if self._soft_projection(adapter) else A
+            capped_A = self.delta_A[adapter] if self.soft_projection.get(adapter, False) else A
             # ‖s B A‖_F² = s² tr((BᵀB)(A Aᵀ)): r x r products instead of the full out x in matrix
             scale = scale * self._cap_factor(adapter, scale**2 * ((B.T @ B) * (capped_A @ capped_A.T)).sum())
         out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * scale
