@@ -356,3 +356,24 @@ def test_trl_dpo_trainer_with_peft_config(tmp_path, base_dir):
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all("mlp" in n and ".delta_weight." in n for n in changed)
+
+
+def test_modules_to_save_trains_and_saves_a_classifier_head(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, num_labels=3
+    )
+    base = transformers.BertForSequenceClassification(config).eval()
+    model = get_peft_model(base, SelectiveMLPConfig(rank=2, modules_to_save=["classifier"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save.default" in n for n in trainable)
+    assert all("intermediate.dense.delta_" in n or "classifier" in n for n in trainable)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    x = tokens()
+    expected = model(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    assert any("classifier" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    torch.manual_seed(0)
+    fresh = transformers.BertForSequenceClassification(config).eval()
+    assert torch.equal(PeftModel.from_pretrained(fresh, tmp_path)(input_ids=x).logits, expected)
