@@ -27,10 +27,8 @@ import copy
 import ctypes
 import datetime as dt
 import gc
-import hashlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -41,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import REPO_ROOT, adapted_module_names, git_commit, machine_info, source_digests
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 MEMORY_MARKER = "OVERHEAD_MEMORY_JSON:"
 TARGET_THRESHOLD = 1.1
@@ -196,15 +195,6 @@ def build_method(base, method: Method, args: argparse.Namespace, copy_base: bool
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     return peft_model, optimizer
-
-
-def adapted_module_names(peft_model) -> list[str]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    prefix = "base_model.model."
-    return sorted(
-        name.removeprefix(prefix) for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)
-    )
 
 
 def sync(device: str) -> None:
@@ -387,56 +377,6 @@ def run_memory(args: argparse.Namespace, methods: list[Method]) -> dict[str, dic
 
 
 # --------------------------------------------------------------------------------------------------- reporting
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def source_digests() -> dict[str, str]:
-    """sha256 of the measured tuner sources: the working tree may differ from the commit."""
-    digests = {}
-    for rel in ("config.py", "layer.py", "model.py"):
-        path = REPO_ROOT / "peft_selective" / "tuners" / "selective" / rel
-        if path.exists():
-            digests[str(path.relative_to(REPO_ROOT))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
-
-
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "device": args.device,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    if args.device.startswith("cuda"):
-        info["cuda_device"] = torch.cuda.get_device_name(torch.device(args.device))
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def _mib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.0f}"
 
@@ -644,9 +584,19 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "argv": sys.argv,
         "git_commit": git_commit(),
-        "source_sha256": source_digests(),
+        "source_sha256": source_digests(
+            REPO_ROOT / "peft_selective" / "tuners" / "selective" / f for f in ("config.py", "layer.py", "model.py")
+        ),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(args),
+        "machine": machine_info(
+            torch_threads=torch.get_num_threads(),
+            device=args.device,
+            **(
+                {"cuda_device": torch.cuda.get_device_name(torch.device(args.device)), "cuda": torch.version.cuda}
+                if args.device.startswith("cuda")
+                else {}
+            ),
+        ),
         "load_average_1_5_15": {"start": load_start, "end": load_end},
         "model": {**model_info, "config": args.config if model_info["source"] == "tiny-llama" else None},
         "settings": {
