@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -31,12 +31,14 @@ from peft_selective.embedded import load_embedded_model
 from peft_selective.probes import capital_questions, run_knowledge_probe
 
 
-# Learning rates from DESIGN.md's measurements on this model: the selective methods train full-rank matrices, LoRA
-# trains small factors and needs a 10x larger step.
+# The selective methods train full-rank matrices, LoRA trains small factors and needs a 10x larger step (the same
+# ratio as DESIGN.md's measurements on this model). The demo's few steps need larger steps than a real run would.
 METHODS = {
-    "selective_mlp": (lambda: peft_selective.SelectiveMLPConfig(), 2e-5),
-    "saproj": (lambda: peft_selective.SAProjConfig(), 2e-5),
-    "lora": (lambda: LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"), 2e-4),
+    "selective_mlp": (lambda: peft_selective.SelectiveMLPConfig(), "selective_lr"),
+    "saproj": (lambda: peft_selective.SAProjConfig(), "selective_lr"),
+    "lora": (lambda: LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"), "lora_lr"),
+    # Low-rank like LoRA, so LoRA's learning rate; calibrated on protected text before training (see below).
+    "geometry": (lambda: peft_selective.GeometryProjectedConfig(rank=16, alpha=32), "lora_lr"),
 }
 
 
@@ -75,6 +77,27 @@ def json_style_score(rows: list[dict], generations: list[str]) -> tuple[float, f
     return style / len(rows), correct / len(rows)
 
 
+def protected_texts(tokenizer, exclude: set[str], n_questions: int, seed: int) -> list[str]:
+    """What GeometryProjected must not move: general English text and the chat behaviour of answering factual
+    questions, on capitals of countries that neither the training data nor the knowledge probe use."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    passages = [text[i : i + 1000] for i in range(0, 8000, 1000)]
+    questions = capital_questions(seed=seed + 1, exclude=sorted(exclude))[:n_questions]
+    chats = [
+        tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": q["question"]},
+                {"role": "assistant", "content": f"The capital of {q['country']} is {q['answer']}."},
+            ],
+            tokenize=False,
+        )
+        for q in questions
+    ]
+    return passages + chats
+
+
 def evaluate(model, tokenizer, task_eval: list[dict], probe: list[dict]) -> dict:
     task = run_knowledge_probe(
         model,
@@ -90,12 +113,15 @@ def evaluate(model, tokenizer, task_eval: list[dict], probe: list[dict]) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["selective_mlp", "saproj", "lora"], choices=list(METHODS))
+    # Defaults sized for a 2-core CPU (~15 minutes in all); a GPU can afford the paper's recipe.
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--selective-lr", type=float, default=1e-4, help="SelectiveMLP and SAProj learning rate")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--n-train", type=int, default=120)
-    parser.add_argument("--n-task-eval", type=int, default=30)
-    parser.add_argument("--n-probe", type=int, default=40)
+    parser.add_argument("--n-task-eval", type=int, default=12)
+    parser.add_argument("--n-probe", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="outputs/selective_mlp_sft", help="adapters and results.json")
     args = parser.parse_args()
@@ -118,7 +144,8 @@ def main() -> None:
     results = {"base": evaluate(model, tokenizer, task_eval, probe)}
     print(f"base model: {results['base']}")
     for method in args.methods:
-        make_config, lr = METHODS[method]
+        make_config, lr_option = METHODS[method]
+        lr = getattr(args, lr_option)
         set_seed(args.seed)
         model, tokenizer = load_embedded_model()  # a fresh base for every method
         sft_args = SFTConfig(
@@ -136,8 +163,16 @@ def main() -> None:
             use_cpu=not torch.cuda.is_available(),
             seed=args.seed,
         )
+        if method == "geometry":
+            # Calibrate before training: the adapter refuses to train otherwise.
+            model = get_peft_model(model, make_config())
+            exclude = used | {q["country"] for q in probe}
+            peft_selective.calibrate(model, protected_texts(tokenizer, exclude, 60, args.seed), tokenizer)
+            peft_config = None
+        else:
+            peft_config = make_config()
         trainer = SFTTrainer(
-            model=model, args=sft_args, train_dataset=train, processing_class=tokenizer, peft_config=make_config()
+            model=model, args=sft_args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
         )
         start = time.perf_counter()
         trainer.train()
