@@ -1,0 +1,129 @@
+"""Configuration of [`ContinualDPOTrainer`]: TRL's `DPOConfig` plus rehearsal and retention options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import DPOConfig
+
+
+@dataclass
+class ContinualDPOConfig(DPOConfig):
+    r"""
+    Configuration class for [`ContinualDPOTrainer`]: every [`~trl.DPOConfig`] option, plus the ones below. All
+    retention terms are off by default (the trainer then behaves like `DPOTrainer`, except that the reference of a
+    model with earlier months' adapters is the month t−1 model). With `HfArgumentParser` they become command-line
+    flags like the others.
+
+    Parameters:
+        > Adapters of a monthly campaign
+
+        adapter_name (`str`, *optional*, defaults to `"default"`):
+            Name of this month's adapter, created from the trainer's `peft_config` (or, without one, an adapter of
+            the given `PeftModel` to keep training).
+        previous_adapters (`list[str]`, *optional*):
+            The adapters of months 1..t−1, frozen and active under the new one; they make up the DPO reference and
+            the KL anchor model. Defaults to every other adapter of the given `PeftModel`.
+
+        > Rehearsal
+
+        rehearsal_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of the training rows drawn from the `rehearsal_buffer` (earlier months' pairs), mixed in before
+            tokenization. `0.25` with 300 new rows gives 100 rehearsed rows. The mix is logged.
+        rehearsal_samples_per_month (`int`, *optional*, defaults to `200`):
+            Rows of this month kept in the buffer by [`ContinualDPOTrainer.finish_month`].
+        rehearsal_sampling (`str`, *optional*, defaults to `"reservoir"`):
+            How those rows are chosen: `"reservoir"` (uniform) or `"stratified"` (proportional per value of
+            `rehearsal_stratify_by`).
+        rehearsal_stratify_by (`str`, *optional*):
+            Column to stratify on with `rehearsal_sampling="stratified"` (e.g. a task or topic column).
+        rehearsal_nll_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of a negative log-likelihood term on the chosen responses of rehearsed rows (per token), logged as
+            `retention/rehearsal_nll`.
+
+        > Retention KL on anchor prompts
+
+        kl_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the KL between the policy and the month t−1 model on anchor sequences (general prompts plus
+            earlier months' prompts, each with the month t−1 model's own continuation), logged as `retention/kl`.
+        kl_every (`int`, *optional*, defaults to `1`):
+            Compute the KL term every `kl_every` optimizer steps (its weight is not rescaled).
+        kl_direction (`str`, *optional*, defaults to `"forward"`):
+            `"forward"`: KL(month t−1 ‖ policy), which keeps everything the old model said likely; `"reverse"`:
+            KL(policy ‖ month t−1).
+        kl_batch_size (`int`, *optional*):
+            Anchor sequences per KL term; defaults to half of `per_device_train_batch_size` (at least 1).
+        kl_anchor_max_new_tokens (`int`, *optional*, defaults to `16`):
+            Length of the month t−1 model's greedy continuation of each anchor, generated once when the trainer is
+            built; `0` compares the next-token distributions at the prompt's end only.
+        kl_max_anchor_length (`int`, *optional*, defaults to `128`):
+            Anchors longer than this (prompt + continuation) are cut from the left.
+        kl_max_rehearsal_anchors (`int`, *optional*, defaults to `64`):
+            At most this many earlier months' prompts (from the buffer) join the general anchor prompts.
+
+        > Elastic weight consolidation
+
+        ewc_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the EWC penalty `Σ F̃ ΔW²` on this month's update of the adapted layers, F̃ the stored diagonal
+            Fisher of the earlier months normalised to mean 1 (see `trl_ext.ewc`); logged as `retention/ewc`.
+        fisher_dir (`str`, *optional*):
+            Directory of the stored Fisher (`fisher.safetensors` + `fisher.json`). Read when `ewc_coef > 0`;
+            [`ContinualDPOTrainer.finish_month`] adds this month's estimate and writes it back.
+        fisher_num_examples (`int`, *optional*, defaults to `64`):
+            Rows of the month's data used to estimate its Fisher.
+        fisher_decay (`float`, *optional*, defaults to `1.0`):
+            Factor applied to the stored Fisher before this month's is added (online EWC; `1.0` sums the months).
+
+        > Data checks
+
+        drop_long_prompts (`bool`, *optional*, defaults to `False`):
+            Rows whose prompt alone fills `max_length` leave no response to learn from. By default they raise an
+            error naming them; with `True` they are dropped and the count is logged.
+    """
+
+    adapter_name: str = field(default="default", metadata={"help": "Name of this month's adapter."})
+    previous_adapters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Adapters of months 1..t−1 (default: every other adapter of the PeftModel)."}
+    )
+    rehearsal_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of training rows from the rehearsal buffer."}
+    )
+    rehearsal_samples_per_month: int = field(default=200, metadata={"help": "Rows kept per month in the buffer."})
+    rehearsal_sampling: str = field(default="reservoir", metadata={"help": "'reservoir' or 'stratified'."})
+    rehearsal_stratify_by: Optional[str] = field(default=None, metadata={"help": "Column for stratified sampling."})
+    rehearsal_nll_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the NLL on rehearsed chosen responses."}
+    )
+    kl_coef: float = field(default=0.0, metadata={"help": "Weight of the KL to the month t−1 model on anchors."})
+    kl_every: int = field(default=1, metadata={"help": "Compute the KL term every k optimizer steps."})
+    kl_direction: str = field(default="forward", metadata={"help": "'forward' KL(old‖new) or 'reverse' KL(new‖old)."})
+    kl_batch_size: Optional[int] = field(default=None, metadata={"help": "Anchor sequences per KL term."})
+    kl_anchor_max_new_tokens: int = field(default=16, metadata={"help": "Continuation length of each anchor."})
+    kl_max_anchor_length: int = field(default=128, metadata={"help": "Maximum anchor length in tokens."})
+    kl_max_rehearsal_anchors: int = field(default=64, metadata={"help": "Earlier months' prompts used as anchors."})
+    ewc_coef: float = field(default=0.0, metadata={"help": "Weight of the EWC penalty."})
+    fisher_dir: Optional[str] = field(default=None, metadata={"help": "Directory of the stored Fisher."})
+    fisher_num_examples: int = field(default=64, metadata={"help": "Rows used to estimate a month's Fisher."})
+    fisher_decay: float = field(default=1.0, metadata={"help": "Decay of the stored Fisher (online EWC)."})
+    drop_long_prompts: bool = field(default=False, metadata={"help": "Drop (and count) prompts that fill max_length."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.rehearsal_ratio < 1.0:
+            raise ValueError(f"`rehearsal_ratio` must be in [0, 1), got {self.rehearsal_ratio}.")
+        for name in ("kl_coef", "ewc_coef", "rehearsal_nll_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.kl_every < 1:
+            raise ValueError(f"`kl_every` must be >= 1, got {self.kl_every}.")
+        if self.kl_direction not in ("forward", "reverse"):
+            raise ValueError(f"`kl_direction` must be 'forward' or 'reverse', got {self.kl_direction!r}.")
+        if self.rehearsal_sampling not in ("reservoir", "stratified"):
+            raise ValueError(
+                f"`rehearsal_sampling` must be 'reservoir' or 'stratified', got {self.rehearsal_sampling!r}."
+            )
+        if self.ewc_coef > 0 and not self.fisher_dir:
+            raise ValueError("`ewc_coef > 0` needs `fisher_dir`: the directory of the earlier months' Fisher.")
+        if not 0.0 <= self.fisher_decay <= 1.0:
+            raise ValueError(f"`fisher_decay` must be in [0, 1], got {self.fisher_decay}.")

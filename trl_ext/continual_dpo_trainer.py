@@ -1,0 +1,415 @@
+"""[`ContinualDPOTrainer`]: TRL's `DPOTrainer` for monthly continual alignment.
+
+Month t trains a new adapter on top of the frozen adapters of months 1..t−1 (all active together on one base), and
+keeps what those months taught with three combinable terms added to the DPO loss:
+
+- rehearsal: earlier months' pairs from a [`RehearsalBuffer`] mixed into the month's data (`rehearsal_ratio`), with
+  an optional NLL on their chosen responses (`rehearsal_nll_coef`);
+- a KL to the month t−1 model on anchor sequences (`kl_coef`, see `trl_ext.anchors`);
+- EWC on the month's update, weighted by the earlier months' Fisher (`ewc_coef`, see `trl_ext.ewc`).
+
+The DPO reference is the month t−1 model (base plus adapters 1..t−1), not the bare base: a
+[`PreviousMonthReference`] view of the policy, so no second model is held in memory. Each term is logged through the
+Trainer's loggers (`retention/kl`, `retention/ewc`, `retention/rehearsal_nll`, `rehearsal/fraction`).
+
+```python
+from peft import PeftModel
+from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from peft_selective import SelectiveMLPConfig
+
+model = PeftModel.from_pretrained(base, "campaign/month-1", adapter_name="month-1")  # earlier months, frozen
+args = ContinualDPOConfig("campaign/month-2", adapter_name="month-2", rehearsal_ratio=0.2, kl_coef=0.1,
+                          ewc_coef=1.0, fisher_dir="campaign/fisher")
+trainer = ContinualDPOTrainer(model, args=args, train_dataset=month_2, processing_class=tokenizer,
+                              peft_config=SelectiveMLPConfig(), rehearsal_buffer=RehearsalBuffer("campaign/buffer"))
+trainer.train()
+trainer.finish_month("month-2")  # keep a sample for rehearsal, add this month's Fisher
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from datasets import Dataset
+from peft import PeftConfig, PeftModel, get_peft_model
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import create_model_from_path
+
+from .anchors import AnchorSet, anchor_kl, general_anchor_prompts
+from .continual_dpo_config import ContinualDPOConfig
+from .ewc import FISHER_METADATA, FisherState, check_fisher_matches, estimate_fisher, ewc_penalty
+from .reference import PreviousMonthReference
+from .rehearsal import RehearsalBuffer
+from .validation import PreferenceDataError, validate_preference_dataset
+
+
+logger = logging.getLogger(__name__)
+
+#: Per-row flag column added to a mixed training set (1 for rehearsed rows); collated into the batch.
+REHEARSAL_FLAG = "is_rehearsal"
+_ROW_INDEX = "__row_index__"
+
+
+class _RehearsalFlagCollator:
+    """Wraps TRL's preference collator: also collates the per-row rehearsal flag (0 where a dataset has none)."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        batch[REHEARSAL_FLAG] = torch.tensor([int(example.get(REHEARSAL_FLAG, 0) or 0) for example in examples])
+        return batch
+
+
+class ContinualDPOTrainer(DPOTrainer):
+    """A `DPOTrainer` for one month of a continual campaign (see the module docstring).
+
+    Args:
+        model: a model id or path, a `PreTrainedModel` (month 1, with `peft_config`), or a `PeftModel` holding the
+            earlier months' adapters (this month's is added from `peft_config` as `args.adapter_name`).
+        ref_model: leave `None` for PEFT models (the reference is then the month t−1 view). For full fine-tuning,
+            TRL's rules apply: the model at the start of the month is the reference.
+        args ([`ContinualDPOConfig`]): `DPOConfig` options plus rehearsal / KL / EWC options.
+        rehearsal_buffer ([`RehearsalBuffer`], *optional*): earlier months' pairs; mixed in at `rehearsal_ratio`, and
+            [`finish_month`] adds a sample of this month to it.
+        anchor_prompts (*optional*): prompts (strings or conversations) for the retention KL. Defaults to the general
+            anchor prompts plus up to `kl_max_rehearsal_anchors` earlier months' prompts from the buffer.
+
+    The other arguments are `DPOTrainer`'s. The training data is checked row by row before tokenization
+    ([`trl_ext.validation`]); rows whose prompt fills `max_length` raise an error naming them unless
+    `drop_long_prompts=True`, which drops them and logs the count.
+    """
+
+    _tag_names = ["trl", "dpo", "continual-dpo", "peft-selective"]
+    _name = "Continual DPO"
+
+    def __init__(
+        self,
+        model: Union[str, torch.nn.Module],
+        ref_model: Optional[torch.nn.Module] = None,
+        args: Optional[ContinualDPOConfig] = None,
+        data_collator=None,
+        train_dataset: Optional[Dataset] = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config: Optional[PeftConfig] = None,
+        rehearsal_buffer: Optional[RehearsalBuffer] = None,
+        anchor_prompts: Optional[Sequence[Union[str, list]]] = None,
+    ):
+        args = self._continual_args(model, args)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        validate_preference_dataset(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            for name, dataset in eval_dataset.items():
+                validate_preference_dataset(dataset, name)
+        elif eval_dataset is not None:
+            validate_preference_dataset(eval_dataset, "eval")
+
+        # Rehearsal: mixed on the raw columns, before TRL tokenizes
+        self.rehearsal_buffer = rehearsal_buffer
+        self.month_dataset = train_dataset
+        self.rehearsal_summary: dict[str, int] = {}
+        if args.rehearsal_ratio > 0:
+            if rehearsal_buffer is None:
+                raise ValueError("`rehearsal_ratio > 0` needs a `rehearsal_buffer` of earlier months' pairs.")
+            if len(rehearsal_buffer) == 0:
+                logger.info("The rehearsal buffer is empty (first month?): training on this month's rows only.")
+            else:
+                train_dataset, self.rehearsal_summary = rehearsal_buffer.mix_into(
+                    train_dataset, args.rehearsal_ratio, seed=args.seed, return_summary=True
+                )
+                train_dataset = train_dataset.map(
+                    lambda row: {REHEARSAL_FLAG: int(row["source"] != "new")}, desc="Flagging rehearsed rows"
+                )
+
+        # This month's adapter on top of the earlier ones
+        if isinstance(model, str):
+            model_init_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                model_init_kwargs["quantization_config"] = quantization_config
+                quantization_config = None
+            model = create_model_from_path(model, **model_init_kwargs)
+        self.previous_adapters: list[str] = []
+        if peft_config is not None or isinstance(model, PeftModel):
+            model = self._add_month_adapter(model, peft_config, args)
+            if ref_model is None:
+                ref_model = PreviousMonthReference(model, self.previous_adapters)
+        elif args.ewc_coef > 0:
+            raise ValueError("EWC applies to a month's adapter update: pass a `peft_config` (or a `PeftModel`).")
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+        )
+        self.data_collator = _RehearsalFlagCollator(self.data_collator)
+        self._rehearsal_logged = False
+        self._captured_policy_output = None
+        self._capture_policy_output = False
+        if args.rehearsal_nll_coef > 0:
+            self.model.register_forward_hook(self._capture_hook, with_kwargs=True)
+        self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
+        self._anchor_rng = random.Random(args.seed + 7919 * args.process_index)
+        self.fisher = self._load_fisher() if args.ewc_coef > 0 else None
+        self._fisher_mean = self.fisher.mean if self.fisher is not None else None
+
+    # ------------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _continual_args(model, args) -> ContinualDPOConfig:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            return ContinualDPOConfig(f"{str(name).split('/')[-1]}-ContinualDPO")
+        if isinstance(args, ContinualDPOConfig):
+            return args
+        if isinstance(args, DPOConfig):  # a plain DPOConfig: same options, retention terms off
+            values = {f.name: getattr(args, f.name) for f in fields(DPOConfig) if f.init}
+            return ContinualDPOConfig(**values)
+        raise TypeError(f"`args` must be a `ContinualDPOConfig`, got {type(args).__name__}.")
+
+    def _add_month_adapter(self, model, peft_config: Optional[PeftConfig], args: ContinualDPOConfig) -> PeftModel:
+        name = args.adapter_name
+        if name == "ref":
+            raise ValueError("`adapter_name='ref'` is reserved by TRL's DPOTrainer; choose another name.")
+        if isinstance(model, PeftModel):
+            if peft_config is not None:
+                if name in model.peft_config:
+                    raise ValueError(
+                        f"The model already has an adapter named {name!r}. Set `adapter_name` in the config to this "
+                        f"month's name (the model has {sorted(model.peft_config)})."
+                    )
+                model.add_adapter(name, peft_config)
+            elif name not in model.peft_config:
+                raise ValueError(
+                    f"No `peft_config` and no adapter {name!r} in the model (it has {sorted(model.peft_config)}): pass "
+                    "this month's `peft_config`, or set `adapter_name` to the adapter to keep training."
+                )
+        else:
+            model = get_peft_model(model, peft_config, adapter_name=name)
+        others = [adapter for adapter in model.peft_config if adapter not in (name, "ref")]
+        previous = list(args.previous_adapters) if args.previous_adapters is not None else others
+        unknown = [adapter for adapter in previous if adapter not in others]
+        if unknown:
+            raise ValueError(
+                f"`previous_adapters` {unknown} are not in the model (it has {sorted(model.peft_config)})."
+            )
+        model.base_model.set_adapter(previous + [name])
+        if previous:
+            model.base_model.set_requires_grad(previous, requires_grad=False)
+        self.previous_adapters = previous
+        logger.info("Training adapter %r on top of frozen %s.", name, previous or "nothing (bare base)")
+        return model
+
+    def _build_anchors(self, anchor_prompts) -> AnchorSet:
+        if anchor_prompts is None:
+            anchor_prompts = general_anchor_prompts()
+            if self.rehearsal_buffer is not None and len(self.rehearsal_buffer) > 0:
+                count = min(self.args.kl_max_rehearsal_anchors, len(self.rehearsal_buffer))
+                rows = self.rehearsal_buffer.sample(count, seed=self.args.seed)
+                anchor_prompts += [row["prompt"] for row in rows if row.get("prompt")]
+        anchors = AnchorSet(anchor_prompts, self._tokenizer, max_length=self.args.kl_max_anchor_length)
+        anchors.add_continuations(
+            self._reference_model(),
+            self.args.kl_anchor_max_new_tokens,
+            batch_size=self.args.per_device_eval_batch_size,
+            show_progress=not self.args.disable_tqdm,
+        )
+        logger.info("Retention KL on %d anchor sequences.", len(anchors))
+        return anchors
+
+    def _reference_model(self) -> torch.nn.Module:
+        if self.ref_model is None:
+            raise ValueError(
+                "The retention KL needs the previous model: with full fine-tuning and `precompute_ref_log_probs=True` "
+                "TRL drops it; pass a `ref_model` or use a PEFT adapter."
+            )
+        return self.accelerator.unwrap_model(self.ref_model)
+
+    def _load_fisher(self) -> Optional[FisherState]:
+        directory = Path(self.args.fisher_dir)
+        if not (directory / FISHER_METADATA).exists() and not self.previous_adapters:
+            logger.info("No stored Fisher in %s and no earlier month: the EWC penalty is off this month.", directory)
+            return None
+        state = FisherState.load(directory)
+        coverage = check_fisher_matches(self.model, self.args.adapter_name, state)
+        logger.info("EWC on %(covered)d adapted layers (%(uncovered)d without a stored Fisher).", coverage)
+        return state
+
+    # ------------------------------------------------------------------------------------------------- data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization, with too-long prompts reported by row instead of dropped silently."""
+        if not isinstance(dataset, Dataset) or args.max_length is None or "prompt_ids" in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        indexed = dataset.add_column(_ROW_INDEX, list(range(len(dataset))))
+        prepared = super()._prepare_dataset(indexed, processing_class, args, dataset_name)
+        kept = set(prepared[_ROW_INDEX])
+        dropped = [index for index in range(len(dataset)) if index not in kept]
+        if dropped:
+            if not args.drop_long_prompts:
+                shown = ", ".join(str(index) for index in dropped[:10]) + (" ..." if len(dropped) > 10 else "")
+                raise PreferenceDataError(
+                    f"{len(dropped)} row(s) of the {dataset_name} dataset have a prompt of at least "
+                    f"max_length={args.max_length} tokens, leaving no response to train on: rows {shown}. Raise "
+                    "`max_length`, shorten these prompts, or set `drop_long_prompts=True` to drop them (counted in "
+                    "the log)."
+                )
+            logger.warning(
+                "Dropped %d of %d rows of the %s dataset whose prompt fills max_length=%d (drop_long_prompts=True).",
+                len(dropped),
+                len(dataset),
+                dataset_name,
+                args.max_length,
+            )
+        return prepared.remove_columns(_ROW_INDEX)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if REHEARSAL_FLAG not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + [REHEARSAL_FLAG]
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def _capture_hook(self, module, args, kwargs, output) -> None:
+        # The policy's own DPO forward (fused LM head, with grad) carries the log-probs the rehearsal NLL needs.
+        if self._capture_policy_output and torch.is_grad_enabled() and kwargs.get("fused_lm_head"):
+            self._captured_policy_output = output
+            self._capture_policy_output = False
+
+    def compute_ref_log_probs(self, model, inputs):
+        inputs = {key: value for key, value in inputs.items() if key != REHEARSAL_FLAG}
+        return super().compute_ref_log_probs(model, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        is_rehearsal = inputs.pop(REHEARSAL_FLAG, None)
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        self._capture_policy_output = args.rehearsal_nll_coef > 0 and mode == "train"
+        self._captured_policy_output = None
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        self._capture_policy_output = False
+
+        if is_rehearsal is not None:
+            self._metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
+        if self._captured_policy_output is not None and is_rehearsal is not None:
+            nll = self._rehearsal_nll(self._captured_policy_output, inputs, is_rehearsal)
+            self._captured_policy_output = None
+            if nll is not None:
+                loss = loss + args.rehearsal_nll_coef * nll
+                self._metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
+        if self.anchors is not None and mode == "train" and self.state.global_step % args.kl_every == 0:
+            batch_size = args.kl_batch_size or max(1, args.per_device_train_batch_size // 2)
+            batch = self.anchors.sample(batch_size, self._anchor_rng, self.accelerator.device)
+            # The unwrapped policy: a second forward through DDP before one backward is not needed, its gradient
+            # hooks fire either way.
+            kl = anchor_kl(self.accelerator.unwrap_model(model), self._reference_model(), batch, args.kl_direction)
+            loss = loss + args.kl_coef * kl
+            self._metrics[mode]["retention/kl"].append(self._gathered_mean(kl.detach()))
+        if self.fisher is not None:
+            with torch.set_grad_enabled(mode == "train"):
+                penalty = ewc_penalty(model, args.adapter_name, self.fisher, self._fisher_mean)
+            loss = loss + args.ewc_coef * penalty
+            self._metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def _rehearsal_nll(self, output, inputs, is_rehearsal: torch.Tensor) -> Optional[torch.Tensor]:
+        """Mean per-token NLL of the rehearsed rows' chosen responses, from the policy's DPO forward."""
+        shift_mask = inputs["completion_mask"][:, 1:]
+        log_probs = output.log_probs[:, -shift_mask.size(1) :]
+        rows = is_rehearsal.to(log_probs.device).bool()
+        chosen_logps, _ = log_probs.chunk(2, dim=0)
+        chosen_mask, _ = shift_mask.chunk(2, dim=0)
+        mask = chosen_mask[rows].to(log_probs.dtype)
+        if mask.sum() == 0:
+            return None
+        return -(chosen_logps[rows] * mask).sum() / mask.sum()
+
+    def _gathered_mean(self, value: torch.Tensor) -> float:
+        value = value.to(self.accelerator.device)
+        return self.accelerator.gather_for_metrics(value.reshape(-1)).float().mean().item()
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if not self._rehearsal_logged and self.model.training and self.rehearsal_summary:
+            total = sum(self.rehearsal_summary.values())
+            logs["rehearsal/rows"] = float(total - self.rehearsal_summary.get("new", 0))
+            logs["rehearsal/mixed_ratio"] = logs["rehearsal/rows"] / max(total, 1)
+            self._rehearsal_logged = True
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------- month end
+    def finish_month(self, month: str) -> dict[str, Any]:
+        """End-of-month bookkeeping, after `train()`: keep a sample of this month's pairs in the rehearsal buffer and,
+        with `fisher_dir` set, estimate this month's Fisher on its own rows and add it to the stored one.
+
+        Returns a summary (`rehearsal_rows`, `fisher_examples`, `fisher_months`). Only the main process writes.
+        """
+        args = self.args
+        summary: dict[str, Any] = {}
+        if self.rehearsal_buffer is not None:
+            if self.accelerator.is_main_process:
+                info = self.rehearsal_buffer.add_month(
+                    month,
+                    self.month_dataset,
+                    capacity_per_month=args.rehearsal_samples_per_month,
+                    sampling=args.rehearsal_sampling,
+                    stratify_by=args.rehearsal_stratify_by,
+                    seed=args.seed,
+                )
+                summary["rehearsal_rows"] = info.count
+            self.accelerator.wait_for_everyone()
+        if args.fisher_dir and isinstance(self._policy(), PeftModel):
+            state = estimate_fisher(
+                self._policy(),
+                self._fisher_batches(),
+                args.adapter_name,
+                month,
+                show_progress=not args.disable_tqdm,
+            )
+            stored = Path(args.fisher_dir)
+            if (stored / FISHER_METADATA).exists():
+                state = FisherState.load(stored).merged(state, decay=args.fisher_decay)
+            if self.accelerator.is_main_process:
+                state.save(stored)
+            self.accelerator.wait_for_everyone()
+            summary["fisher_examples"] = state.num_examples
+            summary["fisher_months"] = state.months
+        return summary
+
+    def _policy(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _fisher_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Chosen halves of collated batches of this month's own rows (rehearsed rows excluded)."""
+        dataset = self.train_dataset
+        if REHEARSAL_FLAG in dataset.column_names:
+            dataset = dataset.filter(lambda row: not row[REHEARSAL_FLAG])
+        dataset = dataset.select(range(min(self.args.fisher_num_examples, len(dataset))))
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        rows = [{column: row[column] for column in columns} for row in dataset]
+        batch_size = self.args.per_device_train_batch_size
+        batches = []
+        for start in range(0, len(rows), batch_size):
+            batch = self.data_collator.collator(rows[start : start + batch_size])
+            half = batch["input_ids"].shape[0] // 2
+            batches.append({key: batch[key][:half] for key in ("input_ids", "attention_mask", "completion_mask")})
+        return batches

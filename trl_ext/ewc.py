@@ -1,0 +1,307 @@
+"""Elastic weight consolidation (Kirkpatrick et al., 2017) for stacked monthly adapters.
+
+At the end of each month, [`estimate_fisher`] measures how much every weight of the adapted layers matters to that
+month's data: the diagonal of the empirical Fisher information, the mean squared per-example gradient of the chosen
+responses' log-likelihood with respect to the layer's *effective* weight (base plus all active adapters). The months'
+estimates are summed in a [`FisherState`] and stored (safetensors). In month t, [`ewc_penalty`] charges the new adapter
+for moving the weights the earlier months relied on:
+
+    penalty = Σ_layers Σ_ij  F̃_ij · ΔW_ij²,        F̃ = F / mean(F)
+
+where ΔW is the new adapter's update of the layer: with the earlier months' adapters frozen, that is exactly the
+effective weight change since the month t−1 optimum, so the penalty is zero there and grows quadratically away from
+it. The Fisher is normalised by its mean over all entries so that `ewc_coef` has the same scale whatever the model
+and the data (`ewc_coef · penalty` is an importance-weighted squared norm of the update).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+
+logger = logging.getLogger(__name__)
+
+FISHER_WEIGHTS = "fisher.safetensors"
+FISHER_METADATA = "fisher.json"
+FORMAT_VERSION = 1
+
+
+def adapted_layers(model: PeftModel, adapter_name: str) -> dict[str, BaseTunerLayer]:
+    """The layers of `model` that carry `adapter_name` and can report a 2-D delta weight, keyed by their path inside
+    the base model (`model.layers.0.mlp.up_proj`), the key the Fisher is stored under."""
+    prefix = "base_model.model."
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or not hasattr(module, "get_delta_weight"):
+            continue
+        if adapter_name not in _adapter_keys(module):
+            continue
+        base = module.get_base_layer()
+        if not hasattr(base, "in_features") or not hasattr(base, "out_features"):  # e.g. 3-D MoE expert parameters
+            continue
+        layers[name[len(prefix) :] if name.startswith(prefix) else name] = module
+    return layers
+
+
+def _adapter_keys(module: BaseTunerLayer) -> set[str]:
+    keys: set[str] = set()
+    for attr in module.adapter_layer_names:
+        keys.update(getattr(module, attr).keys())
+    return keys
+
+
+def _out_in(module: BaseTunerLayer) -> tuple[int, int]:
+    base = module.get_base_layer()
+    return base.out_features, base.in_features
+
+
+@dataclass
+class FisherState:
+    """Summed diagonal Fisher of the adapted layers over the months seen so far.
+
+    Attributes:
+        fisher (`dict[str, torch.Tensor]`): per layer (path inside the base model), an `(out, in)` fp32 tensor.
+        months (`list[str]`): the months whose data the estimate covers, in order.
+        num_examples (`int`): the number of examples summed over.
+        base_model (`str`, *optional*): the base model's name or path, checked when the state is applied.
+    """
+
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    months: list[str] = field(default_factory=list)
+    num_examples: int = 0
+    base_model: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self.fisher)
+
+    @property
+    def mean(self) -> float:
+        total = sum(float(t.sum()) for t in self.fisher.values())
+        count = sum(t.numel() for t in self.fisher.values())
+        return total / count if count else 0.0
+
+    def merged(self, other: FisherState, decay: float = 1.0) -> FisherState:
+        """`decay · self + other` (online EWC: `decay < 1` lets old months fade)."""
+        if self.base_model and other.base_model and self.base_model != other.base_model:
+            raise ValueError(f"Cannot merge Fisher of base {other.base_model!r} into one of {self.base_model!r}.")
+        fisher = {name: tensor * decay for name, tensor in self.fisher.items()}
+        for name, tensor in other.fisher.items():
+            if name in fisher and fisher[name].shape != tensor.shape:
+                raise ValueError(
+                    f"Fisher of layer {name!r} has shape {tuple(tensor.shape)}, stored {tuple(fisher[name].shape)}."
+                )
+            fisher[name] = fisher[name] + tensor if name in fisher else tensor.clone()
+        return FisherState(
+            fisher=fisher,
+            months=self.months + [m for m in other.months if m not in self.months],
+            num_examples=self.num_examples + other.num_examples,
+            base_model=self.base_model or other.base_model,
+        )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `fisher.safetensors` and `fisher.json` into `directory`, each atomically (temp file + rename), the
+        metadata last."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in self.fisher.items()}
+        _atomic_write(directory / FISHER_WEIGHTS, lambda path: save_file(tensors, path))
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "months": self.months,
+            "num_examples": self.num_examples,
+            "base_model": self.base_model,
+            "layers": {name: list(tensor.shape) for name, tensor in tensors.items()},
+        }
+        _atomic_write(directory / FISHER_METADATA, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> FisherState:
+        directory = Path(directory)
+        meta_path, weights_path = directory / FISHER_METADATA, directory / FISHER_WEIGHTS
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(
+                f"No Fisher state in {directory}: expected {FISHER_METADATA} and {FISHER_WEIGHTS} (written by "
+                "`FisherState.save` / `ContinualDPOTrainer.finish_month`)."
+            )
+        try:
+            metadata = json.loads(meta_path.read_text())
+            version = metadata["format_version"]
+            fisher = load_file(str(weights_path))
+        except Exception as error:  # noqa: BLE001 - any parse failure means a corrupted state
+            raise ValueError(
+                f"The Fisher state in {directory} is corrupted ({type(error).__name__}: {error})."
+            ) from error
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"The Fisher state in {directory} has format {version}; this version reads up to {FORMAT_VERSION}."
+            )
+        expected = {name: tuple(shape) for name, shape in metadata.get("layers", {}).items()}
+        found = {name: tuple(tensor.shape) for name, tensor in fisher.items()}
+        if expected != found:
+            raise ValueError(
+                f"The Fisher state in {directory} is inconsistent: {FISHER_METADATA} lists other layers or shapes than {FISHER_WEIGHTS}."
+            )
+        return cls(fisher, list(metadata["months"]), int(metadata["num_examples"]), metadata.get("base_model"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def estimate_fisher(
+    model: PeftModel,
+    batches: Sequence[dict[str, torch.Tensor]],
+    adapter_name: str,
+    month: str,
+    show_progress: bool = True,
+) -> FisherState:
+    """Diagonal empirical Fisher of the layers that carry `adapter_name`, w.r.t. their effective weight.
+
+    Args:
+        model (`PeftModel`): the model at the end of the month (all its adapters active as trained).
+        batches: padded batches with `input_ids`, `attention_mask` and `completion_mask` (1 on the response tokens
+            whose log-likelihood is differentiated), e.g. the chosen halves of TRL's preference collator.
+        adapter_name (`str`): the month's adapter; its layers are the ones measured.
+        month (`str`): recorded in the returned state.
+
+    Per example i and layer, the gradient of `log p(response_i)` w.r.t. the weight is `Σ_t δ_it x_itᵀ` (output
+    gradient times input, summed over the example's tokens), read from hooks in one backward per batch; its square is
+    accumulated. Nothing is updated: gradients of the parameters are left untouched.
+    """
+    layers = adapted_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"No adapted layer carries adapter {adapter_name!r}: nothing to estimate a Fisher for.")
+    sums = {name: torch.zeros(_out_in(layer), dtype=torch.float32) for name, layer in layers.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def forward_hook(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda grad: _accumulate(name, grad))
+
+        return hook
+
+    def _accumulate(name: str, grad: torch.Tensor) -> None:
+        x = inputs[name].float()
+        per_example = torch.einsum("bto,bti->boi", grad.float(), x)
+        sums[name] += per_example.pow(2).sum(0).cpu()
+
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_hook(forward_hook(name)))
+    was_training = model.training
+    model.eval()
+    grads_before = {param: param.grad for param in model.parameters()}
+    num_examples = 0
+    embeddings = model.get_input_embeddings()
+    # The output gradients must exist even where no parameter upstream requires grad (e.g. a frozen first layer).
+    embed_handle = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    try:
+        for batch in tqdm(batches, desc=f"Fisher ({month})", disable=not show_progress):
+            device = next(model.parameters()).device
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            completion = batch["completion_mask"].to(device)
+            with torch.enable_grad():
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+                logps = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+                # One scalar whose gradient w.r.t. each example's activations is that example's own gradient.
+                (logps * completion[:, 1:]).sum().backward()
+            num_examples += int(input_ids.shape[0])
+            inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        embed_handle.remove()
+        for param, grad in grads_before.items():
+            param.grad = grad
+        model.train(was_training)
+    fisher = {name: total / max(num_examples, 1) for name, total in sums.items()}
+    base = getattr(model.get_base_model().config, "_name_or_path", None)
+    return FisherState(fisher, [month], num_examples, base)
+
+
+def _delta_weight(layer: BaseTunerLayer, adapter_name: str) -> torch.Tensor:
+    delta = layer.get_delta_weight(adapter_name)
+    base = layer.get_base_layer()
+    if delta.shape != (base.out_features, base.in_features):  # Conv1D-style layouts store (in, out)
+        delta = delta.T
+    return delta.float()
+
+
+def _layer_penalty(layer: BaseTunerLayer, adapter_name: str, fisher: torch.Tensor) -> torch.Tensor:
+    return (fisher * _delta_weight(layer, adapter_name).square()).sum()
+
+
+def ewc_penalty(
+    model: nn.Module, adapter_name: str, state: FisherState, fisher_mean: Optional[float] = None
+) -> torch.Tensor:
+    """`Σ F̃ · ΔW²` over the layers that carry `adapter_name` and have a stored Fisher (see the module docstring).
+
+    Each layer's term is checkpointed, so a low-rank update's full `(out, in)` matrix is rebuilt in the backward pass
+    instead of being kept alive between forward and backward. Pass `fisher_mean` (`state.mean`) to skip recomputing
+    it on every call.
+    """
+    unwrapped = model.module if hasattr(model, "module") else model
+    layers = adapted_layers(unwrapped, adapter_name)
+    scale = fisher_mean if fisher_mean is not None else state.mean
+    total = None
+    for name, layer in layers.items():
+        fisher = state.fisher.get(name)
+        if fisher is None:
+            continue
+        weight = fisher / scale if scale > 0 else fisher
+        device = next(p.device for p in layer.parameters())
+        if weight.device != device:
+            weight = weight.to(device)
+            state.fisher[name] = fisher.to(device)  # keep it there for the next step
+        term = checkpoint(_layer_penalty, layer, adapter_name, weight, use_reentrant=False)
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros((), device=next(unwrapped.parameters()).device)
+    return total
+
+
+def check_fisher_matches(model: nn.Module, adapter_name: str, state: FisherState) -> dict[str, Any]:
+    """Which adapted layers have a stored Fisher; raise when none does or when shapes disagree (another base model)."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    layers = adapted_layers(unwrapped, adapter_name)
+    covered, mismatched = [], []
+    for name, layer in layers.items():
+        if name in state.fisher:
+            (covered if tuple(state.fisher[name].shape) == _out_in(layer) else mismatched).append(name)
+    if mismatched:
+        raise ValueError(
+            f"The stored Fisher does not fit this model: layer {mismatched[0]!r} has shape "
+            f"{tuple(state.fisher[mismatched[0]].shape)}, the model's is {_out_in(layers[mismatched[0]])}. Was it "
+            f"estimated on another base model (stored: {state.base_model!r})?"
+        )
+    if not covered:
+        raise ValueError(
+            f"None of the {len(layers)} layers adapted by {adapter_name!r} has a stored Fisher (it covers "
+            f"{sorted(state.fisher)[:3]}...). EWC needs the new adapter to target layers the earlier months adapted."
+        )
+    return {"covered": len(covered), "uncovered": len(layers) - len(covered)}

@@ -1,0 +1,113 @@
+"""Checks of preference data before `DPOTrainer` tokenizes it: clear errors that name the row, instead of a
+`KeyError` deep inside `datasets.map` or rows silently dropped.
+
+TRL accepts the standard format (`prompt`, `chosen`, `rejected`) and the implicit-prompt one (`chosen`, `rejected`
+only, the prompt being their shared start), each either plain text or conversational (lists of
+`{"role", "content"}` messages). Every row must use the same format as the first one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+
+
+class PreferenceDataError(ValueError):
+    """Malformed preference data; the message names the dataset, the row and the fix."""
+
+
+#: How many offending rows an error message lists.
+_SHOWN = 5
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_messages(value: Any) -> str | None:
+    if not value:
+        return "is an empty list of messages"
+    for message in value:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"has a message that is not a {{'role', 'content'}} dict: {_describe(message)}"
+        content = message["content"]
+        if content is None or (isinstance(content, str) and not content.strip()):
+            return f"has a {message['role']!r} message with empty content"
+    return None
+
+
+def _field_problem(value: Any, conversational: bool) -> str | None:
+    if value is None:
+        return "is missing (None)"
+    if conversational:
+        if not isinstance(value, list):
+            return f"is a {type(value).__name__}, but the dataset is conversational (first row): expected a list of messages"
+        return _check_messages(value)
+    if not isinstance(value, str):
+        kind = "a list of messages" if isinstance(value, list) else f"a {type(value).__name__}"
+        return f"is {kind}, but the dataset is plain text (first row): expected a string"
+    if not value.strip():
+        return "is an empty string"
+    return None
+
+
+def validate_preference_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> int:
+    """Check every row of a map-style dataset (an `IterableDataset` only has its first row checked, since reading it
+    would consume it); raise [`PreferenceDataError`] naming the offending rows. Returns the number of rows."""
+    if isinstance(dataset, IterableDataset):
+        first = next(iter(dataset), None)
+        if first is None:
+            raise PreferenceDataError(f"The {name} dataset is empty: DPO needs preference pairs.")
+        _check_columns(list(first.keys()), name)
+        _check_rows([first], name)
+        return -1
+    if not isinstance(dataset, Dataset):
+        raise PreferenceDataError(f"The {name} dataset must be a `datasets.Dataset`, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise PreferenceDataError(f"The {name} dataset is empty: DPO needs preference pairs.")
+    _check_columns(dataset.column_names, name)
+    if "input_ids" in dataset.column_names or "chosen_ids" in dataset.column_names:
+        return len(dataset)  # already tokenized: TRL leaves it as it is
+    _check_rows(dataset, name)
+    return len(dataset)
+
+
+def _check_columns(columns: Sequence[str], name: str) -> None:
+    if "chosen_ids" in columns and "rejected_ids" in columns:
+        return
+    missing = [column for column in ("chosen", "rejected") if column not in columns]
+    if missing:
+        raise PreferenceDataError(
+            f"The {name} dataset has no {' or '.join(repr(c) for c in missing)} column (it has {list(columns)}). A "
+            "preference dataset needs 'chosen' and 'rejected', and usually 'prompt': rename your columns, e.g. "
+            "`dataset.rename_column('response_good', 'chosen')`."
+        )
+
+
+def _check_rows(rows: Any, name: str) -> None:
+    problems: list[str] = []
+    conversational = None
+    for index, row in enumerate(rows):
+        if conversational is None:
+            conversational = isinstance(row.get("chosen"), list)
+        fields = [f for f in ("prompt", "chosen", "rejected") if f in row]
+        for field in fields:
+            problem = _field_problem(row[field], conversational)
+            if problem:
+                problems.append(f"row {index}: {field!r} {problem}")
+                break
+        else:
+            if row["chosen"] == row["rejected"]:
+                problems.append(f"row {index}: 'chosen' and 'rejected' are identical ({_describe(row['chosen'])})")
+        if len(problems) > _SHOWN:
+            break
+    if problems:
+        shown = "\n  ".join(problems[:_SHOWN])
+        more = " (and more)" if len(problems) > _SHOWN else ""
+        raise PreferenceDataError(
+            f"The {name} dataset has malformed preference rows{more}:\n  {shown}\nFix or filter these rows, e.g. "
+            "`dataset.filter(lambda row: row['chosen'] and row['rejected'])`; nothing was dropped."
+        )
