@@ -241,6 +241,27 @@ def _make_inputs(family: str) -> dict[str, torch.Tensor]:
     return {"input_ids": _text_ids(generator), "attention_mask": torch.ones(BATCH, SEQ_LEN, dtype=torch.long)}
 
 
+#: Words of the tiny chat tokenizer (ids 4.., after <pad> <s> </s> <unk>): enough for small preference datasets.
+CHAT_WORDS = (
+    "the a is of capital paris france berlin germany what good bad yes no answer question "
+    "red blue green one two three four five six seven eight nine ten short long"
+).split()
+
+
+def word_chat_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A word-level tokenizer small enough for the tiny models' 128-token vocabulary, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3, **{w: i + 4 for i, w in enumerate(CHAT_WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
 def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
     logits = getattr(out, "logits", None)

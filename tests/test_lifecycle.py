@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from conftest import word_chat_tokenizer
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
@@ -294,21 +295,6 @@ def test_transformers_trainer_with_gradient_checkpointing(tmp_path, base_dir):
     assert changed and all(".delta_weight." in n for n in changed)
 
 
-def _chat_tokenizer(base_dir):
-    """A word-level tokenizer small enough for the tiny model's 128-token vocabulary, with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = "the a is of capital paris france berlin germany what good bad yes no answer question".split()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return tok
-
-
 def test_trl_sft_trainer_with_peft_config(tmp_path, base_dir):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -321,7 +307,7 @@ def test_trl_sft_trainer_with_peft_config(tmp_path, base_dir):
         model=load_base(base_dir),
         args=args,
         train_dataset=data,
-        processing_class=_chat_tokenizer(base_dir),
+        processing_class=word_chat_tokenizer(),
         peft_config=SAProjConfig(rank=4),
     )
     trainer.train()
@@ -349,7 +335,7 @@ def test_trl_dpo_trainer_with_peft_config(tmp_path, base_dir):
         model=load_base(base_dir),
         args=args,
         train_dataset=data,
-        processing_class=_chat_tokenizer(base_dir),
+        processing_class=word_chat_tokenizer(),
         peft_config=SelectiveMLPConfig(),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -377,6 +377,9 @@ class ContinualDPOTrainer(DPOTrainer):
                 )
                 summary["rehearsal_rows"] = info.count
             self.accelerator.wait_for_everyone()
+            if not self.accelerator.is_main_process:
+                self.rehearsal_buffer.reload()
+                summary["rehearsal_rows"] = self.rehearsal_buffer.month_info(month).count
         if args.fisher_dir and isinstance(self._policy(), PeftModel):
             state = estimate_fisher(
                 self._policy(),

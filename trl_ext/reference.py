@@ -29,21 +29,23 @@ def active_adapters(model: PeftModel, adapter_names: Sequence[str]) -> Iterator[
     missing = [name for name in names if name not in model.peft_config]
     if missing:
         raise ValueError(f"Adapter(s) {missing} are not in the model; it has {sorted(model.peft_config)}.")
-    if not names:
-        with model.disable_adapter():
-            yield
-        return
     tuner = model.base_model
     previous = list(tuner.active_adapters)
     if previous == names:
         yield
         return
+    # Both `set_adapter` and re-enabling after `disable_adapter` mark the active adapters trainable.
     requires_grad = {param: param.requires_grad for param in model.parameters()}
-    tuner.set_adapter(names)
     try:
-        yield
+        if names:
+            tuner.set_adapter(names)
+            yield
+        else:
+            with model.disable_adapter():
+                yield
     finally:
-        tuner.set_adapter(previous)
+        if names:
+            tuner.set_adapter(previous)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
 

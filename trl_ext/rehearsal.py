@@ -396,6 +396,11 @@ class RehearsalBuffer:
                 total_capacity,
             )
 
+    def reload(self) -> None:
+        """Re-read the buffer from disk (e.g. on the other ranks after the main process added a month)."""
+        self._infos, self._rows = {}, {}
+        self._load()
+
     # ---------------------------------------------------------------------------------------------------------------
     # Read access
     # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,487 @@
+"""ContinualDPOTrainer on a tiny Llama: stacked monthly adapters, the month t−1 reference, rehearsal, the anchor KL,
+EWC, data checks, 4-bit bases and a two-process DDP run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import word_chat_tokenizer
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+
+from peft_selective import SelectiveMLPConfig
+from trl_ext import (
+    AnchorSet,
+    ContinualDPOConfig,
+    ContinualDPOTrainer,
+    FisherState,
+    PreferenceDataError,
+    PreviousMonthReference,
+    RehearsalBuffer,
+    active_adapters,
+    anchor_kl,
+    ewc_penalty,
+)
+from trl_ext.ewc import estimate_fisher
+
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+WORDS = "red blue green one two three four five six seven".split()
+
+
+def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+
+
+def month(chosen: str, rejected: str, n: int = 12, offset: int = 0) -> Dataset:
+    prompts = [f"question {WORDS[(i + offset) % 10]} {WORDS[(i // 10 + offset) % 10]}" for i in range(n)]
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p in prompts],
+            "chosen": [[{"role": "assistant", "content": chosen}]] * n,
+            "rejected": [[{"role": "assistant", "content": rejected}]] * n,
+        }
+    )
+
+
+def config(tmp_path: Path, name: str, **kwargs) -> ContinualDPOConfig:
+    defaults = dict(
+        output_dir=str(tmp_path / name),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        adapter_name=name,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return ContinualDPOConfig(**{**defaults, **kwargs})
+
+
+def train_month_1(tmp_path, peft_config=None, base=None, **kwargs) -> ContinualDPOTrainer:
+    trainer = ContinualDPOTrainer(
+        base if base is not None else tiny_llama(),
+        args=config(tmp_path, "m1", **kwargs),
+        train_dataset=month("yes", "no"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=peft_config or SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=RehearsalBuffer(tmp_path / "buffer"),
+    )
+    trainer.train()
+    return trainer
+
+
+def of(adapter: str, name: str) -> bool:
+    """Whether parameter `name` belongs to `adapter` (`...delta_A.m2` for ours, `...lora_A.m2.weight` for LoRA)."""
+    return name.endswith(f".{adapter}") or f".{adapter}." in name
+
+
+def logged_keys(trainer) -> set[str]:
+    return {key for entry in trainer.state.log_history for key in entry}
+
+
+# ------------------------------------------------------------------------------------------------ two months
+def test_month_2_logs_every_retention_term(tmp_path):
+    first = train_month_1(tmp_path, fisher_dir=str(tmp_path / "fisher"))
+    summary = first.finish_month("m1")
+    assert summary["rehearsal_rows"] == 12 and summary["fisher_months"] == ["m1"]
+    second = ContinualDPOTrainer(
+        first.model,
+        args=config(
+            tmp_path,
+            "m2",
+            rehearsal_ratio=0.25,
+            rehearsal_nll_coef=0.5,
+            kl_coef=0.5,
+            kl_anchor_max_new_tokens=3,
+            ewc_coef=1.0,
+            fisher_dir=str(tmp_path / "fisher"),
+            max_steps=4,
+        ),
+        train_dataset=month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=first.rehearsal_buffer,
+    )
+    m1_before = {n: p.detach().clone() for n, p in second.model.named_parameters() if of("m1", n)}
+    second.train()
+    keys = logged_keys(second)
+    for key in ("retention/kl", "retention/ewc", "retention/rehearsal_nll", "rehearsal/fraction", "rehearsal/rows"):
+        assert key in keys, key
+    # EWC is exactly zero at the first step (the new adapter starts at the month-1 optimum), then positive
+    ewc = [entry["retention/ewc"] for entry in second.state.log_history if "retention/ewc" in entry]
+    assert ewc[0] == 0.0 and ewc[-1] > 0.0
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in second.state.log_history if "loss" in entry)
+    # month 1 stays frozen, month 2 trained
+    assert all(torch.equal(p.detach(), m1_before[n]) for n, p in second.model.named_parameters() if of("m1", n))
+    assert any(p.requires_grad for n, p in second.model.named_parameters() if of("m2", n))
+    assert second.finish_month("m2")["fisher_months"] == ["m1", "m2"]
+    assert second.rehearsal_buffer.months == ["m1", "m2"]
+
+
+def test_mixed_dataset_holds_the_requested_fraction_of_buffer_rows(tmp_path):
+    buffer = RehearsalBuffer(tmp_path / "buffer")
+    buffer.add_month("m1", month("yes", "no", n=40), capacity_per_month=40)
+    trainer = ContinualDPOTrainer(
+        tiny_llama(),
+        args=config(tmp_path, "m2", rehearsal_ratio=0.2),
+        train_dataset=month("good", "bad", n=40, offset=3),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=buffer,
+    )
+    flags = trainer.train_dataset["is_rehearsal"]
+    assert len(flags) == 50 and sum(flags) == 10  # 10 of 50 rows = 0.2
+    assert trainer.rehearsal_summary == {"new": 40, "rehearsal:m1": 10}
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(flags))])
+    assert batch["is_rehearsal"].sum() == 10
+
+
+def test_rehearsal_ratio_without_a_buffer_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="rehearsal_buffer"):
+        ContinualDPOTrainer(
+            tiny_llama(),
+            args=config(tmp_path, "m1", rehearsal_ratio=0.3),
+            train_dataset=month("yes", "no"),
+            processing_class=word_chat_tokenizer(),
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def _sequence_logps(model, batch) -> torch.Tensor:
+    """Summed completion log-probs, computed independently of TRL."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "peft_config",
+    [SelectiveMLPConfig(rank=4), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"])],
+    ids=["selective_mlp", "lora"],
+)
+@pytest.mark.parametrize("precompute", [False, True], ids=["inline", "precomputed"])
+def test_reference_log_probs_are_those_of_the_previous_month_model(tmp_path, peft_config, precompute):
+    first = train_month_1(tmp_path, peft_config=copy.deepcopy(peft_config))
+    # The month-1 model on its own: m1 saved, loaded onto a fresh base and merged into a plain model. (Not a deepcopy:
+    # TRL's fused-head patch closes over the original model's forward, so a deepcopy would still run the original.)
+    first.model.save_pretrained(tmp_path / "adapters")
+    month_1_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
+    bare_base = tiny_llama().eval()
+    second = ContinualDPOTrainer(
+        first.model,
+        args=config(tmp_path, "m2", precompute_ref_log_probs=precompute),
+        train_dataset=month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=copy.deepcopy(peft_config),
+    )
+    assert second.previous_adapters == ["m1"]
+    # give the new adapter a non-zero update, so "policy" and "reference" differ
+    with torch.no_grad():
+        for name, param in second.model.named_parameters():
+            if of("m2", name):
+                param.add_(0.5 * torch.randn_like(param))
+    rows = [second.train_dataset[i] for i in range(4)]
+    batch = second.data_collator(rows)
+    expected = _sequence_logps(month_1_model, batch)
+    chosen, rejected = second.compute_ref_log_probs(second.ref_model, batch)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-4, atol=1e-4)
+    # the DPO loss uses that reference (computed inline, or read from the precomputed columns)
+    policy_chosen, policy_rejected = _sequence_logps(second.model, batch).chunk(2)
+    reference_chosen, reference_rejected = expected.chunk(2)
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    with torch.no_grad():
+        loss = second.compute_loss(second.model, batch)
+    torch.testing.assert_close(
+        loss, -torch.nn.functional.logsigmoid(second.beta * margin).mean(), rtol=1e-4, atol=1e-5
+    )
+    if precompute:
+        stored = torch.tensor([row["ref_chosen_logps"] for row in rows] + [row["ref_rejected_logps"] for row in rows])
+        torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-4)
+    # ... and neither the bare base nor the current policy
+    assert not torch.allclose(_sequence_logps(bare_base, batch), expected, atol=1e-3)
+    assert not torch.allclose(_sequence_logps(second.model, batch), expected, atol=1e-3)
+    # the policy is unchanged by computing the reference: both adapters still active, m1 frozen, m2 trainable
+    assert second.model.base_model.active_adapters == ["m1", "m2"]
+    assert not any(p.requires_grad for n, p in second.model.named_parameters() if of("m1", n))
+    assert all(p.requires_grad for n, p in second.model.named_parameters() if of("m2", n))
+
+
+def test_active_adapters_restores_state_and_rejects_unknown_names(tmp_path):
+    first = train_month_1(tmp_path)
+    model = first.model
+    model.add_adapter("m2", SelectiveMLPConfig(rank=4))
+    model.base_model.set_adapter(["m1", "m2"])
+    model.base_model.set_requires_grad(["m1"], requires_grad=False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with active_adapters(model, ["m1"]):
+        assert model.base_model.active_adapters == ["m1"]
+    with active_adapters(model, []):
+        pass
+    assert model.base_model.active_adapters == ["m1", "m2"]
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="not in the model"):
+        with active_adapters(model, ["m9"]):
+            pass
+
+
+def test_month_adapter_name_clash_is_a_clear_error(tmp_path):
+    first = train_month_1(tmp_path)
+    with pytest.raises(ValueError, match="already has an adapter named 'm1'"):
+        ContinualDPOTrainer(
+            first.model,
+            args=config(tmp_path, "m1"),
+            train_dataset=month("good", "bad"),
+            processing_class=word_chat_tokenizer(),
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+
+
+def test_month_2_after_a_save_and_reload(tmp_path):
+    """The campaign path: month 1's adapter saved, reloaded under its name onto a fresh base, month 2 on top."""
+    first = train_month_1(tmp_path)
+    first.model.save_pretrained(tmp_path / "adapters")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1", adapter_name="m1")
+    second = ContinualDPOTrainer(
+        reloaded,
+        args=config(tmp_path, "m2"),
+        train_dataset=month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+    )
+    second.train()
+    assert second.previous_adapters == ["m1"]
+
+
+# ------------------------------------------------------------------------------------------------ EWC
+def test_ewc_penalty_is_zero_at_the_previous_optimum_and_grows_with_distance(tmp_path):
+    first = train_month_1(tmp_path)
+    model = first.model
+    batch = first.data_collator([first.train_dataset[i] for i in range(4)])
+    half = {k: batch[k][:4] for k in ("input_ids", "attention_mask", "completion_mask")}
+    state = estimate_fisher(model, [half], "m1", "m1", show_progress=False)
+    assert state.num_examples == 4 and all((f >= 0).all() and f.sum() > 0 for f in state.fisher.values())
+    model.add_adapter("m2", SelectiveMLPConfig(rank=4))
+    model.base_model.set_adapter(["m1", "m2"])
+    assert ewc_penalty(model, "m2", state).item() == 0.0  # a fresh adapter: the month-1 optimum
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters() if of("m2", n)}
+    penalties = []
+    for distance in (0.01, 0.02, 0.04):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in direction:
+                    param.copy_(distance * direction[name])
+        penalties.append(ewc_penalty(model, "m2", state).item())
+    assert 0 < penalties[0] < penalties[1] < penalties[2]
+    # ΔW = B A is bilinear: scaling both factors by 2 scales ΔW by 4 and the quadratic penalty by 16
+    assert penalties[2] / penalties[1] == pytest.approx(16.0, rel=1e-3)
+    # the gradient reaches the new adapter only
+    ewc_penalty(model, "m2", state).backward()
+    assert all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if of("m1", n))
+    assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if of("m2", n))
+
+
+def test_fisher_state_round_trip_and_corruption(tmp_path):
+    state = FisherState({"model.layers.0.mlp.up_proj": torch.rand(4, 3)}, ["m1"], 8, "tiny")
+    state.save(tmp_path / "fisher")
+    loaded = FisherState.load(tmp_path / "fisher")
+    assert loaded.months == ["m1"] and loaded.num_examples == 8 and loaded.base_model == "tiny"
+    torch.testing.assert_close(loaded.fisher["model.layers.0.mlp.up_proj"], state.fisher["model.layers.0.mlp.up_proj"])
+    merged = loaded.merged(FisherState({"model.layers.0.mlp.up_proj": torch.ones(4, 3)}, ["m2"], 4), decay=0.5)
+    torch.testing.assert_close(
+        merged.fisher["model.layers.0.mlp.up_proj"], 0.5 * state.fisher["model.layers.0.mlp.up_proj"] + 1
+    )
+    assert merged.months == ["m1", "m2"] and merged.num_examples == 12
+    (tmp_path / "fisher" / "fisher.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupted"):
+        FisherState.load(tmp_path / "fisher")
+    with pytest.raises(FileNotFoundError, match="No Fisher state"):
+        FisherState.load(tmp_path / "elsewhere")
+
+
+def test_ewc_with_a_fisher_of_another_model_is_a_clear_error(tmp_path):
+    first = train_month_1(tmp_path)
+    FisherState({"model.layers.0.mlp.up_proj": torch.rand(5, 5)}, ["m1"], 4, "other").save(tmp_path / "fisher")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        ContinualDPOTrainer(
+            first.model,
+            args=config(tmp_path, "m2", ewc_coef=1.0, fisher_dir=str(tmp_path / "fisher")),
+            train_dataset=month("good", "bad"),
+            processing_class=word_chat_tokenizer(),
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ anchor KL
+def test_anchor_kl_is_zero_before_training_and_positive_after(tmp_path):
+    first = train_month_1(tmp_path)
+    model = first.model
+    model.add_adapter("m2", SelectiveMLPConfig(rank=4))
+    model.base_model.set_adapter(["m1", "m2"])
+    reference = PreviousMonthReference(model, ["m1"])
+    anchors = AnchorSet(["question red", "answer blue green"], word_chat_tokenizer(), max_length=16)
+    anchors.add_continuations(reference, max_new_tokens=3, show_progress=False)
+    assert all(len(ids) > start + 1 for ids, start in zip(anchors.sequences, anchors.score_from))
+    import random
+
+    batch = anchors.sample(4, random.Random(0), torch.device("cpu"))
+    assert batch.score_mask.sum(-1).min() >= 1 and (batch.score_mask <= batch.attention_mask).all()
+    for direction in ("forward", "reverse"):
+        assert anchor_kl(model, reference, batch, direction).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if of("m2", name):
+                param.add_(0.5 * torch.randn_like(param))
+    kl = anchor_kl(model, reference, batch, "forward")
+    assert kl.item() > 1e-4
+    kl.backward()
+    assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if of("m2", n))
+
+
+# ------------------------------------------------------------------------------------------------ data checks
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ({"prompt": ["a"], "answer": ["b"]}, "no 'chosen' or 'rejected' column"),
+        (
+            {"prompt": ["q", "q"], "chosen": ["yes", "  "], "rejected": ["no", "no"]},
+            "row 1: 'chosen' is an empty string",
+        ),
+        (
+            {"prompt": ["q", "q"], "chosen": ["yes", "no"], "rejected": ["no", "no"]},
+            "row 1: 'chosen' and 'rejected' are identical",
+        ),
+        ({"prompt": [], "chosen": [], "rejected": []}, "is empty"),
+    ],
+    ids=["missing-column", "empty-string", "identical", "empty-dataset"],
+)
+def test_malformed_preference_data_names_the_row(tmp_path, rows, message):
+    with pytest.raises(PreferenceDataError, match=message):
+        ContinualDPOTrainer(
+            tiny_llama(),
+            args=config(tmp_path, "m1"),
+            train_dataset=Dataset.from_dict(rows),
+            processing_class=word_chat_tokenizer(),
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+
+
+def test_missing_values_and_empty_messages_name_the_row():
+    from trl_ext import validate_preference_dataset
+
+    plain = Dataset.from_dict({"prompt": ["q", "q", "q"], "chosen": ["a", "b", "c"], "rejected": ["x", "y", None]})
+    with pytest.raises(PreferenceDataError, match=r"row 2: 'rejected' is missing \(None\)"):
+        validate_preference_dataset(plain)
+    chats = month("yes", "no", n=3).to_list()
+    chats[1]["chosen"] = [{"role": "assistant", "content": ""}]
+    with pytest.raises(PreferenceDataError, match="row 1: 'chosen' has a 'assistant' message with empty content"):
+        validate_preference_dataset(Dataset.from_list(chats), "eval")
+
+
+def test_prompts_longer_than_max_length_are_an_error_or_a_logged_drop(tmp_path, caplog):
+    data = month("yes", "no", n=8)
+    long_prompt = [{"role": "user", "content": " ".join(["red"] * 40)}]
+    data = Dataset.from_list([row if i != 5 else {**row, "prompt": long_prompt} for i, row in enumerate(data)])
+    kwargs = dict(train_dataset=data, processing_class=word_chat_tokenizer(), peft_config=SelectiveMLPConfig(rank=4))
+    with pytest.raises(PreferenceDataError, match="rows 5. Raise `max_length`"):
+        ContinualDPOTrainer(tiny_llama(), args=config(tmp_path, "m1", max_length=20), **kwargs)
+    with caplog.at_level(logging.WARNING, logger="trl_ext.continual_dpo_trainer"):
+        trainer = ContinualDPOTrainer(
+            tiny_llama(), args=config(tmp_path, "m1", max_length=20, drop_long_prompts=True), **kwargs
+        )
+    assert len(trainer.train_dataset) == 7
+    assert "Dropped 1 of 8 rows" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ bases
+def test_two_months_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    path = tmp_path / "base"
+    tiny_llama().save_pretrained(path)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
+    first = train_month_1(tmp_path, base=base, fisher_dir=str(tmp_path / "fisher"))
+    first.finish_month("m1")
+    second = ContinualDPOTrainer(
+        first.model,
+        args=config(
+            tmp_path,
+            "m2",
+            kl_coef=0.5,
+            kl_anchor_max_new_tokens=2,
+            ewc_coef=1.0,
+            fisher_dir=str(tmp_path / "fisher"),
+            rehearsal_ratio=0.25,
+        ),
+        train_dataset=month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=first.rehearsal_buffer,
+    )
+    before = {n: p.detach().clone() for n, p in second.model.named_parameters() if of("m2", n)}
+    second.train()
+    assert {"retention/kl", "retention/ewc"} <= logged_keys(second)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in second.model.named_parameters() if n in before)
+
+
+def test_full_fine_tuning_with_kl_uses_the_given_reference(tmp_path):
+    model = tiny_llama()
+    trainer = ContinualDPOTrainer(
+        model,
+        ref_model=tiny_llama(),
+        args=config(tmp_path, "full", kl_coef=0.5, kl_anchor_max_new_tokens=2, max_steps=2),
+        train_dataset=month("yes", "no"),
+        processing_class=word_chat_tokenizer(),
+    )
+    trainer.train()
+    assert "retention/kl" in logged_keys(trainer)
+    with pytest.raises(ValueError, match="EWC applies to a month's adapter"):
+        ContinualDPOTrainer(
+            tiny_llama(),
+            ref_model=tiny_llama(),
+            args=config(tmp_path, "full", ewc_coef=1.0, fisher_dir=str(tmp_path / "f")),
+            train_dataset=month("yes", "no"),
+            processing_class=word_chat_tokenizer(),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def test_two_process_ddp_run_agrees_on_the_loss(tmp_path):
+    script = Path(__file__).parent / "scripts" / "continual_dpo_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    histories = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    losses = [[entry["loss"] for entry in history if "loss" in entry] for history in histories]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert all(any("retention/kl" in entry for entry in history) for history in histories)
