@@ -485,3 +485,60 @@ def test_two_process_ddp_run_agrees_on_the_loss(tmp_path):
     losses = [[entry["loss"] for entry in history if "loss" in entry] for history in histories]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     assert all(any("retention/kl" in entry for entry in history) for history in histories)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+class _StopAt(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resuming_month_2_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    def month_2(run: str, callbacks=()):
+        first = train_month_1(tmp_path / run)
+        trainer = ContinualDPOTrainer(
+            first.model,
+            args=config(
+                tmp_path / run,
+                "m2",
+                max_steps=4,
+                save_strategy="steps",
+                save_steps=2,
+                kl_coef=0.5,
+                kl_anchor_max_new_tokens=2,
+                rehearsal_ratio=0.25,
+            ),  # fmt: skip
+            train_dataset=month("good", "bad"),
+            processing_class=word_chat_tokenizer(),
+            peft_config=SelectiveMLPConfig(rank=4),
+            rehearsal_buffer=_buffer_with_month_1(tmp_path / run),
+            callbacks=list(callbacks),
+        )
+        return trainer
+
+    straight = month_2("straight")
+    straight.train()
+    interrupted = month_2("interrupted", callbacks=[_StopAt(2)])
+    interrupted.train()
+    assert interrupted.state.global_step == 2
+    resumed = month_2("interrupted")  # a fresh process would rebuild everything the same way
+    resumed.args.output_dir = interrupted.args.output_dir
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    final = {n: p for n, p in resumed.model.named_parameters() if of("m2", n)}
+    for name, param in straight.model.named_parameters():
+        if of("m2", name):
+            torch.testing.assert_close(final[name], param, rtol=1e-5, atol=1e-6)
+    assert resumed.model.base_model.active_adapters == ["m1", "m2"]
+    assert not any(p.requires_grad for n, p in resumed.model.named_parameters() if of("m1", n))
+
+
+def _buffer_with_month_1(directory: Path) -> RehearsalBuffer:
+    buffer = RehearsalBuffer(directory / "buffer")
+    if "m1" not in buffer:
+        buffer.add_month("m1", month("yes", "no"), capacity_per_month=12)
+    return buffer

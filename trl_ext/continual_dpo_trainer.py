@@ -38,7 +38,8 @@ from typing import Any, Optional, Union
 
 import torch
 from datasets import Dataset
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
@@ -170,7 +171,8 @@ class ContinualDPOTrainer(DPOTrainer):
         if args.rehearsal_nll_coef > 0:
             self.model.register_forward_hook(self._capture_hook, with_kwargs=True)
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
-        self._anchor_rng = random.Random(args.seed + 7919 * args.process_index)
+        self._anchor_draws = (-1, 0)  # (global step, draws in it): anchors depend on the step only, so a resumed run
+        # draws the same batches as an uninterrupted one
         self.fisher = self._load_fisher() if args.ewc_coef > 0 else None
         self._fisher_mean = self.fisher.mean if self.fisher is not None else None
 
@@ -319,7 +321,7 @@ class ContinualDPOTrainer(DPOTrainer):
                 self._metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
         if self.anchors is not None and mode == "train" and self.state.global_step % args.kl_every == 0:
             batch_size = args.kl_batch_size or max(1, args.per_device_train_batch_size // 2)
-            batch = self.anchors.sample(batch_size, self._anchor_rng, self.accelerator.device)
+            batch = self.anchors.sample(batch_size, self._anchor_rng(), self.accelerator.device)
             # The unwrapped policy: a second forward through DDP before one backward is not needed, its gradient
             # hooks fire either way.
             kl = anchor_kl(self.accelerator.unwrap_model(model), self._reference_model(), batch, args.kl_direction)
@@ -331,6 +333,12 @@ class ContinualDPOTrainer(DPOTrainer):
             loss = loss + args.ewc_coef * penalty
             self._metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def _anchor_rng(self) -> random.Random:
+        step, draws = self._anchor_draws
+        draws = draws + 1 if step == self.state.global_step else 0
+        self._anchor_draws = (self.state.global_step, draws)
+        return random.Random(f"{self.args.seed}/{self.args.process_index}/{self.state.global_step}/{draws}")
 
     def _rehearsal_nll(self, output, inputs, is_rehearsal: torch.Tensor) -> Optional[torch.Tensor]:
         """Mean per-token NLL of the rehearsed rows' chosen responses, from the policy's DPO forward."""
@@ -355,6 +363,31 @@ class ContinualDPOTrainer(DPOTrainer):
             logs["rehearsal/mixed_ratio"] = logs["rehearsal/rows"] / max(total, 1)
             self._rehearsal_logged = True
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------- resume
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume this month's adapter only. `Trainer` would reload every adapter of the checkpoint and leave just the
+        first active one (an earlier, frozen month); the earlier months are already loaded and never change."""
+        policy = self._policy()
+        if not isinstance(policy, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        name = self.args.adapter_name
+        folder = Path(resume_from_checkpoint) / (name if name != "default" else "")
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"Checkpoint {resume_from_checkpoint} has no weights for adapter {name!r} ({weights}); it was not "
+                "written by this month's run. Delete it or pass the right `resume_from_checkpoint`."
+            )
+        result = set_peft_model_state_dict(policy, load_file(str(weights)), adapter_name=name)
+        missing = [key for key in result.missing_keys if f".{name}" in key]
+        if missing:
+            raise ValueError(
+                f"Checkpoint {weights} lacks {len(missing)} weights of adapter {name!r}, e.g. {missing[0]}."
+            )
+        policy.base_model.set_adapter(self.previous_adapters + [name])
+        if self.previous_adapters:
+            policy.base_model.set_requires_grad(self.previous_adapters, requires_grad=False)
 
     # ------------------------------------------------------------------------------------------------- month end
     def finish_month(self, month: str) -> dict[str, Any]:

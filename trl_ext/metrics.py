@@ -927,31 +927,51 @@ def drift_probe(
         per prompt), `greedy_fraction` (share of generated tokens in the class), `n_positions`, `class_size` (tokens in
         the class) and `generations` (`list[str]`).
     """
+    return drift_probes(
+        model, tokenizer, {"mass": token_class}, prompts, max_new_tokens, batch_size, use_chat_template
+    )["mass"]
+
+
+def drift_probes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    token_classes: Mapping[str, Union[Callable[[str], bool], str]],
+    prompts: Optional[Sequence[Union[str, list]]] = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    use_chat_template: Optional[bool] = None,
+) -> dict[str, dict[str, Any]]:
+    """[`drift_probe`] for several token classes from one greedy decoding: `{name: drift_probe-style dict}`, e.g.
+    `drift_probes(model, tokenizer, {"json": "json", "bullets": "bullets"})`."""
     prompts = generic_prompts() if prompts is None else prompts
-    mask: Optional[torch.Tensor] = None
-    per_prompt, generations = [], []
-    total_mass, total_hits, n_positions = 0.0, 0, 0
+    masks: dict[str, torch.Tensor] = {}
+    totals = {name: {"per_prompt": [], "mass": 0.0, "hits": 0} for name in token_classes}
+    generations: list[str] = []
+    n_positions = 0
     for generated, valid, logits in _generate(
         model, tokenizer, prompts, max_new_tokens, batch_size, use_chat_template, output_logits=True
     ):
-        steps = torch.stack(logits, dim=1).float()  # (batch, steps, vocab)
-        if mask is None:
-            mask = token_class_mask(tokenizer, token_class, vocab_size=steps.shape[-1])
-        class_mass = (steps.softmax(-1) * mask.to(steps.device)).sum(-1).double().cpu()  # (batch, steps)
-        hits = mask[generated]
+        probs = torch.stack(logits, dim=1).float().softmax(-1)  # (batch, steps, vocab)
         valid_f = valid.double()
-        for row in range(generated.shape[0]):
-            n = int(valid[row].sum())
-            per_prompt.append((class_mass[row] * valid_f[row]).sum().item() / n if n else math.nan)
-        total_mass += (class_mass * valid_f).sum().item()
-        total_hits += int((hits & valid).sum())
+        for name, token_class in token_classes.items():
+            if name not in masks:
+                masks[name] = token_class_mask(tokenizer, token_class, vocab_size=probs.shape[-1])
+            class_mass = (probs * masks[name].to(probs.device)).sum(-1).double().cpu()  # (batch, steps)
+            for row in range(generated.shape[0]):
+                n = int(valid[row].sum())
+                totals[name]["per_prompt"].append((class_mass[row] * valid_f[row]).sum().item() / n if n else math.nan)
+            totals[name]["mass"] += (class_mass * valid_f).sum().item()
+            totals[name]["hits"] += int((masks[name][generated] & valid).sum())
         n_positions += int(valid.sum())
         generations += _decode(tokenizer, generated, valid)
     return {
-        "mass": total_mass / n_positions if n_positions else math.nan,
-        "per_prompt": per_prompt,
-        "greedy_fraction": total_hits / n_positions if n_positions else math.nan,
-        "n_positions": n_positions,
-        "class_size": int(mask.sum()) if mask is not None else 0,
-        "generations": generations,
+        name: {
+            "mass": total["mass"] / n_positions if n_positions else math.nan,
+            "per_prompt": total["per_prompt"],
+            "greedy_fraction": total["hits"] / n_positions if n_positions else math.nan,
+            "n_positions": n_positions,
+            "class_size": int(masks[name].sum()) if name in masks else 0,
+            "generations": generations,
+        }
+        for name, total in totals.items()
     }
