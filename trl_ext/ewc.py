@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,12 @@ from typing import Any, Optional
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+
+from ._io import atomic_write, atomic_write_json
 
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class FisherState:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in self.fisher.items()}
-        _atomic_write(directory / FISHER_WEIGHTS, lambda path: save_file(tensors, path))
+        atomic_write(directory / FISHER_WEIGHTS, save(tensors))
         metadata = {
             "format_version": FORMAT_VERSION,
             "months": self.months,
@@ -127,7 +128,7 @@ class FisherState:
             "base_model": self.base_model,
             "layers": {name: list(tensor.shape) for name, tensor in tensors.items()},
         }
-        _atomic_write(directory / FISHER_METADATA, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        atomic_write_json(directory / FISHER_METADATA, metadata)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> FisherState:
@@ -157,17 +158,6 @@ class FisherState:
                 f"The Fisher state in {directory} is inconsistent: {FISHER_METADATA} lists other layers or shapes than {FISHER_WEIGHTS}."
             )
         return cls(fisher, list(metadata["months"]), int(metadata["num_examples"]), metadata.get("base_model"))
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def estimate_fisher(

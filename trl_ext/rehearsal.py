@@ -36,7 +36,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, overload
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
+
+from ._io import atomic_write, fsync_dir
 
 
 logger = logging.getLogger(__name__)
@@ -307,33 +308,6 @@ def _json_serializable(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames inside `path` durable. Directories cannot be opened for fsync on Windows.
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either its old content or all of `data`, never a mix: temp file in the
-    same directory (so the rename never crosses file systems), fsync, then `os.replace`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -965,18 +939,18 @@ class RehearsalBuffer:
             filename = _month_filename(name, sha256)
             # Same name means same bytes: a month whose content did not change is not rewritten.
             if filename not in current_files or not (self.buffer_dir / filename).exists():
-                _atomic_write(self.buffer_dir / filename, data)
+                atomic_write(self.buffer_dir / filename, data)
             infos[name] = MonthInfo(file=filename, count=len(rows), sha256=sha256, **fields)
             # Parsed back from the bytes, so that memory holds exactly what a later load will see.
             rows_by_month[name] = [json.loads(line) for line in data.decode("utf-8").splitlines()]
-        _fsync_dir(self.buffer_dir)  # the month files' renames must be durable before the manifest points at them
+        fsync_dir(self.buffer_dir)  # the month files' renames must be durable before the manifest points at them
         manifest = {
             "format_version": FORMAT_VERSION,
             "total_capacity": self.total_capacity,
             "months": [dataclasses.asdict(info) for info in infos.values()],
         }
-        _atomic_write(self._manifest_path, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        _fsync_dir(self.buffer_dir)
+        atomic_write(self._manifest_path, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        fsync_dir(self.buffer_dir)
         self._infos, self._rows = infos, rows_by_month
         self._cleanup()
 

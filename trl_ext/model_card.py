@@ -1,0 +1,569 @@
+"""Model cards for the monthly adapters of a continual-DPO campaign: a Hub-ready `README.md` and a `retention.png`
+plot, rendered from the jinja template `model_cards/adapter_card.md` with `huggingface_hub.ModelCard`.
+
+```python
+from trl_ext.model_card import render_model_card
+
+readme = render_model_card(context, "campaign/cards/2025-07")  # writes README.md and retention.png there
+```
+
+The card states the base model (and its quantization), the method with its adapter and training hyperparameters, the
+data of every month, the retention matrix R[t][i] with average accuracy and backward transfer, the general-ability
+metrics against the untrained model ("month-0"), how to load the stacked adapters, and the limitations.
+
+Context schema (a dict; the campaign builds it after evaluating a month). Required keys:
+
+| key | type | meaning |
+|---|---|---|
+| `month` | `str` | the month this card describes; must be the last entry of `months` |
+| `months` | `list[str]` | months trained so far, in training order |
+| `base_model` | `str` | Hub id (or path) of the base model |
+| `method` | `str` | PEFT method, e.g. `"selective_mlp"` (also used as a Hub tag) |
+| `method_config` | `dict` | the adapter config (JSON-able, e.g. `adapter_config.json`) |
+| `training` | `dict` | training hyperparameters (JSON-able) |
+| `data` | `dict[str, dict]` | per month: `source`, `train_rows`, `test_rows`, `rehearsal_rows` (further keys are shown too) |
+| `retention` | `dict` | `{"months": [...], "R": [[...], ...]}`: `R[t][i]` = held-out preference accuracy on month i's pairs after training month t; `None` (or absent) where i > t or not measured; `retention["months"]` must equal `months` |
+| `general` | `dict[str, dict[str, float]]` | `{"month-0": {metric: value}, "<month>": {metric: value}, ...}`; may be `{}` when nothing was measured, otherwise `"month-0"` (the base model before any month) is required |
+
+Optional keys: `quantization` (`"4bit"`, `"8bit"` or `None`), `hub_repo` (`"org/name"` or `None`: the loading code then
+uses `subfolder="months/<month>"` of that repo, else the campaign's local `adapters/<month>` folders), `license` (a Hub
+license id such as `"apache-2.0"`) and `limitations` (`list[str]`, added to the card's own).
+
+Every problem with the context raises [`ModelCardContextError`] naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .metrics import average_accuracy, backward_transfer
+
+
+__all__ = [
+    "DEFAULT_TEMPLATE_PATH",
+    "PLOT_FILENAME",
+    "ModelCardContext",
+    "ModelCardContextError",
+    "plot_retention",
+    "render_model_card",
+]
+
+#: The template shipped in the repository's top-level `model_cards/` folder.
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "adapter_card.md"
+#: The plot's file name, next to the card (the card links it relatively, so it works at any folder of a Hub repo).
+PLOT_FILENAME = "retention.png"
+
+_REQUIRED_KEYS = ("month", "months", "base_model", "method", "method_config", "training", "data", "retention", "general")
+_BASELINE = "month-0"
+_DATA_COLUMNS = ("source", "train_rows", "test_rows", "rehearsal_rows")
+# Long config values (resolved `target_modules` lists every adapted layer) are cut in the tables.
+_MAX_LIST_ITEMS = 6
+_MAX_CELL_CHARS = 120
+_QUANTIZATION_CODE = {
+    "4bit": 'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")',
+    "8bit": "quantization_config=BitsAndBytesConfig(load_in_8bit=True)",
+}
+
+
+class ModelCardContextError(ValueError):
+    """The model-card context is missing a key or has a malformed value; the message says which and what to pass."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelCardContextError(message)
+
+
+def _optional_str(context: Mapping[str, Any], key: str) -> Optional[str]:
+    value = context.get(key)
+    _require(value is None or (isinstance(value, str) and value.strip() != ""), f"`{key}` must be a non-empty string or None, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelCardContext:
+    """A validated model-card context (see the module docstring for the dict it is built from).
+
+    Attributes:
+        month (`str`): the month the card describes (the last of `months`).
+        months (`tuple[str, ...]`): months trained so far, in training order.
+        base_model (`str`): Hub id or path of the base model.
+        method (`str`): PEFT method name.
+        method_config (`dict`): adapter config.
+        training (`dict`): training hyperparameters.
+        data (`dict[str, dict]`): per-month data summary.
+        R (`list[list[Optional[float]]]`): square retention matrix, `R[t][i]` for i <= t, `None` elsewhere.
+        general (`dict[str, dict[str, Optional[float]]]`): general metrics by `"month-0"` / month name.
+        quantization (`str`, *optional*): quantization of the base model during training.
+        hub_repo (`str`, *optional*): Hub repo the campaign is pushed to.
+        license (`str`, *optional*): Hub license id.
+        limitations (`tuple[str, ...]`): extra limitations from the campaign.
+    """
+
+    month: str
+    months: tuple[str, ...]
+    base_model: str
+    method: str
+    method_config: dict[str, Any]
+    training: dict[str, Any]
+    data: dict[str, dict[str, Any]]
+    R: list[list[Optional[float]]]
+    general: dict[str, dict[str, Optional[float]]]
+    quantization: Optional[str] = None
+    hub_repo: Optional[str] = None
+    license: Optional[str] = None
+    limitations: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_dict(cls, context: Mapping[str, Any]) -> ModelCardContext:
+        """Validate `context` and build the normalized context; raises [`ModelCardContextError`]."""
+        _require(isinstance(context, Mapping), f"The model-card context must be a dict, got {type(context).__name__}.")
+        missing = [key for key in _REQUIRED_KEYS if key not in context]
+        _require(
+            not missing,
+            f"The model-card context is missing {', '.join(repr(k) for k in missing)} (it has {sorted(context)}). "
+            "Required keys: " + ", ".join(_REQUIRED_KEYS) + "; see the `trl_ext.model_card` docstring for the schema.",
+        )
+
+        months = context["months"]
+        _require(
+            isinstance(months, Sequence) and not isinstance(months, str) and len(months) > 0,
+            f"`months` must be a non-empty list of month names in training order, got {months!r}.",
+        )
+        months = tuple(months)
+        _require(all(isinstance(m, str) and m for m in months), f"`months` must hold non-empty strings, got {list(months)}.")
+        _require(len(set(months)) == len(months), f"`months` has duplicates: {list(months)}.")
+        month = context["month"]
+        _require(
+            month == months[-1],
+            f"`month` ({month!r}) must be the last entry of `months` ({list(months)}): a card describes the model after "
+            "its month, with every earlier month in the retention table.",
+        )
+        for key in ("base_model", "method"):
+            value = context[key]
+            _require(isinstance(value, str) and value.strip() != "", f"`{key}` must be a non-empty string, got {value!r}.")
+        for key in ("method_config", "training"):
+            _require(isinstance(context[key], Mapping), f"`{key}` must be a dict, got {type(context[key]).__name__}.")
+
+        return cls(
+            month=month,
+            months=months,
+            base_model=context["base_model"],
+            method=context["method"],
+            method_config=dict(context["method_config"]),
+            training=dict(context["training"]),
+            data=_check_data(context["data"], months),
+            R=_check_retention(context["retention"], months),
+            general=_check_general(context["general"], months),
+            quantization=_optional_str(context, "quantization"),
+            hub_repo=_optional_str(context, "hub_repo"),
+            license=_optional_str(context, "license"),
+            limitations=_check_limitations(context.get("limitations")),
+        )
+
+
+def _check_data(data: Any, months: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    _require(isinstance(data, Mapping), f"`data` must be a dict keyed by month, got {type(data).__name__}.")
+    missing = [m for m in months if m not in data]
+    _require(
+        not missing,
+        f"`data` has no entry for {missing} (it has {sorted(data)}): give every month its "
+        '{"source", "train_rows", "test_rows", "rehearsal_rows"} summary.',
+    )
+    for m in months:
+        _require(isinstance(data[m], Mapping), f"`data[{m!r}]` must be a dict, got {type(data[m]).__name__}.")
+    return {m: dict(data[m]) for m in months}
+
+
+def _check_retention(retention: Any, months: tuple[str, ...]) -> list[list[Optional[float]]]:
+    _require(
+        isinstance(retention, Mapping) and "R" in retention and "months" in retention,
+        f'`retention` must be a dict {{"months": [...], "R": [[...], ...]}}, got {retention!r}.',
+    )
+    _require(
+        tuple(retention["months"]) == months,
+        f"`retention['months']` ({list(retention['months'])}) must equal `months` ({list(months)}), in the same order.",
+    )
+    R = retention["R"]
+    _require(
+        isinstance(R, Sequence) and len(R) == len(months),
+        f"`retention['R']` must have one row per month ({len(months)}), got {R!r}.",
+    )
+    matrix = []
+    for t, row in enumerate(R):
+        _require(
+            isinstance(row, Sequence) and t < len(row) <= len(months),
+            f"`retention['R'][{t}]` (after {months[t]}) must list the accuracy on months 0..{t} (at most {len(months)} "
+            f"cells, None for months not trained yet), got {row!r}.",
+        )
+        cells: list[Optional[float]] = []
+        for i in range(len(months)):
+            value = row[i] if i < len(row) else None
+            _require(
+                value is None or _is_number(value),
+                f"`retention['R'][{t}][{i}]` must be a finite number or None, got {value!r}.",
+            )
+            # i > t is a month not trained yet: the card leaves it blank whatever was measured.
+            cells.append(float(value) if value is not None and i <= t else None)
+        matrix.append(cells)
+    return matrix
+
+
+def _check_general(general: Any, months: tuple[str, ...]) -> dict[str, dict[str, Optional[float]]]:
+    _require(isinstance(general, Mapping), f"`general` must be a dict keyed by 'month-0' and month names, got {general!r}.")
+    if not general:
+        return {}
+    _require(
+        _BASELINE in general,
+        f"`general` has no {_BASELINE!r} entry (it has {sorted(general)}): the general-ability table compares every "
+        "month against the base model before any training; evaluate it once and store it under 'month-0'.",
+    )
+    unknown = [key for key in general if key != _BASELINE and key not in months]
+    _require(not unknown, f"`general` has entries for unknown months {unknown}; known: {[_BASELINE, *months]}.")
+    checked = {}
+    for key, metrics in general.items():
+        _require(isinstance(metrics, Mapping), f"`general[{key!r}]` must be a dict metric -> value, got {metrics!r}.")
+        for name, value in metrics.items():
+            _require(
+                value is None or _is_number(value),
+                f"`general[{key!r}][{name!r}]` must be a finite number or None, got {value!r}.",
+            )
+        checked[key] = {str(name): (None if value is None else float(value)) for name, value in metrics.items()}
+    return checked
+
+
+def _check_limitations(limitations: Any) -> tuple[str, ...]:
+    if limitations is None:
+        return ()
+    _require(
+        isinstance(limitations, Sequence) and not isinstance(limitations, str),
+        f"`limitations` must be a list of strings, got {limitations!r}.",
+    )
+    _require(all(isinstance(item, str) for item in limitations), f"`limitations` must hold strings, got {limitations!r}.")
+    return tuple(item.strip() for item in limitations if item.strip())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Formatting (the template lays out rows of ready-made cells)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    """Make `text` safe inside a markdown table cell."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= _MAX_CELL_CHARS else text[: _MAX_CELL_CHARS - 1] + "…"
+
+
+def _config_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) > _MAX_LIST_ITEMS:
+        shown = json.dumps(list(value[:_MAX_LIST_ITEMS]), default=str)[:-1]
+        return _cell(f"{shown}, …] ({len(value)} in total)")
+    text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    return _cell(text)
+
+
+def _config_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(_cell(key), _config_value(value)) for key, value in sorted(config.items())]
+
+
+def _accuracy(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _metric(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _retention_rows(ctx: ModelCardContext) -> list[tuple[str, list[str]]]:
+    rows = []
+    for t, row in enumerate(ctx.R):
+        cells = []
+        for i, value in enumerate(row):
+            if i > t:
+                cells.append("")
+            elif i == t and value is not None:
+                cells.append(f"**{_accuracy(value)}**")
+            else:
+                cells.append(_accuracy(value))
+        rows.append((ctx.months[t], cells))
+    return rows
+
+
+def _summary(ctx: ModelCardContext) -> tuple[str, str]:
+    """(average accuracy, BWT) after the card's month, as text."""
+    avg = average_accuracy(ctx.R)
+    avg_text = "n/a (no cell measured)" if math.isnan(avg) else f"{avg:.3f}"
+    if len(ctx.months) == 1:
+        return avg_text, "n/a (a single month: nothing earlier to forget)"
+    bwt = backward_transfer(ctx.R)
+    return avg_text, "n/a (cells not measured)" if math.isnan(bwt) else f"{bwt:+.3f}"
+
+
+def _general_table(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Header (metric + one column per month-0 / month) and rows of `value (change vs month 0)` cells."""
+    if not ctx.general:
+        return [], []
+    columns = [_BASELINE, *ctx.months]
+    metrics: list[str] = list(ctx.general[_BASELINE])
+    for key in columns[1:]:
+        metrics += [name for name in ctx.general.get(key, {}) if name not in metrics]
+    rows = []
+    for name in metrics:
+        base = ctx.general[_BASELINE].get(name)
+        cells = ["–" if base is None else _metric(base)]
+        for m in ctx.months:
+            value = ctx.general.get(m, {}).get(name)
+            if value is None:
+                cells.append("–")
+            elif base is None:
+                cells.append(_metric(value))
+            else:
+                cells.append(f"{_metric(value)} ({value - base:+.4g})")
+        rows.append((_cell(name), cells))
+    return columns, rows
+
+
+def _data_table(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    extra = sorted({key for entry in ctx.data.values() for key in entry if key not in _DATA_COLUMNS})
+    columns = [*_DATA_COLUMNS, *extra]
+    rows = [
+        (m, [("–" if ctx.data[m].get(c) is None else _config_value(ctx.data[m][c])) for c in columns]) for m in ctx.months
+    ]
+    return columns, rows
+
+
+def _loading_code(ctx: ModelCardContext) -> str:
+    """PEFT code that stacks every month's adapter up to the card's month, as during training."""
+    imports = "from transformers import AutoModelForCausalLM"
+    base_kwargs = ""
+    if ctx.quantization in _QUANTIZATION_CODE:
+        imports += ", BitsAndBytesConfig"
+        base_kwargs = ", " + _QUANTIZATION_CODE[ctx.quantization]
+    lines = [
+        "import peft_selective  # registers the peft-selective methods with PEFT (pip install peft-selective)",
+        "from peft import PeftModel",
+        imports,
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{ctx.base_model}"{base_kwargs})',
+    ]
+    if ctx.quantization and ctx.quantization not in _QUANTIZATION_CODE:
+        lines.append(f"# the base was trained quantized ({ctx.quantization}): load it the same way to match the numbers")
+
+    def source(m: str) -> str:
+        return f'"{ctx.hub_repo}", subfolder="months/{m}"' if ctx.hub_repo else f'"adapters/{m}"'
+
+    if not ctx.hub_repo:
+        lines.append("# paths relative to the campaign directory")
+    first, *rest = ctx.months
+    lines.append(f'model = PeftModel.from_pretrained(base, {source(first)}, adapter_name="{first}")')
+    for m in rest:
+        lines.append(f'model.load_adapter({source(m)}, adapter_name="{m}")')
+    names = ", ".join(f'"{m}"' for m in ctx.months)
+    lines.append(f"model.base_model.set_adapter([{names}])  # every month active: the model evaluated in this card")
+    return "\n".join(lines)
+
+
+def _limitations(ctx: ModelCardContext) -> list[str]:
+    items = [
+        "Retention is measured only on each month's held-out preference pairs (the table above) and on the general "
+        "metrics listed; behaviour outside them was not evaluated.",
+    ]
+    test_rows = [ctx.data[m].get("test_rows") for m in ctx.months]
+    sizes = [n for n in test_rows if _is_number(n) and n > 0]
+    if sizes:
+        smallest = int(min(sizes))
+        items.append(
+            f"The held-out sets are small (smallest: {smallest} pairs, so one pair moves an accuracy by "
+            f"{1 / smallest:.3f}); differences of that order are noise, and the numbers come from a single run."
+        )
+    if len(ctx.months) > 1:
+        items.append(
+            f"Months are stacked: the {ctx.month} adapter alone does not contain the earlier months' updates; load "
+            "all of them as shown above to get the evaluated model."
+        )
+    if ctx.quantization:
+        items.append(
+            f"The base model was {ctx.quantization} quantized during training and evaluation; on a full-precision "
+            "base the outputs, and so the numbers, differ slightly."
+        )
+    items.append(
+        "The adapter inherits the base model's limitations and biases; DPO moves it towards the preferences in the "
+        "training data only, which were not audited beyond the checks of `trl_ext.validation`."
+    )
+    return items + list(ctx.limitations)
+
+
+def _tags(method: str) -> list[str]:
+    tags = ["peft-selective", "continual-dpo", "dpo", method, "trl"]
+    return list(dict.fromkeys(tags))  # a method named like a fixed tag would appear twice
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Union[str, Path]) -> Path:
+    """Plot learning and forgetting over the months to a PNG at `path`.
+
+    Left: for every month i, its held-out accuracy R[t][i] after each month t >= i (one line per month). Right (when
+    general metrics were measured): each general metric's change relative to month 0, in percent.
+
+    Returns:
+        `Path`: the PNG written.
+    """
+    ctx = context if isinstance(context, ModelCardContext) else ModelCardContext.from_dict(context)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "The retention plot of the model card needs matplotlib: `pip install matplotlib` (it is in the `dev` "
+            "extra of peft-selective)."
+        ) from error
+
+    columns, rows = _relative_general(ctx)
+    panels = 2 if rows else 1
+    # Figure + Agg canvas instead of pyplot: no global backend switch, no figure left open in the caller's process.
+    figure = Figure(figsize=(6 * panels, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+
+    ax = axes[0]
+    x = list(range(len(ctx.months)))
+    for i, name in enumerate(ctx.months):
+        points = [(t, ctx.R[t][i]) for t in range(i, len(ctx.months)) if ctx.R[t][i] is not None]
+        if points:
+            ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=f"{name} pairs")
+    ax.set_xticks(x, labels=list(ctx.months), rotation=30 if len(x) > 6 else 0)
+    ax.set_xlim(-0.5, len(x) - 0.5)
+    values = [v for row in ctx.R for v in row if v is not None]
+    if values and 0.0 <= min(values) and max(values) <= 1.0:
+        ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("after training month")
+    ax.set_ylabel("held-out preference accuracy")
+    ax.set_title("Learning and forgetting per month")
+    ax.grid(alpha=0.3)
+    if values:
+        ax.legend(fontsize="small")
+
+    if rows:
+        ax = axes[1]
+        for name, changes in rows:
+            points = [(k, c) for k, c in enumerate(changes) if c is not None]
+            ax.plot([k for k, _ in points], [c for _, c in points], marker="o", label=name)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(list(range(len(columns))), labels=columns, rotation=30 if len(columns) > 6 else 0)
+        ax.set_xlabel("after training month")
+        ax.set_ylabel("change vs month 0 (%)")
+        ax.set_title("General ability relative to the base model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _relative_general(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[Optional[float]]]]]:
+    """Per general metric, its change vs month 0 in percent at month 0 and after each month (None: not measured).
+
+    Metrics on different scales (accuracy, perplexity) share one axis this way; a zero month-0 value has no relative
+    change and its metric is left out of the plot (the table still shows it).
+    """
+    if not ctx.general:
+        return [], []
+    columns = ["month 0", *ctx.months]
+    rows = []
+    for name, base in ctx.general[_BASELINE].items():
+        if base is None or base == 0:
+            continue
+        changes: list[Optional[float]] = [0.0]
+        for m in ctx.months:
+            value = ctx.general.get(m, {}).get(name)
+            changes.append(None if value is None else 100.0 * (value - base) / abs(base))
+        if any(c is not None for c in changes[1:]):
+            rows.append((name, changes))
+    return columns, rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Card
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def render_model_card(
+    context: Union[Mapping[str, Any], ModelCardContext],
+    output_dir: Union[str, Path],
+    template_path: Optional[Union[str, Path]] = None,
+) -> Path:
+    """Write the month's model card (`output_dir/README.md`) and its plot (`output_dir/retention.png`).
+
+    Args:
+        context: the campaign's context dict (schema in the module docstring) or a [`ModelCardContext`].
+        output_dir: folder to write to (created if needed); existing `README.md` / `retention.png` are replaced.
+        template_path (*optional*): a jinja markdown template; defaults to [`DEFAULT_TEMPLATE_PATH`]. It receives
+            `card_data` (the YAML metadata) and the variables built here (see the default template).
+
+    Returns:
+        `Path`: the README written.
+    """
+    ctx = context if isinstance(context, ModelCardContext) else ModelCardContext.from_dict(context)
+    template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"Model card template {template} not found. The default one lives in the repository's `model_cards/` "
+            "folder (present in a source checkout); pass `template_path=` to use another."
+        )
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot_retention(ctx, output_dir / PLOT_FILENAME)
+
+    card_data = ModelCardData(
+        base_model=ctx.base_model,
+        library_name="peft",
+        license=ctx.license,
+        pipeline_tag="text-generation",
+        tags=_tags(ctx.method),
+    )
+    average, bwt = _summary(ctx)
+    general_columns, general_rows = _general_table(ctx)
+    data_columns, data_rows = _data_table(ctx)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        month=ctx.month,
+        months=list(ctx.months),
+        base_model=ctx.base_model,
+        quantization=ctx.quantization or "none (full precision)",
+        method=ctx.method,
+        hub_repo=ctx.hub_repo,
+        method_config_rows=_config_rows(ctx.method_config),
+        training_rows=_config_rows(ctx.training),
+        data_columns=data_columns,
+        data_rows=data_rows,
+        retention_rows=_retention_rows(ctx),
+        average_accuracy=average,
+        bwt=bwt,
+        general_columns=general_columns,
+        general_rows=general_rows,
+        plot_filename=PLOT_FILENAME,
+        loading_code=_loading_code(ctx),
+        limitations=_limitations(ctx),
+    )
+    readme = output_dir / "README.md"
+    card.save(readme)
+    return readme
