@@ -390,10 +390,12 @@ class ContinualDPOTrainer(DPOTrainer):
             policy.base_model.set_requires_grad(self.previous_adapters, requires_grad=False)
 
     # ------------------------------------------------------------------------------------------------- month end
-    def finish_month(self, month: str) -> dict[str, Any]:
+    def finish_month(self, month: str, overwrite: bool = False) -> dict[str, Any]:
         """End-of-month bookkeeping, after `train()`: keep a sample of this month's pairs in the rehearsal buffer and,
         with `fisher_dir` set, estimate this month's Fisher on its own rows and add it to the stored one.
 
+        With `overwrite=True` it can be repeated (e.g. after a crash in the middle of it): the month's buffer sample is
+        replaced (the same rows: the sampling is seeded) and a Fisher that already covers the month is left as is.
         Returns a summary (`rehearsal_rows`, `fisher_examples`, `fisher_months`). Only the main process writes.
         """
         args = self.args
@@ -407,13 +409,22 @@ class ContinualDPOTrainer(DPOTrainer):
                     sampling=args.rehearsal_sampling,
                     stratify_by=args.rehearsal_stratify_by,
                     seed=args.seed,
+                    overwrite=overwrite,
                 )
                 summary["rehearsal_rows"] = info.count
             self.accelerator.wait_for_everyone()
             if not self.accelerator.is_main_process:
                 self.rehearsal_buffer.reload()
                 summary["rehearsal_rows"] = self.rehearsal_buffer.month_info(month).count
-        if args.fisher_dir and isinstance(self._policy(), PeftModel):
+        stored = Path(args.fisher_dir) if args.fisher_dir else None
+        if stored is not None and (stored / FISHER_METADATA).exists():
+            existing = FisherState.load(stored)
+            if month in existing.months:
+                if not overwrite:
+                    raise ValueError(f"The Fisher in {stored} already covers month {month!r}; pass `overwrite=True`.")
+                summary.update(fisher_examples=existing.num_examples, fisher_months=existing.months)
+                return summary
+        if stored is not None and isinstance(self._policy(), PeftModel):
             state = estimate_fisher(
                 self._policy(),
                 self._fisher_batches(),
@@ -421,7 +432,6 @@ class ContinualDPOTrainer(DPOTrainer):
                 month,
                 show_progress=not args.disable_tqdm,
             )
-            stored = Path(args.fisher_dir)
             if (stored / FISHER_METADATA).exists():
                 state = FisherState.load(stored).merged(state, decay=args.fisher_decay)
             if self.accelerator.is_main_process:

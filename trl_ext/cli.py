@@ -1,0 +1,128 @@
+"""`continual-dpo`: one command per month of a continual DPO campaign.
+
+```bash
+continual-dpo init --campaign_dir campaign --base_model embedded --quantization 4bit --method selective_mlp
+continual-dpo run-month 2025-06 --campaign_dir campaign --data june.jsonl       # trains, evaluates, writes the card
+continual-dpo run-month 2025-07 --campaign_dir campaign --data july.parquet     # rerun after a crash: resumes
+continual-dpo eval --campaign_dir campaign                                      # re-evaluate the latest month
+continual-dpo report --campaign_dir campaign                                    # retention tables, cards
+continual-dpo push --campaign_dir campaign --repo_id me/my-adapters --dry_run   # what would be uploaded
+```
+
+Every command takes `--config file.yaml` (keys: the command's options, as in TRL's CLI) and `--help`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import TrlParser
+
+from .campaign import Campaign, CampaignConfig, CampaignError, format_report
+from .validation import PreferenceDataError
+
+
+@dataclass
+class CampaignDirArguments:
+    campaign_dir: str = field(default="campaign", metadata={"help": "The campaign directory."})
+
+
+@dataclass
+class InitArguments(CampaignDirArguments, CampaignConfig):
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing campaign.json."})
+
+
+@dataclass
+class RunMonthArguments(CampaignDirArguments):
+    name: Optional[str] = field(default=None, metadata={"help": "The month's name (also accepted as first argument)."})
+    data: Optional[str] = field(
+        default=None, metadata={"help": "Preference pairs: a .jsonl/.json/.parquet/.csv file or a Hub dataset name."}
+    )
+    test_data: Optional[str] = field(default=None, metadata={"help": "Held-out pairs (default: split off --data)."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Share of --data held out when --test_data is unset."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the month's Trainer checkpoints."})
+
+
+@dataclass
+class EvalArguments(CampaignDirArguments):
+    month: Optional[str] = field(
+        default=None, metadata={"help": "Evaluate the model after this month (default: last)."}
+    )
+
+
+@dataclass
+class PushArguments(CampaignDirArguments):
+    repo_id: Optional[str] = field(default=None, metadata={"help": "Hub repo (default: the campaign's hub_repo)."})
+    dry_run: bool = field(default=False, metadata={"help": "List what would be uploaded; upload nothing."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the cached login)."})
+
+
+COMMANDS = {
+    "init": (InitArguments, "create a campaign directory"),
+    "run-month": (RunMonthArguments, "train, evaluate and document one month (resumes an interrupted one)"),
+    "eval": (EvalArguments, "evaluate the model after a month"),
+    "report": (CampaignDirArguments, "print the retention tables and rewrite the model cards"),
+    "push": (PushArguments, "upload every month's adapter and card to the Hub"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: continual-dpo <command> [--help] [--config file.yaml] [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _run(command: str, argv: list[str]) -> int:
+    arguments_class, help_ = COMMANDS[command]
+    if command == "run-month" and argv and not argv[0].startswith("-"):
+        argv = ["--name", *argv]
+    parser = TrlParser((arguments_class,), prog=f"continual-dpo {command}", description=help_)
+    (args,) = parser.parse_args_and_config(argv)
+    if command == "init":
+        values = {key: value for key, value in vars(args).items() if key not in ("campaign_dir", "overwrite")}
+        campaign = Campaign.init(args.campaign_dir, CampaignConfig(**values), overwrite=args.overwrite)
+        print(f"Campaign created in {campaign.directory}.")
+        return 0
+    campaign = Campaign(args.campaign_dir)
+    if command == "run-month":
+        if not args.name:
+            raise CampaignError("Name the month: `continual-dpo run-month NAME --data FILE`.")
+        entry = campaign.run_month(
+            args.name, args.data, args.test_data, args.test_fraction, keep_checkpoints=args.keep_checkpoints
+        )
+        print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
+        print(format_report(campaign.evaluations, campaign.done_months))
+    elif command == "eval":
+        result = campaign.evaluate(args.month)
+        print(json.dumps(result, indent=2))
+    elif command == "report":
+        print(campaign.report())
+    elif command == "push":
+        files = campaign.push(args.repo_id, dry_run=args.dry_run, token=args.token)
+        print(("Would upload" if args.dry_run else "Uploaded") + f" {len(files)} files:")
+        print("\n".join(f"  {path}" for path in files))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(argv[0], argv[1:])
+    except (CampaignError, PreferenceDataError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
