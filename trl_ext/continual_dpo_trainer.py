@@ -40,6 +40,7 @@ import torch
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
@@ -144,6 +145,9 @@ class ContinualDPOTrainer(DPOTrainer):
                 quantization_config = None
             model = create_model_from_path(model, **model_init_kwargs)
         self.previous_adapters: list[str] = []
+        # The new adapter's initialisation draws random numbers: seed first (as TRL does before creating the model), so
+        # a month's result depends on its seed, not on what the process ran before.
+        set_seed(args.seed)
         if peft_config is not None or isinstance(model, PeftModel):
             model = self._add_month_adapter(model, peft_config, args)
             if ref_model is None:

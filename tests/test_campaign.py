@@ -1,0 +1,215 @@
+"""The monthly campaign on a tiny Llama: the `continual-dpo` CLI end to end, a month killed mid-way that resumes to
+the same result, corrupted or mismatched state, and the push dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import word_chat_tokenizer
+from safetensors.torch import load_file
+
+from trl_ext.campaign import Campaign, CampaignError
+from trl_ext.cli import main
+
+
+WORDS = "red blue green one two three four five six seven".split()
+TINY = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+# Small everything: the evaluation runs on a tiny random model, only the plumbing is under test here.
+INIT = [
+    "--method", "selective_mlp", "--rank", "4", "--learning_rate", "0.01", "--max_steps", "4", "--save_steps", "2",
+    "--per_device_train_batch_size", "4", "--max_length", "64", "--rehearsal_ratio", "0.25", "--kl_coef", "0.5",
+    "--kl_anchor_max_new_tokens", "2", "--ewc_coef", "1.0", "--knowledge_questions", "3",
+    "--perplexity_max_tokens", "128", "--refusal_prompts", "2", "--drift_prompts", "2", "--eval_batch_size", "4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
+    word_chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def write_month(path: Path, chosen: str, rejected: str, n: int = 15) -> str:
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"question {WORDS[i % 10]} {WORDS[(i // 10) % 10]}"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def month_files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("data")
+    return {"m1": write_month(folder / "m1.jsonl", "yes", "no"), "m2": write_month(folder / "m2.jsonl", "good", "bad")}
+
+
+@pytest.fixture(scope="module")
+def one_month_campaign(tmp_path_factory, base_dir, month_files) -> Path:
+    """A campaign with month m1 done (copied by the tests that change it)."""
+    directory = tmp_path_factory.mktemp("campaign") / "c"
+    assert cli("init", "--campaign_dir", directory, "--base_model", base_dir, *INIT) == 0
+    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 0
+    return directory
+
+
+def copy_of(campaign: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "campaign"
+    shutil.copytree(campaign, target)
+    return target
+
+
+def test_two_month_campaign_through_the_cli(one_month_campaign, month_files, tmp_path, capsys):
+    directory = copy_of(one_month_campaign, tmp_path)
+    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", month_files["m2"]) == 0
+    out = capsys.readouterr().out
+    assert "| after \\ on | m1 | m2 |" in out and "backward transfer" in out
+    campaign = Campaign(directory)
+    assert campaign.done_months == ["m1", "m2"]
+    for name in ("m1", "m2"):
+        assert (directory / "adapters" / name / "adapter_model.safetensors").is_file()
+        assert (directory / "cards" / name / "README.md").is_file()
+        assert (directory / "data" / name / "reference_logps.json").is_file()
+    assert not (directory / "runs" / "m2").exists()  # checkpoints are removed once the month is done
+    retention = campaign.retention()
+    assert retention["R"][0][1] is None and all(v is not None for v in retention["R"][1])
+    assert set(campaign.evaluations) == {"month-0", "m1", "m2"}
+    general = campaign.evaluations["m2"]["general"]
+    assert {"knowledge_qa", "perplexity", "kl_to_base", "refusal_rate", "drift_json"} <= set(general)
+    # month 2 trained on rehearsed month-1 rows, and the Fisher covers both months
+    assert campaign.month("m2")["data"]["rehearsal_rows"] > 0
+    assert json.loads((directory / "fisher" / "fisher.json").read_text())["months"] == ["m1", "m2"]
+    assert campaign.month("m2")["training"]["steps"] == 4
+    # the stored month-2 model is the one evaluated: reloading reproduces its preference results
+    assert cli("eval", "--campaign_dir", directory) == 0
+    assert Campaign(directory).evaluations["m2"]["preference"] == campaign.evaluations["m2"]["preference"]
+    assert cli("report", "--campaign_dir", directory) == 0
+    assert "| m2 |" in capsys.readouterr().out
+
+
+def test_a_month_killed_mid_way_resumes_to_the_same_result(one_month_campaign, month_files, tmp_path):
+    straight = copy_of(one_month_campaign, tmp_path / "straight")
+    assert cli("run-month", "m2", "--campaign_dir", straight, "--data", month_files["m2"]) == 0
+    killed = copy_of(one_month_campaign, tmp_path / "killed")
+    script = Path(__file__).parent / "scripts" / "campaign_kill.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(killed), "m2", month_files["m2"], "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == -9, result.stderr[-3000:]  # SIGKILL right after step 3, checkpoint-2 on disk
+    assert (killed / "runs" / "m2" / "checkpoint-2").is_dir()
+    assert Campaign(killed).month("m2")["status"] == "training"
+    # rerun without --data: the stored month data is used, training continues from checkpoint-2
+    assert cli("run-month", "m2", "--campaign_dir", killed) == 0
+    a = load_file(str(straight / "adapters" / "m2" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapters" / "m2" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    resumed, reference = (Campaign(d).evaluations["m2"]["preference"] for d in (killed, straight))
+    for month in ("m1", "m2"):
+        assert resumed[month]["mean_margin"] == pytest.approx(reference[month]["mean_margin"], abs=1e-5)
+    # nothing done twice: the buffer has each month once, the Fisher covers each month once
+    assert json.loads((killed / "fisher" / "fisher.json").read_text())["months"] == ["m1", "m2"]
+    assert json.loads((killed / "buffer" / "manifest.json").read_text())["months"][1]["name"] == "m2"
+
+
+def test_resuming_with_other_data_is_refused(one_month_campaign, month_files, tmp_path, capsys):
+    directory = copy_of(one_month_campaign, tmp_path)
+    campaign = Campaign(directory)
+    campaign.months.append({"name": "m2", "status": "training", "data": {"source": "x", "train_sha256": "0" * 64}})
+    campaign._save_state()
+    (directory / "data" / "m2").mkdir(parents=True)
+    for split in ("train", "test"):
+        shutil.copy(directory / "data" / "m1" / f"{split}.jsonl", directory / "data" / "m2" / f"{split}.jsonl")
+    assert cli("run-month", "m3", "--campaign_dir", directory, "--data", month_files["m2"]) == 2
+    assert "'m2' was interrupted" in capsys.readouterr().err
+    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", month_files["m2"]) == 2
+    assert "started with other training data" in capsys.readouterr().err
+
+
+def test_done_month_and_bad_names_are_refused(one_month_campaign, month_files, tmp_path, capsys):
+    directory = copy_of(one_month_campaign, tmp_path)
+    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 2
+    assert "already done" in capsys.readouterr().err
+    assert cli("run-month", "../x", "--campaign_dir", directory, "--data", month_files["m1"]) == 2
+    assert "Invalid month name" in capsys.readouterr().err
+    assert cli("run-month", "m9", "--campaign_dir", directory, "--data", str(tmp_path / "nope.jsonl")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_corrupted_or_mismatched_state_gives_a_clear_error(one_month_campaign, tmp_path, capsys):
+    directory = copy_of(one_month_campaign, tmp_path)
+    state = (directory / "campaign.json").read_text()
+    (directory / "campaign.json").write_text(state[: len(state) // 2])
+    assert cli("report", "--campaign_dir", directory) == 2
+    assert "campaign.json is corrupted" in capsys.readouterr().err
+    (directory / "campaign.json").write_text(state)
+    # a tampered adapter
+    weights = directory / "adapters" / "m1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CampaignError, match="SHA-256 mismatch"):
+        Campaign(directory).load_model()
+    # another base model
+    data = json.loads(state)
+    data["base_fingerprint"]["hidden_size"] = 4096
+    (directory / "campaign.json").write_text(json.dumps(data))
+    with pytest.raises(CampaignError, match="does not match the one this campaign was trained on"):
+        Campaign(directory).load_base()
+    assert cli("report", "--campaign_dir", tmp_path / "nowhere") == 2
+    assert "No campaign in" in capsys.readouterr().err
+
+
+def test_push_dry_run_lists_the_files(one_month_campaign, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must not call the Hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    directory = copy_of(one_month_campaign, tmp_path)
+    assert cli("push", "--campaign_dir", directory, "--repo_id", "me/adapters", "--dry_run") == 0
+    out = capsys.readouterr().out
+    for path in (
+        "months/m1/adapter_model.safetensors",
+        "months/m1/README.md",
+        "adapter_model.safetensors",
+        "README.md",
+    ):
+        assert f"  {path}\n" in out + "\n", path
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "run-month" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run-month", "--help"])
+    assert exit_info.value.code == 0
+    assert "--rehearsal_ratio" not in capsys.readouterr().out  # run-month's own options only
