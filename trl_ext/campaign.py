@@ -97,37 +97,62 @@ class CampaignConfig:
         hub_repo (`str`, *optional*): Hub repo for `push`. license (`str`, *optional*): for the model cards.
     """
 
-    base_model: str = EMBEDDED
-    quantization: Optional[str] = None
-    method: str = "selective_mlp"
-    rank: int = 16
-    alpha: Optional[float] = None
-    seed: int = 42
-    learning_rate: float = 1e-4
-    max_steps: int = 20
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    beta: float = 0.1
-    max_length: int = 256
-    gradient_checkpointing: bool = False
-    save_steps: int = 5
-    rehearsal_ratio: float = 0.2
-    rehearsal_samples_per_month: int = 200
-    rehearsal_nll_coef: float = 0.0
-    kl_coef: float = 0.1
-    kl_every: int = 1
-    kl_anchor_max_new_tokens: int = 16
-    ewc_coef: float = 0.0
-    eval_suites: list[str] = field(
-        default_factory=lambda: ["preference", "knowledge", "perplexity", "kl", "refusal", "drift"]
+    base_model: str = field(
+        default=EMBEDDED,
+        metadata={"help": "Model id or local path, or 'embedded' for the bundled SmolLM2-135M-Instruct."},
     )
-    knowledge_questions: int = 40
-    perplexity_max_tokens: int = 4096
-    refusal_prompts: int = 20
-    drift_prompts: int = 12
-    eval_batch_size: int = 8
-    hub_repo: Optional[str] = None
-    license: Optional[str] = None
+    quantization: Optional[str] = field(
+        default=None, metadata={"help": "'4bit' (bitsandbytes NF4), '8bit', or unset for full precision."}
+    )
+    method: str = field(
+        default="selective_mlp",
+        metadata={"help": "'selective_mlp' (Gate&Up), 'saproj' (attention projections) or 'lora'."},
+    )
+    rank: int = field(default=16, metadata={"help": "Adapter rank; 0 trains the selective methods at full rank."})
+    alpha: Optional[float] = field(
+        default=None, metadata={"help": "Scaling numerator (alpha / rank); default: the rank."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of training, data splits and sampling."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of every month."})
+    max_steps: int = field(default=20, metadata={"help": "Optimizer steps per month."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Preference pairs per device and step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+    max_length: int = field(default=256, metadata={"help": "Prompt + response tokens kept."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    save_steps: int = field(
+        default=5, metadata={"help": "Checkpoint interval (an interrupted month resumes from the last one)."}
+    )
+    rehearsal_ratio: float = field(
+        default=0.2, metadata={"help": "Share of each month's training rows drawn from earlier months."}
+    )
+    rehearsal_samples_per_month: int = field(default=200, metadata={"help": "Rows of each month kept for rehearsal."})
+    rehearsal_nll_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the NLL on rehearsed chosen responses."}
+    )
+    kl_coef: float = field(default=0.1, metadata={"help": "Weight of the KL to last month's model on anchor prompts."})
+    kl_every: int = field(default=1, metadata={"help": "Compute the KL term every k steps."})
+    kl_anchor_max_new_tokens: int = field(
+        default=16, metadata={"help": "Length of last month's continuation of each anchor."}
+    )
+    ewc_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the EWC penalty (> 0 stores a Fisher each month)."}
+    )
+    eval_suites: list[str] = field(
+        default_factory=lambda: ["preference", "knowledge", "perplexity", "kl", "refusal", "drift"],
+        metadata={"help": "Evaluation suites: preference knowledge perplexity kl refusal drift."},
+    )
+    knowledge_questions: int = field(
+        default=40, metadata={"help": "Held-out capital questions of the knowledge probe."}
+    )
+    perplexity_max_tokens: int = field(default=4096, metadata={"help": "Reference-text tokens scored for perplexity."})
+    refusal_prompts: int = field(default=20, metadata={"help": "Harmful (and benign) prompts for the refusal rates."})
+    drift_prompts: int = field(
+        default=12, metadata={"help": "Generic prompts for the drift probe and the KL to the base."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the evaluation."})
+    hub_repo: Optional[str] = field(default=None, metadata={"help": "Hub repo for `push`."})
+    license: Optional[str] = field(default=None, metadata={"help": "License in the model cards' metadata."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -55,12 +55,27 @@ __all__ = [
     "render_model_card",
 ]
 
-#: The template shipped in the repository's top-level `model_cards/` folder.
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "adapter_card.md"
+#: The template: the repository's top-level `model_cards/` folder, which the wheel ships as `trl_ext/model_cards/`.
+_PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "adapter_card.md"
+DEFAULT_TEMPLATE_PATH = (
+    _PACKAGED_TEMPLATE
+    if _PACKAGED_TEMPLATE.is_file()
+    else Path(__file__).resolve().parents[1] / "model_cards" / "adapter_card.md"
+)
 #: The plot's file name, next to the card (the card links it relatively, so it works at any folder of a Hub repo).
 PLOT_FILENAME = "retention.png"
 
-_REQUIRED_KEYS = ("month", "months", "base_model", "method", "method_config", "training", "data", "retention", "general")
+_REQUIRED_KEYS = (
+    "month",
+    "months",
+    "base_model",
+    "method",
+    "method_config",
+    "training",
+    "data",
+    "retention",
+    "general",
+)
 _BASELINE = "month-0"
 _DATA_COLUMNS = ("source", "train_rows", "test_rows", "rehearsal_rows")
 # Long config values (resolved `target_modules` lists every adapted layer) are cut in the tables.
@@ -87,7 +102,10 @@ def _require(condition: bool, message: str) -> None:
 
 def _optional_str(context: Mapping[str, Any], key: str) -> Optional[str]:
     value = context.get(key)
-    _require(value is None or (isinstance(value, str) and value.strip() != ""), f"`{key}` must be a non-empty string or None, got {value!r}.")
+    _require(
+        value is None or (isinstance(value, str) and value.strip() != ""),
+        f"`{key}` must be a non-empty string or None, got {value!r}.",
+    )
     return value
 
 
@@ -142,7 +160,9 @@ class ModelCardContext:
             f"`months` must be a non-empty list of month names in training order, got {months!r}.",
         )
         months = tuple(months)
-        _require(all(isinstance(m, str) and m for m in months), f"`months` must hold non-empty strings, got {list(months)}.")
+        _require(
+            all(isinstance(m, str) and m for m in months), f"`months` must hold non-empty strings, got {list(months)}."
+        )
         _require(len(set(months)) == len(months), f"`months` has duplicates: {list(months)}.")
         month = context["month"]
         _require(
@@ -152,7 +172,9 @@ class ModelCardContext:
         )
         for key in ("base_model", "method"):
             value = context[key]
-            _require(isinstance(value, str) and value.strip() != "", f"`{key}` must be a non-empty string, got {value!r}.")
+            _require(
+                isinstance(value, str) and value.strip() != "", f"`{key}` must be a non-empty string, got {value!r}."
+            )
         for key in ("method_config", "training"):
             _require(isinstance(context[key], Mapping), f"`{key}` must be a dict, got {type(context[key]).__name__}.")
 
@@ -221,7 +243,9 @@ def _check_retention(retention: Any, months: tuple[str, ...]) -> list[list[Optio
 
 
 def _check_general(general: Any, months: tuple[str, ...]) -> dict[str, dict[str, Optional[float]]]:
-    _require(isinstance(general, Mapping), f"`general` must be a dict keyed by 'month-0' and month names, got {general!r}.")
+    _require(
+        isinstance(general, Mapping), f"`general` must be a dict keyed by 'month-0' and month names, got {general!r}."
+    )
     if not general:
         return {}
     _require(
@@ -250,7 +274,9 @@ def _check_limitations(limitations: Any) -> tuple[str, ...]:
         isinstance(limitations, Sequence) and not isinstance(limitations, str),
         f"`limitations` must be a list of strings, got {limitations!r}.",
     )
-    _require(all(isinstance(item, str) for item in limitations), f"`limitations` must hold strings, got {limitations!r}.")
+    _require(
+        all(isinstance(item, str) for item in limitations), f"`limitations` must hold strings, got {limitations!r}."
+    )
     return tuple(item.strip() for item in limitations if item.strip())
 
 
@@ -267,8 +293,9 @@ def _cell(text: str) -> str:
 
 def _config_value(value: Any) -> str:
     if isinstance(value, (list, tuple)) and len(value) > _MAX_LIST_ITEMS:
+        # The count first: the cell may be cut at _MAX_CELL_CHARS.
         shown = json.dumps(list(value[:_MAX_LIST_ITEMS]), default=str)[:-1]
-        return _cell(f"{shown}, …] ({len(value)} in total)")
+        return _cell(f"{len(value)} items: {shown}, …]")
     text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
     return _cell(text)
 
@@ -338,7 +365,8 @@ def _data_table(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[
     extra = sorted({key for entry in ctx.data.values() for key in entry if key not in _DATA_COLUMNS})
     columns = [*_DATA_COLUMNS, *extra]
     rows = [
-        (m, [("–" if ctx.data[m].get(c) is None else _config_value(ctx.data[m][c])) for c in columns]) for m in ctx.months
+        (m, [("–" if ctx.data[m].get(c) is None else _config_value(ctx.data[m][c])) for c in columns])
+        for m in ctx.months
     ]
     return columns, rows
 
@@ -358,7 +386,9 @@ def _loading_code(ctx: ModelCardContext) -> str:
         f'base = AutoModelForCausalLM.from_pretrained("{ctx.base_model}"{base_kwargs})',
     ]
     if ctx.quantization and ctx.quantization not in _QUANTIZATION_CODE:
-        lines.append(f"# the base was trained quantized ({ctx.quantization}): load it the same way to match the numbers")
+        lines.append(
+            f"# the base was trained quantized ({ctx.quantization}): load it the same way to match the numbers"
+        )
 
     def source(m: str) -> str:
         return f'"{ctx.hub_repo}", subfolder="months/{m}"' if ctx.hub_repo else f'"adapters/{m}"'
@@ -375,9 +405,10 @@ def _loading_code(ctx: ModelCardContext) -> str:
 
 
 def _limitations(ctx: ModelCardContext) -> list[str]:
+    measured = "the general metrics listed" if ctx.general else "no general-ability metric"
     items = [
-        "Retention is measured only on each month's held-out preference pairs (the table above) and on the general "
-        "metrics listed; behaviour outside them was not evaluated.",
+        f"Retention is measured only on each month's held-out preference pairs (the table above) and on {measured}; "
+        "behaviour outside them was not evaluated.",
     ]
     test_rows = [ctx.data[m].get("test_rows") for m in ctx.months]
     sizes = [n for n in test_rows if _is_number(n) and n > 0]
@@ -398,8 +429,8 @@ def _limitations(ctx: ModelCardContext) -> list[str]:
             "base the outputs, and so the numbers, differ slightly."
         )
     items.append(
-        "The adapter inherits the base model's limitations and biases; DPO moves it towards the preferences in the "
-        "training data only, which were not audited beyond the checks of `trl_ext.validation`."
+        "The adapter inherits the base model's limitations and biases. DPO moves it towards the preferences of the "
+        "training data; this card does not assess that data's quality or bias."
     )
     return items + list(ctx.limitations)
 
@@ -456,7 +487,7 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
     ax.set_title("Learning and forgetting per month")
     ax.grid(alpha=0.3)
     if values:
-        ax.legend(fontsize="small")
+        _legend_below(ax)
 
     if rows:
         ax = axes[1]
@@ -469,12 +500,18 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
         ax.set_ylabel("change vs month 0 (%)")
         ax.set_title("General ability relative to the base model")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend_below(ax)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def _legend_below(ax: Any) -> None:
+    # Below the axes: inside, it hides the points it labels (accuracies sit high, several lines end at the last month).
+    count = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(count, 4), frameon=False)
 
 
 def _relative_general(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[Optional[float]]]]]:
