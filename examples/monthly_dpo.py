@@ -36,7 +36,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--campaign-dir", default="outputs/monthly_dpo", help="Campaign directory (state and outputs).")
+    parser.add_argument(
+        "--campaign-dir", default="outputs/monthly_dpo", help="Campaign directory (state and outputs)."
+    )
     parser.add_argument("--fresh", action="store_true", help="Delete an existing campaign directory first.")
     parser.add_argument("--months", nargs="+", default=["capitals", "currency", "languages"], help="Month styles.")
     parser.add_argument("--n-train", type=int, default=16, help="Training pairs per month.")
@@ -80,7 +82,9 @@ def campaign_config(args: argparse.Namespace) -> CampaignConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     start = time.time()
     directory = Path(args.campaign_dir)
     if args.fresh and directory.exists():
@@ -89,7 +93,9 @@ def main(argv=None) -> int:
     campaign = Campaign(directory) if (directory / "campaign.json").exists() else Campaign.init(directory, config)
     # The months' countries avoid the knowledge probe's, so the probe measures forgetting, not training.
     probe_countries = [q["country"] for q in campaign.state["knowledge_questions"]]
-    months = monthly_sequence(args.months, args.n_train, args.n_eval, seed=args.seed, exclude_countries=probe_countries)
+    months = monthly_sequence(
+        args.months, args.n_train, args.n_eval, seed=args.seed, exclude_countries=probe_countries
+    )
     inputs = directory / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     for index, (style, splits) in enumerate(months, start=1):
@@ -110,7 +116,9 @@ def main(argv=None) -> int:
     report = format_report(campaign.evaluations, campaign.done_months)
     print(f"\nCampaign finished in {elapsed / 60:.1f} min. Model cards: {directory / 'cards'}\n\n{report}")
     if args.results:
-        write_results(Path(args.results), args, campaign, report, elapsed, [c for _, s in months for c in countries_in(s)])
+        write_results(
+            Path(args.results), args, campaign, report, elapsed, [c for _, s in months for c in countries_in(s)]
+        )
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
@@ -323,11 +324,21 @@ class Campaign:
     def month(self, name: str) -> Optional[dict[str, Any]]:
         return next((month for month in self.months if month["name"] == name), None)
 
+    # Under `accelerate launch` every process runs the campaign; only the main one writes, and evaluates.
+    @property
+    def _is_main(self) -> bool:
+        return PartialState().is_main_process
+
+    def _barrier(self) -> None:
+        PartialState().wait_for_everyone()
+
     def _save_state(self) -> None:
-        atomic_write_json(self.directory / CAMPAIGN_FILE, self.state)
+        if self._is_main:
+            atomic_write_json(self.directory / CAMPAIGN_FILE, self.state)
 
     def _save_evaluations(self) -> None:
-        atomic_write_json(self.directory / EVALUATIONS_FILE, self.evaluations)
+        if self._is_main:
+            atomic_write_json(self.directory / EVALUATIONS_FILE, self.evaluations)
 
     def _path(self, *parts: str) -> Path:
         return self.directory.joinpath(*parts)
@@ -349,6 +360,8 @@ class Campaign:
                 )
             elif config.quantization == "8bit":
                 kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            if config.quantization and torch.cuda.is_available():  # a quantized base goes to this process's GPU
+                kwargs["device_map"] = {"": PartialState().local_process_index}
             model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         fingerprint = _base_fingerprint(model)
@@ -408,9 +421,11 @@ class Campaign:
         if data is None:
             raise CampaignError(f"Month {name!r} is new: pass its preference data (--data).")
         splits = self._split(data, test_data, test_fraction)
-        folder.mkdir(parents=True, exist_ok=True)
-        for split, dataset in splits.items():
-            _write_jsonl(folder / f"{split}.jsonl", dataset)
+        if self._is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            for split, dataset in splits.items():
+                _write_jsonl(folder / f"{split}.jsonl", dataset)
+        self._barrier()
         return splits
 
     def _split(self, data, test_data, test_fraction: float) -> dict[str, Dataset]:
@@ -479,20 +494,25 @@ class Campaign:
         self._save_state()
 
         evaluation_config = self.config.evaluation_config()
-        if BASELINE not in self.evaluations and not previous:
+        if BASELINE not in self.evaluations and not previous and self._is_main:
             logger.info("Evaluating the base model (month 0).")
             self.evaluations[BASELINE] = evaluate_model(
-                model, tokenizer, evaluation_config, knowledge_questions=self.state["knowledge_questions"]
+                model,
+                tokenizer,
+                evaluation_config,
+                knowledge_questions=self.state["knowledge_questions"],
+                show_progress=True,
             )
             self._save_evaluations()
         reference_path = self._path("data", name, "reference_logps.json")
-        if not reference_path.exists():  # the base model's log-probs: R[t][name] is measured against them
+        if not reference_path.exists() and self._is_main:  # the base's log-probs: R[t][name] is measured against them
             context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
             with context:
                 atomic_write_json(
                     reference_path, reference_logps_for(model, tokenizer, splits["test"], evaluation_config)
                 )
 
+        self._barrier()
         run_dir = self._path("runs", name)
         fisher_dir = self._path("fisher") if self.config.ewc_coef > 0 else None
         trainer = ContinualDPOTrainer(
@@ -508,10 +528,16 @@ class Campaign:
         if checkpoint:
             logger.info("Month %r resumes from %s.", name, checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        self._save_adapter(trainer.model, name)
+        if self._is_main:
+            self._save_adapter(trainer.model, name)
         finish = trainer.finish_month(name, overwrite=True)
+        entry["data"]["rehearsal_rows"] = sum(v for k, v in trainer.rehearsal_summary.items() if k != "new")
+        if not self._is_main:
+            self._barrier()  # the main process evaluates and writes the month's results
+            return entry
         policy = trainer.accelerator.unwrap_model(trainer.model)
         months = previous + [name]
+        logger.info("Evaluating the model after month %r.", name)
         self.evaluations[name] = evaluate_model(
             policy,
             tokenizer,
@@ -519,6 +545,7 @@ class Campaign:
             test_sets=self.test_sets(months),
             reference_logps=self._reference_logps(months),
             knowledge_questions=self.state["knowledge_questions"],
+            show_progress=True,
         )
         self._save_evaluations()
         entry.update(
@@ -527,11 +554,11 @@ class Campaign:
             adapter_sha256=_sha256(self._path("adapters", name, "adapter_model.safetensors")),
             training={"train_loss": result.training_loss, "steps": result.global_step, **finish},
         )
-        entry["data"]["rehearsal_rows"] = sum(v for k, v in trainer.rehearsal_summary.items() if k != "new")
         self.write_card(name)
         self._save_state()
         if not keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
+        self._barrier()
         return entry
 
     def _save_adapter(self, model, name: str) -> None:

@@ -116,7 +116,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         return _run(argv[0], argv[1:])
     except (CampaignError, PreferenceDataError, FileNotFoundError, ValueError) as error:

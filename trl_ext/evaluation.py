@@ -16,6 +16,7 @@ Two suites, each usable alone (the measurements themselves live in `trl_ext.metr
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ from .metrics import (
     retention_summary,
 )
 
+
+logger = logging.getLogger(__name__)
 
 SUITES = ("preference", "knowledge", "perplexity", "kl", "refusal", "drift")
 #: General-ability metrics in report order, with the direction that is better.
@@ -122,6 +125,7 @@ def preference_suite(
         result = preference_accuracy(
             model, tokenizer, dataset, reference=reference, batch_size=config.batch_size, max_length=config.max_length
         )
+        logger.info("Preference accuracy on %s: %.3f (%d pairs).", month, result["accuracy"], result["n"])
         results[month] = {"accuracy": result["accuracy"], "mean_margin": result["mean_margin"], "n": result["n"]}
     return results
 
@@ -163,10 +167,12 @@ def general_suite(
             disable_tqdm=not show_progress,
         )
         results["knowledge_qa"] = probe.accuracy
+        logger.info("Knowledge QA: %.3f on %d held-out capital questions.", probe.accuracy, len(knowledge_questions))
     if "perplexity" in suites:
         results["perplexity"] = perplexity(
             model, tokenizer, max_tokens=config.perplexity_max_tokens, batch_size=max(1, config.batch_size // 2)
         )
+        logger.info("Reference-text perplexity: %.3f.", results["perplexity"])
     prompts = generic_prompts()[: config.drift_prompts]
     if "kl" in suites:
         reference = base if base is not None else _base_reference(model)
@@ -177,11 +183,16 @@ def general_suite(
                 model, reference, tokenizer, prompts, batch_size=config.batch_size, max_length=config.max_length
             )
         )
+    if "kl" in suites:
+        logger.info("KL to the base on %d generic prompts: %.5f.", len(prompts), results["kl_to_base"])
     if "refusal" in suites:
         n = config.refusal_prompts
         common = dict(max_new_tokens=config.refusal_max_new_tokens, batch_size=config.batch_size)
         results["refusal_rate"] = refusal_rate(model, tokenizer, harmful_eval_prompts()[:n], **common)
         results["over_refusal_rate"] = refusal_rate(model, tokenizer, benign_eval_prompts()[:n], **common)
+        logger.info(
+            "Refusals: %.2f of harmful, %.2f of benign prompts.", results["refusal_rate"], results["over_refusal_rate"]
+        )
     if "drift" in suites:
         drift = drift_probes(
             model,
@@ -192,6 +203,7 @@ def general_suite(
             batch_size=config.batch_size,
         )
         results.update({f"drift_{name}": value["mass"] for name, value in drift.items()})
+        logger.info("Drift probe: %s.", ", ".join(f"{n} {v['mass']:.4f}" for n, v in drift.items()))
     return results
 
 
