@@ -92,9 +92,10 @@ class CampaignConfig:
         gradient_checkpointing: the DPO training of each month (`ContinualDPOConfig`).
         save_steps (`int`): checkpoint interval; an interrupted month resumes from the last checkpoint.
         rehearsal_ratio, rehearsal_samples_per_month, rehearsal_nll_coef, kl_coef, kl_every, kl_anchor_max_new_tokens,
-        ewc_coef: the retention terms (see `ContinualDPOConfig`); EWC stores a Fisher in `fisher/` when > 0.
+        kl_anchors, ewc_coef: the retention terms (see `ContinualDPOConfig`); EWC stores a Fisher in `fisher/` when > 0.
         eval_suites (`list[str]`): evaluation suites (`trl_ext.evaluation.SUITES`).
-        knowledge_questions, perplexity_max_tokens, refusal_prompts, drift_prompts, eval_batch_size: their sizes.
+        knowledge_questions, perplexity_max_tokens, refusal_prompts, drift_prompts, eval_batch_size,
+        eval_max_new_tokens: their sizes.
         hub_repo (`str`, *optional*): Hub repo for `push`. license (`str`, *optional*): for the model cards.
     """
 
@@ -136,6 +137,10 @@ class CampaignConfig:
     kl_anchor_max_new_tokens: int = field(
         default=16, metadata={"help": "Length of last month's continuation of each anchor."}
     )
+    kl_anchors: int = field(
+        default=32,
+        metadata={"help": "General anchor prompts (and at most as many earlier months' prompts) for the KL."},
+    )
     ewc_coef: float = field(
         default=0.0, metadata={"help": "Weight of the EWC penalty (> 0 stores a Fisher each month)."}
     )
@@ -152,6 +157,9 @@ class CampaignConfig:
         default=12, metadata={"help": "Generic prompts for the drift probe and the KL to the base."}
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the evaluation."})
+    eval_max_new_tokens: int = field(
+        default=24, metadata={"help": "Generation length of the knowledge (at most 16), refusal and drift probes."}
+    )
     hub_repo: Optional[str] = field(default=None, metadata={"help": "Hub repo for `push`."})
     license: Optional[str] = field(default=None, metadata={"help": "License in the model cards' metadata."})
 
@@ -169,6 +177,9 @@ class CampaignConfig:
             suites=list(self.eval_suites),
             knowledge_questions=self.knowledge_questions,
             knowledge_seed=self.seed,
+            knowledge_max_new_tokens=min(16, self.eval_max_new_tokens),
+            refusal_max_new_tokens=self.eval_max_new_tokens,
+            drift_max_new_tokens=self.eval_max_new_tokens,
             perplexity_max_tokens=self.perplexity_max_tokens,
             refusal_prompts=self.refusal_prompts,
             drift_prompts=self.drift_prompts,
@@ -207,6 +218,8 @@ class CampaignConfig:
             kl_coef=self.kl_coef,
             kl_every=self.kl_every,
             kl_anchor_max_new_tokens=self.kl_anchor_max_new_tokens,
+            kl_max_general_anchors=self.kl_anchors,
+            kl_max_rehearsal_anchors=self.kl_anchors,
             ewc_coef=self.ewc_coef,
             fisher_dir=str(fisher_dir) if fisher_dir is not None else None,
             report_to=[],

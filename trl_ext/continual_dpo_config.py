@@ -59,6 +59,9 @@ class ContinualDPOConfig(DPOConfig):
             built; `0` compares the next-token distributions at the prompt's end only.
         kl_max_anchor_length (`int`, *optional*, defaults to `128`):
             Anchors longer than this (prompt + continuation) are cut from the left.
+        kl_max_general_anchors (`int`, *optional*):
+            Use only the first this many of the 32 general anchor prompts (default: all); fewer anchors make the
+            one-off continuation generation cheaper.
         kl_max_rehearsal_anchors (`int`, *optional*, defaults to `64`):
             At most this many earlier months' prompts (from the buffer) join the general anchor prompts.
 
@@ -101,6 +104,7 @@ class ContinualDPOConfig(DPOConfig):
     kl_batch_size: Optional[int] = field(default=None, metadata={"help": "Anchor sequences per KL term."})
     kl_anchor_max_new_tokens: int = field(default=16, metadata={"help": "Continuation length of each anchor."})
     kl_max_anchor_length: int = field(default=128, metadata={"help": "Maximum anchor length in tokens."})
+    kl_max_general_anchors: Optional[int] = field(default=None, metadata={"help": "General anchor prompts used."})
     kl_max_rehearsal_anchors: int = field(default=64, metadata={"help": "Earlier months' prompts used as anchors."})
     ewc_coef: float = field(default=0.0, metadata={"help": "Weight of the EWC penalty."})
     fisher_dir: Optional[str] = field(default=None, metadata={"help": "Directory of the stored Fisher."})

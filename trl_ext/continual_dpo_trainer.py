@@ -228,7 +228,7 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _build_anchors(self, anchor_prompts) -> AnchorSet:
         if anchor_prompts is None:
-            anchor_prompts = general_anchor_prompts()
+            anchor_prompts = general_anchor_prompts()[: self.args.kl_max_general_anchors]
             if self.rehearsal_buffer is not None and len(self.rehearsal_buffer) > 0:
                 count = min(self.args.kl_max_rehearsal_anchors, len(self.rehearsal_buffer))
                 rows = self.rehearsal_buffer.sample(count, seed=self.args.seed)
