@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import os
 import platform
@@ -62,3 +64,35 @@ def adapted_module_names(peft_model) -> list[str]:
     return sorted(
         name.removeprefix(prefix) for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)
     )
+
+
+# ------------------------------------------------------------------------------------------- process memory (Linux)
+def read_status_kb(field: str) -> int | None:
+    """A `/proc/self/status` field in kB (`VmRSS`, `VmHWM`, ...); `None` where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_memory() -> None:
+    """`gc` + `malloc_trim`: hand freed heap pages back so that RSS reflects live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime as dt
 import gc
 import json
@@ -39,7 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, adapted_module_names, git_commit, machine_info, source_digests
+from _common import (
+    REPO_ROOT,
+    adapted_module_names,
+    git_commit,
+    machine_info,
+    read_status_kb,
+    release_free_memory,
+    reset_peak_rss,
+    source_digests,
+)
 
 
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "results"
@@ -282,35 +290,6 @@ def run_timing(args: argparse.Namespace, methods: list[Method]) -> tuple[dict[st
 
 
 # --------------------------------------------------------------------------------------------------- memory
-def _read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so RSS reflects live memory
-    except (OSError, AttributeError):
-        pass
-
-
 def memory_worker(args: argparse.Namespace) -> None:
     """Run in a fresh process: load the base, then build one method and train `--mem-steps` steps; print peaks."""
     import resource
@@ -329,15 +308,15 @@ def memory_worker(args: argparse.Namespace) -> None:
     warm = batch[:1, :8]
     base(input_ids=warm, labels=warm, use_cache=False).loss.backward()
     base.zero_grad(set_to_none=True)
-    _release_free_memory()
+    release_free_memory()
     if cuda:
         sync(args.device)
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         peak_method = "torch.cuda.max_memory_allocated"
     else:
-        baseline = (_read_status_kb("VmRSS") or 0) * 1024
-        hwm_reset = _reset_peak_rss() and _read_status_kb("VmHWM") is not None
+        baseline = (read_status_kb("VmRSS") or 0) * 1024
+        hwm_reset = reset_peak_rss() and read_status_kb("VmHWM") is not None
         peak_method = "VmHWM after reset (/proc/self/clear_refs)" if hwm_reset else "ru_maxrss (NOT reset)"
     model, optimizer = build_method(base, method, args, copy_base=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -347,7 +326,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         sync(args.device)
         peak = torch.cuda.max_memory_allocated()
     elif hwm_reset:
-        peak = (_read_status_kb("VmHWM") or 0) * 1024
+        peak = (read_status_kb("VmHWM") or 0) * 1024
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {
