@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-fast test-slow lint bench clean
+.PHONY: setup demo demo-sft test test-fast test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints-dev.txt
 
 setup: $(VENV)/.installed
 
-# Main job on the embedded default (bundled SmolLM2-135M-Instruct, offline).
+# Main job on the embedded default: a 3-month continual DPO campaign on the bundled SmolLM2-135M-Instruct in 4-bit,
+# offline; state, model cards and evaluations in outputs/monthly_dpo/.
 demo: setup
+	HF_HUB_OFFLINE=1 $(PY) examples/monthly_dpo.py --fresh
+
+# The single-task SFT comparison (SelectiveMLP, SAProj, LoRA): examples/selective_mlp_sft.py.
+demo-sft: setup
 	HF_HUB_OFFLINE=1 $(PY) examples/selective_mlp_sft.py
 
 # Lint, then the fast tests plus the real-model tests marked slow. (pytest exits 5 if nothing ran: make fails.)

@@ -41,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--fresh", action="store_true", help="Delete an existing campaign directory first.")
     parser.add_argument("--months", nargs="+", default=["capitals", "currency", "languages"], help="Month styles.")
-    parser.add_argument("--n-train", type=int, default=16, help="Training pairs per month.")
+    parser.add_argument("--n-train", type=int, default=8, help="Training pairs per month.")
     parser.add_argument("--n-eval", type=int, default=6, help="Held-out pairs per month.")
-    parser.add_argument("--steps", type=int, default=6, help="Optimizer steps per month.")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="Optimizer steps per month.")
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16, help="SelectiveMLP rank (0: full rank).")
     parser.add_argument("--quantization", default="4bit", choices=["4bit", "8bit", "none"])
@@ -68,19 +68,19 @@ def campaign_config(args: argparse.Namespace) -> CampaignConfig:
         learning_rate=args.learning_rate,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
-        max_length=128,
+        max_length=96,
         save_steps=2,
         rehearsal_ratio=args.rehearsal_ratio,
         kl_coef=args.kl_coef,
-        kl_anchor_max_new_tokens=6,
-        kl_anchors=8,
+        kl_anchor_max_new_tokens=4,
+        kl_anchors=4,
         # No safety month here (the base refuses nothing), so no refusal suite.
         eval_suites=["preference", "knowledge", "perplexity", "kl", "drift"],
         knowledge_questions=args.knowledge_questions,
         perplexity_max_tokens=256,
         drift_prompts=6,
         eval_batch_size=16,
-        eval_max_new_tokens=8,
+        eval_max_new_tokens=12,
     )
 
 
