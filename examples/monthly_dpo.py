@@ -78,9 +78,9 @@ def campaign_config(args: argparse.Namespace) -> CampaignConfig:
         eval_suites=["preference", "knowledge", "perplexity", "kl", "drift"],
         knowledge_questions=args.knowledge_questions,
         perplexity_max_tokens=256,
-        drift_prompts=6,
+        drift_prompts=4,
         eval_batch_size=16,
-        eval_max_new_tokens=12,
+        eval_max_new_tokens=10,
     )
 
 

@@ -175,8 +175,8 @@ class ContinualDPOTrainer(DPOTrainer):
         if args.rehearsal_nll_coef > 0:
             self.model.register_forward_hook(self._capture_hook, with_kwargs=True)
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
-        self._anchor_draws = (-1, 0)  # (global step, draws in it): anchors depend on the step only, so a resumed run
-        # draws the same batches as an uninterrupted one
+        # (global step, draws in it): the anchor batches depend on the step only, so a resumed run draws the same ones
+        self._anchor_draws = (-1, 0)
         self.fisher = self._load_fisher() if args.ewc_coef > 0 else None
         self._fisher_mean = self.fisher.mean if self.fisher is not None else None
 
