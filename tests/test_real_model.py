@@ -72,3 +72,54 @@ def test_real_model_trains_only_the_preset_and_keeps_base_recoverable(
     with torch.no_grad():
         # merge + unmerge is W + ΔW - ΔW in float: equal up to rounding, as with LoRA
         torch.testing.assert_close(model(**batch).logits, base_logits, atol=1e-4, rtol=0)
+
+
+def test_continual_dpo_two_months_on_the_4bit_bundled_model(tmp_path):
+    """The whole continual path on the real model and its chat template, 4-bit: month 2 stacks on month 1 with
+    rehearsal, the anchor KL and EWC (one step each, batch 2: only that it runs and logs, not what it learns)."""
+    pytest.importorskip("bitsandbytes")
+    from peft_selective.embedded import load_embedded_model
+    from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+    from trl_ext.data import concise_capitals_month, json_currency_month
+
+    model, tokenizer = load_embedded_model(quantization="4bit")
+    buffer = RehearsalBuffer(tmp_path / "buffer")
+    common = dict(
+        max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3, max_length=96, report_to=[], use_cpu=True,
+        bf16=False, gradient_checkpointing=False, save_strategy="no", logging_steps=1, disable_tqdm=True,
+        fisher_dir=str(tmp_path / "fisher"), fisher_num_examples=2,
+    )  # fmt: skip
+    first = ContinualDPOTrainer(
+        model,
+        args=ContinualDPOConfig(str(tmp_path / "m1"), adapter_name="m1", **common),
+        train_dataset=concise_capitals_month(n_train=4, n_eval=2)["train"],
+        processing_class=tokenizer,
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=buffer,
+    )
+    first.train()
+    first.finish_month("m1")
+    second = ContinualDPOTrainer(
+        first.model,
+        args=ContinualDPOConfig(
+            str(tmp_path / "m2"),
+            adapter_name="m2",
+            rehearsal_ratio=0.5,
+            kl_coef=0.5,
+            kl_anchor_max_new_tokens=2,
+            kl_max_general_anchors=2,
+            kl_max_rehearsal_anchors=2,
+            ewc_coef=1.0,
+            **common,
+        ),  # fmt: skip
+        train_dataset=json_currency_month(n_train=4, n_eval=2)["train"],
+        processing_class=tokenizer,
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=buffer,
+    )
+    second.train()
+    logged = {key for entry in second.state.log_history for key in entry}
+    assert {"retention/kl", "retention/ewc", "rehearsal/fraction"} <= logged
+    assert second.previous_adapters == ["m1"]
+    losses = [entry["loss"] for entry in second.state.log_history if "loss" in entry]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))

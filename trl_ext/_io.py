@@ -38,5 +38,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def is_json_serializable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write(path, (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8"))

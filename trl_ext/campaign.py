@@ -45,7 +45,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 
-from ._io import atomic_write, atomic_write_json
+from ._io import atomic_write, atomic_write_json, is_json_serializable
 from .continual_dpo_config import ContinualDPOConfig
 from .continual_dpo_trainer import ContinualDPOTrainer
 from .data import held_out_capital_questions
@@ -636,7 +636,7 @@ class Campaign:
             else config.base_model,
             "quantization": config.quantization,
             "method": config.method,
-            "method_config": {k: v for k, v in self.config.peft_config().to_dict().items() if _jsonable(v)},
+            "method_config": {k: v for k, v in self.config.peft_config().to_dict().items() if is_json_serializable(v)},
             "training": {
                 k: getattr(config, k)
                 for k in (
@@ -674,14 +674,6 @@ class Campaign:
         if not repo_id:
             raise CampaignError("No Hub repo: pass one, or set `hub_repo` at `init`.")
         return push_campaign(self.directory, repo_id, dry_run=dry_run, token=token)
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _digest(dataset: Dataset) -> str:

@@ -44,7 +44,7 @@ from typing import Any, Literal, Optional, Union, overload
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
-from ._io import atomic_write, fsync_dir
+from ._io import atomic_write, fsync_dir, is_json_serializable
 
 
 logger = logging.getLogger(__name__)
@@ -293,21 +293,13 @@ def _serialize_rows(rows: list[dict[str, Any]], month: str) -> bytes:
         try:
             lines.append(json.dumps(row, ensure_ascii=False))
         except (TypeError, ValueError) as err:
-            bad = [column for column, value in row.items() if not _json_serializable(value)]
+            bad = [column for column, value in row.items() if not is_json_serializable(value)]
             raise TypeError(
                 f"Month {month!r}: the columns {bad} hold values that cannot be stored as JSON ({err}). The buffer "
                 "keeps text / conversational preference rows; drop those columns first, e.g. "
                 f"`dataset.remove_columns({bad})`."
             ) from err
     return "".join(line + "\n" for line in lines).encode("utf-8")
-
-
-def _json_serializable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
