@@ -95,6 +95,19 @@ def train_month_1(tmp_path, peft_config=None, base=None, **kwargs) -> ContinualD
     return trainer
 
 
+def month_2(model, tmp_path, peft_config=None, buffer=None, callbacks=(), **kwargs) -> ContinualDPOTrainer:
+    """Month "m2" ("good" over "bad") on top of `model` (which holds m1)."""
+    return ContinualDPOTrainer(
+        model,
+        args=config(tmp_path, "m2", **kwargs),
+        train_dataset=month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=peft_config or SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=buffer,
+        callbacks=list(callbacks),
+    )
+
+
 def of(adapter: str, name: str) -> bool:
     """Whether parameter `name` belongs to `adapter` (`...delta_A.m2` for ours, `...lora_A.m2.weight` for LoRA)."""
     return name.endswith(f".{adapter}") or f".{adapter}." in name
@@ -109,23 +122,17 @@ def test_month_2_logs_every_retention_term(tmp_path):
     first = train_month_1(tmp_path, fisher_dir=str(tmp_path / "fisher"))
     summary = first.finish_month("m1")
     assert summary["rehearsal_rows"] == 12 and summary["fisher_months"] == ["m1"]
-    second = ContinualDPOTrainer(
+    second = month_2(
         first.model,
-        args=config(
-            tmp_path,
-            "m2",
-            rehearsal_ratio=0.25,
-            rehearsal_nll_coef=0.5,
-            kl_coef=0.5,
-            kl_anchor_max_new_tokens=3,
-            ewc_coef=1.0,
-            fisher_dir=str(tmp_path / "fisher"),
-            max_steps=4,
-        ),
-        train_dataset=month("good", "bad"),
-        processing_class=word_chat_tokenizer(),
-        peft_config=SelectiveMLPConfig(rank=4),
-        rehearsal_buffer=first.rehearsal_buffer,
+        tmp_path,
+        buffer=first.rehearsal_buffer,
+        rehearsal_ratio=0.25,
+        rehearsal_nll_coef=0.5,
+        kl_coef=0.5,
+        kl_anchor_max_new_tokens=3,
+        ewc_coef=1.0,
+        fisher_dir=str(tmp_path / "fisher"),
+        max_steps=4,
     )
     m1_before = {n: p.detach().clone() for n, p in second.model.named_parameters() if of("m1", n)}
     second.train()
@@ -194,13 +201,7 @@ def test_reference_log_probs_are_those_of_the_previous_month_model(tmp_path, pef
     first.model.save_pretrained(tmp_path / "adapters")
     month_1_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
     bare_base = tiny_llama().eval()
-    second = ContinualDPOTrainer(
-        first.model,
-        args=config(tmp_path, "m2", precompute_ref_log_probs=precompute),
-        train_dataset=month("good", "bad"),
-        processing_class=word_chat_tokenizer(),
-        peft_config=copy.deepcopy(peft_config),
-    )
+    second = month_2(first.model, tmp_path, copy.deepcopy(peft_config), precompute_ref_log_probs=precompute)
     assert second.previous_adapters == ["m1"]
     # give the new adapter a non-zero update, so "policy" and "reference" differ
     with torch.no_grad():
@@ -268,13 +269,7 @@ def test_month_2_after_a_save_and_reload(tmp_path):
     first = train_month_1(tmp_path)
     first.model.save_pretrained(tmp_path / "adapters")
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1", adapter_name="m1")
-    second = ContinualDPOTrainer(
-        reloaded,
-        args=config(tmp_path, "m2"),
-        train_dataset=month("good", "bad"),
-        processing_class=word_chat_tokenizer(),
-        peft_config=SelectiveMLPConfig(rank=4),
-    )
+    second = month_2(reloaded, tmp_path)
     second.train()
     assert second.previous_adapters == ["m1"]
 
@@ -329,13 +324,7 @@ def test_ewc_with_a_fisher_of_another_model_is_a_clear_error(tmp_path):
     first = train_month_1(tmp_path)
     FisherState({"model.layers.0.mlp.up_proj": torch.rand(5, 5)}, ["m1"], 4, "other").save(tmp_path / "fisher")
     with pytest.raises(ValueError, match="does not fit this model"):
-        ContinualDPOTrainer(
-            first.model,
-            args=config(tmp_path, "m2", ewc_coef=1.0, fisher_dir=str(tmp_path / "fisher")),
-            train_dataset=month("good", "bad"),
-            processing_class=word_chat_tokenizer(),
-            peft_config=SelectiveMLPConfig(rank=4),
-        )
+        month_2(first.model, tmp_path, ewc_coef=1.0, fisher_dir=str(tmp_path / "fisher"))
 
 
 # ------------------------------------------------------------------------------------------------ anchor KL
@@ -430,21 +419,15 @@ def test_two_months_on_a_4bit_base(tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
     first = train_month_1(tmp_path, base=base, fisher_dir=str(tmp_path / "fisher"))
     first.finish_month("m1")
-    second = ContinualDPOTrainer(
+    second = month_2(
         first.model,
-        args=config(
-            tmp_path,
-            "m2",
-            kl_coef=0.5,
-            kl_anchor_max_new_tokens=2,
-            ewc_coef=1.0,
-            fisher_dir=str(tmp_path / "fisher"),
-            rehearsal_ratio=0.25,
-        ),
-        train_dataset=month("good", "bad"),
-        processing_class=word_chat_tokenizer(),
-        peft_config=SelectiveMLPConfig(rank=4),
-        rehearsal_buffer=first.rehearsal_buffer,
+        tmp_path,
+        buffer=first.rehearsal_buffer,
+        kl_coef=0.5,
+        kl_anchor_max_new_tokens=2,
+        ewc_coef=1.0,
+        fisher_dir=str(tmp_path / "fisher"),
+        rehearsal_ratio=0.25,
     )
     before = {n: p.detach().clone() for n, p in second.model.named_parameters() if of("m2", n)}
     second.train()
@@ -498,34 +481,20 @@ class _StopAt(transformers.TrainerCallback):
 
 
 def test_resuming_month_2_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    def month_2(run: str, callbacks=()):
-        first = train_month_1(tmp_path / run)
-        trainer = ContinualDPOTrainer(
-            first.model,
-            args=config(
-                tmp_path / run,
-                "m2",
-                max_steps=4,
-                save_strategy="steps",
-                save_steps=2,
-                kl_coef=0.5,
-                kl_anchor_max_new_tokens=2,
-                rehearsal_ratio=0.25,
-            ),  # fmt: skip
-            train_dataset=month("good", "bad"),
-            processing_class=word_chat_tokenizer(),
-            peft_config=SelectiveMLPConfig(rank=4),
-            rehearsal_buffer=_buffer_with_month_1(tmp_path / run),
-            callbacks=list(callbacks),
+    def run(name: str, callbacks=()):
+        first = train_month_1(tmp_path / name)
+        buffer = _buffer_with_month_1(tmp_path / name)
+        options = dict(max_steps=4, save_strategy="steps", save_steps=2, kl_coef=0.5, kl_anchor_max_new_tokens=2)
+        return month_2(
+            first.model, tmp_path / name, buffer=buffer, callbacks=callbacks, rehearsal_ratio=0.25, **options
         )
-        return trainer
 
-    straight = month_2("straight")
+    straight = run("straight")
     straight.train()
-    interrupted = month_2("interrupted", callbacks=[_StopAt(2)])
+    interrupted = run("interrupted", callbacks=[_StopAt(2)])
     interrupted.train()
     assert interrupted.state.global_step == 2
-    resumed = month_2("interrupted")  # a fresh process would rebuild everything the same way
+    resumed = run("interrupted")  # a fresh process would rebuild everything the same way
     resumed.args.output_dir = interrupted.args.output_dir
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4
