@@ -1,21 +1,29 @@
-"""Helpers shared by the benchmark scripts: provenance (commit, source hashes, machine) and module listing."""
+"""Helpers shared by the benchmark scripts: provenance (commit, source hashes, machine), the command line, round-robin
+timing, process memory and the fresh-process-per-arm memory driver, and writing the result files."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import datetime as dt
 import gc
 import hashlib
+import json
 import os
 import platform
+import shlex
 import subprocess
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+# ------------------------------------------------------------------------------------------------------ provenance
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -57,6 +65,46 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     return info
 
 
+def load_average() -> tuple[float, float, float] | None:
+    """The 1/5/15-minute load average: on a shared machine it says how much the timings were disturbed."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def command_line(benchmark: str) -> str:
+    """The command as it would be typed from the repository root, for the result files."""
+    return f"python benchmarks/{benchmark}.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+
+
+def report_header(benchmark: str, sources: Iterable[Path], machine: dict[str, Any], load_start, load_end) -> dict:
+    """The provenance keys every result JSON starts with, in their order there."""
+    return {
+        "benchmark": benchmark,
+        "command": command_line(benchmark),
+        "argv": sys.argv,
+        "git_commit": git_commit(),
+        "source_sha256": source_digests(sources),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "load_average_1_5_15": {"start": load_start, "end": load_end},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ models
+# `--config tiny`: a random-init 2-layer Llama for smoke tests (its numbers mean nothing); the vocabulary is the
+# script's (a fixed size, or its own tokenizer's).
+TINY_LLAMA: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+
+
 def adapted_module_names(peft_model) -> list[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -64,6 +112,97 @@ def adapted_module_names(peft_model) -> list[str]:
     return sorted(
         name.removeprefix(prefix) for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)
     )
+
+
+def lora_config(rank: int, alpha: float, modules: list[str]):
+    """PEFT LoRA as our adapters' match: the same rank and scale (`lora_alpha` = our alpha), no dropout, no bias."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ run set-up
+def prefixed_log(benchmark: str) -> Callable[[str], None]:
+    """`print` tagged with the benchmark's name and flushed, so that progress shows while a step runs."""
+
+    def log(message: str) -> None:
+        print(f"[{benchmark}] {message}", flush=True)
+
+    return log
+
+
+def setup_torch(threads: int | None) -> int:
+    """Hub offline (the benchmarks download nothing) and `threads` torch threads where given.
+
+    Returns torch's own default thread count, read before it is changed.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return default_threads
+
+
+def add_round_args(parser: argparse.ArgumentParser, unit: str) -> None:
+    """--warmup, --repeats (round-robin rounds of one step of every `unit`) and --mem-steps."""
+    parser.add_argument("--warmup", type=int, default=1, help=f"untimed rounds (one step of every {unit} each)")
+    parser.add_argument("--repeats", type=int, default=5, help=f"timed rounds (one step of every {unit} each)")
+    parser.add_argument("--mem-steps", type=int, default=2, help="training steps per memory subprocess")
+
+
+def check_round_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.warmup < 0 or args.repeats < 1 or args.mem_steps < 1:
+        parser.error("--warmup >= 0, --repeats >= 1 and --mem-steps >= 1 are required")
+
+
+def add_memory_args(parser: argparse.ArgumentParser, skip_help: str) -> None:
+    parser.add_argument("--skip-memory", action="store_true", help=skip_help)
+    # hidden: how `run_memory_workers` re-runs the script for one arm
+    parser.add_argument("--_memory-worker", default=None, help=argparse.SUPPRESS)
+
+
+def add_output_args(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help=f"where {benchmark}.{{json,md}} go")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def rotated(items: list[str], round_index: int) -> list[str]:
+    shift = round_index % len(items)
+    return items[shift:] + items[:shift]
+
+
+def run_rounds(
+    keys: list[str],
+    warmup: int,
+    repeats: int,
+    step: Callable[[str, bool], float],
+    log: Callable[[str], None],
+    label: str,
+) -> None:
+    """`warmup` + `repeats` rounds of one `step(key, warm)` per key, the order rotated every round, so that a load
+    spike on a shared machine hits every key alike. `step` records its own measurements and returns its wall time."""
+    total = warmup + repeats
+    for round_index in range(total):
+        warm = round_index < warmup
+        last = {key: step(key, warm) for key in rotated(keys, round_index)}
+        tag = "warm-up" if warm else "timed"
+        log(f"{label} {round_index + 1}/{total} ({tag}): " + ", ".join(f"{key} {last[key]:.2f}s" for key in keys))
+
+
+def losses_differ(losses: Iterable[float]) -> bool:
+    """Whether first-step losses disagree: every update starts at zero, so all methods must start from one loss."""
+    values = list(losses)
+    return max(values) - min(values) > 1e-4 * max(1.0, abs(max(values)))
 
 
 # ------------------------------------------------------------------------------------------- process memory (Linux)
@@ -96,3 +235,123 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def rss_bytes() -> int:
+    return (read_status_kb("VmRSS") or 0) * 1024
+
+
+def start_peak_window() -> bool:
+    """Reset VmHWM; False where it cannot be reset or read, and the peak is then the process's lifetime peak."""
+    return reset_peak_rss() and read_status_kb("VmHWM") is not None
+
+
+def peak_rss_bytes(hwm_reset: bool) -> int:
+    if hwm_reset:
+        return (read_status_kb("VmHWM") or 0) * 1024
+    import resource  # Unix only: imported where needed, so that `_common` itself imports anywhere
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def warm_up_runtime(model, ids) -> None:
+    """One forward + backward on `ids`, then free: one-off costs (autograd engine, kernel libraries, lazy imports)
+    land before the memory baseline, not on the measured arm."""
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+    release_free_memory()
+
+
+# ------------------------------------------------------------------------------ memory: a fresh process per arm
+def _memory_marker(script: str) -> str:
+    # the worker's result line among everything else the libraries print
+    return f"{Path(script).stem.upper()}_MEMORY_JSON:"
+
+
+def emit_memory_result(script: str, result: dict[str, Any]) -> None:
+    """In the worker: hand `result` to `run_memory_workers` in the parent."""
+    print(_memory_marker(script) + json.dumps(result), flush=True)
+
+
+def memory_worker_result(script: str, key: str) -> dict[str, Any]:
+    """Re-run `script` with this command line plus `--_memory-worker KEY`, and read back its result."""
+    marker = _memory_marker(script)
+    cmd = [sys.executable, str(Path(script).resolve()), *sys.argv[1:], "--_memory-worker", key]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"memory worker for {key} failed (exit code {proc.returncode})")
+    return json.loads(lines[-1][len(marker) :])
+
+
+def run_memory_workers(
+    script: str, keys: list[str], log: Callable[[str], None], note: str = "fresh subprocess"
+) -> dict[str, dict[str, Any]]:
+    """Peak memory of every arm, each in a fresh process: nothing another arm allocated is counted."""
+    results = {}
+    for key in keys:
+        log(f"memory: {key} ({note})")
+        results[key] = memory_worker_result(script, key)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+def safe_ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def fmt_mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+
+
+def markdown_table(header: list[str], rows: Iterable[list[str]]) -> str:
+    """The first column left-aligned (labels), the others right-aligned (numbers)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def write_results(output_dir: Path, report: dict[str, Any], title: str, machine_details: str, text: str) -> list[Path]:
+    """`<benchmark>.json` (the whole report) and `<benchmark>.md` (provenance lines, then `text`).
+
+    `machine_details` follows the torch version on the markdown's machine line.
+    """
+    name, machine = report["benchmark"], report["machine"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(
+        f"# {title}\n\n"
+        f"Command: `{report['command']}`  \nCommit: `{report['git_commit']}`  \nDate (UTC): {report['date_utc']}  \n"
+        f"Machine: {machine['platform']}, {machine.get('cpu_model', '')}, {machine['cpu_count']} CPUs, "
+        f"torch {machine['torch']}{machine_details}\n\n" + text + "\n"
+    )
+    return [json_path, md_path]
+
+
+def runtime_note(elapsed: float, load_start, load_end) -> str:
+    return f"Runtime: {elapsed:.0f} s. Load average (1/5/15 min) start {load_start}, end {load_end}."
+
+
+def publish(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    title: str,
+    machine_details: str,
+    text: str,
+    log: Callable[[str], None],
+) -> None:
+    """Print the summary, then write the result files (see `write_results`) unless --no-write."""
+    print()
+    print(text)
+    if not args.no_write:
+        json_path, md_path = write_results(args.output_dir, report, title, machine_details, text)
+        print()
+        log(f"wrote {json_path} and {md_path}")

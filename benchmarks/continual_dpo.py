@@ -31,14 +31,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import gc
-import json
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,35 +46,39 @@ from typing import Any
 
 from _common import (
     REPO_ROOT,
+    TINY_LLAMA,
     adapted_module_names,
-    git_commit,
+    add_memory_args,
+    add_output_args,
+    add_round_args,
+    check_round_args,
+    emit_memory_result,
+    fmt_mib,
+    fmt_ratio,
+    load_average,
     machine_info,
-    read_status_kb,
+    markdown_table,
+    peak_rss_bytes,
+    prefixed_log,
+    publish,
     release_free_memory,
-    reset_peak_rss,
-    source_digests,
+    report_header,
+    rotated,
+    rss_bytes,
+    run_memory_workers,
+    runtime_note,
+    safe_ratio,
+    setup_torch,
+    start_peak_window,
+    warm_up_runtime,
 )
 
 
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "results"
-MEMORY_MARKER = "CONTINUAL_DPO_MEMORY_JSON:"
 TIME_TARGET = 1.3
 MEMORY_TARGET = 1.15
 TARGET_ARM = "kl"
 BASELINE_ARM = "plain"
-
-# `--config tiny`: a random-init Llama for smoke tests (with `tiny_tokenizer`).
-TINY_ARCHITECTURE: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 192,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-}
+log = prefixed_log("continual_dpo")
 
 MONTHS = {
     "capitals": "concise_capitals_month",
@@ -150,8 +150,8 @@ def load_model_and_tokenizer(args: argparse.Namespace, dataset):
 
         tokenizer = tiny_tokenizer(dataset)
         config = LlamaConfig(
-            **TINY_ARCHITECTURE,
-            vocab_size=len(tokenizer),
+            **TINY_LLAMA,
+            vocab_size=len(tokenizer),  # the `tiny_tokenizer`'s
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -225,16 +225,23 @@ def build_trainer(arm: Arm, model, tokenizer, dataset, args, max_steps: int, wor
     if args.max_length is not None:
         common["max_length"] = args.max_length
     torch.manual_seed(args.seed)  # same adapter init whatever was built before
-    if not arm.kl:
+    if arm.kl:
+        config = ContinualDPOConfig(**common, **retention_settings(arm, args, work_dir))
+    else:
         config = DPOConfig(**common)
-        return DPOTrainer(
-            model,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config(args),
-            callbacks=list(callbacks),
-        )
+    trainer_class = ContinualDPOTrainer if arm.kl else DPOTrainer
+    return trainer_class(
+        model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(args),
+        callbacks=list(callbacks),
+    )
+
+
+def retention_settings(arm: Arm, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+    """The `ContinualDPOConfig` fields of a KL arm: KL every step, and EWC against the stored Fisher where on."""
     retention = {
         "kl_coef": args.kl_coef,
         "kl_every": 1,
@@ -243,15 +250,7 @@ def build_trainer(arm: Arm, model, tokenizer, dataset, args, max_steps: int, wor
     }
     if arm.ewc:
         retention.update(ewc_coef=args.ewc_coef, fisher_dir=str(work_dir / "fisher"))
-    config = ContinualDPOConfig(**common, **retention)
-    return ContinualDPOTrainer(
-        model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(args),
-        callbacks=list(callbacks),
-    )
+    return retention
 
 
 def quiet_trainer(trainer) -> None:
@@ -335,7 +334,7 @@ def make_step_timer(key: str, baton: Baton, record: dict[str, list]):
             cpu = time.thread_time() - self.cpu
             record["wall"].append(wall)
             record["cpu"].append(cpu)
-            print(f"[continual_dpo] {key} step {state.global_step}: {wall:.2f} s (cpu {cpu:.2f} s)", flush=True)
+            log(f"{key} step {state.global_step}: {wall:.2f} s (cpu {cpu:.2f} s)")
             baton.done(key)
             baton.wait(key)  # the next step, or the exit turn after the last one
 
@@ -362,8 +361,7 @@ def run_timing(args: argparse.Namespace, arms: list[Arm], work_dir: Path) -> tup
     keys = [arm.key for arm in arms]
     turns = list(keys)  # entry turns: each trainer's train() set-up
     for round_index in range(steps):
-        shift = round_index % len(keys)
-        turns += keys[shift:] + keys[:shift]
+        turns += rotated(keys, round_index)
     turns += keys  # exit turns: each train() call finishes alone
     baton = Baton(turns)
 
@@ -392,7 +390,7 @@ def run_timing(args: argparse.Namespace, arms: list[Arm], work_dir: Path) -> tup
             "adapted_modules": adapted_module_names(trainer.model),
             "initial_adapter": adapter_state(trainer.model),
         }
-        print(f"[continual_dpo] built {arm.key} in {build_s:.1f} s", flush=True)
+        log(f"built {arm.key} in {build_s:.1f} s")
     del base
     gc.collect()
 
@@ -413,7 +411,7 @@ def run_timing(args: argparse.Namespace, arms: list[Arm], work_dir: Path) -> tup
             errors[key] = error
             baton.fail(error)
 
-    print(f"[continual_dpo] timing: {args.warmup} warm-up + {args.repeats} timed round-robin rounds", flush=True)
+    log(f"timing: {args.warmup} warm-up + {args.repeats} timed round-robin rounds")
     threads = [threading.Thread(target=train, args=(key,), name=f"arm-{key}") for key in keys]
     for thread in threads:
         thread.start()
@@ -470,26 +468,19 @@ def memory_worker(args: argparse.Namespace, work_dir: Path) -> None:
     base, tokenizer, _ = load_model_and_tokenizer(args, dataset)
     if arm.ewc:
         write_synthetic_fisher(base, work_dir / "fisher", args.seed)
-    # Runtime warm-up, the same for every arm, before the baseline: one forward + backward on 8 tokens, so one-off
-    # costs (autograd engine, kernel libraries, lazy imports) are not charged to the arm.
-    warm = torch.tensor([tokenizer("What is the capital of France? Paris.")["input_ids"][:8]])
-    base(input_ids=warm, labels=warm, use_cache=False).loss.backward()
-    base.zero_grad(set_to_none=True)
-    release_free_memory()
-    baseline = (read_status_kb("VmRSS") or 0) * 1024
+    # the same 8 tokens for every arm
+    warm_up_runtime(base, torch.tensor([tokenizer("What is the capital of France? Paris.")["input_ids"][:8]]))
+    baseline = rss_bytes()
     trainer = build_trainer(arm, base, tokenizer, dataset, args, args.mem_steps, work_dir)
     quiet_trainer(trainer)
     release_free_memory()
-    after_build = (read_status_kb("VmRSS") or 0) * 1024
-    hwm_reset = reset_peak_rss() and read_status_kb("VmHWM") is not None
+    after_build = rss_bytes()
+    hwm_reset = start_peak_window()
     trainer.train()
+    peak = peak_rss_bytes(hwm_reset)
     if hwm_reset:
-        peak = (read_status_kb("VmHWM") or 0) * 1024
         peak_method = "VmHWM, reset (/proc/self/clear_refs) after the trainer was built"
     else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_method = "ru_maxrss (NOT reset: includes loading)"
     out = {
         "arm": arm.key,
@@ -501,38 +492,10 @@ def memory_worker(args: argparse.Namespace, work_dir: Path) -> None:
         "peak_method": peak_method,
         "steps": trainer.state.global_step,
     }
-    print(MEMORY_MARKER + json.dumps(out), flush=True)
-
-
-def run_memory(args: argparse.Namespace, arms: list[Arm]) -> dict[str, dict[str, Any]]:
-    results = {}
-    for arm in arms:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_memory-worker", arm.key]
-        print(f"[continual_dpo] memory: {arm.key} (fresh subprocess, {args.mem_steps} steps)", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(MEMORY_MARKER)]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise RuntimeError(f"memory worker for {arm.key} failed (exit code {proc.returncode})")
-        results[arm.key] = json.loads(lines[-1][len(MEMORY_MARKER) :])
-    return results
+    emit_memory_result(__file__, out)
 
 
 # --------------------------------------------------------------------------------------------------- reporting
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
-def _fmt_ratio(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
-
-
-def _mib(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.0f}"
-
-
 def build_rows(arms: list[Arm], timing: dict, memory: dict) -> list[dict[str, Any]]:
     base_t, base_m = timing[BASELINE_ARM], memory.get(BASELINE_ARM, {})
     rows = []
@@ -547,18 +510,18 @@ def build_rows(arms: list[Arm], timing: dict, memory: dict) -> list[dict[str, An
                 "peak_rss_bytes": m.get("peak_bytes"),
                 "train_mem_over_base_bytes": m.get("train_peak_over_base_bytes"),
                 "build_mem_over_base_bytes": m.get("build_over_base_bytes"),
-                "time_ratio": _ratio(t["step_time_median_s"], base_t["step_time_median_s"]),
-                "cpu_time_ratio": _ratio(t["step_cpu_median_s"], base_t["step_cpu_median_s"]),
+                "time_ratio": safe_ratio(t["step_time_median_s"], base_t["step_time_median_s"]),
+                "cpu_time_ratio": safe_ratio(t["step_cpu_median_s"], base_t["step_cpu_median_s"]),
                 "paired_time_ratios": paired,
                 "paired_time_ratio_median": statistics.median(paired),
-                "mem_ratio": _ratio(m.get("train_peak_over_base_bytes"), base_m.get("train_peak_over_base_bytes")),
-                "peak_rss_ratio": _ratio(m.get("peak_bytes"), base_m.get("peak_bytes")),
+                "mem_ratio": safe_ratio(m.get("train_peak_over_base_bytes"), base_m.get("train_peak_over_base_bytes")),
+                "peak_rss_ratio": safe_ratio(m.get("peak_bytes"), base_m.get("peak_bytes")),
             }
         )
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def results_table(rows: list[dict[str, Any]]) -> str:
     header = [
         "arm",
         "step time median (s)",
@@ -570,21 +533,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "train mem over base (MiB)",
         "mem vs plain",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for r in rows:
-        cells = [
-            r["arm"],
-            f"{r['step_time_median_s']:.2f}",
-            f"{r['step_time_min_s']:.2f}-{r['step_time_max_s']:.2f}",
-            _fmt_ratio(r["time_ratio"]),
-            _fmt_ratio(r["paired_time_ratio_median"]),
-            _fmt_ratio(r["cpu_time_ratio"]),
-            _mib(r["peak_rss_bytes"]),
-            _mib(r["train_mem_over_base_bytes"]),
-            _fmt_ratio(r["mem_ratio"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(header, [results_row(r) for r in rows])
+
+
+def results_row(r: dict[str, Any]) -> list[str]:
+    return [
+        r["arm"],
+        f"{r['step_time_median_s']:.2f}",
+        f"{r['step_time_min_s']:.2f}-{r['step_time_max_s']:.2f}",
+        fmt_ratio(r["time_ratio"]),
+        fmt_ratio(r["paired_time_ratio_median"]),
+        fmt_ratio(r["cpu_time_ratio"]),
+        fmt_mib(r["peak_rss_bytes"]),
+        fmt_mib(r["train_mem_over_base_bytes"]),
+        fmt_ratio(r["mem_ratio"]),
+    ]
 
 
 def targets(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -687,9 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="turn gradient checkpointing off in every arm (default: on, TRL's DPOConfig default)",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (one step of every arm each)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one step of every arm each)")
-    parser.add_argument("--mem-steps", type=int, default=2, help="training steps per memory subprocess")
+    add_round_args(parser, "arm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the adapter init and the trainers")
     parser.add_argument(
         "--threads",
@@ -697,18 +658,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch.set_num_threads (1: on a shared machine, multi-threaded step times are mostly scheduling noise)",
     )
-    parser.add_argument("--skip-memory", action="store_true", help="step times only")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where continual_dpo.{json,md} go")
-    parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
-    parser.add_argument("--_memory-worker", default=None, help=argparse.SUPPRESS)
+    add_memory_args(parser, "step times only")
+    add_output_args(parser, "continual_dpo")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.arms.split(",") if k.strip()]
     unknown = set(keys) - set(ARMS)
     if unknown:
         parser.error(f"unknown --arms {sorted(unknown)}; choose from {sorted(ARMS)}")
     args.arm_keys = [key for key in ARMS if key in set(keys) | {BASELINE_ARM}]
-    if args.warmup < 0 or args.repeats < 1 or args.mem_steps < 1:
-        parser.error("--warmup >= 0, --repeats >= 1 and --mem-steps >= 1 are required")
+    check_round_args(parser, args)
     if args.n_train < args.batch_size:
         parser.error("--n-train must be at least --batch-size")
     return args
@@ -725,10 +683,7 @@ def _quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    setup_torch(args.threads)
     _quiet()
     work_dir = Path(tempfile.mkdtemp(prefix="continual_dpo_bench_"))
     try:
@@ -746,23 +701,22 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
 
     arms = [ARMS[key] for key in args.arm_keys]
     started = time.time()
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(
-        f"[continual_dpo] arms {args.arm_keys}, config {args.config}, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} torch thread(s)",
-        flush=True,
+    load_start = load_average()
+    log(
+        f"arms {args.arm_keys}, config {args.config}, batch {args.batch_size}, {torch.get_num_threads()} torch thread(s)"
     )
     timing, model_info = run_timing(args, arms, work_dir)
     timing_s = time.time() - started
-    memory = {} if args.skip_memory else run_memory(args, arms)
-    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    memory = {}
+    if not args.skip_memory:
+        memory = run_memory_workers(__file__, args.arm_keys, log, f"fresh subprocess, {args.mem_steps} steps")
+    load_end = load_average()
     elapsed = time.time() - started
 
     rows = build_rows(arms, timing, memory)
     verdict = targets(rows)
-    table = markdown_table(rows)
+    table = results_table(rows)
     kl_batch = args.kl_batch_size or max(1, args.batch_size // 2)
-    command = "python benchmarks/continual_dpo.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
     rank = "full" if args.rank is None else args.rank
     step_definition = (
         "wall time from on_step_begin to on_step_end of the trainer's own train() loop: forward, backward (KL / EWC "
@@ -776,18 +730,13 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
         "one warm-up forward + backward (gc + malloc_trim), so it includes what the trainer holds (adapter, "
         "tokenized data, anchors, Fisher) plus the training peak (gradients, AdamW state, activations)"
     )
+    sources = (
+        REPO_ROOT / "trl_ext" / f
+        for f in ("continual_dpo_trainer.py", "continual_dpo_config.py", "anchors.py", "reference.py", "ewc.py")
+    )
+    machine = machine_info(torch_threads=torch.get_num_threads(), device="cpu", trl=trl.__version__)
     report = {
-        "benchmark": "continual_dpo",
-        "command": command,
-        "argv": sys.argv,
-        "git_commit": git_commit(),
-        "source_sha256": source_digests(
-            REPO_ROOT / "trl_ext" / f
-            for f in ("continual_dpo_trainer.py", "continual_dpo_config.py", "anchors.py", "reference.py", "ewc.py")
-        ),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(torch_threads=torch.get_num_threads(), device="cpu", trl=trl.__version__),
-        "load_average_1_5_15": {"start": load_start, "end": load_end},
+        **report_header("continual_dpo", sources, machine, load_start, load_end),
         "model": {**model_info, "config": args.config},
         "settings": {
             "arms": args.arm_keys,
@@ -847,27 +796,10 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
         )
     notes.append(f"Step time: {step_definition}.")
     notes.append(f"Peak memory: {mem_definition}.")
-    notes.append(f"Runtime: {elapsed:.0f} s. Load average (1/5/15 min) start {load_start}, end {load_end}.")
+    notes.append(runtime_note(elapsed, load_start, load_end))
     text = "\n\n".join(part for part in notes if part != "")
-    print()
-    print(text)
-
-    if not args.no_write:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "continual_dpo.json").write_text(json.dumps(report, indent=2) + "\n")
-        md = (
-            "# Continual DPO benchmark results\n\n"
-            f"Command: `{command}`  \nCommit: `{report['git_commit']}`  \nDate (UTC): {report['date_utc']}  \n"
-            f"Machine: {report['machine']['platform']}, {report['machine'].get('cpu_model', '')}, "
-            f"{report['machine']['cpu_count']} CPUs, torch {report['machine']['torch']}, transformers "
-            f"{report['machine']['transformers']}, peft {report['machine']['peft']}, trl {trl.__version__}\n\n"
-            + text
-            + "\n"
-        )
-        (args.output_dir / "continual_dpo.md").write_text(md)
-        print(
-            f"\n[continual_dpo] wrote {args.output_dir / 'continual_dpo.json'} and {args.output_dir / 'continual_dpo.md'}"
-        )
+    details = f", transformers {machine['transformers']}, peft {machine['peft']}, trl {trl.__version__}"
+    publish(args, report, "Continual DPO benchmark results", details, text, log)
     return 0
 
 

@@ -37,11 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as dt
 import gc
-import json
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -49,16 +45,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, adapted_module_names, git_commit, machine_info, source_digests
+from _common import (
+    REPO_ROOT,
+    adapted_module_names,
+    add_output_args,
+    load_average,
+    lora_config,
+    losses_differ,
+    machine_info,
+    markdown_table,
+    prefixed_log,
+    report_header,
+    rotated,
+    run_rounds,
+    setup_torch,
+    write_results,
+)
 
 
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 CALIBRATION_TARGET = 2.0
 TRAINING_TARGET = 1.15
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
 # The brief of issue #3 suggests 64 passages x 256 tokens; too slow to *measure* on 2 busy cores, so the measured
 # per-token costs are also extrapolated to that size (clearly labelled as such).
 REFERENCE_PASSAGES = 64
+log = prefixed_log("geometry")
 
 
 class Stopwatch:
@@ -74,17 +85,8 @@ class Stopwatch:
         self.cpu = time.process_time() - self._cpu
 
 
-def log(msg: str) -> None:
-    print(f"[geometry] {msg}", flush=True)
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def rotated(items: list[str], round_index: int) -> list[str]:
-    shift = round_index % len(items)
-    return items[shift:] + items[:shift]
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -131,19 +133,6 @@ def geometry_config(args: argparse.Namespace):
 
     return peft_selective.GeometryProjectedConfig(
         rank=args.rank, alpha=args.alpha, tolerance=args.tolerance, norm_cap=args.norm_cap
-    )
-
-
-def lora_config(args: argparse.Namespace):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=0.0,
-        target_modules=list(TARGET_MODULES),
-        bias="none",
-        task_type="CAUSAL_LM",
     )
 
 
@@ -368,21 +357,17 @@ def run_training(args, models: dict[str, Any], batch) -> dict[str, dict[str, Any
             "cpu_times": [],
             "losses": [],
         }
-    order = list(models)
-    total = args.train_warmup + args.train_repeats
-    for round_index in range(total):
-        warm = round_index < args.train_warmup
-        last = {}
-        for key in rotated(order, round_index):
-            run = runs[key]
-            watch, loss = train_step(run["model"], run["optimizer"], batch)
-            run["losses"].append(loss)
-            if not warm:
-                run["times"].append(watch.wall)
-                run["cpu_times"].append(watch.cpu)
-            last[key] = watch.wall
-        tag = "warm-up" if warm else "timed"
-        log(f"training round {round_index + 1}/{total} ({tag}): " + ", ".join(f"{k} {last[k]:.2f}s" for k in order))
+
+    def step(key: str, warm: bool) -> float:
+        run = runs[key]
+        watch, loss = train_step(run["model"], run["optimizer"], batch)
+        run["losses"].append(loss)
+        if not warm:
+            run["times"].append(watch.wall)
+            run["cpu_times"].append(watch.cpu)
+        return watch.wall
+
+    run_rounds(list(models), args.train_warmup, args.train_repeats, step, log, "training round")
     results = {}
     for key, run in runs.items():
         results[key] = {k: run[k] for k in ("trainable_params", "adapted_modules", "losses")}
@@ -584,20 +569,33 @@ def calibration_table(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> 
 
 
 def training_table(results: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = [
-        "| method | trainable params | adapted modules | step wall median (s) | min-max (s) | wall vs LoRA "
-        "| paired wall ratio median (range) | step CPU median (s) | CPU vs LoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "method",
+        "trainable params",
+        "adapted modules",
+        "step wall median (s)",
+        "min-max (s)",
+        "wall vs LoRA",
+        "paired wall ratio median (range)",
+        "step CPU median (s)",
+        "CPU vs LoRA",
     ]
-    for key, r in results.items():
-        t, p = r["step_times_s"], r["paired_ratios_vs_lora"]
-        lines.append(
-            f"| {labels[key]} | {r['trainable_params']:,} | {len(r['adapted_modules'])} | "
-            f"{r['step_time_median_s']:.2f} | {min(t):.2f}-{max(t):.2f} | {r['ratio_of_medians_vs_lora']:.3f}x | "
-            f"{r['paired_ratio_median_vs_lora']:.3f}x ({min(p):.3f}-{max(p):.3f}) | "
-            f"{r['step_cpu_time_median_s']:.2f} | {r['cpu_ratio_of_medians_vs_lora']:.3f}x |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, [training_row(labels[key], r) for key, r in results.items()])
+
+
+def training_row(label: str, r: dict[str, Any]) -> list[str]:
+    t, p = r["step_times_s"], r["paired_ratios_vs_lora"]
+    return [
+        label,
+        f"{r['trainable_params']:,}",
+        str(len(r["adapted_modules"])),
+        f"{r['step_time_median_s']:.2f}",
+        f"{min(t):.2f}-{max(t):.2f}",
+        f"{r['ratio_of_medians_vs_lora']:.3f}x",
+        f"{r['paired_ratio_median_vs_lora']:.3f}x ({min(p):.3f}-{max(p):.3f})",
+        f"{r['step_cpu_time_median_s']:.2f}",
+        f"{r['cpu_ratio_of_medians_vs_lora']:.3f}x",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -663,8 +661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "threads; see the eigh probe",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where geometry.{json,md} go")
-    parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
+    add_output_args(parser, "geometry")
     args = parser.parse_args(argv)
     if args.calib_rounds < 1 or args.train_repeats < 1 or args.train_warmup < 0:
         parser.error("--calib-rounds >= 1, --train-repeats >= 1 and --train-warmup >= 0 are required")
@@ -673,14 +670,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    default_threads = setup_torch(args.threads or None)  # 0: torch's default
     import torch
 
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.time()
-    load_start = os.getloadavg()
+    load_start = load_average()
 
     import peft_selective  # noqa: F401 - registers the PEFT types
     from peft_selective.embedded import load_embedded_model
@@ -715,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. training steps
     batch = training_batch(tokenizer, train_passages, args.train_batch_size, args.train_seq_len)
-    models = {"lora": wrap(base, lora_config(args), args.seed), "geometry": cal["model"]}
+    models = {
+        "lora": wrap(base, lora_config(args.rank, args.alpha, TARGET_MODULES), args.seed),
+        "geometry": cal["model"],
+    }
     if not args.no_selective:
         models["selective"] = wrap(base, selective_config(args), args.seed)
     labels = {
@@ -753,12 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile == "always" or (args.profile == "auto" and not train_verdict["meets_target"]):
         log("profiling: torch.profiler on one step of LoRA and GeometryProjected")
         profile_text = profile_steps(models, batch, ["lora", "geometry"], rows=25)
-    load_end = os.getloadavg()
+    load_end = load_average()
     elapsed = time.time() - started
 
     # ---- report
     info = cal["info"]
-    command = "python benchmarks/geometry.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
     cal_status = "MEETS" if cal_summary["meets_target"] else "MISSES"
     train_status = "MEETS" if train_verdict["meets_target"] else "MISSES"
     step_geo, step_lora = geo["step_cpu_time_median_s"], train["lora"]["step_cpu_time_median_s"]
@@ -813,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{train_verdict['cpu_time_ratio_of_medians']:.3f}x.",
     ]
     first_losses = {k: r["losses"][0] for k, r in train.items()}
-    if max(first_losses.values()) - min(first_losses.values()) > 1e-4 * max(1.0, max(first_losses.values())):
+    if losses_differ(first_losses.values()):
         notes.append(f"WARNING: first-step losses differ across methods (all updates start at zero): {first_losses}")
     notes += [
         "",
@@ -860,18 +856,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
 
+    sources = sorted((REPO_ROOT / "peft_selective" / "tuners" / "geometry").glob("*.py")) + [
+        REPO_ROOT / "peft_selective" / "tuners" / "selective" / "layer.py"
+    ]
+    machine = machine_info(torch_default_threads=default_threads, torch_threads_used=torch.get_num_threads())
     result = {
-        "benchmark": "geometry",
-        "command": command,
-        "argv": sys.argv,
-        "git_commit": git_commit(),
-        "source_sha256": source_digests(
-            sorted((REPO_ROOT / "peft_selective" / "tuners" / "geometry").glob("*.py"))
-            + [REPO_ROOT / "peft_selective" / "tuners" / "selective" / "layer.py"]
-        ),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(torch_default_threads=default_threads, torch_threads_used=torch.get_num_threads()),
-        "load_average_1_5_15": {"start": load_start, "end": load_end},
+        **report_header("geometry", sources, machine, load_start, load_end),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "calibration": {"info": info, "rounds": cal["rounds"], "summary": cal_summary},
         "training": {"results": train, "same_modules_as_lora": same_modules, "verdict": train_verdict},
@@ -879,23 +869,13 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_s": {"calibration": round(calibration_s, 1), "total": round(elapsed, 1)},
     }
     if not args.no_write:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "geometry.json").write_text(json.dumps(result, indent=2) + "\n")
-        machine = result["machine"]
-        md = (
-            "# GeometryProjected cost benchmark\n\n"
-            f"Command: `{command}`  \nCommit: `{result['git_commit']}`  \nDate (UTC): {result['date_utc']}  \n"
-            f"Machine: {machine['platform']}, {machine.get('cpu_model', '')}, {machine['cpu_count']} CPUs, "
-            f"torch {machine['torch']}, transformers {machine['transformers']}, peft {machine['peft']}\n\n"
-            + text
-            + "\n"
-        )
-        (args.output_dir / "geometry.md").write_text(md)
-        written = ["geometry.json", "geometry.md"]
+        details = f", transformers {machine['transformers']}, peft {machine['peft']}"
+        written = write_results(args.output_dir, result, "GeometryProjected cost benchmark", details, text)
         if profile_text is not None:
-            (args.output_dir / "geometry.profile.txt").write_text(profile_text + "\n")
-            written.append("geometry.profile.txt")
-        log(f"wrote {', '.join(str(args.output_dir / w) for w in written)}")
+            profile_path = args.output_dir / "geometry.profile.txt"
+            profile_path.write_text(profile_text + "\n")
+            written.append(profile_path)
+        log(f"wrote {', '.join(str(path) for path in written)}")
     return 0
 
 

@@ -24,35 +24,47 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import gc
-import json
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from _common import (
     REPO_ROOT,
+    TINY_LLAMA,
     adapted_module_names,
-    git_commit,
+    add_memory_args,
+    add_output_args,
+    add_round_args,
+    check_round_args,
+    emit_memory_result,
+    fmt_mib,
+    fmt_ratio,
+    load_average,
+    lora_config,
+    losses_differ,
     machine_info,
-    read_status_kb,
-    release_free_memory,
-    reset_peak_rss,
-    source_digests,
+    markdown_table,
+    peak_rss_bytes,
+    prefixed_log,
+    publish,
+    report_header,
+    rss_bytes,
+    run_memory_workers,
+    run_rounds,
+    runtime_note,
+    safe_ratio,
+    setup_torch,
+    start_peak_window,
+    warm_up_runtime,
 )
 
 
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "results"
-MEMORY_MARKER = "OVERHEAD_MEMORY_JSON:"
 TARGET_THRESHOLD = 1.1
+log = prefixed_log("overhead")
 
 # Random-init Llama architectures. `smollm2-135m` mirrors HuggingFaceTB/SmolLM2-135M (the bundled model's
 # architecture); `tiny` is for smoke tests only.
@@ -69,18 +81,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
     },
-    "tiny": {
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    },
+    "tiny": {"vocab_size": 1024, **TINY_LLAMA},
 }
 
 MLP_MODULES = ["gate_proj", "up_proj"]
@@ -98,40 +99,31 @@ class Method:
     make_config: Callable[[argparse.Namespace], Any]
 
 
-def _selective_mlp(rank: int | None) -> Callable[[argparse.Namespace], Any]:
+def _selective(config_name: str, rank: int | None) -> Callable[[argparse.Namespace], Any]:
+    """`peft_selective.<config_name>` at full rank (no alpha) or at `--rank` / `--alpha`."""
+
     def make(args: argparse.Namespace) -> Any:
         import peft_selective
 
+        config_class = getattr(peft_selective, config_name)
         if rank is None:
-            return peft_selective.SelectiveMLPConfig(rank=None)
-        return peft_selective.SelectiveMLPConfig(rank=args.rank, alpha=args.alpha)
+            return config_class(rank=None)
+        return config_class(rank=args.rank, alpha=args.alpha)
 
     return make
+
+
+def _selective_mlp(rank: int | None) -> Callable[[argparse.Namespace], Any]:
+    return _selective("SelectiveMLPConfig", rank)
 
 
 def _saproj(rank: int | None) -> Callable[[argparse.Namespace], Any]:
-    def make(args: argparse.Namespace) -> Any:
-        import peft_selective
-
-        if rank is None:
-            return peft_selective.SAProjConfig(rank=None)
-        return peft_selective.SAProjConfig(rank=args.rank, alpha=args.alpha)
-
-    return make
+    return _selective("SAProjConfig", rank)
 
 
 def _lora(modules: list[str]) -> Callable[[argparse.Namespace], Any]:
     def make(args: argparse.Namespace) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=args.rank,
-            lora_alpha=args.alpha,
-            lora_dropout=0.0,
-            target_modules=list(modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        return lora_config(args.rank, args.alpha, modules)
 
     return make
 
@@ -166,7 +158,7 @@ def load_base_model(args: argparse.Namespace):
         except Exception as exc:  # noqa: BLE001 - `auto` falls back on any failure, `embedded` re-raises
             if source == "embedded":
                 raise
-            print(f"[overhead] embedded model unavailable ({type(exc).__name__}: {exc}); using random init")
+            log(f"embedded model unavailable ({type(exc).__name__}: {exc}); using random init")
             source = "tiny-llama"
     if source == "tiny-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -245,26 +237,15 @@ def run_timing(args: argparse.Namespace, methods: list[Method]) -> tuple[dict[st
     del base
     gc.collect()
 
-    order = [m.key for m in methods]
+    def step(key: str, warm: bool) -> float:
+        run = runs[key]
+        seconds, loss = train_step(run["model"], run["optimizer"], batch, args.device)
+        run["losses"].append(loss)
+        if not warm:
+            run["times"].append(seconds)
+        return seconds
 
-    def rotated(round_index: int) -> list[str]:
-        shift = round_index % len(order)
-        return order[shift:] + order[:shift]
-
-    total_rounds = args.warmup + args.repeats
-    last: dict[str, float] = {}
-    for round_index in range(total_rounds):
-        warm = round_index < args.warmup
-        for key in rotated(round_index):
-            run = runs[key]
-            seconds, loss = train_step(run["model"], run["optimizer"], batch, args.device)
-            run["losses"].append(loss)
-            if not warm:
-                run["times"].append(seconds)
-            last[key] = seconds
-        tag = "warm-up" if warm else "timed"
-        steps = ", ".join(f"{key} {last[key]:.2f}s" for key in order)
-        print(f"[overhead] round {round_index + 1}/{total_rounds} ({tag}): {steps}", flush=True)
+    run_rounds([m.key for m in methods], args.warmup, args.repeats, step, log, "round")
 
     results: dict[str, dict[str, Any]] = {}
     for key, run in runs.items():
@@ -281,8 +262,8 @@ def run_timing(args: argparse.Namespace, methods: list[Method]) -> tuple[dict[st
             "final_loss": run["losses"][-1],
         }
     for run in runs.values():
-        run.clear()
-    del runs
+        run.clear()  # drop the models before the memory subprocesses run
+    runs.clear()  # not `del`: the `step` closure holds the name
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -292,8 +273,6 @@ def run_timing(args: argparse.Namespace, methods: list[Method]) -> tuple[dict[st
 # --------------------------------------------------------------------------------------------------- memory
 def memory_worker(args: argparse.Namespace) -> None:
     """Run in a fresh process: load the base, then build one method and train `--mem-steps` steps; print peaks."""
-    import resource
-
     import peft  # noqa: F401 - imported before the baseline so that library import costs are not counted
     import torch
 
@@ -303,20 +282,15 @@ def memory_worker(args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
     base, _ = load_base_model(args)
     batch = make_batch(args, base.config.vocab_size)
-    # Runtime warm-up, identical for every method and done before the baseline: one forward + backward on a
-    # 1 x 8 slice, so one-off costs (autograd engine, kernel libraries, lazy imports) are not charged to the method.
-    warm = batch[:1, :8]
-    base(input_ids=warm, labels=warm, use_cache=False).loss.backward()
-    base.zero_grad(set_to_none=True)
-    release_free_memory()
+    warm_up_runtime(base, batch[:1, :8])  # the same for every method
     if cuda:
         sync(args.device)
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         peak_method = "torch.cuda.max_memory_allocated"
     else:
-        baseline = (read_status_kb("VmRSS") or 0) * 1024
-        hwm_reset = reset_peak_rss() and read_status_kb("VmHWM") is not None
+        baseline = rss_bytes()
+        hwm_reset = start_peak_window()
         peak_method = "VmHWM after reset (/proc/self/clear_refs)" if hwm_reset else "ru_maxrss (NOT reset)"
     model, optimizer = build_method(base, method, args, copy_base=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -325,10 +299,8 @@ def memory_worker(args: argparse.Namespace) -> None:
     if cuda:
         sync(args.device)
         peak = torch.cuda.max_memory_allocated()
-    elif hwm_reset:
-        peak = (read_status_kb("VmHWM") or 0) * 1024
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes(hwm_reset)
     out = {
         "method": method.key,
         "peak_bytes": peak,
@@ -338,38 +310,10 @@ def memory_worker(args: argparse.Namespace) -> None:
         "trainable_params": trainable,
         "steps": args.mem_steps,
     }
-    print(MEMORY_MARKER + json.dumps(out), flush=True)
-
-
-def run_memory(args: argparse.Namespace, methods: list[Method]) -> dict[str, dict[str, Any]]:
-    results = {}
-    for method in methods:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_memory-worker", method.key]
-        print(f"[overhead] memory: {method.key} (fresh subprocess)", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(MEMORY_MARKER)]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise RuntimeError(f"memory worker for {method.key} failed (exit code {proc.returncode})")
-        results[method.key] = json.loads(lines[-1][len(MEMORY_MARKER) :])
-    return results
+    emit_memory_result(__file__, out)
 
 
 # --------------------------------------------------------------------------------------------------- reporting
-def _mib(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.0f}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
-def _fmt_ratio(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
-
-
 def build_rows(methods: list[Method], timing: dict, memory: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
@@ -386,8 +330,10 @@ def build_rows(methods: list[Method], timing: dict, memory: dict, args: argparse
             **{k: v for k, v in t.items() if k != "adapted_module_names"},
             "peak_mem_bytes": m.get("peak_bytes"),
             "train_mem_over_base_bytes": m.get("train_peak_over_base_bytes"),
-            "time_ratio_vs_lora": _ratio(t["step_time_median_s"], base_t and base_t["step_time_median_s"]),
-            "mem_ratio_vs_lora": _ratio(m.get("train_peak_over_base_bytes"), base_m.get("train_peak_over_base_bytes")),
+            "time_ratio_vs_lora": safe_ratio(t["step_time_median_s"], base_t and base_t["step_time_median_s"]),
+            "mem_ratio_vs_lora": safe_ratio(
+                m.get("train_peak_over_base_bytes"), base_m.get("train_peak_over_base_bytes")
+            ),
         }
         if base_t is not None:
             paired = [a / b for a, b in zip(t["step_times_s"], base_t["step_times_s"])]
@@ -397,7 +343,7 @@ def build_rows(methods: list[Method], timing: dict, memory: dict, args: argparse
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], device: str) -> str:
+def results_table(rows: list[dict[str, Any]], device: str) -> str:
     mem_label = "CUDA peak alloc" if device.startswith("cuda") else "peak RSS"
     header = [
         "method",
@@ -410,26 +356,21 @@ def markdown_table(rows: list[dict[str, Any]], device: str) -> str:
         "train mem over base (MiB)",
         "mem vs LoRA",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for r in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["method"],
-                    str(r["rank"]),
-                    f"{r['trainable_params']:,}",
-                    f"{r['step_time_median_s']:.3f}",
-                    f"{r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}",
-                    _fmt_ratio(r["time_ratio_vs_lora"]),
-                    _mib(r["peak_mem_bytes"]),
-                    _mib(r["train_mem_over_base_bytes"]),
-                    _fmt_ratio(r["mem_ratio_vs_lora"]),
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, [results_row(r) for r in rows])
+
+
+def results_row(r: dict[str, Any]) -> list[str]:
+    return [
+        r["method"],
+        str(r["rank"]),
+        f"{r['trainable_params']:,}",
+        f"{r['step_time_median_s']:.3f}",
+        f"{r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}",
+        fmt_ratio(r["time_ratio_vs_lora"]),
+        fmt_mib(r["peak_mem_bytes"]),
+        fmt_mib(r["train_mem_over_base_bytes"]),
+        fmt_ratio(r["mem_ratio_vs_lora"]),
+    ]
 
 
 def target_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -482,9 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=32.0, help="our alpha = LoRA's lora_alpha")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (one step of every method each)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one step of every method each)")
-    parser.add_argument("--mem-steps", type=int, default=2, help="training steps per memory subprocess")
+    add_round_args(parser, "method")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base weights, adapter init and batch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -502,10 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(m.key for m in all_methods()),
         help="comma-separated subset of: " + ", ".join(m.key for m in all_methods()),
     )
-    parser.add_argument("--skip-memory", action="store_true", help="timings and parameter counts only")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where overhead.{json,md} go")
-    parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
-    parser.add_argument("--_memory-worker", default=None, help=argparse.SUPPRESS)
+    add_memory_args(parser, "timings and parameter counts only")
+    add_output_args(parser, "overhead")
     args = parser.parse_args(argv)
     known = {m.key for m in all_methods()}
     args.method_keys = [k.strip() for k in args.methods.split(",") if k.strip()]
@@ -514,30 +451,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown --methods {sorted(unknown)}; choose from {sorted(known)}")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
-    if args.warmup < 0 or args.repeats < 1 or args.mem_steps < 1:
-        parser.error("--warmup >= 0, --repeats >= 1 and --mem-steps >= 1 are required")
+    check_round_args(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_torch(args.threads)
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args._memory_worker is not None:
         memory_worker(args)
         return 0
 
     methods = [m for m in all_methods() if m.key in args.method_keys]
     started = time.time()
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"[overhead] {len(methods)} methods, batch {args.batch_size}x{args.seq_len}, device {args.device}")
+    load_start = load_average()
+    log(f"{len(methods)} methods, batch {args.batch_size}x{args.seq_len}, device {args.device}")
     timing, model_info = run_timing(args, methods)
     timing_s = time.time() - started
-    memory = {} if args.skip_memory else run_memory(args, methods)
-    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    memory = {} if args.skip_memory else run_memory_workers(__file__, [m.key for m in methods], log)
+    load_end = load_average()
 
     targets_match = {}
     for method in methods:
@@ -546,10 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             targets_match[method.key] = timing[method.key]["adapted_module_names"] == base["adapted_module_names"]
     rows = build_rows(methods, timing, memory, args)
     verdict = target_verdict(rows)
-    table = markdown_table(rows, args.device)
+    table = results_table(rows, args.device)
     elapsed = time.time() - started
 
-    command = "python benchmarks/overhead.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
     mem_definition = (
         "torch.cuda.max_memory_allocated during adapter creation + training steps; 'over base' subtracts "
         "torch.cuda.memory_allocated after loading the base model"
@@ -558,25 +491,20 @@ def main(argv: list[str] | None = None) -> int:
         "a fresh process that loads the base model, builds one method and trains --mem-steps steps; 'over base' "
         "subtracts the RSS after loading the base model (after gc + malloc_trim)"
     )
+    machine = machine_info(
+        torch_threads=torch.get_num_threads(),
+        device=args.device,
+        **(
+            {"cuda_device": torch.cuda.get_device_name(torch.device(args.device)), "cuda": torch.version.cuda}
+            if args.device.startswith("cuda")
+            else {}
+        ),
+    )
+    sources = (
+        REPO_ROOT / "peft_selective" / "tuners" / "selective" / f for f in ("config.py", "layer.py", "model.py")
+    )
     report = {
-        "benchmark": "overhead",
-        "command": command,
-        "argv": sys.argv,
-        "git_commit": git_commit(),
-        "source_sha256": source_digests(
-            REPO_ROOT / "peft_selective" / "tuners" / "selective" / f for f in ("config.py", "layer.py", "model.py")
-        ),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(
-            torch_threads=torch.get_num_threads(),
-            device=args.device,
-            **(
-                {"cuda_device": torch.cuda.get_device_name(torch.device(args.device)), "cuda": torch.version.cuda}
-                if args.device.startswith("cuda")
-                else {}
-            ),
-        ),
-        "load_average_1_5_15": {"start": load_start, "end": load_end},
+        **report_header("overhead", sources, machine, load_start, load_end),
         "model": {**model_info, "config": args.config if model_info["source"] == "tiny-llama" else None},
         "settings": {
             "batch_size": args.batch_size,
@@ -612,26 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     if mismatched:
         notes.append(f"WARNING: adapted modules differ from the matching LoRA row for {mismatched}.")
     losses = {r["key"]: r["initial_loss"] for r in rows}
-    if max(losses.values()) - min(losses.values()) > 1e-4 * max(1.0, abs(max(losses.values()))):
+    if losses_differ(losses.values()):
         notes.append(f"WARNING: initial losses differ across methods (should be equal, zero-init updates): {losses}")
     notes.append(f"Peak memory: {mem_definition}.")
-    notes.append(f"Runtime: {elapsed:.0f} s. Load average (1/5/15 min) start {load_start}, end {load_end}.")
+    notes.append(runtime_note(elapsed, load_start, load_end))
     text = "\n".join(notes)
-    print()
-    print(text)
-
-    if not args.no_write:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-        md = (
-            "# Overhead benchmark results\n\n"
-            f"Command: `{command}`  \nCommit: `{report['git_commit']}`  \nDate (UTC): {report['date_utc']}  \n"
-            f"Machine: {report['machine']['platform']}, {report['machine'].get('cpu_model', '')}, "
-            f"{report['machine']['cpu_count']} CPUs, torch {report['machine']['torch']} "
-            f"({report['machine']['torch_threads']} threads), device {args.device}\n\n" + text + "\n"
-        )
-        (args.output_dir / "overhead.md").write_text(md)
-        print(f"\n[overhead] wrote {args.output_dir / 'overhead.json'} and {args.output_dir / 'overhead.md'}")
+    details = f" ({machine['torch_threads']} threads), device {args.device}"
+    publish(args, report, "Overhead benchmark results", details, text, log)
     return 0
 
 
