@@ -636,7 +636,11 @@ class Campaign:
             else config.base_model,
             "quantization": config.quantization,
             "method": config.method,
-            "method_config": {k: v for k, v in self.config.peft_config().to_dict().items() if is_json_serializable(v)},
+            "method_config": {
+                key: getattr(value, "value", value)  # enums (peft_type) by their value
+                for key, value in self.config.peft_config().to_dict().items()
+                if is_json_serializable(getattr(value, "value", value))
+            },
             "training": {
                 k: getattr(config, k)
                 for k in (
