@@ -41,16 +41,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--fresh", action="store_true", help="Delete an existing campaign directory first.")
     parser.add_argument("--months", nargs="+", default=["capitals", "currency", "languages"], help="Month styles.")
-    parser.add_argument("--n-train", type=int, default=8, help="Training pairs per month.")
-    parser.add_argument("--n-eval", type=int, default=6, help="Held-out pairs per month.")
-    parser.add_argument("--steps", type=int, default=4, help="Optimizer steps per month.")
+    parser.add_argument("--n-train", type=int, default=12, help="Training pairs per month.")
+    parser.add_argument("--n-eval", type=int, default=10, help="Held-out pairs per month.")
+    parser.add_argument("--steps", type=int, default=6, help="Optimizer steps per month.")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16, help="SelectiveMLP rank (0: full rank).")
     parser.add_argument("--quantization", default="4bit", choices=["4bit", "8bit", "none"])
     parser.add_argument("--rehearsal-ratio", type=float, default=0.25)
     parser.add_argument("--kl-coef", type=float, default=0.5)
-    parser.add_argument("--knowledge-questions", type=int, default=16)
+    parser.add_argument("--knowledge-questions", type=int, default=24)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--results", default=None, help="Write <results>.md and <results>.json (the committed run).")
     return parser.parse_args(argv)
@@ -79,8 +79,8 @@ def campaign_config(args: argparse.Namespace) -> CampaignConfig:
         knowledge_questions=args.knowledge_questions,
         perplexity_max_tokens=256,
         drift_prompts=4,
-        eval_batch_size=16,
-        eval_max_new_tokens=10,
+        eval_batch_size=24,
+        eval_max_new_tokens=12,
     )
 
 
