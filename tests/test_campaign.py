@@ -202,7 +202,7 @@ def test_push_dry_run_lists_the_files(one_month_campaign, tmp_path, capsys, monk
         "adapter_model.safetensors",
         "README.md",
     ):
-        assert f"  {path}\n" in out + "\n", path
+        assert f"\n  {path}  <-  " in out, path
 
 
 def test_help_and_unknown_command(capsys):

@@ -102,9 +102,9 @@ def _run(command: str, argv: list[str]) -> int:
     elif command == "report":
         print(campaign.report())
     elif command == "push":
-        files = campaign.push(args.repo_id, dry_run=args.dry_run, token=args.token)
-        print(("Would upload" if args.dry_run else "Uploaded") + f" {len(files)} files:")
-        print("\n".join(f"  {path}" for path in files))
+        files = campaign.push(args.repo_id, dry_run=args.dry_run, token=args.token)  # a dry run prints its plan
+        if not args.dry_run:
+            print(f"Uploaded {len(files)} files:\n" + "\n".join(f"  {path}" for path in files))
     return 0
 
 
