@@ -213,3 +213,22 @@ def test_help_and_unknown_command(capsys):
         main(["run-month", "--help"])
     assert exit_info.value.code == 0
     assert "--rehearsal_ratio" not in capsys.readouterr().out  # run-month's own options only
+
+
+def test_a_month_under_two_processes(one_month_campaign, month_files, tmp_path):
+    """`accelerate launch` with 2 processes (gloo on CPU): both train month 2 in step, the main one writes."""
+    directory = copy_of(one_month_campaign, tmp_path)
+    script = Path(__file__).parent / "scripts" / "campaign_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += [str(script), str(directory), "m2", month_files["m2"]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    histories = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    losses = [[entry["loss"] for entry in history if "loss" in entry] for history in histories]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    campaign = Campaign(directory)
+    assert campaign.done_months == ["m1", "m2"] and "m2" in campaign.evaluations
+    assert (directory / "cards" / "m2" / "README.md").is_file()
+    assert json.loads((directory / "buffer" / "manifest.json").read_text())["months"][1]["name"] == "m2"
