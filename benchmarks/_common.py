@@ -25,6 +25,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # ------------------------------------------------------------------------------------------------------ provenance
 def git_commit() -> str | None:
+    """HEAD of the checkout; where the tree was copied without `.git` (a remote GPU machine), the commit it was copied
+    from, as the caller exported it in `BENCHMARK_GIT_COMMIT`."""
+    if not (REPO_ROOT / ".git").exists() and os.environ.get("BENCHMARK_GIT_COMMIT"):
+        return os.environ["BENCHMARK_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True
@@ -355,3 +359,53 @@ def publish(
         json_path, md_path = write_results(args.output_dir, report, title, machine_details, text)
         print()
         log(f"wrote {json_path} and {md_path}")
+
+
+# ------------------------------------------------------------------------------------------ helpers added later
+def run_memory_workers_argv(
+    script: str,
+    argv: list[str],
+    keys: list[str],
+    log: Callable[[str], None],
+    note: str = "fresh subprocess",
+) -> dict[str, dict[str, Any]]:
+    """`run_memory_workers` with the command line given explicitly instead of `sys.argv[1:]`: for a `main(argv)` called
+    from Python (a test) or a parent that must pass the workers extra options (a model folder it created)."""
+    marker = _memory_marker(script)
+    results = {}
+    for key in keys:
+        log(f"memory: {key} ({note})")
+        cmd = [sys.executable, str(Path(script).resolve()), *argv, "--_memory-worker", key]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise RuntimeError(f"memory worker for {key} failed (exit code {proc.returncode})")
+        results[key] = json.loads(lines[-1][len(marker) :])
+    return results
+
+
+def publish_as(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    output_name: str,
+    title: str,
+    machine_details: str,
+    text: str,
+    log: Callable[[str], None],
+) -> None:
+    """`publish`, with the result files named `<output_name>.{json,md}` instead of after the benchmark, so that runs
+    of one benchmark in other settings (a GPU, a larger model) sit beside its committed results."""
+    if output_name == report["benchmark"]:
+        publish(args, report, title, machine_details, text, log)
+        return
+    print()
+    print(text)
+    if args.no_write:
+        return
+    with_name = {**report, "benchmark": output_name}  # `write_results` names the files after this key
+    json_path, md_path = write_results(args.output_dir, with_name, title, machine_details, text)
+    report_text = json.dumps({**report, "output_name": output_name}, indent=2) + "\n"
+    json_path.write_text(report_text)  # the JSON keeps the benchmark's own name
+    print()
+    log(f"wrote {json_path} and {md_path}")

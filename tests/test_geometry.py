@@ -256,3 +256,21 @@ def test_quantized_base_calibrates_and_trains(base, tmp_path):
         warnings.simplefilter("always")
         model.merge_adapter()
     assert any("re-quantized" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibration_extension_and_training_on_cuda(base):
+    """Statistics, spectra and subspaces stay on the model's device (they once mixed CPU helpers with CUDA data)."""
+    to_cuda = lambda data: [{k: v.cuda() for k, v in b.items()} for b in data]  # noqa: E731
+    protected, month1 = to_cuda(batches(PROTECTED_TOKENS, 20, 1)), to_cuda(batches(MONTH1_TOKENS, 10, 3))
+    model = get_peft_model(copy.deepcopy(base).cuda(), GeometryProjectedConfig(rank=8), adapter_name="month1")
+    calibrate(model, protected, show_progress=False)
+    train(model, month1, steps=20)
+    model.add_adapter("month2", GeometryProjectedConfig(rank=8, select_fraction=0.5))
+    model.base_model.set_adapter(["month1", "month2"])
+    model.base_model.set_requires_grad("month1", False)
+    report = calibrate(
+        model, month1, adapter_name="month2", previous_adapter="month1", new_data=protected, show_progress=False
+    )
+    assert report.layers
+    assert relative_change(model, protected) < 0.5

@@ -318,9 +318,9 @@ def _select_by_capacity(model, config, layers, subspaces, new_data, tokenizer, b
     scores = {}
     for name, (subspace, _) in subspaces.items():
         c = new_stats[name].covariance.double()
-        u, w = subspace.basis.double(), subspace.weights.double()
+        u, w = subspace.basis.double().to(c.device), subspace.weights.double().to(c.device)
         # energy the update could still reach: tr(P C P) with P = I - U diag(w) Uᵀ
-        p = torch.eye(c.shape[0], dtype=c.dtype) - (u * w) @ u.T
+        p = torch.eye(c.shape[0], dtype=c.dtype, device=c.device) - (u * w) @ u.T
         scores[name] = float(torch.trace(p @ c @ p) / torch.trace(c).clamp_min(1e-30))
     keep = max(1, math.ceil(config.select_fraction * len(scores)))
     ranked = sorted(scores, key=scores.get, reverse=True)

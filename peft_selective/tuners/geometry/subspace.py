@@ -84,13 +84,16 @@ def decompose(covariance: torch.Tensor, outlier_ratio: float = 100.0) -> Spectru
     `outlier_ratio` x the median; `0` or `inf` disables)."""
     c = covariance.double()
     n = c.shape[0]
-    axes = _outlier_axes(c, outlier_ratio) if 0 < outlier_ratio < math.inf else torch.empty(0, dtype=torch.long)
-    keep = torch.ones(n, dtype=torch.bool)
+    # Every helper tensor on the covariance's device: statistics collected on a GPU stay there.
+    device = c.device
+    no_axes = torch.empty(0, dtype=torch.long, device=device)
+    axes = _outlier_axes(c, outlier_ratio) if 0 < outlier_ratio < math.inf else no_axes
+    keep = torch.ones(n, dtype=torch.bool, device=device)
     keep[axes] = False
-    axes_basis = torch.zeros(n, len(axes), dtype=c.dtype)
-    axes_basis[axes, torch.arange(len(axes))] = 1.0
+    axes_basis = torch.zeros(n, len(axes), dtype=c.dtype, device=device)
+    axes_basis[axes, torch.arange(len(axes), device=device)] = 1.0
     values, sub_vectors = torch.linalg.eigh(c[keep][:, keep])
-    vectors = torch.zeros(n, sub_vectors.shape[1], dtype=c.dtype)
+    vectors = torch.zeros(n, sub_vectors.shape[1], dtype=c.dtype, device=device)
     vectors[keep] = sub_vectors
     order = torch.argsort(values, descending=True)
     return Spectrum(axes_basis, c.diagonal()[axes], vectors[:, order], values[order].clamp_min(0.0))
@@ -120,7 +123,7 @@ def choose_subspace(
         basis = torch.cat([spectrum.axes_basis, vecs[:, :k]], dim=1)
         return ProtectedSubspace(
             basis=basis.float(),
-            weights=torch.ones(basis.shape[1]),
+            weights=torch.ones(basis.shape[1], device=basis.device),
             basis_values=torch.cat([spectrum.axes_values, lam[:k]]).float(),
             residual_eigenvalue=float(lam[k]) if k < len(lam) else 0.0,
             eigenvalues=all_values,
@@ -131,7 +134,7 @@ def choose_subspace(
     shrink = alpha / (lam + alpha)
     return ProtectedSubspace(
         basis=torch.cat([spectrum.axes_basis, vecs], dim=1).float(),
-        weights=torch.cat([torch.ones(num_axes, dtype=lam.dtype), 1.0 - shrink]).float(),
+        weights=torch.cat([torch.ones(num_axes, dtype=lam.dtype, device=lam.device), 1.0 - shrink]).float(),
         basis_values=torch.cat([spectrum.axes_values, lam]).float(),
         residual_eigenvalue=float((lam * shrink**2).max()),
         eigenvalues=all_values,
@@ -146,10 +149,12 @@ def covariance_upper_bound(basis: torch.Tensor, basis_values: torch.Tensor, resi
     earlier data is never protected less than it was."""
     u = basis.double()
     n = u.shape[0]
-    return (u * basis_values.double()) @ u.T + residual * (torch.eye(n, dtype=u.dtype) - u @ u.T)
+    eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    return (u * basis_values.double().to(u.device)) @ u.T + residual * (eye - u @ u.T)
 
 
 def combine_second_moments(moments: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
     """Protect several data sets at once: the sum of their second moments, each already scaled by its weight.
     Each data set counts in full (not token-averaged), so a small month is not drowned by a large corpus."""
-    return sum(m.double() * w for m, w in moments)
+    device = moments[0][0].device  # a stored bound (on the layer's device) may meet statistics kept elsewhere
+    return sum(m.double().to(device) * w for m, w in moments)
