@@ -627,7 +627,7 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for lora in [k for k in LORA_BASELINES if k in rows]:
             o, b = rows[ours], rows[lora]
             learning_share = _share(o["learning"]["mean"], b["learning"]["mean"])
-            shares = {"forgetting (-BWT)": _share(o["forgetting"]["mean"], b["forgetting"]["mean"])}
+            shares = {"forgetting": _share(o["forgetting"]["mean"], b["forgetting"]["mean"])}
             for k in drop_keys:
                 shares[k.removeprefix("drop_")] = _share(max(0.0, o[k]["mean"]), max(0.0, b[k]["mean"]))
             checks = {"learning": learning_share is not None and learning_share >= LEARNING_SHARE}
@@ -775,21 +775,22 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     vheader = (
-        ["ours", "vs", "learning share", "-BWT share"]
+        ["ours", "vs", "learning share", "forgetting share"]
         + [f"{k} drop share" for k in GENERAL_DROPS if any(k in v["forgetting_shares"] for v in report["verdicts"])]
         + ["meets the bar"]
     )
     vrows = []
     for v in report["verdicts"]:
         cells = [labels[v["ours"]], labels[v["lora"]], _fmt_share(v["learning_share"])]
-        cells.append(_fmt_share(v["forgetting_shares"]["forgetting (-BWT)"]))
+        cells.append(_fmt_share(v["forgetting_shares"]["forgetting"]))
         cells += [_fmt_share(v["forgetting_shares"][k]) for k in GENERAL_DROPS if k in v["forgetting_shares"]]
         cells.append("yes" if v["meets_bar"] else "no")
         vrows.append(cells)
     lines += [
         markdown_table(vheader, vrows),
         "",
-        "Shares are ours / LoRA's, on the row means. A drop share compares how much each moved away from the base in "
+        "Shares are ours / LoRA's, on the row means. Forgetting = max(0, -BWT) per run, averaged over runs (a run "
+        "that gained on earlier months counts 0, not a credit). A drop share compares how much each moved away from the base in "
         "the bad direction (knowledge lost, perplexity ratio - 1, refusals lost, over-refusals gained, KL); a negative "
         "drop counts as 0. 'n/a' = LoRA did not drop at all there, so no share of it can be computed (the check fails).",
         "",
@@ -925,6 +926,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="delete --work-dir first")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-write", action="store_true", help="print, write no result files")
+    parser.add_argument(
+        "--render-only",
+        type=Path,
+        default=None,
+        help="re-render the markdown and plot of a saved forgetting.json into --output-dir; nothing is trained",
+    )
     args = parser.parse_args(argv)
     args.method_keys = [k.strip() for k in args.methods.split(",") if k.strip()]
     unknown = [k for k in args.method_keys if k not in METHODS and k not in TRAINER_ROWS]
@@ -953,8 +960,25 @@ def _cuda_available() -> bool:
         return False
 
 
+def render_saved(report_path: Path, output_dir: Path) -> None:
+    """Rewrite forgetting.md and forgetting.png from a saved report (numbers untouched: same JSON, new wording)."""
+    report = json.loads(report_path.read_text())
+    report["verdicts"] = verdicts(report["rows"])
+    loads = report["load_average_1_5_15"]
+    text = render(report) + "\n\n" + runtime_note(report["runtime_s"], loads["start"], loads["end"])
+    if report.get("git_commit_note"):
+        text = f"Provenance: {report['git_commit_note']}\n\n{text}"
+    write_results(
+        output_dir, report, "Forgetting vs learning benchmark", f", device {report['machine']['device']}", text
+    )
+    scatter_plot(report, output_dir / "forgetting.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only is not None:
+        render_saved(args.render_only, args.output_dir)
+        return 0
     import torch
 
     work = Path(args.work_dir)
