@@ -372,6 +372,7 @@ def _train_month_continual(model, method: Method, job: Job, t: int, month: str, 
         rehearsal_ratio=args.rehearsal_ratio if retention else 0.0,
         kl_coef=args.kl_coef if retention else 0.0,
         kl_every=1,
+        kl_max_general_anchors=args.kl_general_anchors,
     )
     trainer = ContinualDPOTrainer(
         model,
@@ -915,6 +916,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--rehearsal-ratio", type=float, default=0.25, help="the continual row")
     parser.add_argument("--kl-coef", type=float, default=1.0, help="the continual row (KL every step)")
+    parser.add_argument(
+        "--kl-general-anchors", type=int, default=None, help="general anchor prompts (default: the trainer's, all 32)"
+    )
     parser.add_argument("--knowledge-questions", type=int, default=40)
     parser.add_argument("--refusal-prompts", type=int, default=20)
     parser.add_argument("--perplexity-tokens", type=int, default=4096)
@@ -1060,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
                     "alpha",
                     "rehearsal_ratio",
                     "kl_coef",
+                    "kl_general_anchors",
                     "knowledge_questions",
                     "refusal_prompts",
                     "perplexity_tokens",

@@ -134,6 +134,8 @@ def test_a_tiny_real_run_writes_every_row_and_resumes(forgetting, tmp_path):
         "1",
         "--perplexity-tokens",
         "64",
+        "--kl-general-anchors",
+        "2",
         "--device",
         "cpu",
         "--work-dir",
