@@ -38,7 +38,7 @@ Protocol (fixed before the first run; see benchmarks/README.md):
 
 Usage:
 
-    python benchmarks/forgetting.py --device cuda --workers 8      # the committed run (a GPU: minutes)
+    python benchmarks/forgetting.py --device cuda --workers 12 --threads 1   # the committed run: 405 s on one H100
     python benchmarks/forgetting.py --device cpu --workers 1       # same protocol on a CPU: not run; ~5 h estimated on 2 cores
     python benchmarks/forgetting.py --methods lora_mlp,selective_mlp_lowrank --orders A --seeds 0 --lrs 1e-4 \\
         --max-steps 1 --n-train 4 --n-val 2 --n-test 2 --output-dir /tmp/f   # smoke test
