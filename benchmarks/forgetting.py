@@ -244,6 +244,23 @@ def _eval_config(args: argparse.Namespace, suites: list[str]):
 
 
 # --------------------------------------------------------------------------------------------------- one sequence
+def load_base(args: argparse.Namespace):
+    """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random-init 2-layer Llama with the same
+    tokenizer: it runs the whole harness in seconds, for tests; its numbers mean nothing."""
+    from peft_selective.embedded import embedded_model_path, load_embedded_model
+
+    if args.model == "embedded":
+        return load_embedded_model()
+    import torch
+    from _common import TINY_LLAMA
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config), tokenizer
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -252,14 +269,12 @@ def init_worker(args: argparse.Namespace) -> None:
     import torch
     import transformers
 
-    from peft_selective.embedded import load_embedded_model
-
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
     logging.getLogger("trl_ext").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, tokenizer = load_embedded_model()
+    base, tokenizer = load_base(args)
     base = base.to(args.device).eval()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -520,7 +535,6 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Base reference log-probs of every val/test split and the base's general metrics (saved; resumable)."""
     import torch
 
-    from peft_selective.embedded import load_embedded_model
     from trl_ext._io import atomic_write_json
     from trl_ext.evaluation import general_suite, reference_logps_for
 
@@ -529,7 +543,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     if ref_path.exists() and base_path.exists():
         return json.loads(base_path.read_text())
     tick = time.perf_counter()
-    model, tokenizer = load_embedded_model()
+    model, tokenizer = load_base(args)
     model = model.to(args.device).eval()
     months = build_months(args)
     config = _eval_config(args, GENERAL_SUITES)
@@ -923,6 +937,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refusal-prompts", type=int, default=20)
     parser.add_argument("--perplexity-tokens", type=int, default=4096)
     parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--model",
+        choices=["embedded", "tiny"],
+        default="embedded",
+        help="embedded: the bundled SmolLM2-135M-Instruct; tiny: a random 2-layer Llama with its tokenizer (tests)",
+    )
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--workers", type=int, default=1, help="processes running jobs in parallel")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
@@ -1065,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rehearsal_ratio",
                     "kl_coef",
                     "kl_general_anchors",
+                    "model",
                     "knowledge_questions",
                     "refusal_prompts",
                     "perplexity_tokens",

@@ -108,16 +108,20 @@ def test_unknown_methods_and_orders_are_refused(forgetting, capsys):
 
 
 @pytest.mark.slow
-def test_a_tiny_real_run_writes_every_row_and_resumes(forgetting, tmp_path):
+def test_a_tiny_run_chooses_rates_writes_every_row_and_resumes(forgetting, tmp_path):
+    """The whole harness (grid, selection, both trainers, every suite) on a random 2-layer Llama with the bundled
+    model's tokenizer: a minute on 2 cores. The real model's run is the committed one."""
     argv = [
+        "--model",
+        "tiny",
         "--methods",
-        "lora_mlp,selective_mlp_lowrank,continual",
+        "lora_mlp,selective_mlp_lowrank,continual,continual_plain",
         "--orders",
         "A",
         "--seeds",
         "0",
         "--lrs",
-        "1e-4",
+        "1e-4,1e-3",
         "--max-steps",
         "1",
         "--batch-size",
@@ -145,8 +149,13 @@ def test_a_tiny_real_run_writes_every_row_and_resumes(forgetting, tmp_path):
     ]
     assert forgetting.main(argv) == 0
     report = json.loads((tmp_path / "out" / "forgetting.json").read_text())
-    assert set(report["rows"]) == {"lora_mlp", "selective_mlp_lowrank", "continual"}
+    assert set(report["rows"]) == {"lora_mlp", "selective_mlp_lowrank", "continual", "continual_plain"}
     assert report["continual_method"] == "selective_mlp_lowrank"
+    for method in ("lora_mlp", "selective_mlp_lowrank"):  # chosen from the validation grid, one of its rates
+        assert set(report["selection"][method]["grid"]) == {"0.0001", "0.001"}
+        assert report["learning_rates"][method] == report["selection"][method]["lr"]
+    assert report["learning_rates"]["continual"] == report["learning_rates"]["selective_mlp_lowrank"]
+    assert len(report["month_one_check"]) == 1
     for row in report["rows"].values():
         assert 0.0 <= row["learning"]["mean"] <= 1.0
         assert math.isfinite(row["general_perplexity"]["mean"])
@@ -154,7 +163,7 @@ def test_a_tiny_real_run_writes_every_row_and_resumes(forgetting, tmp_path):
     assert "meets the bar" in (tmp_path / "out" / "forgetting.md").read_text()
     # Every job is saved: a second run reads them back instead of training again.
     saved = sorted(p.name for p in (tmp_path / "work" / "jobs").iterdir())
-    assert len(saved) == 3
+    assert len(saved) == 4 + 4  # 2 methods x 2 rates on validation, then 4 rows on test
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "work" / "jobs").iterdir()}
     assert forgetting.main([*argv, "--no-write"]) == 0
     assert {p: p.stat().st_mtime for p in (tmp_path / "work" / "jobs").iterdir()} == mtimes
