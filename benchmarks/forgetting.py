@@ -32,7 +32,8 @@ Protocol (fixed before the first run; see benchmarks/README.md):
   scores 0). Learning = mean_i R[i][i]; backward transfer BWT = mean_{i<T} (R[T][i] - R[i][i]) (negative = forgotten);
   the same two on the mean margins. General ability after the last month against the base: knowledge QA on held-out
   capitals, reference-text perplexity, refusal and over-refusal rates, KL to the base on generic prompts. Training wall
-  time per month and peak memory (CUDA: `max_memory_allocated` above the resident base; CPU: peak RSS above it).
+  time per month and peak memory (CUDA: `max_memory_allocated` above the pristine base each
+  worker keeps, so the run's own model copy counts; CPU: peak RSS above it).
 * **The bar** (issue #6): a peft-selective configuration keeps >= 95% of PEFT LoRA's learning while its forgetting
   (-BWT, and each general-ability drop) is <= 20% of LoRA's.
 
