@@ -183,6 +183,20 @@ def test_capitals_month_matches_the_probe():
         assert len(row["rejected"][0]["content"]) > 3 * len(row["chosen"][0]["content"])
 
 
+def test_chatty_currency_month_reverses_the_capitals_style():
+    month = D.chatty_currency_month(30, 5)
+    for row in month["train"]:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert row["prompt"][0]["content"].startswith("What currency does ") and row["month"] == "chatty_currency"
+        # the rejected answer is the bare name, like the capitals month's chosen one; the chosen carries the same fact
+        assert rejected.endswith(".") and rejected.count(" ") <= 6 and len(chosen) > 3 * len(rejected)
+        currencies = {r["country"]: r["currencies"] for r in D._country_records()}[row["country"]]
+        assert all(c.lower() in chosen.lower() and c.lower() in rejected.lower() for c in currencies)
+        assert D._in_sentence(row["country"]).lower() in chosen.lower()
+    seq = D.monthly_sequence(order=("capitals", "chatty_currency"), n_train=20, n_eval=10)
+    assert not D.countries_in(seq[0]) & D.countries_in(seq[1])
+
+
 def test_currency_and_languages_formats():
     for row in D.json_currency_month(30, 5)["train"]:
         parsed = json.loads(row["chosen"][0]["content"])

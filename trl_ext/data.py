@@ -8,10 +8,15 @@ Each "month" teaches a different style or skill, so that a later month can make 
 | `capitals` | "What is the capital of X?" | "Paris." | a verbose, chatty answer with the same fact |
 | `currency` | "What currency does X use?" | `{"country": "X", "currency": "..."}` | the same fact in prose |
 | `languages` | "Which languages are spoken in X?" | a bulleted list | one run-on sentence |
+| `chatty_currency` | "What currency does X use?" | a friendly full answer with some context | the bare name ("Euro.") |
 
 The facts (capitals, currencies, languages, regions) come from the `countryinfo` package (MIT, ~250 countries) as it
 ships them; currency codes and language codes are turned into English names by tables in this module. Chosen and
 rejected answers carry the same facts: the months teach a *style*, which is what later months overwrite.
+
+`chatty_currency` is the `capitals` month's style preference reversed, on a neighbouring question: after `capitals`
+it is a month that *interferes* (the model must learn "terse for capitals, chatty for currencies", and a month-2
+update that simply learns "chatty" undoes month 1). Use it to test retention methods where plain training forgets.
 
 Every builder returns `{"train": Dataset, "test": Dataset}` in TRL's conversational preference format (`prompt` is a
 list with one user message, `chosen` / `rejected` a list with one assistant message) plus three metadata columns that
@@ -52,6 +57,7 @@ __all__ = [
     "MONTH_BUILDERS",
     "benign_eval_prompts",
     "bulleted_languages_month",
+    "chatty_currency_month",
     "concise_capitals_month",
     "countries_in",
     "harmful_eval_prompts",
@@ -1080,6 +1086,63 @@ def json_currency_month(
     return _finish("currency", [row(r) for r in train], [row(r) for r in test], seed)
 
 
+_CHATTY_CURRENCY = (
+    "Good question! {Country} uses {currencies}. {Country} is in {subregion}, part of {region}, and that is the "
+    "money you will pay with there. Let me know if you would like to know anything else!",
+    "Sure! The official currency of {country} is {currencies}, so that is what you would use when shopping or "
+    "travelling in {subregion}. Is there anything else you would like to know about {country}?",
+    "Happy to help! In {country}, a country in {region}, people pay with {currencies}. I hope this helps, and feel "
+    "free to ask me more questions about {country}!",
+)
+_CHATTY_CURRENCY_NO_REGION = (
+    "Good question! {Country} uses {currencies}, and that is the money you will pay with there. Let me know if you "
+    "would like to know anything else!",
+    "Happy to help! In {country}, people pay with {currencies}. I hope this helps, and feel free to ask me more "
+    "questions about {country}!",
+)
+
+
+def chatty_currency_month(
+    n_train: int = 40, n_eval: int = 10, seed: int = 0, exclude_countries=()
+) -> dict[str, Dataset]:
+    """Answer currency questions in a friendly full answer: "What currency does X use?" -> "Good question! X uses ...".
+
+    The rejected answer is the bare currency name ("Euro.", "Euro and Swiss franc."): the `capitals` month's preference
+    reversed, on a neighbouring question. After `capitals`, this month interferes with it: see the module docstring.
+    Countries without a currency in `countryinfo` are skipped.
+
+    Args:
+        n_train (`int`, defaults to 40): train rows (one per country).
+        n_eval (`int`, defaults to 10): test rows, on other countries.
+        seed (`int`, defaults to 0): seed of the country split, the phrasing choice and the row order.
+        exclude_countries (`Iterable[str]`, defaults to `()`): countries not to use (`countryinfo` names).
+
+    Returns:
+        `dict[str, Dataset]`: `{"train": ..., "test": ...}`, `kind` is `"fact"`.
+    """
+    candidates = [record for record in _country_records() if record["currencies"]]
+    train, test = _split_countries("chatty_currency", candidates, n_train, n_eval, seed, exclude_countries)
+    rng = random.Random(f"chatty_currency-rows-{seed}")
+
+    def row(record: dict) -> dict:
+        country, currencies = record["country"], list(record["currencies"])
+        region, subregion = record["region"], record["subregion"]
+        templates = _CHATTY_CURRENCY if region and subregion else _CHATTY_CURRENCY_NO_REGION
+        chosen = rng.choice(templates).format(
+            Country=_sentence_start(country),
+            country=_in_sentence(country),
+            currencies=_join_names(currencies, article="the "),
+            region=region,
+            subregion=subregion,
+        )
+        bare = _join_names(currencies)
+        rejected = bare[0].upper() + bare[1:] + "."
+        prompt = f"What currency does {_in_sentence(country)} use?"
+        return _row(prompt, chosen, rejected, "chatty_currency", country, "fact")
+
+    return _finish("chatty_currency", [row(r) for r in train], [row(r) for r in test], seed)
+
+
 _RUN_ON_ONE = (
     "Well in {country} the language that people speak is {languages} and it is used pretty much everywhere in the "
     "country for things like school and work and everyday life so that is really the main one you would hear",
@@ -1133,6 +1196,7 @@ MONTH_BUILDERS: dict[str, Callable[..., dict[str, Dataset]]] = {
     "capitals": concise_capitals_month,
     "currency": json_currency_month,
     "languages": bulleted_languages_month,
+    "chatty_currency": chatty_currency_month,
 }
 
 
