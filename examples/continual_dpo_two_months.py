@@ -28,6 +28,15 @@ month-1 accuracy falls during month 2), and the report says so when it does not.
     python examples/continual_dpo_two_months.py                                  # the committed default run
     python examples/continual_dpo_two_months.py --months safety capitals --seeds 0   # the first, non-interfering run
 
+    python examples/continual_dpo_two_months.py --months safety chatty_currency \
+        --results examples/results/continual_dpo_two_months_safety_chatty_currency
+
+The third pairing, fixed after the second had run (it tied: month 1 stayed at 1.000 in both arms) and before it
+ran: a helpfulness month that may erode safety, the pattern Qi et al. (2023, "Fine-tuning aligned language models
+compromises safety, even when users do not intend to") report. `chatty_currency`'s chosen answers open like the
+safety month's rejected fake compliance ("Sure! ...", "Happy to help!"), and the safety month's margins after month 1
+are small (about +28 against about +130 for `capitals`).
+
 The training settings (learning rate, steps, KL weight, rehearsal ratio) are those of the first run (safety then
 capitals, one seed), kept unchanged: they were not tuned on any outcome. Results: examples/results/
 continual_dpo_two_months.{md,json} (interfering months) and continual_dpo_two_months_safety_capitals.{md,json} (the
