@@ -479,8 +479,7 @@ class Run:
     reference: Any = None  # the KL's reference: `PreviousMonthReference(model, [])`, the base with the adapter off
     anchor: Any = None
     kl_direction: str = "forward"
-    fisher: Any = None  # the EWC's `FisherState`
-    fisher_mean: float | None = None
+    fisher: Any = None  # the EWC's `FisherState`, normalised as the trainer holds it
     calibration: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
     times: list[float] = field(default_factory=list)
@@ -533,8 +532,9 @@ def calibrate_geometry(model, args: argparse.Namespace, data: Data) -> dict[str,
 
 def synthetic_fisher(model, args: argparse.Namespace, adapter_name: str):
     """A `FisherState` for the adapted layers, positive random values (seed `--seed` + 3) of the shapes a real one
-    has (one fp32 `(out, in)` tensor per layer), created on the device where the trainer's state ends up after its
-    first step; checked with the trainer's own `check_fisher_matches`."""
+    has (one `(out, in)` tensor per layer), created on the device where the trainer's state ends up after its first
+    step, checked with the trainer's own `check_fisher_matches`, then normalised and cast to `--ewc-fisher-dtype` as
+    the trainer does once (`FisherState.normalized`)."""
     import torch
 
     from trl_ext.ewc import FisherState, adapted_layers, check_fisher_matches
@@ -548,7 +548,7 @@ def synthetic_fisher(model, args: argparse.Namespace, adapter_name: str):
         fisher[name] = torch.rand(shape, generator=generator, device=device) + 0.5
     state = FisherState(fisher, ["synthetic"], 64, None)
     check_fisher_matches(model, adapter_name, state)
-    return state, state.mean  # the trainer computes the mean once (`_fisher_mean`)
+    return state.normalized(getattr(torch, args.ewc_fisher_dtype))
 
 
 def build_run(base, method: Method, args: argparse.Namespace, data: Data) -> Run:
@@ -588,7 +588,7 @@ def build_run(base, method: Method, args: argparse.Namespace, data: Data) -> Run
         run.anchor = data.anchor
         run.kl_direction = trainer_kl_defaults()["kl_direction"]
     if "ewc" in method.penalties:
-        run.fisher, run.fisher_mean = synthetic_fisher(model, args, run.adapter_name)
+        run.fisher = synthetic_fisher(model, args, run.adapter_name)
     return run
 
 
@@ -614,7 +614,7 @@ def train_step(run: Run, batch, device: str) -> float:
     if run.fisher is not None:
         from trl_ext.ewc import ewc_penalty
 
-        ewc = ewc_penalty(run.model, run.adapter_name, run.fisher, run.fisher_mean)
+        ewc = ewc_penalty(run.model, run.adapter_name, run.fisher, fisher_mean=1.0)
         total = total + EWC_COEF * ewc
     total.backward()
     run.optimizer.step()
@@ -1101,6 +1101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="penalty rows: tokens per anchor sequence (capped at the trainer's kl_max_anchor_length)",
     )
     parser.add_argument(
+        "--ewc-fisher-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="EWC rows: the dtype the Fisher is held in (ContinualDPOConfig.ewc_fisher_dtype)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -1289,8 +1295,9 @@ def run_benchmark(args: argparse.Namespace, torch) -> int:
             "penalties": {
                 "kl": "trl_ext.anchors.anchor_kl(policy, PreviousMonthReference(policy, []), anchor_batch, "
                 "direction): a reference forward (adapter off, no_grad) + a policy forward on the anchor batch",
-                "ewc": "trl_ext.ewc.ewc_penalty(policy, 'default', FisherState, fisher_mean) against a synthetic "
-                "Fisher (uniform [0.5, 1.5) fp32, one (out, in) tensor per adapted layer, on the device)",
+                "ewc": "trl_ext.ewc.ewc_penalty(policy, 'default', FisherState.normalized(dtype), fisher_mean=1.0) "
+                "against a synthetic Fisher (uniform [0.5, 1.5), one (out, in) tensor per adapted layer, on the "
+                f"device, held in {args.ewc_fisher_dtype})",
                 "kl_coef": KL_COEF,
                 "ewc_coef": EWC_COEF,
                 "anchor_batch_rows_length_scored": rows_shape,

@@ -320,6 +320,48 @@ def test_fisher_state_round_trip_and_corruption(tmp_path):
         FisherState.load(tmp_path / "elsewhere")
 
 
+def test_normalized_fisher_gives_the_same_penalty_without_a_copy_per_call(tmp_path):
+    first = train_month_1(tmp_path)
+    model = first.model
+    batch = first.data_collator([first.train_dataset[i] for i in range(4)])
+    half = {k: batch[k][:4] for k in ("input_ids", "attention_mask", "completion_mask")}
+    state = estimate_fisher(model, [half], "m1", "m1", show_progress=False)
+    model.add_adapter("m2", SelectiveMLPConfig(rank=4))
+    model.base_model.set_adapter(["m1", "m2"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if of("m2", name):
+                param.copy_(0.05 * torch.randn_like(param))
+    normalized = state.normalized()
+    assert normalized.mean == pytest.approx(1.0, rel=1e-5) and normalized.months == state.months
+    assert all(t.data_ptr() != normalized.fisher[n].data_ptr() for n, t in state.fisher.items())  # state untouched
+    expected = ewc_penalty(model, "m2", state).item()
+    assert expected > 0
+    assert ewc_penalty(model, "m2", normalized, fisher_mean=1.0).item() == pytest.approx(expected, rel=1e-5)
+    half_precision = state.normalized(torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in half_precision.fisher.values())
+    assert ewc_penalty(model, "m2", half_precision, fisher_mean=1.0).item() == pytest.approx(expected, rel=1e-2)
+
+
+def test_the_trainer_holds_the_fisher_normalised_in_the_configured_dtype(tmp_path):
+    first = train_month_1(tmp_path, fisher_dir=str(tmp_path / "fisher"))
+    first.finish_month("m1")
+    second = month_2(
+        first.model,
+        tmp_path,
+        ewc_coef=1.0,
+        fisher_dir=str(tmp_path / "fisher"),
+        max_steps=2,
+        ewc_fisher_dtype="bfloat16",
+    )
+    assert all(t.dtype == torch.bfloat16 for t in second.fisher.fisher.values())
+    assert second.fisher.mean == pytest.approx(1.0, rel=1e-2)
+    second.train()
+    assert FisherState.load(tmp_path / "fisher").fisher[next(iter(second.fisher.fisher))].dtype == torch.float32
+    with pytest.raises(ValueError, match="ewc_fisher_dtype"):
+        config(tmp_path, "m2", ewc_fisher_dtype="int8")
+
+
 def test_ewc_with_a_fisher_of_another_model_is_a_clear_error(tmp_path):
     first = train_month_1(tmp_path)
     FisherState({"model.layers.0.mlp.up_proj": torch.rand(5, 5)}, ["m1"], 4, "other").save(tmp_path / "fisher")

@@ -77,6 +77,10 @@ class ContinualDPOConfig(DPOConfig):
             Rows of the month's data used to estimate its Fisher.
         fisher_decay (`float`, *optional*, defaults to `1.0`):
             Factor applied to the stored Fisher before this month's is added (online EWC; `1.0` sums the months).
+        ewc_fisher_dtype (`str`, *optional*, defaults to `"float32"`):
+            The dtype the stored Fisher is held in during training (on the adapted layers' device): `"bfloat16"`
+            halves its memory (a dense `(out, in)` tensor per adapted layer: 5.8 GB instead of 11.5 GB for gate/up of
+            a 7B Llama) at about 3 significant digits per entry. It is stored on disk in fp32 either way.
 
         > Data checks
 
@@ -110,6 +114,9 @@ class ContinualDPOConfig(DPOConfig):
     fisher_dir: Optional[str] = field(default=None, metadata={"help": "Directory of the stored Fisher."})
     fisher_num_examples: int = field(default=64, metadata={"help": "Rows used to estimate a month's Fisher."})
     fisher_decay: float = field(default=1.0, metadata={"help": "Decay of the stored Fisher (online EWC)."})
+    ewc_fisher_dtype: str = field(
+        default="float32", metadata={"help": "'float32', 'bfloat16' or 'float16': dtype of the Fisher in training."}
+    )
     drop_long_prompts: bool = field(default=False, metadata={"help": "Drop (and count) prompts that fill max_length."})
 
     def __post_init__(self):
@@ -129,5 +136,9 @@ class ContinualDPOConfig(DPOConfig):
             )
         if self.ewc_coef > 0 and not self.fisher_dir:
             raise ValueError("`ewc_coef > 0` needs `fisher_dir`: the directory of the earlier months' Fisher.")
+        if self.ewc_fisher_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"`ewc_fisher_dtype` must be 'float32', 'bfloat16' or 'float16', got {self.ewc_fisher_dtype!r}."
+            )
         if not 0.0 <= self.fisher_decay <= 1.0:
             raise ValueError(f"`fisher_decay` must be in [0, 1], got {self.fisher_decay}.")

@@ -177,8 +177,9 @@ class ContinualDPOTrainer(DPOTrainer):
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
         # (global step, draws in it): the anchor batches depend on the step only, so a resumed run draws the same ones
         self._anchor_draws = (-1, 0)
-        self.fisher = self._load_fisher() if args.ewc_coef > 0 else None
-        self._fisher_mean = self.fisher.mean if self.fisher is not None else None
+        # Normalised (and cast) once: the penalty then weighs the update with it as it is, with no per-step copy.
+        fisher = self._load_fisher() if args.ewc_coef > 0 else None
+        self.fisher = fisher.normalized(getattr(torch, args.ewc_fisher_dtype)) if fisher is not None else None
 
     # ------------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -333,7 +334,7 @@ class ContinualDPOTrainer(DPOTrainer):
             self._metrics[mode]["retention/kl"].append(self._gathered_mean(kl.detach()))
         if self.fisher is not None:
             with torch.set_grad_enabled(mode == "train"):
-                penalty = ewc_penalty(model, args.adapter_name, self.fisher, self._fisher_mean)
+                penalty = ewc_penalty(model, args.adapter_name, self.fisher, fisher_mean=1.0)
             loss = loss + args.ewc_coef * penalty
             self._metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
         return (loss, outputs) if return_outputs else loss

@@ -96,6 +96,19 @@ class FisherState:
         count = sum(t.numel() for t in self.fisher.values())
         return total / count if count else 0.0
 
+    def normalized(self, dtype: Optional[torch.dtype] = None) -> FisherState:
+        """`F / mean(F)` (mean 1 over all entries), optionally cast: the form [`ewc_penalty`] weighs the update with.
+
+        Normalising once, instead of on every step, keeps a single copy of the Fisher in memory: a per-step
+        `F / mean` would allocate a second one, and the checkpointed penalty would keep it until the backward pass.
+        """
+        scale = self.mean
+        fisher = {
+            name: (tensor / scale if scale > 0 else tensor.clone()).to(dtype or tensor.dtype)
+            for name, tensor in self.fisher.items()
+        }
+        return FisherState(fisher, list(self.months), self.num_examples, self.base_model)
+
     def merged(self, other: FisherState, decay: float = 1.0) -> FisherState:
         """`decay · self + other` (online EWC: `decay < 1` lets old months fade)."""
         if self.base_model and other.base_model and self.base_model != other.base_model:
@@ -243,7 +256,7 @@ def _delta_weight(layer: BaseTunerLayer, adapter_name: str) -> torch.Tensor:
 
 
 def _layer_penalty(layer: BaseTunerLayer, adapter_name: str, fisher: torch.Tensor) -> torch.Tensor:
-    return (fisher * _delta_weight(layer, adapter_name).square()).sum()
+    return (fisher * _delta_weight(layer, adapter_name).square()).sum(dtype=torch.float32)
 
 
 def ewc_penalty(
@@ -253,7 +266,8 @@ def ewc_penalty(
 
     Each layer's term is checkpointed, so a low-rank update's full `(out, in)` matrix is rebuilt in the backward pass
     instead of being kept alive between forward and backward. Pass `fisher_mean` (`state.mean`) to skip recomputing
-    it on every call.
+    it on every call; for repeated calls (training), pass `state.normalized()` and `fisher_mean=1.0`: the Fisher is
+    then used as it is, with no per-call copy.
     """
     unwrapped = model.module if hasattr(model, "module") else model
     layers = adapted_layers(unwrapped, adapter_name)
@@ -263,7 +277,7 @@ def ewc_penalty(
         fisher = state.fisher.get(name)
         if fisher is None:
             continue
-        weight = fisher / scale if scale > 0 else fisher
+        weight = fisher / scale if scale not in (0.0, 1.0) else fisher
         device = next(p.device for p in layer.parameters())
         if weight.device != device:
             weight = weight.to(device)
