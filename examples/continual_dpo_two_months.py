@@ -15,6 +15,9 @@ month-1 model):
 - `rehearsal+kl`: `rehearsal_ratio` of the month-2 rows are month-1 pairs from the `RehearsalBuffer` filled by
   `finish_month("m1")`, plus the retention KL to the month-1 model on anchor prompts (general ones + month-1 prompts).
 
+`--arms rehearsal kl` trains the diagnostic arms instead: one of the two terms each (same weights), to tell which one
+moves month 1; they are reported but take no part in the verdict.
+
 Every cell of the retention matrix R[after month t][on month i] is the length-fair held-out preference accuracy of
 `trl_ext.metrics.preference_accuracy`, with the *base* model's log-probs as reference (computed once per test split,
 so cells are comparable across months): the share of held-out pairs whose DPO implicit-reward margin
@@ -36,6 +39,11 @@ ran: a helpfulness month that may erode safety, the pattern Qi et al. (2023, "Fi
 compromises safety, even when users do not intend to") report. `chatty_currency`'s chosen answers open like the
 safety month's rejected fake compliance ("Sure! ...", "Happy to help!"), and the safety month's margins after month 1
 are small (about +28 against about +130 for `capitals`).
+
+In that pairing rehearsal + KL ended lower in 3 of 3 seeds; the diagnostic arms on the same pairing, run after it:
+
+    python examples/continual_dpo_two_months.py --months safety chatty_currency --arms rehearsal kl \
+        --results examples/results/continual_dpo_two_months_safety_chatty_currency_ablation
 
 The training settings (learning rate, steps, KL weight, rehearsal ratio) are those of the first run (safety then
 capitals, one seed), kept unchanged: they were not tuned on any outcome. Results: examples/results/
@@ -74,6 +82,8 @@ from benchmarks._common import git_commit, machine_info  # noqa: E402
 
 
 ARMS = ("plain", "rehearsal+kl")
+#: Diagnostic arms (`--arms rehearsal kl`): one retention term each, to tell which one moves month 1.
+ABLATION_ARMS = ("rehearsal", "kl")
 
 
 def log(message: str) -> None:
@@ -82,13 +92,12 @@ def log(message: str) -> None:
 
 def month_config(args, out: Path, seed: int, adapter: str, arm: str | None = None) -> ContinualDPOConfig:
     retention = {}
-    if arm == "rehearsal+kl":
-        retention = {
-            "rehearsal_ratio": args.rehearsal_ratio,
-            "kl_coef": args.kl_coef,
-            "kl_batch_size": args.kl_batch_size,
-            "kl_anchor_max_new_tokens": args.kl_anchor_tokens,
-        }
+    if arm in ("rehearsal+kl", "rehearsal"):
+        retention["rehearsal_ratio"] = args.rehearsal_ratio
+    if arm in ("rehearsal+kl", "kl"):
+        retention.update(
+            kl_coef=args.kl_coef, kl_batch_size=args.kl_batch_size, kl_anchor_max_new_tokens=args.kl_anchor_tokens
+        )
     return ContinualDPOConfig(
         output_dir=str(out / (adapter if arm is None else f"{adapter}-{arm.replace('+', '_')}")),
         adapter_name=adapter,
@@ -211,7 +220,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
             train_dataset=months[m2]["train"],
             processing_class=tokenizer,
             peft_config=adapter_config(args),
-            rehearsal_buffer=buffer if arm == "rehearsal+kl" else None,
+            rehearsal_buffer=buffer if "rehearsal" in arm else None,
         )
         t = time.perf_counter()
         trainer.train()
@@ -302,7 +311,8 @@ def render(record: dict, args) -> str:
         f"{args.n_train} train / {args.n_eval} held-out rows per month (each seed draws its own countries). "
         f"`rehearsal+kl`: rehearsal_ratio {args.rehearsal_ratio:g}, kl_coef {args.kl_coef:g} "
         f"(kl_batch_size {args.kl_batch_size}, anchors with {args.kl_anchor_tokens}-token continuations). "
-        "For each seed, month 1 is trained once and shared by both arms.",
+        "`rehearsal` and `kl` (diagnostic arms): one of the two terms, same weights. "
+        "For each seed, month 1 is trained once and shared by all arms.",
         "",
         "Cells: held-out preference accuracy (share of pairs with DPO implicit-reward margin > 0 against the base "
         "model's log-probs; the base scores 0 by construction).",
@@ -359,7 +369,13 @@ def render(record: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--months", nargs=2, default=["capitals", "chatty_currency"], metavar=("MONTH1", "MONTH2"))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        choices=ARMS + ABLATION_ARMS,
+        help="the verdict compares `plain` and `rehearsal+kl`; `rehearsal` and `kl` are diagnostic",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     # Defaults sized for a 2-core CPU, fixed before the first run and kept since.
     parser.add_argument("--n-train", type=int, default=24, help="train rows per month (one epoch at the defaults)")
