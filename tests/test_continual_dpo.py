@@ -275,15 +275,21 @@ def test_month_2_after_a_save_and_reload(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ EWC
-def test_ewc_penalty_is_zero_at_the_previous_optimum_and_grows_with_distance(tmp_path):
+def month_1_fisher_and_a_fresh_month_2(tmp_path):
+    """Month 1 trained, its Fisher estimated on 4 chosen rows, and a fresh "m2" adapter stacked on it."""
     first = train_month_1(tmp_path)
     model = first.model
     batch = first.data_collator([first.train_dataset[i] for i in range(4)])
     half = {k: batch[k][:4] for k in ("input_ids", "attention_mask", "completion_mask")}
     state = estimate_fisher(model, [half], "m1", "m1", show_progress=False)
-    assert state.num_examples == 4 and all((f >= 0).all() and f.sum() > 0 for f in state.fisher.values())
     model.add_adapter("m2", SelectiveMLPConfig(rank=4))
     model.base_model.set_adapter(["m1", "m2"])
+    return model, state
+
+
+def test_ewc_penalty_is_zero_at_the_previous_optimum_and_grows_with_distance(tmp_path):
+    model, state = month_1_fisher_and_a_fresh_month_2(tmp_path)
+    assert state.num_examples == 4 and all((f >= 0).all() and f.sum() > 0 for f in state.fisher.values())
     assert ewc_penalty(model, "m2", state).item() == 0.0  # a fresh adapter: the month-1 optimum
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters() if of("m2", n)}
     penalties = []
@@ -321,13 +327,7 @@ def test_fisher_state_round_trip_and_corruption(tmp_path):
 
 
 def test_normalized_fisher_gives_the_same_penalty_without_a_copy_per_call(tmp_path):
-    first = train_month_1(tmp_path)
-    model = first.model
-    batch = first.data_collator([first.train_dataset[i] for i in range(4)])
-    half = {k: batch[k][:4] for k in ("input_ids", "attention_mask", "completion_mask")}
-    state = estimate_fisher(model, [half], "m1", "m1", show_progress=False)
-    model.add_adapter("m2", SelectiveMLPConfig(rank=4))
-    model.base_model.set_adapter(["m1", "m2"])
+    model, state = month_1_fisher_and_a_fresh_month_2(tmp_path)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if of("m2", name):

@@ -939,6 +939,22 @@ def _finish(month: str, train_rows: list[dict], test_rows: list[dict], seed: int
     return {"train": _to_dataset(train_rows), "test": _to_dataset(test_rows)}
 
 
+def _country_month(
+    month: str,
+    candidates: Sequence[dict],
+    make_row: Callable[[dict, random.Random], dict],
+    n_train: int,
+    n_eval: int,
+    seed: int,
+    exclude_countries,
+) -> dict[str, Dataset]:
+    """A month of one row per country: disjoint train / test countries, rows made by `make_row(record, rng)` (train
+    first, then test) with an rng seeded by the month and `seed`."""
+    train, test = _split_countries(month, candidates, n_train, n_eval, seed, exclude_countries)
+    rng = random.Random(f"{month}-rows-{seed}")
+    return _finish(month, [make_row(item, rng) for item in train], [make_row(item, rng) for item in test], seed)
+
+
 def safety_month(n_train: int = 40, n_eval: int = 10, seed: int = 0, exclude_countries=()) -> dict[str, Dataset]:
     """Prefer refusing plainly harmful requests and helping with benign look-alikes.
 
@@ -1017,10 +1033,8 @@ def concise_capitals_month(
         `dict[str, Dataset]`: `{"train": ..., "test": ...}`, `kind` is `"fact"`.
     """
     regions = {record["country"]: record for record in _country_records()}
-    train, test = _split_countries("capitals", _capital_items(), n_train, n_eval, seed, exclude_countries)
-    rng = random.Random(f"capitals-rows-{seed}")
 
-    def row(item: dict) -> dict:
+    def row(item: dict, rng: random.Random) -> dict:
         country, capital = item["country"], item["answer"]
         record = regions.get(country) or {}
         region, subregion = record.get("region"), record.get("subregion")
@@ -1034,7 +1048,7 @@ def concise_capitals_month(
         )
         return _row(item["question"], f"{capital}.", rejected, "capitals", country, "fact")
 
-    return _finish("capitals", [row(item) for item in train], [row(item) for item in test], seed)
+    return _country_month("capitals", _capital_items(), row, n_train, n_eval, seed, exclude_countries)
 
 
 def _join_names(names: Sequence[str], article: str = "") -> str:
@@ -1068,10 +1082,8 @@ def json_currency_month(
         `dict[str, Dataset]`: `{"train": ..., "test": ...}`, `kind` is `"fact"`.
     """
     candidates = [record for record in _country_records() if record["currencies"]]
-    train, test = _split_countries("currency", candidates, n_train, n_eval, seed, exclude_countries)
-    rng = random.Random(f"currency-rows-{seed}")
 
-    def row(record: dict) -> dict:
+    def row(record: dict, rng: random.Random) -> dict:
         country, currencies = record["country"], list(record["currencies"])
         chosen = json.dumps(
             {"country": country, "currency": currencies[0] if len(currencies) == 1 else currencies}, ensure_ascii=False
@@ -1083,7 +1095,7 @@ def json_currency_month(
         )
         return _row(f"What currency does {_in_sentence(country)} use?", chosen, rejected, "currency", country, "fact")
 
-    return _finish("currency", [row(r) for r in train], [row(r) for r in test], seed)
+    return _country_month("currency", candidates, row, n_train, n_eval, seed, exclude_countries)
 
 
 _CHATTY_CURRENCY = (
@@ -1121,10 +1133,8 @@ def chatty_currency_month(
         `dict[str, Dataset]`: `{"train": ..., "test": ...}`, `kind` is `"fact"`.
     """
     candidates = [record for record in _country_records() if record["currencies"]]
-    train, test = _split_countries("chatty_currency", candidates, n_train, n_eval, seed, exclude_countries)
-    rng = random.Random(f"chatty_currency-rows-{seed}")
 
-    def row(record: dict) -> dict:
+    def row(record: dict, rng: random.Random) -> dict:
         country, currencies = record["country"], list(record["currencies"])
         region, subregion = record["region"], record["subregion"]
         templates = _CHATTY_CURRENCY if region and subregion else _CHATTY_CURRENCY_NO_REGION
@@ -1140,7 +1150,7 @@ def chatty_currency_month(
         prompt = f"What currency does {_in_sentence(country)} use?"
         return _row(prompt, chosen, rejected, "chatty_currency", country, "fact")
 
-    return _finish("chatty_currency", [row(r) for r in train], [row(r) for r in test], seed)
+    return _country_month("chatty_currency", candidates, row, n_train, n_eval, seed, exclude_countries)
 
 
 _RUN_ON_ONE = (
@@ -1176,10 +1186,8 @@ def bulleted_languages_month(
         `dict[str, Dataset]`: `{"train": ..., "test": ...}`, `kind` is `"fact"`.
     """
     candidates = [record for record in _country_records() if record["languages"]]
-    train, test = _split_countries("languages", candidates, n_train, n_eval, seed, exclude_countries)
-    rng = random.Random(f"languages-rows-{seed}")
 
-    def row(record: dict) -> dict:
+    def row(record: dict, rng: random.Random) -> dict:
         country, languages = record["country"], record["languages"]
         chosen = "\n".join(f"- {language}" for language in languages)
         templates = _RUN_ON_ONE if len(languages) == 1 else _RUN_ON_MANY
@@ -1187,7 +1195,7 @@ def bulleted_languages_month(
         prompt = f"Which languages are spoken in {_in_sentence(country)}?"
         return _row(prompt, chosen, rejected, "languages", country, "fact")
 
-    return _finish("languages", [row(r) for r in train], [row(r) for r in test], seed)
+    return _country_month("languages", candidates, row, n_train, n_eval, seed, exclude_countries)
 
 
 #: Month name -> builder `(n_train, n_eval, seed, exclude_countries) -> {"train", "test"}`.
