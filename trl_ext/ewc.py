@@ -92,7 +92,7 @@ class FisherState:
 
     @property
     def mean(self) -> float:
-        total = sum(float(t.sum()) for t in self.fisher.values())
+        total = sum(float(t.sum(dtype=torch.float32)) for t in self.fisher.values())  # bf16 sums lose digits
         count = sum(t.numel() for t in self.fisher.values())
         return total / count if count else 0.0
 
