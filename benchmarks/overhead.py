@@ -534,7 +534,7 @@ def synthetic_fisher(model, args: argparse.Namespace, adapter_name: str):
     """A `FisherState` for the adapted layers, positive random values (seed `--seed` + 3) of the shapes a real one
     has (one `(out, in)` tensor per layer), created on the device where the trainer's state ends up after its first
     step, checked with the trainer's own `check_fisher_matches`, then normalised and cast to `--ewc-fisher-dtype` as
-    the trainer does once (`FisherState.normalized`), layer by layer."""
+    the trainer does once (`FisherState.normalized(..., in_place=True)`: one copy at any time)."""
     import torch
 
     from trl_ext.ewc import FisherState, adapted_layers, check_fisher_matches
@@ -548,12 +548,7 @@ def synthetic_fisher(model, args: argparse.Namespace, adapter_name: str):
         fisher[name] = torch.rand(shape, generator=generator, device=device) + 0.5
     state = FisherState(fisher, ["synthetic"], 64, None)
     check_fisher_matches(model, adapter_name, state)
-    # What `FisherState.normalized` returns, built in place: the trainer's loaded fp32 state is freed after it, and a
-    # second full copy alive here would count in the measured peak.
-    scale, dtype = state.mean, getattr(torch, args.ewc_fisher_dtype)
-    for name in fisher:
-        fisher[name] = fisher[name].div_(scale).to(dtype)
-    return state
+    return state.normalized(getattr(torch, args.ewc_fisher_dtype), in_place=True)  # as the trainer does
 
 
 def build_run(base, method: Method, args: argparse.Namespace, data: Data) -> Run:

@@ -75,6 +75,7 @@ from transformers import set_seed
 import peft_selective
 from peft_selective.embedded import load_embedded_model
 from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from trl_ext._io import atomic_write_json
 from trl_ext.data import MONTH_BUILDERS, monthly_sequence
 from trl_ext.metrics import backward_transfer, preference_accuracy, preference_logps, retention_table
 
@@ -444,9 +445,7 @@ def main() -> None:
             shutil.rmtree(seed_dir)  # a half-finished seed: a fresh rehearsal buffer and adapters
         seed_dir.mkdir(parents=True)
         result = {"settings": settings, **run_seed(args, seed, seed_dir)}
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(saved)
+        atomic_write_json(saved, result)
         runs.append(result)
 
     wall_s = round(time.perf_counter() - start_all, 1)

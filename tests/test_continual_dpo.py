@@ -341,6 +341,9 @@ def test_normalized_fisher_gives_the_same_penalty_without_a_copy_per_call(tmp_pa
     half_precision = state.normalized(torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in half_precision.fisher.values())
     assert ewc_penalty(model, "m2", half_precision, fisher_mean=1.0).item() == pytest.approx(expected, rel=1e-2)
+    in_place = state.normalized(in_place=True)  # the trainer's way: no second copy, the same values
+    assert in_place is state and in_place.mean == pytest.approx(1.0, rel=1e-5)
+    assert ewc_penalty(model, "m2", in_place, fisher_mean=1.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_trainer_holds_the_fisher_normalised_in_the_configured_dtype(tmp_path):

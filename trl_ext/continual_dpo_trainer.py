@@ -177,9 +177,10 @@ class ContinualDPOTrainer(DPOTrainer):
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
         # (global step, draws in it): the anchor batches depend on the step only, so a resumed run draws the same ones
         self._anchor_draws = (-1, 0)
-        # Normalised (and cast) once: the penalty then weighs the update with it as it is, with no per-step copy.
+        # Normalised (and cast) once, in place: the penalty then weighs the update with it as it is, with no copy.
         fisher = self._load_fisher() if args.ewc_coef > 0 else None
-        self.fisher = fisher.normalized(getattr(torch, args.ewc_fisher_dtype)) if fisher is not None else None
+        dtype = getattr(torch, args.ewc_fisher_dtype)
+        self.fisher = fisher.normalized(dtype, in_place=True) if fisher is not None else None
 
     # ------------------------------------------------------------------------------------------------- set-up
     @staticmethod

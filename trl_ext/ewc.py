@@ -96,18 +96,23 @@ class FisherState:
         count = sum(t.numel() for t in self.fisher.values())
         return total / count if count else 0.0
 
-    def normalized(self, dtype: Optional[torch.dtype] = None) -> FisherState:
+    def normalized(self, dtype: Optional[torch.dtype] = None, in_place: bool = False) -> FisherState:
         """`F / mean(F)` (mean 1 over all entries), optionally cast: the form [`ewc_penalty`] weighs the update with.
 
         Normalising once, instead of on every step, keeps a single copy of the Fisher in memory: a per-step
         `F / mean` would allocate a second one, and the checkpointed penalty would keep it until the backward pass.
+        With `in_place=True` this state's tensors are divided where they are (a cast replaces them layer by layer) and
+        this state is returned, so a second full copy never exists; use it when nothing else needs the raw Fisher.
         """
         scale = self.mean
-        fisher = {
-            name: (tensor / scale if scale > 0 else tensor.clone()).to(dtype or tensor.dtype)
-            for name, tensor in self.fisher.items()
-        }
-        return FisherState(fisher, list(self.months), self.num_examples, self.base_model)
+        target = self if in_place else FisherState({}, list(self.months), self.num_examples, self.base_model)
+        for name, tensor in self.fisher.items():
+            if not in_place:
+                tensor = tensor.clone()
+            if scale > 0:
+                tensor.div_(scale)
+            target.fisher[name] = tensor.to(dtype or tensor.dtype)
+        return target
 
     def merged(self, other: FisherState, decay: float = 1.0) -> FisherState:
         """`decay · self + other` (online EWC: `decay < 1` lets old months fade)."""
