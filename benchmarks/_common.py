@@ -60,10 +60,20 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         **extra,
     }
     try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            lines = f.readlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         if names:
             info["cpu_model"] = names[0]
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        # The CPU features that change bitsandbytes' 4-bit CPU path (AVX512-BF16 repacks weights on eval forwards).
+        info["cpu_flags"] = sorted(flag for flag in flags if flag.startswith(("avx512", "amx", "avx2")))
     except OSError:
         pass
     return info

@@ -146,10 +146,14 @@ def write_results(path: Path, args, campaign: Campaign, report: str, elapsed: fl
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    # bitsandbytes repacks 4-bit weights on CPUs with AVX512-BF16: say which path this run took
+    bf16 = "yes" if "avx512_bf16" in payload["machine"].get("cpu_flags", []) else "no"
     text = (
         f"# Monthly DPO demo: 3 months on SmolLM2-135M-Instruct ({args.quantization})\n\n"
         f"Command: `{command}`  \nCommit: `{payload['git_commit']}`, {payload['date']}, "
-        f"wall time {elapsed / 60:.1f} min on {payload['machine'].get('cpu_count', '?')} CPU cores.\n\n"
+        f"wall time {elapsed / 60:.1f} min on {payload['machine'].get('cpu_count', '?')} CPU cores "
+        f"({payload['machine'].get('cpu_model', '?')}; AVX512-BF16: {bf16}; bitsandbytes "
+        f"{payload['machine'].get('bitsandbytes', 'not installed')}).\n\n"
         "Rows: after month t; columns: month i's held-out pairs (length-fair preference accuracy against the base "
         "model's log-probs). Then general ability against month 0.\n\n" + report + "\n"
     )
