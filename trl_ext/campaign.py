@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.trainer_utils import get_last_checkpoint
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
+from peft_selective.quantization import keep_4bit_layers_trainable
 
 from ._io import atomic_write, atomic_write_json, is_json_serializable
 from .continual_dpo_config import ContinualDPOConfig
@@ -384,6 +385,9 @@ class Campaign:
                 f"The base model {config.base_model!r} does not match the one this campaign was trained on "
                 f"(recorded {recorded}, loaded {fingerprint})."
             )
+        # Before the month-0 (or any) evaluation: on AVX512-BF16 CPUs bitsandbytes would repack the 4-bit weights,
+        # cutting the next month's gradient and changing the evaluation's kernels (see `peft_selective.quantization`).
+        keep_4bit_layers_trainable(model)
         return model.eval(), tokenizer
 
     def load_model(self, upto: Optional[str] = None):

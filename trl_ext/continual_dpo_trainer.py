@@ -44,6 +44,8 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path
 
+from peft_selective.quantization import keep_4bit_layers_trainable
+
 from .anchors import AnchorSet, anchor_kl, general_anchor_prompts
 from .continual_dpo_config import ContinualDPOConfig
 from .ewc import FISHER_METADATA, FisherState, check_fisher_matches, estimate_fisher, ewc_penalty
@@ -154,6 +156,9 @@ class ContinualDPOTrainer(DPOTrainer):
                 ref_model = PreviousMonthReference(model, self.previous_adapters)
         elif args.ewc_coef > 0:
             raise ValueError("EWC applies to a month's adapter update: pass a `peft_config` (or a `PeftModel`).")
+        # Before anything evaluates (the anchor continuations below): keeps every 4-bit layer's input gradient on
+        # CPUs where bitsandbytes would repack it, also for PEFT LoRA models (see `peft_selective.quantization`).
+        keep_4bit_layers_trainable(model)
 
         super().__init__(
             model=model,

@@ -7,6 +7,7 @@ import re
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ...quantization import keep_4bit_layers_trainable
 from ...targets import is_linear_like, resolve_targets
 from .config import SAProjConfig, SelectiveConfig, SelectiveMLPConfig
 from .layer import Linear, ParamWrapper, SelectiveLayer
@@ -47,6 +48,12 @@ class SelectiveModel(BaseTuner):
             parameters = [p for p in resolved.parameters if not _is_excluded(p.rpartition(".")[0], peft_config)]
             peft_config.target_parameters = parameters or None
         return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # Before the layers are built (they may read the base weight); also runs on `add_adapter` / `load_adapter`.
+        # bitsandbytes' CPU repacking of 4-bit weights would cut the gradient: see `peft_selective.quantization`.
+        keep_4bit_layers_trainable(model)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # BaseTuner._replace_module re-assigns `child.base_layer.weight` (and `.bias`) onto a replacement module that
