@@ -9,6 +9,7 @@ from .anchors import AnchorSet, anchor_kl, general_anchor_prompts
 from .continual_dpo_config import ContinualDPOConfig
 from .continual_dpo_trainer import ContinualDPOTrainer
 from .ewc import FisherState, estimate_fisher, ewc_penalty
+from .health import ModelHealthError
 from .reference import PreviousMonthReference, active_adapters
 from .rehearsal import RehearsalBuffer, RehearsalBufferError
 from .validation import PreferenceDataError, validate_preference_dataset
@@ -19,6 +20,7 @@ __all__ = [
     "ContinualDPOConfig",
     "ContinualDPOTrainer",
     "FisherState",
+    "ModelHealthError",
     "PreferenceDataError",
     "PreviousMonthReference",
     "RehearsalBuffer",

@@ -23,6 +23,7 @@ from typing import Optional
 from trl import TrlParser
 
 from .campaign import Campaign, CampaignConfig, CampaignError, format_report
+from .health import ModelHealthError
 from .validation import PreferenceDataError
 
 
@@ -45,6 +46,15 @@ class RunMonthArguments(CampaignDirArguments):
     test_data: Optional[str] = field(default=None, metadata={"help": "Held-out pairs (default: split off --data)."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of --data held out when --test_data is unset."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the month's Trainer checkpoints."})
+    health_check: Optional[bool] = field(
+        default=None, metadata={"help": "Override the campaign's health_check for this month (true/false)."}
+    )
+    max_perplexity_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Override the campaign's max_perplexity_ratio for this month."}
+    )
+    max_kl_to_base: Optional[float] = field(
+        default=None, metadata={"help": "Override the campaign's max_kl_to_base for this month."}
+    )
 
 
 @dataclass
@@ -92,7 +102,14 @@ def _run(command: str, argv: list[str]) -> int:
         if not args.name:
             raise CampaignError("Name the month: `continual-dpo run-month NAME --data FILE`.")
         entry = campaign.run_month(
-            args.name, args.data, args.test_data, args.test_fraction, keep_checkpoints=args.keep_checkpoints
+            args.name,
+            args.data,
+            args.test_data,
+            args.test_fraction,
+            keep_checkpoints=args.keep_checkpoints,
+            health_check=args.health_check,
+            max_perplexity_ratio=args.max_perplexity_ratio,
+            max_kl_to_base=args.max_kl_to_base,
         )
         print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
         print(format_report(campaign.evaluations, campaign.done_months))
@@ -121,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         return _run(argv[0], argv[1:])
-    except (CampaignError, PreferenceDataError, FileNotFoundError, ValueError) as error:
+    except (CampaignError, PreferenceDataError, ModelHealthError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -87,6 +87,19 @@ class ContinualDPOConfig(DPOConfig):
         drop_long_prompts (`bool`, *optional*, defaults to `False`):
             Rows whose prompt alone fills `max_length` leave no response to learn from. By default they raise an
             error naming them; with `True` they are dropped and the count is logged.
+
+        > Model health (`trl_ext.health`)
+
+        health_check (`bool`, *optional*, defaults to `True`):
+            Refuse to keep training a broken model: a non-finite training loss on any step, or a total gradient norm
+            of the trained parameters that is 0 or non-finite on one of the first `health_check_steps` optimizer steps,
+            raises [`~trl_ext.health.ModelHealthError`] naming the measured value and what to try. Costs one gather of
+            the loss per micro-batch and one gradient norm per checked step.
+        health_check_steps (`int`, *optional*, defaults to `5`):
+            Optimizer steps, from the start, whose gradients are checked (`0`: the gradient check is off, the loss
+            check stays). The first steps are where a model broken at load time shows (a corrupted quantized base
+            gave `grad_norm` 0 from step 1); skipped under DeepSpeed/FSDP (sharded gradients), and with fp16 only a
+            zero norm is refused (the loss scaler skips non-finite steps on purpose).
     """
 
     adapter_name: str = field(default="default", metadata={"help": "Name of this month's adapter."})
@@ -118,6 +131,12 @@ class ContinualDPOConfig(DPOConfig):
         default="float32", metadata={"help": "'float32', 'bfloat16' or 'float16': dtype of the Fisher in training."}
     )
     drop_long_prompts: bool = field(default=False, metadata={"help": "Drop (and count) prompts that fill max_length."})
+    health_check: bool = field(
+        default=True, metadata={"help": "Refuse a non-finite loss, or vanished gradients on the first steps."}
+    )
+    health_check_steps: int = field(
+        default=5, metadata={"help": "Optimizer steps whose gradient norm is checked (0: none)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,3 +161,5 @@ class ContinualDPOConfig(DPOConfig):
             )
         if not 0.0 <= self.fisher_decay <= 1.0:
             raise ValueError(f"`fisher_decay` must be in [0, 1], got {self.fisher_decay}.")
+        if self.health_check_steps < 0:
+            raise ValueError(f"`health_check_steps` must be >= 0, got {self.health_check_steps}.")

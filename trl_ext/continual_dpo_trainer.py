@@ -49,6 +49,7 @@ from peft_selective.quantization import keep_4bit_layers_trainable
 from .anchors import AnchorSet, anchor_kl, general_anchor_prompts
 from .continual_dpo_config import ContinualDPOConfig
 from .ewc import FISHER_METADATA, FisherState, check_fisher_matches, estimate_fisher, ewc_penalty
+from .health import TrainingHealthCallback, check_loss
 from .reference import PreviousMonthReference
 from .rehearsal import RehearsalBuffer
 from .validation import PreferenceDataError, validate_preference_dataset
@@ -90,6 +91,11 @@ class ContinualDPOTrainer(DPOTrainer):
     The other arguments are `DPOTrainer`'s. The training data is checked row by row before tokenization
     ([`trl_ext.validation`]); rows whose prompt fills `max_length` raise an error naming them unless
     `drop_long_prompts=True`, which drops them and logs the count.
+
+    With `health_check=True` (the default) training stops with [`~trl_ext.health.ModelHealthError`] on a non-finite
+    loss (any step) or when the trained parameters' total gradient norm is 0 or non-finite on one of the first
+    `health_check_steps` optimizer steps: the signs of a model broken before or while training (see
+    `trl_ext.health`).
     """
 
     _tag_names = ["trl", "dpo", "continual-dpo", "peft-selective"]
@@ -174,6 +180,8 @@ class ContinualDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
         )
         self.data_collator = _RehearsalFlagCollator(self.data_collator)
+        if args.health_check:  # the gradient half of the health guard (the loss half is in `compute_loss`)
+            self._add_health_callback()
         self._rehearsal_logged = False
         self._captured_policy_output = None
         self._capture_policy_output = False
@@ -343,7 +351,23 @@ class ContinualDPOTrainer(DPOTrainer):
                 penalty = ewc_penalty(model, args.adapter_name, self.fisher, fisher_mean=1.0)
             loss = loss + args.ewc_coef * penalty
             self._metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
+        if args.health_check and mode == "train":
+            # Gathered, so that every process refuses together (a NaN on one rank reaches all through the gradients).
+            losses = self.accelerator.gather(loss.detach().float().reshape(1))
+            finite = torch.isfinite(losses)
+            if not finite.all():
+                check_loss(losses[~finite][0].item(), self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
+
+    def _add_health_callback(self) -> None:
+        """Check the trained parameters' gradient norm on the first `health_check_steps` optimizer steps
+        ([`~trl_ext.health.TrainingHealthCallback`]); not under DeepSpeed/FSDP, whose gradients are sharded."""
+        if self.args.health_check_steps == 0:
+            return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            logger.info("No gradient health check under DeepSpeed/FSDP (sharded gradients); the loss check stays.")
+            return
+        self.add_callback(TrainingHealthCallback(self.args.health_check_steps, allow_non_finite=self.args.fp16))
 
     def _anchor_rng(self) -> random.Random:
         step, draws = self._anchor_draws
