@@ -444,13 +444,13 @@ def projection_microbenchmark(model, repeats: int) -> dict[str, Any]:
 
     adapter = "default"
     layers = [m for m in model.modules() if isinstance(m, SelectiveLayer) and adapter in m.rank]
-    dims = [int(layer.protected_basis[adapter].shape[1]) for layer in layers]
+    dims = [int(layer.selective_protected_basis[adapter].shape[1]) for layer in layers]
 
     def work(project: bool) -> float:
         watch = Stopwatch().__enter__()
         total = 0.0
         for layer in layers:
-            A, B, s = layer.delta_A[adapter], layer.delta_B[adapter], layer.scaling[adapter]
+            A, B, s = layer.selective_delta_A[adapter], layer.selective_delta_B[adapter], layer.scaling[adapter]
             if project:  # as `SelectiveLayer.delta_output`: the soft projector caps the raw update
                 raw, A = A, layer._project(adapter, A)
                 capped = raw if getattr(layer, "soft_projection", {}).get(adapter, False) else A
@@ -461,8 +461,8 @@ def projection_microbenchmark(model, repeats: int) -> dict[str, Any]:
         total.backward()
         watch.__exit__()
         for layer in layers:
-            layer.delta_A[adapter].grad = None
-            layer.delta_B[adapter].grad = None
+            layer.selective_delta_A[adapter].grad = None
+            layer.selective_delta_B[adapter].grad = None
         return watch.cpu
 
     with torch.enable_grad():

@@ -50,5 +50,11 @@ def register() -> None:
             peft_type = _extend_peft_type(method.name.upper())
             if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is method.config_cls:
                 continue
-            register_peft_method(name=method.name, config_cls=method.config_cls, model_cls=method.model_cls)
+            # All three share the layer, hence its parameter prefix `selective_` (PEFT's default would be the name).
+            register_peft_method(
+                name=method.name,
+                config_cls=method.config_cls,
+                model_cls=method.model_cls,
+                prefix=method.model_cls.prefix,
+            )
         _registered = True

@@ -49,7 +49,7 @@ _LLAMA_LIKE = Expected(r"model\.layers", _LLAMA_MLP, _LLAMA_ATTN, down=_LLAMA_DO
 EXPECTED: dict[str, Expected] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,  # q/k/v carry biases: delta_bias expected there
+    "qwen2": _LLAMA_LIKE,  # q/k/v carry biases: selective_delta_bias expected there
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
@@ -148,12 +148,12 @@ def expected_adapter_params(
 
     def add(prefix: str, lead: tuple[int, ...], out_f: int, in_f: int, has_bias: bool) -> None:
         if rank is None:
-            found[f"{prefix}.delta_weight.{adapter}"] = (*lead, out_f, in_f)
+            found[f"{prefix}.selective_delta_weight.{adapter}"] = (*lead, out_f, in_f)
         else:
-            found[f"{prefix}.delta_A.{adapter}"] = (*lead, rank, in_f)
-            found[f"{prefix}.delta_B.{adapter}"] = (*lead, out_f, rank)
+            found[f"{prefix}.selective_delta_A.{adapter}"] = (*lead, rank, in_f)
+            found[f"{prefix}.selective_delta_B.{adapter}"] = (*lead, out_f, rank)
         if has_bias:
-            found[f"{prefix}.delta_bias.{adapter}"] = (*lead, out_f)
+            found[f"{prefix}.selective_delta_bias.{adapter}"] = (*lead, out_f)
 
     for name, module in base.named_modules():
         match = block_re.match(name)
@@ -398,7 +398,9 @@ def test_unknown_architecture_lists_linear_modules_and_asks_for_target_modules(p
     torch.manual_seed(0)
     model = get_peft_model(_OddModel(), make_config(preset, None, target_modules=["mix_in"]))
     assert set(trainable(model)) == {
-        f"base_model.model.stack.{i}.mix_in.{p}.default" for i in range(2) for p in ("delta_weight", "delta_bias")
+        f"base_model.model.stack.{i}.mix_in.{p}.default"
+        for i in range(2)
+        for p in ("selective_delta_weight", "selective_delta_bias")
     }
 
 
@@ -502,7 +504,7 @@ def test_delete_adapter(family, rank, make_tiny_model, tiny_inputs, model_output
     # as with LoRA: run the wrapped model)
     peft_model.delete_adapter("one")
     assert not trainable(peft_model)
-    assert not any("delta_" in n for n, _ in peft_model.named_parameters())
+    assert not any("selective_delta_" in n for n, _ in peft_model.named_parameters())
     with torch.no_grad():
         base_logits = model_output(make_tiny_model(family), inputs)
         assert torch.equal(model_output(peft_model.base_model.model, inputs), base_logits)

@@ -185,6 +185,40 @@ def test_corrupted_or_mismatched_state_gives_a_clear_error(one_month_campaign, t
     assert "No campaign in" in capsys.readouterr().err
 
 
+def test_partial_or_mismatched_adapter_gives_a_clear_error(one_month_campaign, tmp_path):
+    """A file that is not the adapter its config describes fails to load even when its checksum was recorded for it
+    (e.g. a save that lost a tensor): PEFT itself only warns about a missing tensor and ignores an unexpected one."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    directory = copy_of(one_month_campaign, tmp_path)
+    weights = directory / "adapters" / "m1" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+
+    def write(edited: dict) -> None:
+        save_file(edited, weights)
+        state = json.loads((directory / "campaign.json").read_text())
+        (month,) = [m for m in state["months"] if m["name"] == "m1"]
+        month["adapter_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        (directory / "campaign.json").write_text(json.dumps(state))
+
+    write({k: v for k, v in tensors.items() if k != first})
+    with pytest.raises(CampaignError, match=rf"month 'm1'.*missing tensors: {first}"):
+        Campaign(directory).load_model()
+    extra = first.rpartition(".")[0] + ".selective_extra"
+    write({**tensors, extra: torch.zeros(2)})
+    with pytest.raises(CampaignError, match=rf"unexpected tensors: {extra}"):
+        Campaign(directory).load_model()
+    write({**tensors, first: torch.zeros(1, 1)})
+    with pytest.raises(CampaignError, match=r"(?s)does not fit the model.*size mismatch for .*selective_delta"):
+        Campaign(directory).load_model()
+    # the same tensors under peft-selective 0.1.0's names still load
+    write({k.replace(".selective_", "."): v for k, v in tensors.items()})
+    Campaign(directory).load_model()
+
+
 def test_push_dry_run_lists_the_files(one_month_campaign, tmp_path, capsys, monkeypatch):
     import huggingface_hub
 

@@ -109,7 +109,7 @@ def month_2(model, tmp_path, peft_config=None, buffer=None, callbacks=(), **kwar
 
 
 def of(adapter: str, name: str) -> bool:
-    """Whether parameter `name` belongs to `adapter` (`...delta_A.m2` for ours, `...lora_A.m2.weight` for LoRA)."""
+    """Whether parameter `name` belongs to `adapter` (`...selective_delta_A.m2` for ours, `...lora_A.m2.weight` for LoRA)."""
     return name.endswith(f".{adapter}") or f".{adapter}." in name
 
 

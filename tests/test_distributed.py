@@ -46,8 +46,8 @@ def test_two_process_ddp_training_keeps_ranks_in_sync(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and rank0
-    assert all(".delta_" in k for k in rank0)
+    assert all(".selective_delta_" in k for k in rank0)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     # and training moved the adapter (B starts at zero)
-    assert any(k.endswith("delta_B.default") and rank0[k].abs().sum() > 0 for k in rank0)
+    assert any(k.endswith("selective_delta_B.default") and rank0[k].abs().sum() > 0 for k in rank0)

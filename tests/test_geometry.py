@@ -112,7 +112,7 @@ def test_norm_cap_holds_and_update_is_projected(base):
         if isinstance(module, peft_selective.tuners.selective.SelectiveLayer) and module.is_calibrated("default"):
             delta = module.get_delta_weight("default")
             assert delta.norm() <= 0.5 + 1e-4
-            basis = module.protected_basis["default"]
+            basis = module.selective_protected_basis["default"]
             assert (delta @ basis).abs().max() < 1e-4  # nothing of the update acts on protected directions
 
 
@@ -154,7 +154,7 @@ def test_extended_subspace_keeps_earlier_protection(base):
     )
     for module in model.modules():
         if isinstance(module, peft_selective.tuners.selective.SelectiveLayer):
-            u1, u2 = module.protected_basis["month1"], module.protected_basis["month2"]
+            u1, u2 = module.selective_protected_basis["month1"], module.selective_protected_basis["month2"]
             # month 1's protected directions lie (almost) inside month 2's
             residual = u1 - u2 @ (u2.T @ u1)
             assert residual.norm() / max(u1.norm(), 1e-12) < 0.05
@@ -249,7 +249,7 @@ def test_quantized_base_calibrates_and_trains(base, tmp_path):
     before = {n: t.clone() for n, t in model.state_dict().items()}
     train(model, batches(MONTH1_TOKENS, 2, 3), steps=3)
     changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
-    assert changed and all(".delta_" in n for n in changed)
+    assert changed and all(".selective_delta_" in n for n in changed)
     report = measure_guarantees(model, batches(PROTECTED_TOKENS, 2, 2), report=report, show_progress=False)
     assert report.violations() == {}
     with warnings.catch_warnings(record=True) as caught:

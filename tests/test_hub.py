@@ -25,7 +25,8 @@ def make_campaign(root, months=("2025-06", "2025-07"), statuses=None):
         adapter = root / "adapters" / month
         adapter.mkdir(parents=True)
         save_file(
-            {"base_model.model.layers.0.mlp.gate_proj.delta_B": torch.full((2, 2), float(k))}, adapter / FILES[1]
+            {"base_model.model.layers.0.mlp.gate_proj.selective_delta_B": torch.full((2, 2), float(k))},
+            adapter / FILES[1],
         )
         (adapter / FILES[0]).write_text(json.dumps({"peft_type": "SELECTIVE_MLP", "month": month}))
         # what PEFT / the Trainer leave next to an adapter: never uploaded

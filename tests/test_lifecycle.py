@@ -63,7 +63,7 @@ def test_types_are_registered_with_peft():
         member = PeftType[name]
         assert member.value == name and PeftType(name) is member and member in list(PeftType)
         assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is config_cls
-        assert PEFT_TYPE_TO_TUNER_MAPPING[member].prefix.startswith(name.lower())
+        assert PEFT_TYPE_TO_TUNER_MAPPING[member].prefix == "selective_"
     peft_selective.register()  # idempotent
     assert list(PeftType).count(PeftType.SAPROJ) == 1
 
@@ -114,7 +114,7 @@ def test_save_writes_safetensors_and_reloads_exactly(tmp_path, base_dir):
         "adapter_model.safetensors",
     ]
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert saved and all(".delta_" in k for k in saved)
+    assert saved and all(".selective_delta_" in k for k in saved)
     reloaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path)
     assert torch.equal(reloaded(x).logits, expected)
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
@@ -221,7 +221,7 @@ def test_adapters_stack_switch_and_delete(base_dir):
     assert not torch.allclose(logits[("month1", "month2")], logits[("month1",)])
     assert (logits[("month1", "month2")] - combined).abs().max() < 0.05  # model is non-linear; layer test is exact
     model.delete_adapter("month1")
-    assert "month1" not in up_proj.delta_weight and model.active_adapters == ["month2"]
+    assert "month1" not in up_proj.selective_delta_weight and model.active_adapters == ["month2"]
     with model.disable_adapter():
         assert torch.equal(model(x).logits, base_logits)
 
@@ -262,8 +262,10 @@ def test_quantized_base_trains_only_the_adapter(base_dir, bits, rank):
         optimizer.step()
         optimizer.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed and all(".delta_" in n for n in changed)
-    assert all(torch.equal(model.state_dict()[n], v) for n, v in quantized_before.items() if ".delta_" not in n)
+    assert changed and all(".selective_delta_" in n for n in changed)
+    assert all(
+        torch.equal(model.state_dict()[n], v) for n, v in quantized_before.items() if ".selective_delta_" not in n
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.merge_adapter()
@@ -292,7 +294,7 @@ def test_transformers_trainer_with_gradient_checkpointing(tmp_path, base_dir):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     transformers.Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed and all(".delta_weight." in n for n in changed)
+    assert changed and all(".selective_delta_weight." in n for n in changed)
 
 
 def test_trl_sft_trainer_with_peft_config(tmp_path, base_dir):
@@ -314,7 +316,7 @@ def test_trl_sft_trainer_with_peft_config(tmp_path, base_dir):
     assert isinstance(trainer.model, PeftModel)
     assert trainer.model.peft_config["default"].peft_type == PeftType.SAPROJ
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert trainable and all("self_attn" in n and ".delta_" in n for n in trainable)
+    assert trainable and all("self_attn" in n and ".selective_delta_" in n for n in trainable)
 
 
 def test_trl_dpo_trainer_with_peft_config(tmp_path, base_dir):
@@ -341,7 +343,7 @@ def test_trl_dpo_trainer_with_peft_config(tmp_path, base_dir):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed and all("mlp" in n and ".delta_weight." in n for n in changed)
+    assert changed and all("mlp" in n and ".selective_delta_weight." in n for n in changed)
 
 
 def test_modules_to_save_trains_and_saves_a_classifier_head(tmp_path):
@@ -353,7 +355,7 @@ def test_modules_to_save_trains_and_saves_a_classifier_head(tmp_path):
     model = get_peft_model(base, SelectiveMLPConfig(rank=2, modules_to_save=["classifier"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier.modules_to_save.default" in n for n in trainable)
-    assert all("intermediate.dense.delta_" in n or "classifier" in n for n in trainable)
+    assert all("intermediate.dense.selective_delta_" in n or "classifier" in n for n in trainable)
     with torch.no_grad():
         model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
     x = tokens()

@@ -46,7 +46,7 @@ def test_real_model_trains_only_the_preset_and_keeps_base_recoverable(
         trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         assert sum(p.numel() for p in trainable.values()) == expected_params
         assert {
-            n.split(".layers.")[1].split(".", 1)[1].rsplit(".delta_", 1)[0] for n in trainable
+            n.split(".layers.")[1].split(".", 1)[1].rsplit(".selective_delta_", 1)[0] for n in trainable
         } == expected_suffixes
         optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
         peft_model.train()

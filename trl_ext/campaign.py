@@ -278,6 +278,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _adapter_file_mismatch(model: PeftModel, adapter_name: str, weights: Path) -> list[str]:
+    """How the tensors of a loaded adapter's file differ from those of the adapter PEFT built from its config
+    (missing, unexpected, other shape); empty when they agree. Reads the file's header only."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from peft_selective.tuners.selective.model import rename_legacy_keys
+
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    saved = rename_legacy_keys(saved)  # peft-selective 0.1.0 names, renamed the same way on load
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    shared = sorted(expected.keys() & saved.keys())
+    shapes = [f"{k} {list(saved[k])} (expected {list(expected[k])})" for k in shared if saved[k] != expected[k]]
+    problems = []
+    for what, keys in (("missing tensors", missing), ("unexpected tensors", unexpected), ("other shapes", shapes)):
+        if keys:
+            problems.append(f"{what}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
+    return problems
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
@@ -446,10 +468,25 @@ class Campaign:
                     f"The adapter of month {name!r} ({weights}) changed since it was trained (SHA-256 mismatch): the "
                     "file is corrupted or was replaced. Restore it, or rerun the campaign from that month."
                 )
-            if index == 0:
-                model = PeftModel.from_pretrained(model, folder, adapter_name=name, is_trainable=False)
-            else:
-                model.load_adapter(folder, adapter_name=name, is_trainable=False)
+            try:
+                if index == 0:
+                    model = PeftModel.from_pretrained(model, folder, adapter_name=name, is_trainable=False)
+                else:
+                    model.load_adapter(folder, adapter_name=name, is_trainable=False)
+            except RuntimeError as error:  # torch's load_state_dict: "size mismatch for ..."
+                raise CampaignError(
+                    f"The adapter of month {name!r} ({weights}) does not fit the model its adapter_config.json "
+                    f"describes: restore the month's adapter folder, or rerun the campaign from that month. {error}"
+                ) from error
+            # PEFT only warns about a missing tensor (the update would silently start from its init) and ignores an
+            # unexpected one: the file must hold exactly the adapter's tensors, at the adapter's shapes.
+            problems = _adapter_file_mismatch(model, name, weights)
+            if problems:
+                raise CampaignError(
+                    f"The adapter of month {name!r} ({weights}) does not match the adapter its adapter_config.json "
+                    f"describes: {'; '.join(problems)}. The file is incomplete or belongs to another run: restore the "
+                    "month's adapter folder, or rerun the campaign from that month."
+                )
         if done:
             model.base_model.set_adapter(done)
             model.base_model.set_requires_grad(done, requires_grad=False)

@@ -289,11 +289,11 @@ def _previous_state(layer: SelectiveLayer, previous_adapter: str, name: str) -> 
             f"{name} has no calibrated subspace for previous adapter {previous_adapter!r}: pass a calibrated "
             "GeometryProjected adapter that targets the same modules."
         )
-    stats = layer.protected_stats[previous_adapter]
+    stats = layer.selective_protected_stats[previous_adapter]
     return {
         "covariance": covariance_upper_bound(
-            layer.protected_basis[previous_adapter].cpu(),
-            layer.protected_values[previous_adapter].cpu(),
+            layer.selective_protected_basis[previous_adapter].cpu(),
+            layer.selective_protected_values[previous_adapter].cpu(),
             float(stats[0]),
         ),
         "output_energy": float(stats[1]),
@@ -411,9 +411,9 @@ def report_from_model(model: nn.Module, adapter_name: Optional[str] = None) -> G
     for name, layer in _geometry_layers(model, adapter_name).items():
         if not layer.is_calibrated(adapter_name):
             continue
-        residual, energy, tokens, cap, outliers = (float(v) for v in layer.protected_stats[adapter_name])
+        residual, energy, tokens, cap, outliers = (float(v) for v in layer.selective_protected_stats[adapter_name])
         calibration_tokens = max(calibration_tokens, int(tokens))
-        weights = layer.protected_weights[adapter_name]
+        weights = layer.selective_protected_weights[adapter_name]
         soft = bool((weights < 1).any())
         dim = int(weights.sum().round())
         layers[name] = LayerGuarantee(

@@ -10,9 +10,8 @@ from .config import GeometryProjectedConfig
 
 
 class GeometryProjectedModel(SelectiveModel):
-    """Tuner of [`GeometryProjectedConfig`]. Calibrate with `peft_selective.calibrate` before training."""
-
-    prefix: str = "geometry_projected_"
+    """Tuner of [`GeometryProjectedConfig`]. Calibrate with `peft_selective.calibrate` before training. Its layers are
+    the selective ones, so it keeps the `selective_` prefix of [`SelectiveModel`]."""
 
     def _prepare_adapter_config(self, peft_config: GeometryProjectedConfig, model_config: dict):
         peft_config = super()._prepare_adapter_config(peft_config, model_config)

@@ -22,29 +22,39 @@ from .config import SelectiveConfig
 
 
 class SelectiveLayer(BaseTunerLayer):
-    """Adapter state of one targeted layer: per adapter a full-rank `delta_weight` or a low-rank pair
-    `delta_A`/`delta_B`, and optionally `delta_bias`. Every matrix is stored `(out_features, in_features)`.
+    """Adapter state of one targeted layer: per adapter a full-rank `selective_delta_weight` or a low-rank pair
+    `selective_delta_A`/`selective_delta_B`, and optionally `selective_delta_bias`. Every matrix is stored
+    `(out_features, in_features)`.
 
     An adapter may also carry a protected input subspace (GeometryProjected): orthonormal columns `U` with removal
     weights `w`, applied to the input side of the update, `ΔW = ΔW' (I - U diag(w) Uᵀ)`, and a cap on `‖ΔW‖_F`.
     Projecting the parametrisation (not the gradients) keeps the constraint exact under any optimizer. Adapters
     without a subspace are the plain selective update."""
 
-    adapter_layer_names = ("delta_weight", "delta_A", "delta_B", "delta_bias")
+    # Every name starts with the tuner prefix `selective_` (shared by all three methods, as `lora_` is by LoRA and
+    # AdaLoRA): PEFT finds adapter keys by that prefix (missing keys on load, `inject_adapter_in_model(state_dict=)`)
+    # and so does transformers' adapter loader. peft-selective 0.1.0 saved them unprefixed, see
+    # `SelectiveModel._remap_adapter_state_dict_for_load`.
+    adapter_layer_names = ("selective_delta_weight", "selective_delta_A", "selective_delta_B", "selective_delta_bias")
     other_param_names = ("rank", "scaling", "norm_cap")
     # Buffers of the protected subspace; their shapes depend on calibration, see `_resize_protected_buffers`.
-    protected_buffer_names = ("protected_basis", "protected_weights", "protected_values", "protected_stats")
-    # protected_stats layout: [residual eigenvalue, output energy E‖y‖², calibration tokens, norm cap, outlier axes]
+    protected_buffer_names = (
+        "selective_protected_basis",
+        "selective_protected_weights",
+        "selective_protected_values",
+        "selective_protected_stats",
+    )
+    # selective_protected_stats layout: [residual eigenvalue, output energy E‖y‖², calibration tokens, norm cap, outlier axes]
     _STATS_SIZE = 5
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.rank: dict[str, int | None] = {}
         self.scaling: dict[str, float] = {}
-        self.delta_weight = nn.ParameterDict({})
-        self.delta_A = nn.ParameterDict({})
-        self.delta_B = nn.ParameterDict({})
-        self.delta_bias = nn.ParameterDict({})
+        self.selective_delta_weight = nn.ParameterDict({})
+        self.selective_delta_A = nn.ParameterDict({})
+        self.selective_delta_B = nn.ParameterDict({})
+        self.selective_delta_bias = nn.ParameterDict({})
         # Python-side mirrors of the protected buffers, so the forward pass needs no device sync to read them:
         # `norm_cap` is set exactly when the adapter is calibrated.
         self.norm_cap: dict[str, Optional[float]] = {}
@@ -77,12 +87,14 @@ class SelectiveLayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.scaling
         lead = self.leading_shape
         if rank is None:
-            self.delta_weight[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features, self.in_features))
+            self.selective_delta_weight[adapter_name] = nn.Parameter(
+                torch.zeros(*lead, self.out_features, self.in_features)
+            )
         else:
-            self.delta_A[adapter_name] = nn.Parameter(torch.empty(*lead, rank, self.in_features))
-            self.delta_B[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features, rank))
+            self.selective_delta_A[adapter_name] = nn.Parameter(torch.empty(*lead, rank, self.in_features))
+            self.selective_delta_B[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features, rank))
         if config.train_bias and self.base_has_bias:
-            self.delta_bias[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features))
+            self.selective_delta_bias[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features))
         self.reset_parameters(adapter_name, config.init_weights)
         self.requires_calibration[adapter_name] = getattr(config, "requires_calibration", False)
         self.norm_cap[adapter_name] = None
@@ -100,14 +112,14 @@ class SelectiveLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        if adapter_name in self.delta_A:
+        if adapter_name in self.selective_delta_A:
             # As LoRA: A random, B zero, so the update starts at exactly zero but gradients reach B at once.
-            A = self.delta_A[adapter_name]
+            A = self.selective_delta_A[adapter_name]
             nn.init.kaiming_uniform_(A.view(-1, A.shape[-1]), a=math.sqrt(5))
         if init_weights:
             return
         # Non-zero start, for tests only: small enough to keep activations sane, large enough to see.
-        for params in (self.delta_weight, self.delta_B, self.delta_bias):
+        for params in (self.selective_delta_weight, self.selective_delta_B, self.selective_delta_bias):
             if adapter_name in params:
                 nn.init.normal_(params[adapter_name], std=0.02)
 
@@ -119,7 +131,7 @@ class SelectiveLayer(BaseTunerLayer):
             getattr(self, name)[adapter] = tensor.detach().to(device=device, dtype=torch.float32)
 
     def _adapter_device(self, adapter: str) -> torch.device:
-        for params in (self.delta_weight, self.delta_A):
+        for params in (self.selective_delta_weight, self.selective_delta_A):
             if adapter in params:
                 return params[adapter].device
         return torch.device("cpu")
@@ -140,11 +152,11 @@ class SelectiveLayer(BaseTunerLayer):
         return self.norm_cap.get(adapter) is not None
 
     def _project(self, adapter: str, matrix: torch.Tensor) -> torch.Tensor:
-        """`M (I - U diag(w) Uᵀ)` on the input side of an update factor (`delta_weight` or `delta_A`)."""
-        if adapter not in self.protected_basis or self.protected_basis[adapter].shape[1] == 0:
+        """`M (I - U diag(w) Uᵀ)` on the input side of an update factor (`selective_delta_weight` or `selective_delta_A`)."""
+        if adapter not in self.selective_protected_basis or self.selective_protected_basis[adapter].shape[1] == 0:
             return matrix
-        basis = self.protected_basis[adapter].to(matrix.dtype)
-        weights = self.protected_weights[adapter].to(matrix.dtype)
+        basis = self.selective_protected_basis[adapter].to(matrix.dtype)
+        weights = self.selective_protected_weights[adapter].to(matrix.dtype)
         return matrix - ((matrix @ basis) * weights) @ basis.T
 
     def _cap_factor(self, adapter: str, frobenius_sq: torch.Tensor) -> torch.Tensor | float:
@@ -178,11 +190,11 @@ class SelectiveLayer(BaseTunerLayer):
                 key = f"{prefix}{name}.{adapter}"
                 if key in state_dict and state_dict[key].shape != buffers[adapter].shape:
                     buffers[adapter] = torch.empty_like(state_dict[key], device=buffers[adapter].device)
-        for adapter in list(self.protected_stats.keys()):
-            key = f"{prefix}protected_stats.{adapter}"
+        for adapter in list(self.selective_protected_stats.keys()):
+            key = f"{prefix}selective_protected_stats.{adapter}"
             if key in state_dict and float(state_dict[key][2]) > 0:
                 self.norm_cap[adapter] = float(state_dict[key][3])
-                weights = state_dict.get(f"{prefix}protected_weights.{adapter}")
+                weights = state_dict.get(f"{prefix}selective_protected_weights.{adapter}")
                 self.soft_projection[adapter] = bool(weights is not None and (weights < 1).any())
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -206,11 +218,13 @@ class SelectiveLayer(BaseTunerLayer):
         """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout
         (projected and norm-capped for GeometryProjected adapters)."""
         if self.rank[adapter] is None:
-            raw = self.delta_weight[adapter]
+            raw = self.selective_delta_weight[adapter]
             delta = self._project(adapter, raw)
         else:
-            raw = self.delta_B[adapter] @ self.delta_A[adapter]
-            delta = (self.delta_B[adapter] @ self._project(adapter, self.delta_A[adapter])) * self.scaling[adapter]
+            raw = self.selective_delta_B[adapter] @ self.selective_delta_A[adapter]
+            delta = (
+                self.selective_delta_B[adapter] @ self._project(adapter, self.selective_delta_A[adapter])
+            ) * self.scaling[adapter]
             raw = raw * self.scaling[adapter]
         if self.norm_cap.get(adapter) is not None:
             capped = raw if self.soft_projection.get(adapter, False) else delta
@@ -218,7 +232,7 @@ class SelectiveLayer(BaseTunerLayer):
         return delta
 
     def get_delta_bias(self, adapter: str) -> torch.Tensor | None:
-        return self.delta_bias[adapter] if adapter in self.delta_bias else None
+        return self.selective_delta_bias[adapter] if adapter in self.selective_delta_bias else None
 
     def delta_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """`ΔW x + Δb` for the 2-D case, computed in the adapter's dtype (fp32 master weights under bf16 bases)."""
@@ -226,10 +240,10 @@ class SelectiveLayer(BaseTunerLayer):
         if self.rank[adapter] is None:
             weight = self.get_delta_weight(adapter)
             return F.linear(self._cast_input_dtype(x, weight.dtype), weight, bias)
-        A, B = self._project(adapter, self.delta_A[adapter]), self.delta_B[adapter]
+        A, B = self._project(adapter, self.selective_delta_A[adapter]), self.selective_delta_B[adapter]
         scale = self.scaling[adapter]
         if self.norm_cap.get(adapter) is not None:
-            capped_A = self.delta_A[adapter] if self.soft_projection.get(adapter, False) else A
+            capped_A = self.selective_delta_A[adapter] if self.soft_projection.get(adapter, False) else A
             # ‖s B A‖_F² = s² tr((BᵀB)(A Aᵀ)): r x r products instead of the full out x in matrix
             scale = scale * self._cap_factor(adapter, scale**2 * ((B.T @ B) * (capped_A @ capped_A.T)).sum())
         out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * scale

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -28,10 +30,41 @@ class SelectiveModel(BaseTuner):
         ```
     """
 
+    # One prefix for every preset (registered for each, as LoRA and AdaLoRA share `lora_`): the presets share the layer,
+    # whose adapter tensors are all named `selective_*`. PEFT and transformers tell adapter keys by this prefix.
     prefix: str = "selective_"
     tuner_layer_cls = SelectiveLayer
     # Targets come from the model's structure (`targets.resolve_targets`), not from a model_type table.
     target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config,
+        adapter_name: str,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        # `inject_adapter_in_model(config, model, state_dict=...)` finds the layers to adapt from the state dict's keys
+        # (the part before `.selective_`): accept a 0.1.0 checkpoint's unprefixed names there too.
+        if state_dict is not None:
+            state_dict = rename_legacy_keys(state_dict)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Checkpoint keys -> model keys, accepting adapters saved by peft-selective 0.1.0.
+
+        0.1.0 named the adapter tensors without the tuner prefix (`...gate_proj.delta_A`, now
+        `...gate_proj.selective_delta_A`). This classmethod is PEFT's seam for checkpoint formats (LoRA renames its
+        pre-refactor DoRA keys here): `set_peft_model_state_dict` calls it on every checkpoint before the adapter name
+        is inserted, so `PeftModel.from_pretrained`, `load_adapter` and `set_peft_model_state_dict` all load old files,
+        and old and new names can never both reach the model. transformers' own loaders (`model.load_adapter(dir)` on
+        a transformers model, `AutoModel*.from_pretrained(adapter_dir)`) read the file without this hook: they report
+        a 0.1.0 adapter's tensors as missing; re-save it once with `PeftModel.from_pretrained(...).save_pretrained`.
+        """
+        state_dict = rename_legacy_keys(state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _prepare_adapter_config(self, peft_config: SelectiveConfig, model_config: dict) -> SelectiveConfig:
         if peft_config.target_modules is None and peft_config.target_parameters is None:
@@ -98,6 +131,27 @@ class SelectiveModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
 
+# The adapter tensor names of peft-selective 0.1.0 -> today's (`delta_A` -> `selective_delta_A`, ...).
+_LEGACY_NAMES = {
+    name.removeprefix(SelectiveModel.prefix): name
+    for name in (*SelectiveLayer.adapter_layer_names, *SelectiveLayer.protected_buffer_names)
+}
+
+
+def rename_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the adapter tensors of a peft-selective 0.1.0 checkpoint (`...gate_proj.delta_A`) to today's names
+    (`...gate_proj.selective_delta_A`). Checkpoint keys carry no adapter name, so the tensor name is the last part;
+    every other key is returned unchanged."""
+
+    def rename(key: str) -> str:
+        module, _, name = key.rpartition(".")
+        if not module or name not in _LEGACY_NAMES or f"{module}.{_LEGACY_NAMES[name]}" in state_dict:
+            return key
+        return f"{module}.{_LEGACY_NAMES[name]}"
+
+    return {rename(key): value for key, value in state_dict.items()}
+
+
 def _is_excluded(module_name: str, config: SelectiveConfig) -> bool:
     """`exclude_modules` matching as PEFT does it for modules: a full-match regex, or a set of names / suffixes."""
     exclude = config.exclude_modules
@@ -111,13 +165,9 @@ def _is_excluded(module_name: str, config: SelectiveConfig) -> bool:
 class SelectiveMLPModel(SelectiveModel):
     """Tuner of [`SelectiveMLPConfig`] (Gate&Up)."""
 
-    prefix: str = "selective_mlp_"
-
 
 class SAProjModel(SelectiveModel):
     """Tuner of [`SAProjConfig`] (self-attention projections)."""
-
-    prefix: str = "saproj_"
 
 
 __all__ = ["SAProjConfig", "SAProjModel", "SelectiveMLPConfig", "SelectiveMLPModel", "SelectiveModel"]
