@@ -234,6 +234,55 @@ def test_reference_log_probs_are_those_of_the_previous_month_model(tmp_path, pef
     assert all(p.requires_grad for n, p in second.model.named_parameters() if of("m2", n))
 
 
+@pytest.mark.parametrize(
+    "peft_config",
+    [SelectiveMLPConfig(rank=4), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"])],
+    ids=["selective_mlp", "lora"],
+)
+def test_continuing_a_trained_adapter_uses_it_as_it_was_at_the_start_as_reference(tmp_path, peft_config):
+    first = train_month_1(tmp_path, peft_config=copy.deepcopy(peft_config))
+    first.model.save_pretrained(tmp_path / "adapters")
+    # an adapter trained elsewhere (e.g. SFT), passed in a PeftModel with no new `peft_config`: keep training it
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1", adapter_name="m1", is_trainable=True)
+    trainer = ContinualDPOTrainer(
+        model,
+        args=config(tmp_path, "m1", max_steps=2),
+        train_dataset=month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+    )
+    assert trainer.reference_adapters == ["ref"]
+    assert trainer.model.base_model.active_adapters == ["m1"]
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if of("ref", n))
+    assert all(p.requires_grad for n, p in trainer.model.named_parameters() if of("m1", n))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    # at the start, the reference is the trained adapter itself (not the bare base): every reward is exactly 0
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    torch.testing.assert_close(
+        torch.cat([chosen, rejected]), _sequence_logps(trainer.model, batch), rtol=1e-5, atol=1e-5
+    )
+    assert not torch.allclose(_sequence_logps(tiny_llama().eval(), batch), torch.cat([chosen, rejected]), atol=1e-3)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    torch.testing.assert_close(loss, torch.tensor(0.6931472), rtol=1e-5, atol=1e-5)
+    # training moves the adapter, not its frozen copy: the reference stays the start-of-month model
+    start = _sequence_logps(trainer.model, batch)
+    trainer.train()
+    after = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, batch))
+    torch.testing.assert_close(after, start, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_sequence_logps(trainer.model, batch), start, atol=1e-4)
+
+
+def test_a_new_adapter_that_does_not_start_at_zero_is_part_of_the_reference(tmp_path):
+    first = train_month_1(tmp_path)
+    second = month_2(first.model, tmp_path, SelectiveMLPConfig(rank=4, init_weights=False))
+    assert second.reference_adapters == ["m1", "ref"]
+    batch = second.data_collator([second.train_dataset[i] for i in range(4)])
+    chosen, rejected = second.compute_ref_log_probs(second.ref_model, batch)
+    torch.testing.assert_close(
+        torch.cat([chosen, rejected]), _sequence_logps(second.model, batch), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_active_adapters_restores_state_and_rejects_unknown_names(tmp_path):
     first = train_month_1(tmp_path)
     model = first.model
@@ -436,6 +485,66 @@ def test_missing_values_and_empty_messages_name_the_row():
     chats[1]["chosen"] = [{"role": "assistant", "content": ""}]
     with pytest.raises(PreferenceDataError, match="row 1: 'chosen' has a 'assistant' message with empty content"):
         validate_preference_dataset(Dataset.from_list(chats), "eval")
+
+
+def _tool_call_preferences(n: int = 8) -> Dataset:
+    """TRL's tool-calling preference format: the chosen answer calls a tool (assistant message with `tool_calls` and
+    no `content`), gets its result (a `tool` message) and answers; a `tools` column holds the JSON schemas."""
+    call = {"type": "function", "function": {"name": "capital", "arguments": {"country": "france"}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "capital",
+            "parameters": {"type": "object", "properties": {"country": {"type": "string"}}},
+        },
+    }
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"what is the capital of france {WORDS[i % 10]}"}],
+            "chosen": [
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "name": "capital", "content": "paris"},
+                {"role": "assistant", "content": "paris"},
+            ],
+            "rejected": [{"role": "assistant", "content": "berlin"}],
+            "tools": json.dumps([tool]),
+        }
+        for i in range(n)
+    ]
+    return Dataset.from_list(rows)
+
+
+def test_tool_call_preference_data_is_accepted_as_trl_accepts_it(tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    from trl_ext import validate_preference_dataset
+
+    tokenizer = word_chat_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}"
+        "{{ c['function']['name'] }} {% endfor %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
+    )
+    data = _tool_call_preferences()
+    assert validate_preference_dataset(data) == len(data)
+    plain_args = DPOConfig(
+        output_dir=str(tmp_path / "plain"), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True
+    )
+    DPOTrainer(tiny_llama(), tiny_llama(), args=plain_args, train_dataset=data, processing_class=tokenizer).train()
+    trainer = ContinualDPOTrainer(
+        tiny_llama(),
+        args=config(tmp_path, "m1", max_steps=1),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=SelectiveMLPConfig(rank=4),
+    )
+    trainer.train()
+    # a message with neither content nor tool calls is still an error, naming the row
+    broken = data.to_list()
+    broken[3]["chosen"] = [{"role": "assistant"}]
+    with pytest.raises(
+        PreferenceDataError, match="row 3: 'chosen' has a 'assistant' message with (empty content|neither)"
+    ):
+        validate_preference_dataset(Dataset.from_list(broken))
 
 
 def test_prompts_longer_than_max_length_are_an_error_or_a_logged_drop(tmp_path, caplog):

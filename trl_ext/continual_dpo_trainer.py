@@ -29,6 +29,7 @@ trainer.finish_month("month-2")  # keep a sample for rehearsal, add this month's
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from typing import Any, Optional, Union
 
 import torch
 from datasets import Dataset
-from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
@@ -60,6 +61,42 @@ logger = logging.getLogger(__name__)
 #: Per-row flag column added to a mixed training set (1 for rehearsed rows); collated into the batch.
 REHEARSAL_FLAG = "is_rehearsal"
 _ROW_INDEX = "__row_index__"
+
+
+#: Name of the frozen copy of an adapter that already holds an update when its month starts (TRL's name for it too).
+REFERENCE_COPY = "ref"
+
+
+def _starts_as_zero_update(peft_config: PeftConfig) -> bool:
+    """Whether a new adapter of this config leaves the model unchanged at creation (PEFT's default initialisations:
+    ours `init_weights=True`, LoRA's `init_lora_weights=True`). Anything else (random, PiSSA, OLoRA, ...) changes the
+    model, so the month's starting model includes the new adapter."""
+    for attribute in ("init_weights", "init_lora_weights"):
+        if hasattr(peft_config, attribute):
+            return getattr(peft_config, attribute) is True
+    return False  # an unknown method: assume it moves the model, a frozen copy is then always right
+
+
+def _freeze_copy_of_adapter(model: PeftModel, name: str, copy_name: str) -> str:
+    """Add `copy_name` to `model` as a frozen, inactive copy of adapter `name` (weights and buffers, through PEFT's
+    own state-dict functions, so every method's naming is respected). An older copy of that name is replaced."""
+    if copy_name in model.peft_config:
+        logger.info("Replacing the adapter %r left by an earlier trainer with a copy of %r.", copy_name, name)
+        model.base_model.delete_adapter(copy_name)
+        model.peft_config.pop(copy_name, None)
+    active = list(model.base_model.active_adapters)
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    model.add_adapter(copy_name, copy.deepcopy(model.peft_config[name]))
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    result = set_peft_model_state_dict(model, state, adapter_name=copy_name)
+    missing = [key for key in result.missing_keys if f".{copy_name}" in key]
+    if missing:
+        raise RuntimeError(f"Could not copy adapter {name!r} for the reference: {len(missing)} keys missing.")
+    model.base_model.set_adapter(active)
+    for param, flag in requires_grad.items():
+        param.requires_grad_(flag)
+    model.base_model.set_requires_grad([copy_name], requires_grad=False)
+    return copy_name
 
 
 class _RehearsalFlagCollator:
@@ -153,13 +190,15 @@ class ContinualDPOTrainer(DPOTrainer):
                 quantization_config = None
             model = create_model_from_path(model, **model_init_kwargs)
         self.previous_adapters: list[str] = []
+        # The adapters that make up the reference (the model at the start of the month); see `_add_month_adapter`.
+        self.reference_adapters: list[str] = []
         # The new adapter's initialisation draws random numbers: seed first (as TRL does before creating the model), so
         # a month's result depends on its seed, not on what the process ran before.
         set_seed(args.seed)
         if peft_config is not None or isinstance(model, PeftModel):
             model = self._add_month_adapter(model, peft_config, args)
             if ref_model is None:
-                ref_model = PreviousMonthReference(model, self.previous_adapters)
+                ref_model = PreviousMonthReference(model, self.reference_adapters)
         elif args.ewc_coef > 0:
             raise ValueError("EWC applies to a month's adapter update: pass a `peft_config` (or a `PeftModel`).")
         # Before anything evaluates (the anchor continuations below): keeps every 4-bit layer's input gradient on
@@ -210,8 +249,8 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _add_month_adapter(self, model, peft_config: Optional[PeftConfig], args: ContinualDPOConfig) -> PeftModel:
         name = args.adapter_name
-        if name == "ref":
-            raise ValueError("`adapter_name='ref'` is reserved by TRL's DPOTrainer; choose another name.")
+        if name == REFERENCE_COPY:
+            raise ValueError(f"`adapter_name={REFERENCE_COPY!r}` is reserved for the reference; choose another name.")
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 if name in model.peft_config:
@@ -227,7 +266,7 @@ class ContinualDPOTrainer(DPOTrainer):
                 )
         else:
             model = get_peft_model(model, peft_config, adapter_name=name)
-        others = [adapter for adapter in model.peft_config if adapter not in (name, "ref")]
+        others = [adapter for adapter in model.peft_config if adapter not in (name, REFERENCE_COPY)]
         previous = list(args.previous_adapters) if args.previous_adapters is not None else others
         unknown = [adapter for adapter in previous if adapter not in others]
         if unknown:
@@ -238,6 +277,12 @@ class ContinualDPOTrainer(DPOTrainer):
         if previous:
             model.base_model.set_requires_grad(previous, requires_grad=False)
         self.previous_adapters = previous
+        # The reference is the model as it is at the start of the month. A fresh adapter starts as a zero update, so
+        # the earlier adapters alone are that model; an adapter that already holds an update (training continues, or a
+        # non-zero initialisation) is kept as a frozen copy, as TRL does with its "ref" adapter.
+        self.reference_adapters = previous
+        if peft_config is None or not _starts_as_zero_update(peft_config):
+            self.reference_adapters = previous + [_freeze_copy_of_adapter(model, name, REFERENCE_COPY)]
         logger.info("Training adapter %r on top of frozen %s.", name, previous or "nothing (bare base)")
         return model
 

@@ -4,6 +4,12 @@
 TRL accepts the standard format (`prompt`, `chosen`, `rejected`) and the implicit-prompt one (`chosen`, `rejected`
 only, the prompt being their shared start), each either plain text or conversational (lists of
 `{"role", "content"}` messages). Every row must use the same format as the first one.
+
+Conversational messages are checked only as far as TRL's chat templates need them: a `role`, and some content. As in
+TRL's own tool-calling datasets, an assistant message may carry `tool_calls` and no `content` (or `content: None`),
+and `content` may be a list of parts (`[{"type": "text", "text": ...}]`, vision-language data). Extra keys
+(`tool_call_id`, `name`, `reasoning_content`, ...) and extra columns (`tools`, `chat_template_kwargs`, `images`) are
+passed through untouched.
 """
 
 from __future__ import annotations
@@ -31,12 +37,29 @@ def _check_messages(value: Any) -> str | None:
     if not value:
         return "is an empty list of messages"
     for message in value:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or "role" not in message:
             return f"has a message that is not a {{'role', 'content'}} dict: {_describe(message)}"
-        content = message["content"]
-        if content is None or (isinstance(content, str) and not content.strip()):
+        if message.get("tool_calls"):
+            continue  # a tool call is the message's content (TRL's tool-calling format has no `content` here)
+        if "content" not in message:
+            return f"has a {message['role']!r} message with neither 'content' nor 'tool_calls': {_describe(message)}"
+        if _is_empty_content(message["content"]):
             return f"has a {message['role']!r} message with empty content"
     return None
+
+
+def _is_empty_content(content: Any) -> bool:
+    """Empty text, `None`, or a list of parts none of which carries text or another modality."""
+    if content is None:
+        return True
+    if isinstance(content, str):
+        return not content.strip()
+    if isinstance(content, list):  # multimodal parts: {"type": "text", "text": ...} or {"type": "image", ...}
+        return not any(
+            not isinstance(part, dict) or part.get("type") != "text" or str(part.get("text") or "").strip()
+            for part in content
+        )
+    return False
 
 
 def _field_problem(value: Any, conversational: bool) -> str | None:
