@@ -226,3 +226,29 @@ def test_the_limits_can_be_set_for_one_month_from_the_cli(campaign_m1, months, t
     assert snapshot(directory) == before
     assert cli(*args, "--max_kl_to_base", "1e-12", "--health_check", "false") == 0
     assert "health" not in Campaign(directory).month("m2")
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfterStep3(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise _Killed
+
+
+def test_a_refused_resumed_month_is_removed(campaign_m1, months, tmp_path, monkeypatch):
+    """A month interrupted earlier (checkpoint on disk, status "training") and refused when rerun: the campaign is
+    left without it, so the rerun after the fix trains it from scratch instead of resuming broken checkpoints."""
+    directory = copy_of(campaign_m1, tmp_path)
+    before = snapshot(directory)
+    with pytest.raises(_Killed):
+        Campaign(directory).run_month("m2", months["m2"], callbacks=[_KillAfterStep3()])
+    assert (directory / "runs" / "m2" / "checkpoint-2").is_dir() and Campaign(directory).month("m2") is not None
+    _poison_month_adapter(monkeypatch, "m2")
+    with pytest.raises(ModelHealthError, match="Nothing of month 'm2' was kept"):
+        Campaign(directory).run_month("m2")
+    assert snapshot(directory) == before
+    monkeypatch.undo()
+    assert Campaign(directory).run_month("m2", months["m2"])["training"]["steps"] == 4
