@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 #: What to try when the guard refuses: the known causes first.
 ADVICE = (
-    "What to try: (1) with a 4-bit/8-bit base on a CPU, the bitsandbytes CPU weight repacking is known to corrupt "
-    "the model on some CPUs: train in full precision (no quantization), on a GPU, or with a fixed bitsandbytes; "
+    "What to try: (1) with a 4-bit base on a CPU with AVX512-BF16, bitsandbytes repacks weights on eval forwards "
+    "and training through them then gets no gradient: the library prevents it for the models it builds and trains, "
+    "but a model evaluated by your own code before the trainer existed may carry packed weights; call "
+    "`peft_selective.quantization.keep_4bit_layers_trainable(model)` first, or train without quantization; "
     "(2) a lower learning rate; (3) a smaller max_length or a check of the month's data (empty or identical "
     "chosen/rejected responses); (4) another quantization setting or compute dtype (fp16 overflows more easily than "
     "bf16 or fp32)."
