@@ -1297,3 +1297,120 @@ def held_out_capital_questions(
     extra = [exclude_countries] if isinstance(exclude_countries, str) else list(exclude_countries)
     _normalized_exclusions(extra)
     return capital_questions(n=n, seed=seed, exclude=sorted(countries_in(months)) + extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Knowledge items (behavioural evaluation)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _distractors(answer: str, pool: Sequence[str], same_group: Sequence[str], rng: random.Random, k: int = 3):
+    """`k` distinct wrong options for `answer`: from `same_group` first (harder, e.g. capitals of the same region),
+    then from `pool`; none equal to, or containing / contained in, the answer once normalised."""
+    target = normalize_answer(answer)
+
+    def usable(option: str, chosen: list[str]) -> bool:
+        option = normalize_answer(option)
+        taken = [normalize_answer(other) for other in chosen]
+        return (
+            bool(option)
+            and option not in taken
+            and f" {option} " not in f" {target} "
+            and (f" {target} " not in f" {option} ")
+        )
+
+    picked: list[str] = []
+    for candidates in (sorted(set(same_group)), sorted(set(pool))):
+        candidates = list(candidates)
+        rng.shuffle(candidates)
+        for option in candidates:
+            if len(picked) == k:
+                break
+            if usable(option, picked):
+                picked.append(option)
+    return tuple(picked)
+
+
+def knowledge_items(n: int = 200, seed: int = 0, exclude_countries: Iterable[str] = ()) -> list:
+    """Multiple-choice knowledge questions on countries, for `peft_selective.evaluation.knowledge`.
+
+    Capital questions first ("What is the capital of X?", the countries of
+    `peft_selective.probes.capital_questions`), then currency questions ("Which currency is used in X?",
+    single-currency countries) and region questions ("In which part of the world is X?", the `countryinfo`
+    subregion) until `n` items. Each item has 3 distractors, taken from the same region when it has enough (capitals)
+    or from the other countries' answers, and `entity` set to the country, so that
+    `peft_selective.evaluation.check_no_overlap` also catches a training prompt about the same country.
+
+    Build the items after the training data is known: pass its countries as `exclude_countries` (e.g.
+    `countries_in(months)`); no question is then about a country the months use.
+
+    Args:
+        n (`int`, defaults to 200): number of items.
+        seed (`int`, defaults to 0): seed of the question order and the distractors.
+        exclude_countries (`Iterable[str]`, defaults to `()`): countries no question may be about (`countryinfo`
+            names).
+
+    Returns:
+        `list[KnowledgeItem]`: capital items first, each kind in a seeded order.
+
+    Raises:
+        `ValueError`: on an unknown country name, or when fewer than `n` items are left after the exclusions.
+    """
+    from peft_selective.evaluation.knowledge import KnowledgeItem
+
+    excluded = _normalized_exclusions(exclude_countries)
+    records = [r for r in _country_records() if normalize_answer(r["country"]) not in excluded]
+    rng = random.Random(f"knowledge-{seed}")
+    region_of = {r["country"]: r["region"] for r in _country_records()}
+
+    capitals = [item for item in _capital_items() if normalize_answer(item["country"]) not in excluded]
+    all_capitals = [item["answer"] for item in _capital_items()]
+    capital_items = []
+    for item in capitals:
+        same_region = [
+            other["answer"]
+            for other in _capital_items()
+            if other["country"] != item["country"]
+            and region_of.get(other["country"]) == region_of.get(item["country"])
+        ]
+        distractors = _distractors(item["answer"], all_capitals, same_region, rng)
+        capital_items.append(KnowledgeItem(item["question"], item["answer"], distractors, entity=item["country"]))
+
+    all_currencies = sorted({r["currencies"][0] for r in _country_records() if len(r["currencies"]) == 1})
+    currency_items = [
+        KnowledgeItem(
+            f"Which currency is used in {_in_sentence(r['country'])}?",
+            r["currencies"][0],
+            _distractors(r["currencies"][0], all_currencies, (), rng),
+            entity=r["country"],
+        )
+        for r in records
+        if len(r["currencies"]) == 1
+    ]
+
+    all_subregions = sorted({r["subregion"] for r in _country_records() if r["subregion"]})
+    region_items = [
+        KnowledgeItem(
+            f"In which part of the world is {_in_sentence(r['country'])}?",
+            r["subregion"],
+            _distractors(r["subregion"], all_subregions, (), rng),
+            entity=r["country"],
+        )
+        for r in records
+        if r["subregion"]
+    ]
+
+    items = []
+    for kind in (capital_items, currency_items, region_items):
+        kind = [item for item in kind if len(item.distractors) == 3]
+        random.Random(f"knowledge-order-{seed}").shuffle(kind)
+        items += kind
+    if n < 0 or n > len(items):
+        raise ValueError(
+            f"n must be between 0 and {len(items)} (the knowledge items left after excluding {len(excluded)} "
+            f"countries), got {n}."
+        )
+    return items[:n]
+
+
+__all__.append("knowledge_items")

@@ -1,0 +1,157 @@
+"""Batched generation of answers to prompts, as users would see them: the completions only, decoded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+__all__ = ["format_prompt", "generate_answers"]
+
+
+def _model_device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: Union[str, list], use_chat_template: Optional[bool] = None
+) -> tuple[str, bool]:
+    """The text a prompt is fed as, and whether it already holds the special tokens.
+
+    A conversation (list of messages, TRL's conversational `prompt`) goes through the chat template with the assistant
+    header; a string becomes one user message when the chat template is used, and is fed as is otherwise.
+
+    Args:
+        tokenizer: the tokenizer.
+        prompt (`str` or `list[dict]`): the prompt.
+        use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
+
+    Returns:
+        `tuple[str, bool]`: the text, and `True` when it came from the chat template (tokenize it with
+        `add_special_tokens=False`, the template has them).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template and not has_template:
+        raise ValueError("`use_chat_template=True` but the tokenizer has no chat template.")
+    template = has_template if use_chat_template is None else use_chat_template
+    if isinstance(prompt, str):
+        if not template:
+            return prompt, False
+        prompt = [{"role": "user", "content": prompt}]
+    elif not template:
+        raise ValueError(
+            "Conversational prompts (lists of messages) need the tokenizer's chat template; set "
+            "`tokenizer.chat_template` or pass plain strings."
+        )
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True), True
+
+
+def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Union[str, list]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    use_chat_template: Optional[bool] = None,
+    disable_tqdm: bool = False,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Answer every prompt; greedy by default, in left-padded batches.
+
+    Prompts are sorted by length before batching (less padding) and the answers are returned in the prompts' order.
+    Each answer is the generated text up to the first EOS token, decoded without special tokens and stripped. Works
+    with plain transformers models and `PeftModel`s; runs under `torch.no_grad()` in eval mode and restores the
+    train/eval state of every module afterwards; a tokenizer without a pad token borrows its EOS token meanwhile.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        prompts (`Sequence[str | list[dict]]`): strings (one user message each when the chat template is used) or
+            conversations (TRL's conversational `prompt` values).
+        max_new_tokens (`int`, defaults to 64): generation length.
+        batch_size (`int`, defaults to 16): prompts generated together.
+        do_sample (`bool`, defaults to `False`): sample instead of greedy decoding (seed torch yourself for
+            reproducible samples; pass `temperature` / `top_p` in `generate_kwargs`).
+        use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
+        disable_tqdm (`bool`, defaults to `False`): hide the progress bar.
+        generate_kwargs: passed to `model.generate`.
+
+    Returns:
+        `list[str]`: one completion per prompt.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("`prompts` must be a list of prompts, not a single string.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+
+    encoded = []
+    for prompt in prompts:
+        text, templated = format_prompt(tokenizer, prompt, use_chat_template)
+        encoded.append(list(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+
+    eos = _eos_ids(model, tokenizer)
+    device = _model_device(model)
+    modes = {module: module.training for module in model.modules()}
+    set_pad_token = tokenizer.pad_token is None
+    if set_pad_token:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
+    answers: list[Optional[str]] = [None] * len(prompts)
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(prompts), desc="Generating", disable=disable_tqdm) as progress:
+            for start in range(0, len(order), batch_size):
+                indices = order[start : start + batch_size]
+                length = max(len(encoded[i]) for i in indices)
+                input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
+                for row, i in enumerate(indices):
+                    # Left padding: with right padding, shorter prompts would be continued after their pad tokens.
+                    input_ids[row, length - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
+                    attention_mask[row, length - len(encoded[i]) :] = 1
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    pad_token_id=pad_id,
+                    **generate_kwargs,
+                )
+                for row, i in enumerate(indices):
+                    ids = output[row, length:].tolist()
+                    cut = next((position for position, token in enumerate(ids) if token in eos), len(ids))
+                    answers[i] = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+                progress.update(len(indices))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        if set_pad_token:
+            tokenizer.pad_token = None
+    return answers
