@@ -405,6 +405,11 @@ def test_generate_answers_on_a_tiny_model(model, tokenizer, currency_month):
     assert len(answers) == 4 and all(isinstance(answer, str) for answer in answers)
     one_by_one = generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=1, disable_tqdm=True)
     assert answers == one_by_one  # left padding does not change what a prompt gets
+    # without the chat template: strings are fed as they are, conversations are refused
+    plain = generate_answers(model, tokenizer, GENERIC_PROMPTS[:2], 4, use_chat_template=False, disable_tqdm=True)
+    assert len(plain) == 2 and plain != answers[:2]
+    with pytest.raises(ValueError, match="need the tokenizer's chat template"):
+        generate_answers(model, tokenizer, prompts[3:], 4, use_chat_template=False, disable_tqdm=True)
     result = learning_by_behaviour(answers[3:], [currency_month["test"][0]])
     assert 0 <= result["agreement"].mean <= 1
 
