@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from peft_selective import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig, calibrate
+from peft_selective import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig, calibrate, report_from_model
 from peft_selective.tuners.geometry.subspace import ProtectedSubspace
 from peft_selective.tuners.selective import SelectiveLayer
 
@@ -47,15 +47,9 @@ CONFIGS = {
 }
 OURS = [name for name in CONFIGS if name != "lora"]
 # transformers' loaders copy tensors in without `load_state_dict`, so the pre-hook that sizes a GeometryProjected
-# adapter's protected-subspace buffers from the checkpoint (and sets the norm cap) never runs: they refuse the file
-# (shape mismatch, an error, not a silent base model). Fix: record the calibrated dimensions in the config.
-TRANSFORMERS_LOADABLE = [
-    *(name for name in CONFIGS if name != "geometry"),
-    pytest.param(
-        "geometry",
-        marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason="protected buffers sized on load only"),
-    ),
-]
+# adapter's protected-subspace buffers from the checkpoint (and sets the norm cap) never runs there: calibration
+# records the sizes in the config (`protected_dims`) and the layer reads its norm cap from the loaded buffers.
+TRANSFORMERS_LOADABLE = list(CONFIGS)
 
 
 def _ids(seed: int, n: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -192,6 +186,75 @@ def test_inject_adapter_in_model_from_a_state_dict(saved, base_dir, name):
     result = set_peft_model_state_dict(model, state_dict)
     assert not [k for k in result.missing_keys if "default" in k] and not result.unexpected_keys
     assert torch.allclose(logits(model), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------ GeometryProjected without load_state_dict
+def config_dims(folder) -> dict:
+    return json.loads((folder / "adapter_config.json").read_text()).get("protected_dims")
+
+
+def test_geometry_config_records_the_calibrated_buffer_shapes(saved):
+    folder, _ = saved["geometry"]
+    dims = config_dims(folder)
+    bases = {
+        k.removeprefix("base_model.model.").removesuffix(".selective_protected_basis"): v
+        for k, v in load_file(folder / WEIGHTS).items()
+        if k.endswith(".selective_protected_basis")
+    }
+    assert dims == {name: basis.shape[1] for name, basis in bases.items()}
+    assert any(d > 0 for d in dims.values())  # real subspaces, not only empty placeholders
+
+
+def _strip_names(report) -> dict:
+    return {name.removeprefix("base_model.model."): g for name, g in report.layers.items()}
+
+
+def test_transformers_load_adapter_applies_the_geometry_norm_cap(base_dir, tmp_path):
+    """transformers copies the buffers in without the pre-hook that sets the layer's norm cap: the layer reads it
+    from the loaded buffers. A cap small enough to bind shows it is applied."""
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(base_dir), GeometryProjectedConfig(rank=4, init_weights=False, norm_cap=0.01))
+    calibrate(model, _ids(1), show_progress=False)
+    model.save_pretrained(tmp_path)
+    expected = logits(model)
+
+    loaded = load_base(base_dir)
+    loaded.load_adapter(str(tmp_path))
+    assert torch.equal(logits(loaded), expected)
+    layers = [m for m in loaded.modules() if isinstance(m, SelectiveLayer)]
+    assert layers and all(m.is_calibrated("default") for m in layers)
+    assert _strip_names(report_from_model(loaded)) == _strip_names(report_from_model(model))
+    for layer in layers:
+        layer.norm_cap["default"] = None
+    assert not torch.allclose(logits(loaded), expected, atol=1e-3)  # the cap binds: without it outputs move
+
+
+def test_geometry_adapter_without_protected_dims_still_loads_through_peft(saved, base_dir, tmp_path):
+    """Adapters saved before `protected_dims` existed: PEFT's loaders size the buffers by the pre-hook."""
+    folder, expected = saved["geometry"]
+    old = copy_adapter(folder, tmp_path / "old")
+    config = json.loads((old / "adapter_config.json").read_text())
+    del config["protected_dims"]
+    (old / "adapter_config.json").write_text(json.dumps(config))
+
+    # transformers' loaders need the record: they refuse such a file with a shape error, not a silent base model
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        load_base(base_dir).load_adapter(str(old))
+
+    model = PeftModel.from_pretrained(load_base(base_dir), old)
+    assert torch.allclose(logits(model), expected, atol=1e-6)
+    result = model.load_adapter(old, adapter_name="again")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    model.set_adapter("again")
+    assert torch.allclose(logits(model), expected, atol=1e-6)
+
+    # loading through PEFT fills the record from the checkpoint, so re-saving once makes it loadable everywhere
+    assert model.peft_config["default"].protected_dims == config_dims(folder)
+    model.save_pretrained(tmp_path / "resaved")
+    assert config_dims(tmp_path / "resaved") == config_dims(folder)
+    loaded = load_base(base_dir)
+    loaded.load_adapter(str(tmp_path / "resaved"))
+    assert torch.allclose(logits(loaded), expected, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- adapters saved by 0.1.0

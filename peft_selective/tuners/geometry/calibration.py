@@ -161,6 +161,8 @@ def _adapter_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str,
     configs = getattr(model, "peft_config", {})
     if adapter_name is None:
         active = getattr(model, "active_adapter", None)
+        if active is None and callable(getattr(model, "active_adapters", None)):
+            active = model.active_adapters()  # a transformers model with adapters loaded (`model.load_adapter`)
         adapter_name = active[-1] if isinstance(active, list) else active
     if adapter_name not in configs:
         raise ValueError(f"Adapter {adapter_name!r} not found; the model has {sorted(configs)}.")
@@ -270,10 +272,16 @@ def calibrate(
         layer.set_protected_subspace(
             adapter_name, subspace, output_energy=output_energy, norm_cap=config.norm_cap, num_tokens=report.num_tokens
         )
+    prefix = "base_model.model."  # module names as the tuner (and so the saved config) sees them
     if len(selected) < len(layers):
         # the saved config must name exactly the modules that carry the adapter, or reloading would recreate them
-        prefix = "base_model.model."
         config.target_modules = {n.removeprefix(prefix) for n in selected}
+    # Recorded in the saved config (as LoRA's `rank_pattern`), so that injecting the adapter creates its protected
+    # buffers in these shapes: transformers' loaders copy tensors in without the pre-hook that would resize them.
+    config.protected_dims = {
+        n.removeprefix(prefix): int(layers[n].selective_protected_basis[adapter_name].shape[1])
+        for n in sorted(selected)
+    }
     return GuaranteeReport(
         adapter_name=adapter_name,
         tolerance=config.tolerance,

@@ -42,6 +42,17 @@ class GeometryProjectedConfig(SelectiveConfig):
             `None` adapts every candidate.
         calibration_max_memory_mb (`float`):
             Memory bound for the accumulated statistics; more layers are handled in several passes.
+        protected_dims (`dict[str, int]`):
+            Filled by calibration, not by you (as LoRA's `rank_pattern` records per-module ranks): for every
+            calibrated module (full name as the tuner sees it, e.g. `model.layers.0.mlp.gate_proj`), the number of
+            stored protected directions, i.e. the columns of `U` (for a soft projector every input direction, more
+            than the report's effective `protected_dim`). Saved in `adapter_config.json`, so that injecting the
+            adapter creates its `selective_protected_*` buffers in their calibrated shapes: loaders that copy the
+            checkpoint's tensors in without `load_state_dict` (transformers' `model.load_adapter(dir)` and
+            `AutoModelForCausalLM.from_pretrained(adapter_dir)`) then load it as they load LoRA. A module missing here
+            (adapters saved before this field existed) gets empty placeholders, sized from the checkpoint by a
+            `load_state_dict` pre-hook, which PEFT's loaders run; loading such an adapter through PEFT also fills
+            this field from the checkpoint, so saving it again makes it loadable by transformers too.
         (all other options: see [`SelectiveConfig`]; `rank` defaults to 16 here, `rank=None` gives a projected
         full-rank update; biases are never trained.)
     """
@@ -57,6 +68,10 @@ class GeometryProjectedConfig(SelectiveConfig):
         default=None, metadata={"help": "Keep this fraction of modules, ranked by free capacity for the new data."}
     )
     calibration_max_memory_mb: float = field(default=2048, metadata={"help": "Memory bound of the statistics."})
+    protected_dims: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Set by calibration: stored protected directions per module, so loaders size the buffers."},
+    )
 
     target_roles: ClassVar[frozenset[Role]] = frozenset({Role.MLP_INPUT, Role.ATTENTION})
     peft_type_name: ClassVar[str] = "GEOMETRY_PROJECTED"
@@ -72,3 +87,20 @@ class GeometryProjectedConfig(SelectiveConfig):
             raise ValueError(f"`norm_cap` must be positive, got {self.norm_cap}.")
         if self.select_fraction is not None and not 0 < self.select_fraction <= 1:
             raise ValueError(f"`select_fraction` must be in (0, 1], got {self.select_fraction}.")
+        bad = {k: v for k, v in (self.protected_dims or {}).items() if not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"`protected_dims` maps module names to non-negative ints, got {bad}.")
+        self.protected_dims = dict(self.protected_dims or {})
+
+    def protected_dim(self, module_name: str) -> int:
+        """Stored protected directions of `module_name` (0: not recorded, the buffers are sized on load).
+
+        An exact name first; else a recorded name that `module_name` ends with (`.`-separated), for a model wrapped
+        differently from the one calibrated (e.g. `LlamaModel` vs `LlamaForCausalLM`), as PEFT matches `rank_pattern`.
+        """
+        if module_name in self.protected_dims:
+            return self.protected_dims[module_name]
+        for name, dim in self.protected_dims.items():
+            if module_name.endswith(f".{name}"):
+                return dim
+        return 0

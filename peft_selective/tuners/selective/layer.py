@@ -37,7 +37,8 @@ class SelectiveLayer(BaseTunerLayer):
     # `SelectiveModel._remap_adapter_state_dict_for_load`.
     adapter_layer_names = ("selective_delta_weight", "selective_delta_A", "selective_delta_B", "selective_delta_bias")
     other_param_names = ("rank", "scaling", "norm_cap")
-    # Buffers of the protected subspace; their shapes depend on calibration, see `_resize_protected_buffers`.
+    # Buffers of the protected subspace; their shapes depend on calibration: created in the shapes the config records
+    # (`GeometryProjectedConfig.protected_dims`), else empty and sized on load, see `_resize_protected_buffers`.
     protected_buffer_names = (
         "selective_protected_basis",
         "selective_protected_weights",
@@ -59,6 +60,11 @@ class SelectiveLayer(BaseTunerLayer):
         # `norm_cap` is set exactly when the adapter is calibrated.
         self.norm_cap: dict[str, Optional[float]] = {}
         self.soft_projection: dict[str, bool] = {}
+        # Adapters whose mirrors may lag their buffers: created (placeholders), then possibly filled by a loader that
+        # copies tensors in without `load_state_dict` (transformers' `load_adapter` / `from_pretrained(adapter_dir)`),
+        # so neither calibration nor the pre-hook set the mirrors. Read once from the buffers, see
+        # `_sync_protected_mirrors`.
+        self._mirrors_pending: set[str] = set()
         self.requires_calibration: dict[str, bool] = {}
         for name in self.protected_buffer_names:
             setattr(self, name, BufferDict({}, persistent=True))
@@ -73,8 +79,12 @@ class SelectiveLayer(BaseTunerLayer):
         # Fused MoE expert parameters carry one matrix per expert: the update gets the same leading dimension.
         self.leading_shape = leading
 
-    def update_layer(self, adapter_name: str, config: SelectiveConfig, inference_mode: bool = False) -> None:
-        """Create (or re-create) the update of `adapter_name` in this layer."""
+    def update_layer(
+        self, adapter_name: str, config: SelectiveConfig, inference_mode: bool = False, protected_dim: int = 0
+    ) -> None:
+        """Create (or re-create) the update of `adapter_name` in this layer. `protected_dim`: the calibrated number
+        of protected directions, when the config records it (`GeometryProjectedConfig.protected_dims`), so that the
+        protected buffers are created in the shapes of the checkpoint about to be loaded."""
         rank = config.rank
         if rank is not None and rank > min(self.in_features, self.out_features):
             warnings.warn(
@@ -98,15 +108,20 @@ class SelectiveLayer(BaseTunerLayer):
         self.reset_parameters(adapter_name, config.init_weights)
         self.requires_calibration[adapter_name] = getattr(config, "requires_calibration", False)
         self.norm_cap[adapter_name] = None
+        self.soft_projection.pop(adapter_name, None)
+        self._mirrors_pending.discard(adapter_name)
         if self.requires_calibration[adapter_name]:
-            # Empty placeholders, so the keys exist when a calibrated adapter is loaded (shapes fixed on load).
+            # Zero placeholders (a no-op projection, "not calibrated" stats), so the keys exist when a calibrated
+            # adapter is loaded: in the calibrated shapes when the config records them, else empty and sized on load
+            # by `_resize_protected_buffers`.
             self._store_protected(
                 adapter_name,
-                torch.zeros(self.in_features, 0),
-                torch.zeros(0),
-                torch.zeros(0),
+                torch.zeros(self.in_features, protected_dim),
+                torch.zeros(protected_dim),
+                torch.zeros(protected_dim),
                 torch.zeros(self._STATS_SIZE),
             )
+            self._mirrors_pending.add(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -147,8 +162,31 @@ class SelectiveLayer(BaseTunerLayer):
         self.norm_cap[adapter] = norm_cap
         self.soft_projection[adapter] = bool(subspace.soft)
         self.requires_calibration[adapter] = True
+        self._mirrors_pending.discard(adapter)
+
+    def _sync_protected_mirrors(self, adapter: str) -> None:
+        """Set `norm_cap` / `soft_projection` of `adapter` from its buffers, once after it was created.
+
+        Calibration and the load pre-hook set the mirrors themselves; transformers' adapter loaders copy the
+        checkpoint into the buffers without `load_state_dict`, so a freshly created adapter is read back here, on its
+        first use (forward, merge, `is_calibrated`), after any such load. One device read per adapter and layer, then
+        cached: an adapter still uncalibrated then stays so until calibrated or loaded through `load_state_dict`."""
+        if adapter not in self._mirrors_pending:
+            return
+        if adapter not in self.selective_protected_stats:
+            self._mirrors_pending.discard(adapter)
+            return
+        stats = self.selective_protected_stats[adapter]
+        if stats.is_meta:  # not materialized yet (meta-device initialization): read it later
+            return
+        self._mirrors_pending.discard(adapter)
+        _, _, tokens, cap, _ = stats.tolist()
+        if tokens > 0:
+            self.norm_cap[adapter] = float(cap)
+            self.soft_projection[adapter] = bool((self.selective_protected_weights[adapter] < 1).any())
 
     def is_calibrated(self, adapter: str) -> bool:
+        self._sync_protected_mirrors(adapter)
         return self.norm_cap.get(adapter) is not None
 
     def _project(self, adapter: str, matrix: torch.Tensor) -> torch.Tensor:
@@ -171,6 +209,8 @@ class SelectiveLayer(BaseTunerLayer):
         return torch.clamp(cap / frobenius_sq.clamp_min(1e-30).sqrt(), max=1.0)
 
     def _check_calibrated(self, adapters: list[str]) -> None:
+        for adapter in adapters:
+            self._sync_protected_mirrors(adapter)
         if not (self.training and torch.is_grad_enabled()):
             return
         for adapter in adapters:
@@ -183,7 +223,8 @@ class SelectiveLayer(BaseTunerLayer):
 
     def _resize_protected_buffers(self, state_dict, prefix, *args) -> None:
         """Load-state-dict pre-hook: calibrated subspaces vary in size per layer, so size the placeholders from the
-        checkpoint before the tensors are copied in."""
+        checkpoint before the tensors are copied in (needed for adapters whose config does not record
+        `protected_dims`, saved before it existed; loaders that bypass `load_state_dict` need that record)."""
         for name in self.protected_buffer_names:
             buffers = getattr(self, name)
             for adapter in list(buffers.keys()):
@@ -196,6 +237,7 @@ class SelectiveLayer(BaseTunerLayer):
                 self.norm_cap[adapter] = float(state_dict[key][3])
                 weights = state_dict.get(f"{prefix}selective_protected_weights.{adapter}")
                 self.soft_projection[adapter] = bool(weights is not None and (weights < 1).any())
+                self._mirrors_pending.discard(adapter)
 
     def delete_adapter(self, adapter_name: str) -> None:
         for name in self.protected_buffer_names:
@@ -204,6 +246,7 @@ class SelectiveLayer(BaseTunerLayer):
                 del buffers[adapter_name]
         self.requires_calibration.pop(adapter_name, None)
         self.soft_projection.pop(adapter_name, None)
+        self._mirrors_pending.discard(adapter_name)
         super().delete_adapter(adapter_name)
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -217,6 +260,7 @@ class SelectiveLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout
         (projected and norm-capped for GeometryProjected adapters)."""
+        self._sync_protected_mirrors(adapter)
         if self.rank[adapter] is None:
             raw = self.selective_delta_weight[adapter]
             delta = self._project(adapter, raw)
@@ -236,6 +280,7 @@ class SelectiveLayer(BaseTunerLayer):
 
     def delta_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """`ΔW x + Δb` for the 2-D case, computed in the adapter's dtype (fp32 master weights under bf16 bases)."""
+        self._sync_protected_mirrors(adapter)
         bias = self.get_delta_bias(adapter)
         if self.rank[adapter] is None:
             weight = self.get_delta_weight(adapter)
@@ -276,7 +321,9 @@ class Linear(nn.Module, SelectiveLayer):
     `W + ΔW`, which costs the same as the base layer instead of two matmuls.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SelectiveConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: SelectiveConfig, protected_dim: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__()
         SelectiveLayer.__init__(self, base_layer, **kwargs)
         base = self.get_base_layer()
@@ -287,7 +334,7 @@ class Linear(nn.Module, SelectiveLayer):
         self._init_shapes(in_features, out_features, getattr(base, "bias", None) is not None)
         self._active_adapter = adapter_name
         self._register_load_state_dict_pre_hook(self._resize_protected_buffers)
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode, protected_dim=protected_dim)
 
     def _weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta

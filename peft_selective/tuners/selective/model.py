@@ -108,13 +108,18 @@ class SelectiveModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
+        # GeometryProjected: the calibrated size of this module's protected buffers, recorded in the config
+        # (`GeometryProjectedConfig.protected_dims`), so loaders that bypass `load_state_dict` find them in shape.
+        protected_dim = peft_config.protected_dim(current_key) if hasattr(peft_config, "protected_dim") else 0
         if parameter_name is not None:
             if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
                 target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
                 return
             new_module = ParamWrapper(target, adapter_name, peft_config, parameter_name=parameter_name)
         elif isinstance(target, Linear):
-            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
+            target.update_layer(
+                adapter_name, peft_config, inference_mode=peft_config.inference_mode, protected_dim=protected_dim
+            )
             return
         else:
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -124,7 +129,7 @@ class SelectiveModel(BaseTuner):
                     "(including bitsandbytes Linear4bit / Linear8bitLt) and transformers' Conv1D. Remove it from "
                     "`target_modules` or add it to `exclude_modules`."
                 )
-            new_module = Linear(target, adapter_name, peft_config)
+            new_module = Linear(target, adapter_name, peft_config, protected_dim=protected_dim)
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is activated, as in PEFT
             new_module.requires_grad_(False)
