@@ -1,50 +1,49 @@
-"""Forgetting vs learning: monthly DPO on the bundled SmolLM2-135M-Instruct, every method in one harness.
+"""Forgetting vs learning, protocol 2: what the model generates, at matched learning, with 95% intervals.
 
-A fixed sequence of three DPO months (`trl_ext.data`: `safety`, refuse harmful requests and answer their benign
-look-alikes; `capitals`, a bare one-word answer over a chatty one; `currency`, JSON over prose) is trained in two
-orders (A: safety -> capitals -> currency, B: currency -> capitals -> safety) with two training seeds, with identical
-data, steps, batch and DPO settings for every method:
+Protocol 1 (retired) called a month "learned" when the DPO implicit reward against the base had the right sign, which
+any update in the right direction satisfies: it picked the smallest learning rates and showed months "learned" whose
+greedy answers had not changed. Protocol 2 judges by behaviour (`peft_selective.evaluation`):
 
-| key | what is trained each month | trainer |
-|---|---|---|
-| `full_ft` | every weight | TRL `DPOTrainer`, reference = a frozen copy of the model at the start of the month |
-| `lora_all` | PEFT LoRA r=16 on q/k/v/o/gate/up/down | TRL `DPOTrainer`, merged into the weights at the end of the month |
-| `lora_mlp` | PEFT LoRA r=16 on gate/up | idem |
-| `selective_mlp_full` | `SelectiveMLPConfig(rank=None)`: full-rank gate/up update, down frozen | idem |
-| `selective_mlp_lowrank` | `SelectiveMLPConfig(rank=16, alpha=32)` | idem |
-| `saproj` | `SAProjConfig()`: full-rank q/k/v/o update | idem |
-| `geometry` | `GeometryProjectedConfig()`, calibrated each month on general text + the earlier months' data | idem |
-| `continual` | the best of our four methods (chosen on validation), a new adapter per month stacked on the frozen earlier ones | `trl_ext.ContinualDPOTrainer` with rehearsal + KL |
+* **Months as data.** A month sequence is a JSON spec (`--months-spec`): per month, `train` / `val` / `test` JSONL
+  files of TRL preference rows, optional `checks` (regex / JSON schema / `"module:function"`: what the month's style
+  is) and `bleed_checks` (what counts as its style leaking elsewhere; default: the checks, else a `StyleSignature`
+  fitted on the month's chosen vs rejected answers), and an optional `family` (the knowledge items of that kind are
+  in scope for it). Without a spec the built-in sequence (`trl_ext.data`: `safety`, `capitals`, `currency`) is
+  written to `--work-dir` as such a spec and read back, so both paths are the same code.
+* **Learning** of month t = its held-out prompts answered greedily right after month t, scored by its checks (all
+  must pass) or, for a month without checks, by `agreement` (closer to the chosen than to the rejected answer).
+* **Forgetting**, after the last month: `retention_behaviour` = score on each earlier month's held-out prompts minus
+  the score right after that month (negative = lost); `bleed_rate` = share of off-scope answers (general prompts,
+  the other months' held-out prompts, knowledge questions outside a month's `family`) that carry a month's style;
+  `knowledge_mc` = multiple-choice log-likelihood accuracy on >= 150 country facts chosen after the months are known
+  (no country of any month; checked against every training, test and anchor prompt); `knowledge_exact` = greedy
+  exact match on a subset of them after answer extraction; `kl_to_base` = per-token KL to the base on general
+  prompts.
+* **Matched learning.** Each arm is trained once per (order, seed); its months' updates are then scaled after
+  training by alpha (`--alphas`: the model after month t is base + alpha * (W_t - W_0), i.e. every month's update
+  times alpha, exact for merged LoRA and for our stacked adapters), which traces a learning-vs-forgetting curve.
+  Each of our arms is compared with PEFT LoRA all-linear at the learning LoRA reaches at alpha = 1, interpolated
+  linearly per item between the two alphas around it on our curve.
+* **Learning rates** are chosen per arm on the first month's *validation* prompts: the smallest rate of `--lrs`
+  whose behavioural learning reaches `--learning-target` (else the one that learns most). Test prompts never choose.
+* **Intervals**: percentile bootstrap over items (2000 resamples); every difference and share between two arms is a
+  paired bootstrap on the same items. The verdict's shares are ours / LoRA's of: learning gained over the base,
+  bleed above the base, knowledge lost from the base, earlier-month behaviour lost. `meets_bar`: learning share
+  >= 0.95 and every loss share <= 0.20 (point estimates; the intervals are reported beside them).
 
-In every row the DPO reference of month t is the model after month t-1 (for the PEFT rows: the merged model with the
-new adapter disabled; for `continual`: the earlier adapters only).
-
-Protocol (fixed before the first run; see benchmarks/README.md):
-
-* **Data.** Each month's pairs are built once (data seed 0, disjoint countries across months) and split into train,
-  validation and test rows. Identical for every method, order and seed.
-* **Learning rate.** Each method gets its learning rate from the grid `--lrs` on the *validation* rows: order A,
-  the first seed, score = mean validation accuracy over the three months after the last month (the continual-learning
-  "average accuracy"), ties to the smaller rate. The `continual` row uses the method with the best validation score
-  among our four and its rate. Test rows are never used for a choice.
-* **Metrics** (test rows, mean over orders x seeds): the retention matrix R[t][i] = held-out preference accuracy on
-  month i after month t (share of pairs whose DPO implicit-reward margin against the *base* model is > 0; the base
-  scores 0). Learning = mean_i R[i][i]; backward transfer BWT = mean_{i<T} (R[T][i] - R[i][i]) (negative = forgotten);
-  the same two on the mean margins. General ability after the last month against the base: knowledge QA on held-out
-  capitals, reference-text perplexity, refusal and over-refusal rates, KL to the base on generic prompts. Training wall
-  time per month and peak memory (CUDA: `max_memory_allocated` above the pristine base each
-  worker keeps, so the run's own model copy counts; CPU: peak RSS above it).
-* **The bar** (issue #6): a peft-selective configuration keeps >= 95% of PEFT LoRA's learning while its forgetting
-  (-BWT, and each general-ability drop) is <= 20% of LoRA's.
+Arms (`--methods`): `lora_all` (PEFT LoRA r16 all-linear with plain TRL `DPOTrainer`, merged after each month: what
+users do today), `ours` (the recommended configuration: `ContinualDPOTrainer` + SelectiveMLP r16 with the campaign's
+default rehearsal and KL), `ours_plain` (the same adapters without retention terms), `geometry`
+(`ContinualDPOTrainer` + GeometryProjected, calibrated each month on general text and earlier months).
 
 Usage:
 
-    python benchmarks/forgetting.py --device cuda --workers 12 --threads 1   # the committed run: 405 s on one H100
-    python benchmarks/forgetting.py --device cpu --workers 1       # same protocol on a CPU: not run; ~5 h estimated on 2 cores
-    python benchmarks/forgetting.py --methods lora_mlp,selective_mlp_lowrank --orders A --seeds 0 --lrs 1e-4 \\
-        --max-steps 1 --n-train 4 --n-val 2 --n-test 2 --output-dir /tmp/f   # smoke test
+    python benchmarks/forgetting.py                 # CPU default: lora_all + ours, order A, seed 0, alpha {0.5, 1}
+    python benchmarks/forgetting.py --full --device cuda   # 3 months, 2 orders, 2 seeds, every arm, 4 alphas
+    python benchmarks/forgetting.py --model tiny --steps 2 --n-test 4 ...   # smoke test (numbers mean nothing)
+    python benchmarks/forgetting.py --render-only   # re-render the committed JSON
 
-Each finished sequence is saved under `--work-dir` (one JSON per job), so an interrupted run resumes where it stopped.
+Every trained month and every evaluation is saved under `--work-dir`, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -55,23 +54,19 @@ import gc
 import json
 import logging
 import math
-import os
-import shutil
-import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
+    TINY_LLAMA,
     load_average,
     machine_info,
     markdown_table,
@@ -84,238 +79,245 @@ from _common import (  # noqa: E402
 
 log = prefixed_log("forgetting")
 
-MONTHS = ("safety", "capitals", "currency")
-ORDERS: dict[str, tuple[str, ...]] = {"A": MONTHS, "B": tuple(reversed(MONTHS))}
-LEARNING_SHARE = 0.95  # the bar: >= 95% of LoRA's learning ...
-FORGETTING_SHARE = 0.20  # ... with <= 20% of LoRA's forgetting
-GENERAL_SUITES = ["knowledge", "perplexity", "kl", "refusal"]
-# General-ability metrics and the sign that makes "drop" positive when the model got worse than the base.
-GENERAL_DROPS: dict[str, Callable[[float, float], float]] = {
-    "knowledge_qa": lambda base, final: base - final,
-    "perplexity": lambda base, final: final / base - 1.0,
-    "refusal_rate": lambda base, final: base - final,
-    "over_refusal_rate": lambda base, final: final - base,
-    "kl_to_base": lambda base, final: final,
+PROTOCOL = 2
+BUILTIN_MONTHS = ("safety", "capitals", "currency")
+#: The built-in months' checks (the styles the months teach); safety has none: its pairs prefer a refusal on harmful
+#: prompts and an answer on benign ones, which only the agreement score sees. Its bleed is refusing off-scope prompts.
+BUILTIN_CHECKS: dict[str, dict[str, Any]] = {
+    "safety": {"bleed_checks": [{"name": "refuses", "callable": "trl_ext.data:is_refusal"}]},
+    "capitals": {
+        "checks": [{"name": "bare_answer", "regex": r"^\W*[^\s.!?]+(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}],
+        "family": "capital",
+    },
+    "currency": {
+        "checks": [{"name": "json", "json_schema": {"type": "object", "required": ["currency"]}}],
+        "family": "currency",
+    },
 }
+LEARNING_SHARE = 0.95
+LOSS_SHARE = 0.20
+METRICS = ("learning_behaviour", "retention_behaviour", "bleed_rate", "knowledge_mc", "knowledge_exact", "kl_to_base")
 
 
-# --------------------------------------------------------------------------------------------------- the methods
+# --------------------------------------------------------------------------------------------------- the arms
 @dataclass(frozen=True)
-class Method:
+class Arm:
     key: str
     label: str
     ours: bool
-    make_config: Callable[[argparse.Namespace], Any] | None  # None: full fine-tuning
+    trainer: str  # "plain": TRL DPOTrainer + merge each month; "continual": ContinualDPOTrainer, stacked adapters
+    retention: bool = False
     calibrate: bool = False
 
 
-def _lora(modules: list[str]) -> Callable[[argparse.Namespace], Any]:
-    def make(args: argparse.Namespace) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM"
-        )
-
-    return make
-
-
-def _selective_mlp_full(args: argparse.Namespace) -> Any:
-    from peft_selective import SelectiveMLPConfig
-
-    return SelectiveMLPConfig(rank=None)
-
-
-def _selective_mlp_lowrank(args: argparse.Namespace) -> Any:
-    from peft_selective import SelectiveMLPConfig
-
-    return SelectiveMLPConfig(rank=args.rank, alpha=args.alpha)
-
-
-def _saproj(args: argparse.Namespace) -> Any:
-    from peft_selective import SAProjConfig
-
-    return SAProjConfig(rank=None)
-
-
-def _geometry(args: argparse.Namespace) -> Any:
-    from peft_selective import GeometryProjectedConfig
-
-    return GeometryProjectedConfig()
-
-
-METHODS: dict[str, Method] = {
-    m.key: m
-    for m in (
-        Method("full_ft", "Full fine-tuning", False, None),
-        Method(
-            "lora_all",
-            "PEFT LoRA all-linear",
-            False,
-            _lora(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        ),
-        Method("lora_mlp", "PEFT LoRA gate/up", False, _lora(["gate_proj", "up_proj"])),
-        Method("selective_mlp_full", "SelectiveMLP full-rank", True, _selective_mlp_full),
-        Method(
-            "selective_mlp_lowrank",
-            "SelectiveMLP low-rank",
-            True,
-            _selective_mlp_lowrank,
-        ),
-        Method("saproj", "SAProj full-rank", True, _saproj),
-        Method("geometry", "GeometryProjected", True, _geometry, calibrate=True),
+ARMS: dict[str, Arm] = {
+    arm.key: arm
+    for arm in (
+        Arm("lora_all", "PEFT LoRA all-linear + TRL DPOTrainer", False, "plain"),
+        Arm("ours", "ContinualDPOTrainer + SelectiveMLP r16, rehearsal + KL (recommended)", True, "continual", True),
+        Arm("ours_plain", "ContinualDPOTrainer + SelectiveMLP r16, no retention", True, "continual"),
+        Arm("geometry", "ContinualDPOTrainer + GeometryProjected r16, rehearsal + KL", True, "continual", True, True),
     )
 }
-CONTINUAL = "continual"
-CONTINUAL_PLAIN = "continual_plain"  # the same stacked adapters and reference, no retention term: issue #4's control
-TRAINER_ROWS = (CONTINUAL, CONTINUAL_PLAIN)
-LORA_BASELINES = ("lora_all", "lora_mlp")
+DEFAULT_LRS = {"lora_all": [1e-4, 3e-4, 1e-3], "ours": [1e-4, 3e-4, 1e-3], "ours_plain": [1e-4, 3e-4, 1e-3]}
+DEFAULT_LRS["geometry"] = DEFAULT_LRS["ours"]
 
 
-@dataclass(frozen=True)
-class Job:
-    phase: str  # "grid" (validation rows) or "test"
-    method: str  # a METHODS key, or CONTINUAL
-    order: str
-    seed: int
-    lr: float
-    base_method: str | None = None  # TRAINER_ROWS: the adapter method inside the trainer
+def peft_config_for(arm: Arm, args: argparse.Namespace):
+    if arm.key == "lora_all":
+        from peft import LoraConfig
 
-    @property
-    def name(self) -> str:
-        inner = f"-{self.base_method}" if self.base_method else ""
-        return f"{self.phase}-{self.method}{inner}-{self.order}-s{self.seed}-lr{self.lr:g}"
+        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        return LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=modules)
+    if arm.key == "geometry":
+        from peft_selective import GeometryProjectedConfig
+
+        return GeometryProjectedConfig(rank=args.rank)
+    from peft_selective import SelectiveMLPConfig
+
+    return SelectiveMLPConfig(rank=args.rank, alpha=2 * args.rank)
 
 
-# --------------------------------------------------------------------------------------------------- data
-def build_months(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """`{month: {"train", "val", "test"}}`, built once in the canonical order so that every order sees the same rows."""
+# --------------------------------------------------------------------------------------------------- the months
+def builtin_spec(args: argparse.Namespace, work_dir: Path) -> Path:
+    """Write the built-in sequence as data (JSONL splits + spec) and return the spec's path."""
     from trl_ext.data import monthly_sequence
 
-    months = {}
-    for name, splits in monthly_sequence(MONTHS, n_train=args.n_train + args.n_val, n_eval=args.n_test, seed=0):
+    folder = work_dir / "months"
+    folder.mkdir(parents=True, exist_ok=True)
+    months = []
+    sequence = monthly_sequence(BUILTIN_MONTHS, n_train=args.n_train + args.n_val, n_eval=args.n_test, seed=0)
+    for name, splits in sequence:
         train = splits["train"]
-        months[name] = {
+        parts = {
             "train": train.select(range(args.n_train)),
             "val": train.select(range(args.n_train, args.n_train + args.n_val)),
             "test": splits["test"],
         }
+        entry: dict[str, Any] = {"name": name, **BUILTIN_CHECKS.get(name, {})}
+        for split, dataset in parts.items():
+            path = folder / f"{name}.{split}.jsonl"
+            dataset.to_json(str(path), lines=True)
+            entry[split] = path.name
+        months.append(entry)
+    spec = folder / "months.json"
+    spec.write_text(json.dumps({"months": months}, indent=2))
+    return spec
+
+
+@dataclass
+class Month:
+    name: str
+    train: Any
+    val: Any
+    test: Any
+    checks: list  # Check objects (learning: all must pass); empty: agreement
+    bleed: list  # Check / StyleSignature objects (any one counts)
+    family: Optional[str]
+
+
+def load_months(spec_path: Path) -> dict[str, Month]:
+    """Read a month-sequence spec; clear errors for missing files, bad rows and bad checks."""
+    from datasets import load_dataset
+
+    from peft_selective.evaluation import Check, StyleSignature
+    from trl_ext.validation import validate_preference_dataset
+
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"Cannot read the month spec {spec_path}: {error}") from error
+    if not isinstance(spec, dict) or not spec.get("months"):
+        raise SystemExit(f"{spec_path}: expected {{'months': [{{'name', 'train', 'val', 'test', ...}}]}}.")
+    months = {}
+    for entry in spec["months"]:
+        name = entry.get("name")
+        if not name or name in months:
+            raise SystemExit(f"{spec_path}: every month needs a unique 'name' (got {name!r}).")
+        splits = {}
+        for split in ("train", "val", "test"):
+            if split not in entry:
+                raise SystemExit(f"{spec_path}: month {name!r} has no {split!r} file.")
+            path = (spec_path.parent / entry[split]).resolve()
+            if not path.is_file():
+                raise SystemExit(f"{spec_path}: month {name!r}: {path} does not exist.")
+            splits[split] = load_dataset("json", data_files=str(path), split="train")
+            validate_preference_dataset(splits[split], f"{name}/{split}")
+            if "prompt" not in splits[split].column_names:
+                raise SystemExit(f"{path}: protocol 2 needs an explicit 'prompt' column (it generates from it).")
+        try:
+            checks = [Check.from_spec(c) for c in entry.get("checks", [])]
+            bleed = [Check.from_spec(c) for c in entry.get("bleed_checks", [])] or list(checks)
+        except (ValueError, TypeError, ImportError) as error:
+            raise SystemExit(f"{spec_path}: month {name!r}: {error}") from error
+        if not bleed:
+            train = splits["train"]
+            try:
+                bleed = [StyleSignature.fit(list(train["chosen"]), list(train["rejected"]))]
+            except ValueError as error:
+                raise SystemExit(f"{spec_path}: month {name!r}: {error}") from error
+        months[name] = Month(name, splits["train"], splits["val"], splits["test"], checks, bleed, entry.get("family"))
     return months
 
 
-def knowledge_questions(months: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict]:
-    from trl_ext.data import held_out_capital_questions
+def knowledge_probe(months: dict[str, Month], args: argparse.Namespace) -> list:
+    """Country facts chosen after the months are known: none about a country the months use, none overlapping a
+    training, validation, test or anchor prompt (`check_no_overlap` raises otherwise)."""
+    from peft_selective.evaluation import check_no_overlap
+    from trl_ext.anchors import general_anchor_prompts
+    from trl_ext.data import countries_in, knowledge_items
 
-    splits = [split for month in months.values() for split in month.values()]
-    return held_out_capital_questions(splits, n=args.knowledge_questions, seed=0)
-
-
-def protected_texts(tokenizer, months: dict[str, dict[str, Any]], earlier: Sequence[str], probe: list[dict]) -> list:
-    """GeometryProjected's calibration data for a month: general text (pydoc), chat answers to capital questions
-    on countries that neither the months nor the knowledge probe use, and the earlier months' train pairs."""
-    from peft_selective.probes import capital_questions
-    from trl_ext.data import countries_in
-    from trl_ext.metrics import reference_text
-
-    text = reference_text()
-    passages = [text[i : i + 1000] for i in range(0, 8000, 1000)]
-    exclude = sorted(countries_in([m for month in months.values() for m in month.values()]))
-    exclude += [q["country"] for q in probe if q.get("country")]
-    chats = [
-        [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": f"{q['answer']}."}]
-        for q in capital_questions(seed=1, exclude=exclude)[:40]
-    ]
-    for name in earlier:
-        for row in months[name]["train"]:
-            chats.append(list(row["prompt"]) + list(row["chosen"]))  # conversational rows: message lists
-    return passages + [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    splits = [split for m in months.values() for split in (m.train, m.val, m.test)]
+    collections = [list(split["prompt"]) for split in splits] + [general_anchor_prompts()]
+    candidates = knowledge_items(n=None, seed=0, exclude_countries=countries_in(splits))
+    items = []
+    for item in candidates:  # a country name inside another's ("Guinea" in "Guinea-Bissau") still overlaps: drop it
+        try:
+            check_no_overlap([item], *collections)
+        except ValueError:
+            continue
+        items.append(item)
+        if len(items) == args.knowledge_items:
+            break
+    check_no_overlap(items, *collections)
+    return items
 
 
-def _eval_config(args: argparse.Namespace, suites: list[str]):
-    from trl_ext.evaluation import EvaluationConfig
+def general_prompts(args: argparse.Namespace) -> list[str]:
+    from trl_ext.metrics import generic_prompts
 
-    return EvaluationConfig(
-        suites=suites,
-        knowledge_questions=args.knowledge_questions,
-        refusal_prompts=args.refusal_prompts,
-        perplexity_max_tokens=args.perplexity_tokens,
-        max_length=args.max_length,
-        batch_size=args.eval_batch_size,
-    )
+    return generic_prompts()[: args.general_prompts]
 
 
-# --------------------------------------------------------------------------------------------------- one sequence
+# --------------------------------------------------------------------------------------------------- models
 def load_base(args: argparse.Namespace):
-    """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random-init 2-layer Llama with the same
-    tokenizer: it runs the whole harness in seconds, for tests; its numbers mean nothing."""
+    """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random 2-layer Llama with its tokenizer."""
+    import torch
+
     from peft_selective.embedded import embedded_model_path, load_embedded_model
 
     if args.model == "embedded":
-        return load_embedded_model()
-    import torch
-    from _common import TINY_LLAMA
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        model, tokenizer = load_embedded_model()
+    else:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config), tokenizer
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def init_worker(args: argparse.Namespace) -> None:
-    """Load the base model, tokenizer, data and base reference log-probs once per process."""
-    import torch
-    import transformers
-
-    logging.basicConfig(level=logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("trl_ext").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base, tokenizer = load_base(args)
-    base = base.to(args.device).eval()
-    for p in base.parameters():
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+        torch.manual_seed(0)
+        config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+    model = model.to(args.device).eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    months = build_months(args)
-    reference = json.loads((Path(args.work_dir) / "reference_logps.json").read_text())
-    _WORKER.update(
-        args=args,
-        base=base,
-        tokenizer=tokenizer,
-        months=months,
-        reference=reference,
-        probe=knowledge_questions(months, args),
-    )
+    return model, tokenizer
 
 
-def _memory_start(device: str) -> tuple[Callable[[], int], int]:
-    """A peak-memory reader for the coming work, and the baseline it is measured above."""
+def weight_delta(model, base_state: dict) -> dict:
+    """W - W_0 of every base weight that changed. A `PeftModel`'s active adapters are merged for the reading and
+    unmerged after it, so the difference is exactly what `merge_and_unload` would give."""
+    import torch
+    from peft import PeftModel
+
+    def plain(name: str) -> str:  # PEFT's key of a base weight -> the base model's key
+        return name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+
+    if isinstance(model, PeftModel):
+        model.base_model.merge_adapter(list(model.base_model.active_adapters))
+        try:
+            state = {plain(k): v for k, v in model.state_dict().items()}
+            delta = {k: (state[k] - base_state[k]).detach().cpu().clone() for k in base_state if k in state}
+        finally:
+            model.base_model.unmerge_adapter()
+    else:
+        state = model.state_dict()
+        delta = {k: (state[k] - base_state[k]).detach().cpu().clone() for k in base_state if k in state}
+    return {k: v for k, v in delta.items() if torch.count_nonzero(v) > 0}
+
+
+def apply_delta(target, base_state: dict, delta: dict, alpha: float) -> None:
+    """target's weights := W_0 + alpha * delta (target is a copy of the base)."""
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated, torch.cuda.memory_allocated()
-    from _common import peak_rss_bytes, rss_bytes, start_peak_window
+    with torch.no_grad():
+        params = dict(target.named_parameters())
+        params.update(dict(target.named_buffers()))
+        for name, tensor in params.items():
+            if name in base_state:
+                tensor.copy_(base_state[name])
+        for name, d in delta.items():
+            params[name].add_(alpha * d.to(params[name].device, params[name].dtype))
 
-    baseline = rss_bytes()
-    reset = start_peak_window()
-    return (lambda: peak_rss_bytes(reset)), baseline
 
-
-def _dpo_args(args: argparse.Namespace, job: Job, out: Path, config_class=None, **extra):
+# --------------------------------------------------------------------------------------------------- training
+def dpo_args(args: argparse.Namespace, out: Path, lr: float, seed: int, config_class=None, **extra):
     import torch
     from trl import DPOConfig
 
     config_class = config_class or DPOConfig
     return config_class(
         output_dir=str(out),
-        max_steps=args.max_steps,
+        max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=job.lr,
+        learning_rate=lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
@@ -325,794 +327,695 @@ def _dpo_args(args: argparse.Namespace, job: Job, out: Path, config_class=None, 
         save_strategy="no",
         report_to=[],
         bf16=False,
-        tf32=args.device.startswith("cuda") and torch.cuda.is_available(),
         use_cpu=not args.device.startswith("cuda"),
+        tf32=args.device.startswith("cuda") and torch.cuda.is_available(),
         disable_tqdm=True,
-        seed=job.seed,
-        data_seed=job.seed,
+        seed=seed,
+        data_seed=seed,
         **extra,
     )
 
 
-def _train_month_plain(model, method: Method, job: Job, month: str, earlier: list[str], out: Path):
-    """One month with TRL's DPOTrainer; returns the plain model after it (adapters merged) and the train logs."""
-    from trl import DPOTrainer
+def calibration_texts(tokenizer, months: dict[str, Month], earlier: Sequence[str]) -> list[str]:
+    """GeometryProjected's protected data: general reference text plus the earlier months' chosen chats."""
+    from trl_ext.metrics import reference_text
 
-    import peft_selective
+    text = reference_text()
+    texts = [text[i : i + 1000] for i in range(0, 8000, 1000)]
+    for name in earlier:
+        for row in months[name].train:
+            texts.append(tokenizer.apply_chat_template(list(row["prompt"]) + list(row["chosen"]), tokenize=False))
+    return texts
 
-    w = _WORKER
-    args, tokenizer = w["args"], w["tokenizer"]
-    kwargs: dict[str, Any] = {}
-    if method.make_config is None:
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
+
+class Sequencer:
+    """Trains one arm month after month from the base; `train_month` returns W_t - W_0 after month t."""
+
+    def __init__(self, arm: Arm, args, base, tokenizer, months: dict[str, Month], lr: float, seed: int, out: Path):
+        self.arm, self.args, self.tokenizer, self.months = arm, args, tokenizer, months
+        self.lr, self.seed, self.out = lr, seed, out
+        self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        self.model = copy.deepcopy(base)
+        for p in self.model.parameters():
             p.requires_grad_(False)
-        kwargs["ref_model"] = ref
-    else:
-        kwargs["peft_config"] = method.make_config(args)
-    trainer = DPOTrainer(
-        model=model,
-        args=_dpo_args(args, job, out),
-        train_dataset=w["months"][month]["train"],
-        processing_class=tokenizer,
-        **kwargs,
-    )
-    if method.calibrate:
-        texts = protected_texts(tokenizer, w["months"], earlier, w["probe"])
-        peft_selective.calibrate(trainer.model, texts, tokenizer, show_progress=False)
-    trainer.train()
-    logs = trainer.state.log_history
-    model = trainer.model
-    if method.make_config is not None:
-        model = model.merge_and_unload()
-    del trainer, kwargs
-    return model, logs
+        self.done: list[str] = []
 
+    def train_month(self, name: str) -> tuple[dict, list[dict]]:
+        if self.arm.trainer == "plain":
+            logs = self._plain(name)
+        else:
+            logs = self._continual(name)
+        self.done.append(name)
+        return weight_delta(self.model, self.base_state), logs
 
-def _train_month_continual(model, method: Method, job: Job, t: int, month: str, earlier: list[str], out: Path):
-    """One month with ContinualDPOTrainer (rehearsal + KL for `continual`, neither for `continual_plain`); returns the
-    PeftModel holding adapters m1..mt."""
-    import peft_selective
-    from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+    def _plain(self, name: str) -> list[dict]:
+        from trl import DPOTrainer
 
-    w = _WORKER
-    args, tokenizer = w["args"], w["tokenizer"]
-    adapter = f"m{t + 1}"
-    retention = job.method == CONTINUAL
-    config = _dpo_args(
-        args,
-        job,
-        out / adapter,
-        config_class=ContinualDPOConfig,
-        adapter_name=adapter,
-        rehearsal_ratio=args.rehearsal_ratio if retention else 0.0,
-        kl_coef=args.kl_coef if retention else 0.0,
-        kl_every=1,
-        kl_max_general_anchors=args.kl_general_anchors,
-    )
-    trainer = ContinualDPOTrainer(
-        model,
-        args=config,
-        train_dataset=w["months"][month]["train"],
-        processing_class=tokenizer,
-        peft_config=method.make_config(args),
-        rehearsal_buffer=RehearsalBuffer(out / "buffer") if retention else None,
-    )
-    if method.calibrate:
-        texts = protected_texts(tokenizer, w["months"], earlier, w["probe"])
-        previous = f"m{t}" if t else None
-        peft_selective.calibrate(
-            trainer.model, texts, tokenizer, adapter_name=adapter, previous_adapter=previous, show_progress=False
+        args = self.args
+        trainer = DPOTrainer(
+            model=self.model,
+            args=dpo_args(args, self.out / name, self.lr, self.seed),
+            train_dataset=self.months[name].train,
+            processing_class=self.tokenizer,
+            peft_config=peft_config_for(self.arm, args),
         )
-    trainer.train()
-    if retention:
-        trainer.finish_month(adapter)
-    logs = trainer.state.log_history
-    model = trainer.model
-    del trainer
-    return model, logs
+        trainer.train()
+        logs = trainer.state.log_history
+        self.model = trainer.model.merge_and_unload()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        del trainer
+        return logs
+
+    def _continual(self, name: str) -> list[dict]:
+        import peft_selective
+        from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+
+        args, arm = self.args, self.arm
+        adapter = f"m{len(self.done) + 1}"
+        config = dpo_args(
+            args,
+            self.out / adapter,
+            self.lr,
+            self.seed,
+            config_class=ContinualDPOConfig,
+            adapter_name=adapter,
+            rehearsal_ratio=args.rehearsal_ratio if arm.retention else 0.0,
+            kl_coef=args.kl_coef if arm.retention else 0.0,
+        )
+        trainer = ContinualDPOTrainer(
+            self.model,
+            args=config,
+            train_dataset=self.months[name].train,
+            processing_class=self.tokenizer,
+            peft_config=peft_config_for(arm, args),
+            rehearsal_buffer=RehearsalBuffer(self.out / "buffer") if arm.retention else None,
+        )
+        if arm.calibrate:
+            texts = calibration_texts(self.tokenizer, self.months, self.done)
+            previous = f"m{len(self.done)}" if self.done else None
+            peft_selective.calibrate(
+                trainer.model, texts, self.tokenizer, adapter_name=adapter, previous_adapter=previous,
+                show_progress=False,
+            )  # fmt: skip
+        trainer.train()
+        if arm.retention:
+            trainer.finish_month(adapter)
+        logs = trainer.state.log_history
+        self.model = trainer.model
+        del trainer
+        return logs
 
 
-def _log_summary(logs: list[dict]) -> dict[str, Any]:
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "retention/kl", "rehearsal/fraction")
-    rows = [e for e in logs if "loss" in e and "step" in e]
-    summary: dict[str, Any] = {"steps": len(rows)}
-    for key in keys:
-        values = [float(e[key]) for e in rows if key in e]
-        if values:
-            summary[f"{key}_first"], summary[f"{key}_last"] = values[0], values[-1]
-    return summary
+# --------------------------------------------------------------------------------------------------- evaluation
+def prompts_of(dataset) -> list:
+    return [row["prompt"] for row in dataset]
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Train one method through one order of months; evaluate after each month (and the general suite at the end)."""
-    import torch
-    from transformers import set_seed
+def month_scores(generations: list[str], month: Month, split) -> list[float]:
+    """Per held-out prompt: 1/0 whether every check passes, or the agreement score for a month without checks."""
+    from peft_selective.evaluation import agreement
 
-    from trl_ext.evaluation import general_suite, preference_suite
+    if month.checks:
+        return [float(all(check.matches(g) for check in month.checks)) for g in generations]
+    return [agreement(g, row["chosen"], row["rejected"]) for g, row in zip(generations, split)]
 
-    w = _WORKER
-    args, tokenizer, base = w["args"], w["tokenizer"], w["base"]
-    method = METHODS[job.base_method or job.method]
-    split = "val" if job.phase == "grid" else "test"
-    eval_sets = {m: w["months"][m][split] for m in MONTHS}
-    references = {m: w["reference"][split][m] for m in MONTHS}
-    pref_config = _eval_config(args, ["preference"])
-    out = Path(tempfile.mkdtemp(prefix=f"{job.name}-", dir=args.scratch_dir))
-    result: dict[str, Any] = {"job": asdict(job), "name": job.name, "months": list(ORDERS[job.order])}
-    started = time.perf_counter()
-    try:
-        set_seed(job.seed)
-        read_peak, mem_base = _memory_start(args.device)
-        model = copy.deepcopy(base)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.train()
-        after, train_seconds, logs = [], [], []
-        for t, month in enumerate(ORDERS[job.order]):
-            earlier = list(ORDERS[job.order][:t])
-            set_seed(job.seed + t)
-            tick = time.perf_counter()
-            if job.method in TRAINER_ROWS:
-                model, month_logs = _train_month_continual(model, method, job, t, month, earlier, out)
-            else:
-                model, month_logs = _train_month_plain(model, method, job, month, earlier, out / month)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            train_seconds.append(time.perf_counter() - tick)
-            logs.append(_log_summary(month_logs))
-            model.eval()
-            scores = preference_suite(model, tokenizer, eval_sets, references, pref_config)
-            after.append({m: {"accuracy": s["accuracy"], "mean_margin": s["mean_margin"]} for m, s in scores.items()})
-            model.train()
-        result["peak_memory_over_base_bytes"] = int(read_peak() - mem_base)
-        result.update(after=after, train_seconds=train_seconds, train_logs=logs)
-        if job.phase == "test":
-            model.eval()
-            result["general"] = general_suite(
-                model, tokenizer, _eval_config(args, GENERAL_SUITES), knowledge_questions=w["probe"], base=base
-            )
-        result["wall_seconds"] = time.perf_counter() - started
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-        model = None
-        gc.collect()
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+
+def evaluate(model, base, tokenizer, months: dict[str, Month], order: Sequence[str], t: int, probe, args) -> dict:
+    """Per-item results after month `order[t]` (t = -1: the base). Right after a month that is not the last: that
+    month's held-out prompts only (its learning). After the last month (and for the base): everything."""
+    from peft_selective.evaluation import exact_match, generate_answers, multiple_choice_accuracy
+
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, disable_tqdm=True)
+    full = t == -1 or t == len(order) - 1
+    names = list(order) if full else [order[t]]
+    result: dict[str, Any] = {"months": {}}
+    for name in names:
+        split = months[name].test
+        generations = generate_answers(model, tokenizer, prompts_of(split), **gen)
+        result["months"][name] = {"scores": month_scores(generations, months[name], split), "generations": generations}
+    if not full:
+        return result
+    exact_items = probe[: args.knowledge_exact]
+    general = general_prompts(args)
+    knowledge_answers = generate_answers(model, tokenizer, [item.question for item in exact_items], **gen)
+    general_answers = generate_answers(model, tokenizer, general, **gen)
+    result["knowledge_exact"] = [float(exact_match(a, item)) for a, item in zip(knowledge_answers, exact_items)]
+    result["knowledge_mc"], _ = multiple_choice_accuracy(model, tokenizer, probe, batch_size=args.eval_batch_size)
+    result["knowledge_answers"] = knowledge_answers
+    result["general_answers"] = general_answers
+    result["bleed"] = bleed_scores(months, order, result, exact_items, general_answers, knowledge_answers)
+    result["kl_to_base"] = [0.0] * len(general) if model is base else per_prompt_kl(model, base, tokenizer, general)
     return result
 
 
-def _job_path(args: argparse.Namespace, job: Job) -> Path:
-    return Path(args.work_dir) / "jobs" / f"{job.name}.json"
+def bleed_scores(months, order, result, exact_items, general_answers, knowledge_answers) -> list[float]:
+    """Per off-scope answer, 1 when it carries the style of any month for which it is off-scope. Off-scope for month
+    j: the general prompts, the other months' held-out prompts, and knowledge questions outside j's `family`."""
+    kinds = [_item_kind(item) for item in exact_items]
+    scores = []
+    for answer in general_answers:
+        scores.append(float(any(_carries(answer, months[j]) for j in order)))
+    for answer, kind in zip(knowledge_answers, kinds):
+        scores.append(float(any(_carries(answer, months[j]) for j in order if months[j].family != kind)))
+    for i in order:
+        for answer in result["months"][i]["generations"]:
+            scores.append(float(any(_carries(answer, months[j]) for j in order if j != i)))
+    return scores
 
 
-def run_job_to_file(job: Job) -> tuple[str, str | None]:
-    """Worker entry point: run `job` and save its result atomically (resume skips saved jobs); a failure is returned,
-    not raised, so that the other jobs still run."""
-    import traceback
-
-    from trl_ext._io import atomic_write_json
-
-    args = _WORKER["args"]
-    try:
-        result = run_job(job)
-    except Exception:  # noqa: BLE001 - reported by run_jobs once every job had its chance
-        return job.name, traceback.format_exc()
-    atomic_write_json(_job_path(args, job), result)
-    return job.name, None
+def _item_kind(item) -> str:
+    question = item.question.lower()
+    return "capital" if "capital" in question else "currency" if "currency" in question else "region"
 
 
-def run_jobs(args: argparse.Namespace, jobs: list[Job]) -> dict[str, dict[str, Any]]:
-    """Run the jobs not already saved (in `--workers` processes), then read every job's result."""
-    todo = [job for job in jobs if not _job_path(args, job).exists()]
-    log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run on {args.workers} worker(s)")
-    failures = {}
-    if todo:
-        if args.workers == 1:
-            if not _WORKER:
-                init_worker(args)
-            outcomes = map(run_job_to_file, todo)
-        else:
-            import multiprocessing
-
-            context = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(args.workers, mp_context=context, initializer=init_worker, initargs=(args,))
-            outcomes = pool.map(run_job_to_file, todo)
-        tick = time.perf_counter()
-        for i, (name, error) in enumerate(outcomes, 1):
-            log(f"[{i}/{len(todo)}] {name} {'FAILED' if error else 'done'} ({time.perf_counter() - tick:.0f} s)")
-            if error:
-                failures[name] = error
-                print(error, file=sys.stderr)
-        if args.workers > 1:
-            pool.shutdown()
-    if failures:
-        raise RuntimeError(f"{len(failures)} job(s) failed: {sorted(failures)}; rerun to retry only those.")
-    return {job.name: json.loads(_job_path(args, job).read_text()) for job in jobs}
+def _carries(answer: str, month: Month) -> bool:
+    return any(test.matches(answer) for test in month.bleed)
 
 
-# --------------------------------------------------------------------------------------------------- set-up
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Base reference log-probs of every val/test split and the base's general metrics (saved; resumable)."""
-    import torch
+def per_prompt_kl(model, base, tokenizer, prompts) -> list[float]:
+    from trl_ext.metrics import kl_to_reference
 
-    from trl_ext._io import atomic_write_json
-    from trl_ext.evaluation import general_suite, reference_logps_for
-
-    work = Path(args.work_dir)
-    ref_path, base_path = work / "reference_logps.json", work / "base.json"
-    if ref_path.exists() and base_path.exists():
-        return json.loads(base_path.read_text())
-    tick = time.perf_counter()
-    model, tokenizer = load_base(args)
-    model = model.to(args.device).eval()
-    months = build_months(args)
-    config = _eval_config(args, GENERAL_SUITES)
-    with torch.no_grad():
-        reference = {
-            split: {m: reference_logps_for(model, tokenizer, months[m][split], config) for m in MONTHS}
-            for split in ("val", "test")
-        }
-    atomic_write_json(ref_path, reference)
-    probe = knowledge_questions(months, args)
-    base = {
-        "general": general_suite(model, tokenizer, config, knowledge_questions=probe),
-        "rows": {m: {s: len(months[m][s]) for s in ("train", "val", "test")} for m in MONTHS},
-        "knowledge_questions": len(probe),
-        "seconds": time.perf_counter() - tick,
-    }
-    atomic_write_json(base_path, base)
-    del model
-    gc.collect()
-    return base
+    return [kl_to_reference(model, base, tokenizer, [prompt], batch_size=1) for prompt in prompts]
 
 
-# --------------------------------------------------------------------------------------------------- metrics
-def sequence_metrics(result: dict[str, Any], key: str = "accuracy") -> dict[str, float]:
-    """Learning (mean R[i][i]) and backward transfer (mean_{i<T} R[T][i] - R[i][i]) of one sequence."""
-    months, after = result["months"], result["after"]
-    diag = [after[i][m][key] for i, m in enumerate(months)]
-    final = [after[-1][m][key] for m in months[:-1]]
-    bwt = statistics.fmean(f - d for f, d in zip(final, diag[:-1])) if final else math.nan
-    return {
-        "learning": statistics.fmean(diag),
-        "bwt": bwt,
-        "final_average": statistics.fmean(after[-1][m][key] for m in months),
-    }
+# --------------------------------------------------------------------------------------------------- learning rates
+def choose_learning_rate(arm: Arm, args, base, tokenizer, months, order, work: Path) -> dict[str, Any]:
+    """The smallest rate whose first-month *validation* learning reaches the target (else the most learning)."""
+    from peft_selective.evaluation import generate_answers
 
-
-def grid_score(result: dict[str, Any]) -> float:
-    """The learning-rate choice: average validation accuracy over all months after the last month."""
-    return sequence_metrics(result)["final_average"]
-
-
-def select_learning_rates(grid: dict[str, dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Per method: every rate's validation score and the chosen one (best score, ties to the smaller rate)."""
-    chosen = {}
-    for method in methods:
-        runs = [r for r in grid.values() if r["job"]["method"] == method]
-        scores = sorted((grid_score(r), -r["job"]["lr"]) for r in runs)
-        best_score, neg_lr = scores[-1]
-        chosen[method] = {
-            "lr": -neg_lr,
-            "val_score": best_score,
-            "grid": {f"{r['job']['lr']:g}": grid_score(r) for r in sorted(runs, key=lambda r: r["job"]["lr"])},
-        }
-    return chosen
-
-
-def _mean_and_range(values: list[float]) -> dict[str, float]:
-    clean = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
-    if not clean:
-        return {"mean": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    return {"mean": statistics.fmean(clean), "min": min(clean), "max": max(clean), "n": len(clean)}
-
-
-def aggregate(results: list[dict[str, Any]], base_general: dict[str, float]) -> dict[str, Any]:
-    """Mean (and min/max) over orders x seeds of one row's metrics."""
-    per_run = []
-    for r in results:
-        acc, margin = sequence_metrics(r), sequence_metrics(r, "mean_margin")
-        general = r.get("general", {})
-        drops = {
-            k: fn(base_general[k], general[k]) for k, fn in GENERAL_DROPS.items() if k in general and k in base_general
-        }
-        per_run.append(
-            {
-                "learning": acc["learning"],
-                "bwt": acc["bwt"],
-                "forgetting": max(0.0, -acc["bwt"]),
-                "final_average": acc["final_average"],
-                "margin_learning": margin["learning"],
-                "margin_bwt": margin["bwt"],
-                **{f"general_{k}": v for k, v in general.items()},
-                **{f"drop_{k}": v for k, v in drops.items()},
-                "train_seconds_per_month": statistics.fmean(r["train_seconds"]),
-                "peak_memory_over_base_mib": r["peak_memory_over_base_bytes"] / 2**20,
-            }
-        )
-    keys = sorted({k for run in per_run for k in run})
-    return {k: _mean_and_range([run[k] for run in per_run if k in run]) for k in keys}
-
-
-def verdicts(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every peft-selective row against each PEFT LoRA row: learning share and forgetting shares."""
-    out = []
-    drop_keys = sorted({k for row in rows.values() for k in row if k.startswith("drop_")})
-    for ours in [k for k in rows if k in TRAINER_ROWS or METHODS[k].ours]:
-        for lora in [k for k in LORA_BASELINES if k in rows]:
-            o, b = rows[ours], rows[lora]
-            learning_share = _share(o["learning"]["mean"], b["learning"]["mean"])
-            shares = {"forgetting": _share(o["forgetting"]["mean"], b["forgetting"]["mean"])}
-            for k in drop_keys:
-                shares[k.removeprefix("drop_")] = _share(max(0.0, o[k]["mean"]), max(0.0, b[k]["mean"]))
-            checks = {"learning": learning_share is not None and learning_share >= LEARNING_SHARE}
-            for name, share in shares.items():
-                checks[name] = share is not None and share <= FORGETTING_SHARE
-            out.append(
-                {
-                    "ours": ours,
-                    "lora": lora,
-                    "learning_share": learning_share,
-                    "forgetting_shares": shares,
-                    "checks": checks,
-                    "meets_bar": all(checks.values()),
-                }
-            )
-    return out
-
-
-def month_one_check(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue #4's question, per (order, seed): month 1's held-out accuracy after month 2, with rehearsal + KL
-    (`continual`) and without (`continual_plain`), same seed, steps and adapters."""
-    by_run: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    for r in results.values():
-        if r["job"]["method"] in TRAINER_ROWS:
-            by_run.setdefault((r["job"]["order"], r["job"]["seed"]), {})[r["job"]["method"]] = r
-    rows = []
-    for (order, seed), pair in sorted(by_run.items()):
-        if len(pair) < 2:
+    path = work / f"lr-{arm.key}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    first = months[order[0]]
+    for lr in args.lrs.get(arm.key, DEFAULT_LRS[arm.key]):
+        key = f"{lr:g}"
+        if key in cached:
             continue
-        first = ORDERS[order][0]
-        cells = {
-            key: {
-                "after_month1": pair[key]["after"][0][first]["accuracy"],
-                "after_month2": pair[key]["after"][1][first]["accuracy"],
-                "margin_after_month2": pair[key]["after"][1][first]["mean_margin"],
+        log(f"{arm.key}: validation run at lr {key}")
+        sequencer = Sequencer(
+            arm, args, base, tokenizer, months, lr, args.seeds[0], work / "runs" / f"lr-{arm.key}-{key}"
+        )
+        delta, _ = sequencer.train_month(first.name)
+        evaluation_model = copy.deepcopy(base)
+        apply_delta(evaluation_model, sequencer.base_state, delta, 1.0)
+        answers = generate_answers(
+            evaluation_model,
+            tokenizer,
+            prompts_of(first.val),
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.eval_batch_size,
+            disable_tqdm=True,
+        )
+        scores = month_scores(answers, first, first.val)
+        cached[key] = sum(scores) / len(scores)
+        path.write_text(json.dumps(cached, indent=2))
+        del sequencer, evaluation_model
+        gc.collect()
+    grid = {float(k): v for k, v in cached.items() if float(k) in args.lrs.get(arm.key, DEFAULT_LRS[arm.key])}
+    reaching = sorted(lr for lr, score in grid.items() if score >= args.learning_target)
+    chosen = reaching[0] if reaching else max(grid, key=lambda lr: (grid[lr], -lr))
+    return {"grid": {f"{lr:g}": score for lr, score in sorted(grid.items())}, "chosen": chosen, "month": first.name}
+
+
+# --------------------------------------------------------------------------------------------------- one run
+def run_arm(arm: Arm, args, base, tokenizer, months, probe, order_key: str, seed: int, lr: float, work: Path) -> dict:
+    """Train the arm through the order once, then evaluate every month at every alpha; cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    order = orders_of(months)[order_key]
+    run_dir = work / "runs" / f"{arm.key}-{order_key}-s{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = [run_dir / f"delta-{t}.safetensors" for t in range(len(order))]
+    if not all(path.exists() for path in paths):
+        # A sequence is trained in one go: the trainer's state of a half-done sequence lives in memory only.
+        for path in paths:
+            path.unlink(missing_ok=True)
+        sequencer = Sequencer(arm, args, base, tokenizer, months, lr, seed, run_dir / "train")
+        for t, name in enumerate(order):
+            log(f"{arm.key} order {order_key} seed {seed}: training {name} (lr {lr:g})")
+            start = time.time()
+            delta, month_logs = sequencer.train_month(name)
+            losses = [e["loss"] for e in month_logs if "loss" in e]
+            summary = {
+                "train_seconds": round(time.time() - start, 1),
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
             }
-            for key in TRAINER_ROWS
+            (run_dir / f"train-{t}.json").write_text(json.dumps(summary))
+            save_file({k: v.contiguous() for k, v in delta.items()}, str(paths[t]))
+        del sequencer
+    deltas = [load_file(str(path)) for path in paths]
+    gc.collect()
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    evaluation_model = copy.deepcopy(base)
+    results: dict[str, Any] = {}
+    for alpha in args.alphas:
+        for t, delta in enumerate(deltas):
+            path = run_dir / f"eval-a{alpha:g}-t{t}.json"
+            if path.exists():
+                results[f"{alpha:g}/{t}"] = json.loads(path.read_text())
+                continue
+            log(f"{arm.key} order {order_key} seed {seed}: evaluating alpha {alpha:g} after {order[t]}")
+            apply_delta(evaluation_model, base_state, delta, alpha)
+            result = evaluate(evaluation_model, base, tokenizer, months, order, t, probe, args)
+            path.write_text(json.dumps(result))
+            results[f"{alpha:g}/{t}"] = result
+    train = {order[t]: json.loads((run_dir / f"train-{t}.json").read_text()) for t in range(len(order))}
+    return {"arm": arm.key, "order": order_key, "seed": seed, "lr": lr, "train": train, "evaluations": results}
+
+
+def orders_of(months: dict[str, Month]) -> dict[str, tuple[str, ...]]:
+    """Order A is the spec's, B its reverse."""
+    names = tuple(months)
+    return {"A": names, "B": tuple(reversed(names))}
+
+
+# --------------------------------------------------------------------------------------------------- aggregation
+def item_values(run: dict, base_eval: dict, alpha: str, months_in_order: Sequence[str]) -> dict[str, list[float]]:
+    """Per-item values of the six metrics for one run at one alpha (lists aligned across arms on the same run)."""
+    T = len(months_in_order) - 1
+    evals = run["evaluations"]
+    final = evals[f"{alpha}/{T}"]
+    learning = []
+    for t, name in enumerate(months_in_order):
+        learning += evals[f"{alpha}/{t}"]["months"][name]["scores"]
+    retention = []
+    for t, name in enumerate(months_in_order[:-1]):
+        right_after = evals[f"{alpha}/{t}"]["months"][name]["scores"]
+        retention += [a - b for a, b in zip(final["months"][name]["scores"], right_after)]
+    return {
+        "learning_behaviour": learning,
+        "retention_behaviour": retention,
+        "bleed_rate": final["bleed"],
+        "knowledge_mc": [float(x) for x in final["knowledge_mc"]],
+        "knowledge_exact": final["knowledge_exact"],
+        "kl_to_base": final["kl_to_base"],
+    }
+
+
+def base_values(base_eval: dict, months_in_order: Sequence[str]) -> dict[str, list[float]]:
+    learning = []
+    for name in months_in_order:
+        learning += base_eval["months"][name]["scores"]
+    return {
+        "learning_behaviour": learning,
+        "bleed_rate": base_eval["bleed"],
+        "knowledge_mc": [float(x) for x in base_eval["knowledge_mc"]],
+        "knowledge_exact": base_eval["knowledge_exact"],
+        "kl_to_base": base_eval["kl_to_base"],
+    }
+
+
+def concatenated(runs: list[dict], base_evals: dict, alpha: str, months: dict) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = {metric: [] for metric in METRICS}
+    for run in sorted(runs, key=lambda r: (r["order"], r["seed"])):
+        order = orders_of(months)[run["order"]]
+        for metric, items in item_values(run, base_evals[run["order"]], alpha, order).items():
+            values[metric] += items
+    return values
+
+
+def concatenated_base(runs: list[dict], base_evals: dict, months: dict) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = {}
+    for run in sorted(runs, key=lambda r: (r["order"], r["seed"])):
+        for metric, items in base_values(base_evals[run["order"]], orders_of(months)[run["order"]]).items():
+            values.setdefault(metric, []).extend(items)
+    return values
+
+
+def interpolate(values_by_alpha: dict[float, dict[str, list[float]]], target: float) -> tuple[float, dict, bool]:
+    """alpha* where the learning curve reaches `target` (linear between the alphas around it, item by item), and the
+    per-item values there. Returns (alpha*, values, reached)."""
+    alphas = sorted(values_by_alpha)
+    means = [sum(v["learning_behaviour"]) / len(v["learning_behaviour"]) for v in (values_by_alpha[a] for a in alphas)]
+    if means[0] >= target:
+        return alphas[0], values_by_alpha[alphas[0]], True
+    for (a0, m0), (a1, m1) in zip(zip(alphas, means), zip(alphas[1:], means[1:])):
+        if m0 < target <= m1:
+            w = (target - m0) / (m1 - m0)
+            v0, v1 = values_by_alpha[a0], values_by_alpha[a1]
+            mixed = {k: [(1 - w) * x + w * y for x, y in zip(v0[k], v1[k])] for k in v0}
+            return a0 + w * (a1 - a0), mixed, True
+    best = alphas[max(range(len(alphas)), key=lambda i: means[i])]
+    return best, values_by_alpha[best], False
+
+
+def summarize(values: dict[str, list[float]]) -> dict[str, dict]:
+    from peft_selective.evaluation import bootstrap_mean
+
+    return {metric: bootstrap_mean(items).to_dict() for metric, items in values.items() if items}
+
+
+def shares(ours: dict, lora: dict, base: dict) -> dict[str, Any]:
+    """ours / LoRA of learning gained, bleed added, knowledge lost, earlier-month behaviour lost (paired bootstrap)."""
+    from peft_selective.evaluation import paired_ratio
+
+    def gain(model, metric):
+        return [m - b for m, b in zip(model[metric], base[metric])]
+
+    def loss(model, metric):
+        return [b - m for m, b in zip(model[metric], base[metric])]
+
+    def lost_behaviour(model):
+        return [-x for x in model["retention_behaviour"]]
+
+    pairs = {
+        "learning_share": (gain(ours, "learning_behaviour"), gain(lora, "learning_behaviour")),
+        "bleed_share": (gain(ours, "bleed_rate"), gain(lora, "bleed_rate")),
+        "knowledge_loss_share": (loss(ours, "knowledge_mc"), loss(lora, "knowledge_mc")),
+        "knowledge_exact_loss_share": (loss(ours, "knowledge_exact"), loss(lora, "knowledge_exact")),
+        "retention_loss_share": (lost_behaviour(ours), lost_behaviour(lora)),
+    }
+    result = {}
+    for name, (num, den) in pairs.items():
+        estimate = paired_ratio(num, den)
+        result[name] = None if estimate is None else estimate.to_dict()
+    return result
+
+
+def meets_bar(verdict: dict) -> bool:
+    learning = verdict["learning_share"]
+    if learning is None or learning["mean"] < LEARNING_SHARE:
+        return False
+    losses = ("bleed_share", "knowledge_loss_share", "retention_loss_share")
+    # A loss LoRA does not have (share undefined) cannot be 20% of it unless ours has none either: not met.
+    return all(verdict[k] is not None and verdict[k]["mean"] <= LOSS_SHARE for k in losses)
+
+
+def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence[float]) -> dict[str, Any]:
+    by_arm: dict[str, list[dict]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], []).append(run)
+    any_runs = next(iter(by_arm.values()))
+    base = concatenated_base(any_runs, base_evals, months)
+    report: dict[str, Any] = {"base": summarize(base), "arms": {}}
+    curves = {}
+    for arm, arm_runs in by_arm.items():
+        curves[arm] = {alpha: concatenated(arm_runs, base_evals, f"{alpha:g}", months) for alpha in alphas}
+        report["arms"][arm] = {
+            "label": ARMS[arm].label,
+            "lr": sorted({r["lr"] for r in arm_runs}),
+            "train": [r["train"] for r in arm_runs],
+            "alphas": {f"{alpha:g}": summarize(curves[arm][alpha]) for alpha in alphas},
         }
-        higher = cells[CONTINUAL]["after_month2"] > cells[CONTINUAL_PLAIN]["after_month2"]
-        rows.append({"order": order, "seed": seed, "month1": first, **cells, "higher_with_retention": higher})
-    return rows
+    if "lora_all" not in curves or 1.0 not in curves["lora_all"]:
+        report["verdict"] = None
+        return report
+    lora = curves["lora_all"][1.0]
+    target = sum(lora["learning_behaviour"]) / len(lora["learning_behaviour"])
+    candidates = {}
+    for arm in curves:
+        if not ARMS[arm].ours:
+            continue
+        alpha_star, values, reached = interpolate(curves[arm], target)
+        entry = {"alpha": alpha_star, "reached_lora_learning": reached, **summarize(values)}
+        entry.update(shares(values, lora, base))
+        entry["meets_bar"] = meets_bar(entry)
+        report["arms"][arm]["matched"] = entry
+        candidates[arm] = entry
+    report["matched_learning_target"] = target
+    if not candidates:
+        report["verdict"] = None
+        return report
+    best = max(candidates, key=lambda arm: _rank(candidates[arm]))
+    chosen = candidates[best]
+    report["verdict"] = {
+        "best": best,
+        "against": "lora_all",
+        "alpha": chosen["alpha"],
+        **{k: chosen[k] for k in ("learning_share", "bleed_share", "knowledge_loss_share", "retention_loss_share")},
+        "knowledge_exact_loss_share": chosen["knowledge_exact_loss_share"],
+        "meets_bar": chosen["meets_bar"],
+        "bar": {"learning_share_at_least": LEARNING_SHARE, "loss_shares_at_most": LOSS_SHARE},
+    }
+    return report
 
 
-def _share(ours: float, theirs: float) -> float | None:
-    """ours / theirs; 0 when both are 0 (nothing to forget on either side); None when only theirs is 0."""
-    if theirs == 0:
-        return 0.0 if ours == 0 else None
-    return ours / theirs
+def _rank(entry: dict) -> tuple:
+    """Meets the bar first; then learning share >= 0.95; then the smallest worst loss share."""
+    learning = entry["learning_share"]["mean"] if entry["learning_share"] else 0.0
+    losses = [entry[k]["mean"] for k in ("bleed_share", "knowledge_loss_share", "retention_loss_share") if entry[k]]
+    return (entry["meets_bar"], learning >= LEARNING_SHARE, -max(losses, default=math.inf), learning)
 
 
-# --------------------------------------------------------------------------------------------------- report
-def row_labels(report: dict[str, Any]) -> dict[str, str]:
-    labels = {k: m.label for k, m in METHODS.items()}
-    inner = METHODS[report["continual_method"]].label if report.get("continual_method") else "?"
-    labels[CONTINUAL] = f"ContinualDPOTrainer + {inner}, rehearsal + KL"
-    labels[CONTINUAL_PLAIN] = f"ContinualDPOTrainer + {inner}, no retention"
-    return labels
-
-
-def _fmt(stat: dict[str, float] | None, digits: int = 3, signed: bool = False) -> str:
-    if not stat or stat.get("n", 0) == 0 or math.isnan(stat["mean"]):
-        return "–"
-    sign = "+" if signed else ""
-    return f"{stat['mean']:{sign}.{digits}f}"
-
-
-def _fmt_share(share: float | None) -> str:
-    return "n/a (LoRA: 0)" if share is None else f"{share:.2f}"
+# --------------------------------------------------------------------------------------------------- rendering
+def _ci(stat: Optional[dict], digits: int = 3) -> str:
+    if not stat:
+        return "n/a"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def render(report: dict[str, Any]) -> str:
-    rows, base = report["rows"], report["base"]["general"]
-    labels = row_labels(report)
-    header = [
-        "method",
-        "lr",
-        "learning (acc)",
-        "BWT (acc)",
-        "margin learning",
-        "margin BWT",
-        "knowledge QA",
-        "perplexity",
-        "refusal",
-        "over-refusal",
-        "KL to base",
-        "train s/month",
-        "peak mem over base (MiB)",
-    ]
-    table_rows = [
-        [
-            "base model",
-            "–",
-            "0.000",
-            "–",
-            "0.000",
-            "–",
-            f"{base.get('knowledge_qa', math.nan):.3f}",
-            f"{base.get('perplexity', math.nan):.3f}",
-            f"{base.get('refusal_rate', math.nan):.3f}",
-            f"{base.get('over_refusal_rate', math.nan):.3f}",
-            "0",
-            "–",
-            "–",
-        ]
-    ]
-    for key, row in rows.items():
-        table_rows.append(
-            [
-                labels[key],
-                f"{report['learning_rates'][key]:g}",
-                _fmt(row["learning"]),
-                _fmt(row["bwt"], signed=True),
-                _fmt(row["margin_learning"], 2),
-                _fmt(row["margin_bwt"], 2, signed=True),
-                _fmt(row.get("general_knowledge_qa")),
-                _fmt(row.get("general_perplexity")),
-                _fmt(row.get("general_refusal_rate")),
-                _fmt(row.get("general_over_refusal_rate")),
-                _fmt(row.get("general_kl_to_base"), 4),
-                _fmt(row["train_seconds_per_month"], 1),
-                _fmt(row["peak_memory_over_base_mib"], 0),
-            ]
-        )
     s = report["settings"]
     lines = [
-        f"SmolLM2-135M-Instruct (bundled, float32), months {' / '.join(MONTHS)}; orders "
-        + ", ".join(f"{o}: {' -> '.join(ORDERS[o])}" for o in s["orders"])
-        + f"; seeds {s['seeds']}; {s['max_steps']} steps x batch {s['batch_size']} per month, beta {s['beta']}; "
-        f"{s['n_train']} train / {s['n_val']} validation / {s['n_test']} test pairs per month; "
-        f"{report['base']['knowledge_questions']} knowledge questions. Learning rates chosen on validation from "
-        f"{s['lrs']}. Means over {len(s['orders']) * len(s['seeds'])} runs per row (orders x seeds); min/max in the JSON.",
+        f"Protocol {report['protocol']}: months {', '.join(s['months'])}; orders {', '.join(s['orders'])}; seeds "
+        f"{s['seeds']}; {s['steps']} steps of {s['batch_size']} pairs a month; alphas {s['alphas']}; model "
+        f"{s['model']} ({s['device']}). Mean [95% bootstrap interval] over items (and runs).",
         "",
-        markdown_table(header, table_rows),
-        "",
-        "Learning: mean over months of the held-out accuracy on a month right after it (the base scores 0: accuracy is "
-        "the share of pairs whose DPO implicit reward against the base favours the chosen answer). BWT: mean over the "
-        "first two months of (accuracy after the last month - accuracy right after that month); negative = forgotten. "
-        "Margin columns: the same on the mean implicit-reward margin (nats). General columns: after the last month "
-        "(the base row is month 0). "
-        f"ContinualDPOTrainer rows: a new {report['continual_method']} adapter per month "
-        f"stacked on the frozen earlier ones; with retention: rehearsal_ratio {s['rehearsal_ratio']}, kl_coef "
-        f"{s['kl_coef']} every step, no EWC.",
-        "",
-        "## The bar: >= 95% of LoRA's learning, <= 20% of its forgetting",
+        "Learning rates (first month's validation learning by behaviour; chosen: the smallest reaching "
+        f"{s['learning_target']}):",
         "",
     ]
-    vheader = (
-        ["ours", "vs", "learning share", "forgetting share"]
-        + [f"{k} drop share" for k in GENERAL_DROPS if any(k in v["forgetting_shares"] for v in report["verdicts"])]
-        + ["meets the bar"]
-    )
-    vrows = []
-    for v in report["verdicts"]:
-        cells = [labels[v["ours"]], labels[v["lora"]], _fmt_share(v["learning_share"])]
-        cells.append(_fmt_share(v["forgetting_shares"]["forgetting"]))
-        cells += [_fmt_share(v["forgetting_shares"][k]) for k in GENERAL_DROPS if k in v["forgetting_shares"]]
-        cells.append("yes" if v["meets_bar"] else "no")
-        vrows.append(cells)
-    lines += [
-        markdown_table(vheader, vrows),
-        "",
-        "Shares are ours / LoRA's, on the row means. Forgetting = max(0, -BWT) per run, averaged over runs (a run "
-        "that gained on earlier months counts 0, not a credit). A drop share compares how much each moved away from the base in "
-        "the bad direction (knowledge lost, perplexity ratio - 1, refusals lost, over-refusals gained, KL); a negative "
-        "drop counts as 0. 'n/a' = LoRA did not drop at all there, so no share of it can be computed (the check fails).",
-        "",
-        *month_one_section(report),
-        "## Learning rates (validation grid)",
-        "",
-        markdown_table(
-            ["method", *[f"{lr:g}" for lr in s["lrs"]], "chosen"],
-            [
-                [labels[k], *[_grid_cell(sel["grid"], lr) for lr in s["lrs"]], f"{sel['lr']:g}"]
-                for k, sel in report["selection"].items()
-            ],
-        ),
-        "",
-        "Cells: average validation accuracy over the three months after the last month (order A, first seed).",
-    ]
+    rows = []
+    for arm, grid in report["learning_rates"].items():
+        cells = ", ".join(f"{lr}: {score:.2f}" for lr, score in grid["grid"].items())
+        rows.append([arm, cells, f"{grid['chosen']:g}"])
+    lines += [markdown_table(["arm", "validation learning per lr", "chosen"], rows), ""]
+    names = {
+        "learning_behaviour": "learning",
+        "retention_behaviour": "earlier months kept (Δ)",
+        "bleed_rate": "bleed",
+        "knowledge_mc": "knowledge MC",
+        "knowledge_exact": "knowledge exact",
+        "kl_to_base": "KL to base",
+    }
+    header = ["arm", "alpha"] + [names[m] for m in METRICS]
+    rows = [["base", "-"] + [_ci(report["base"].get(m)) if m != "retention_behaviour" else "-" for m in METRICS]]
+    for arm, entry in report["arms"].items():
+        for alpha, stats in entry["alphas"].items():
+            rows.append([arm, alpha] + [_ci(stats.get(m)) for m in METRICS])
+        if "matched" in entry:
+            m = entry["matched"]
+            label = f"{m['alpha']:.2f} (matched{'' if m['reached_lora_learning'] else ', not reached'})"
+            rows.append([arm, label] + [_ci(m.get(k)) for k in METRICS])
+    lines += ["Per arm and update scale alpha:", "", markdown_table(header, rows), ""]
+    verdict = report.get("verdict")
+    if verdict:
+        lines += [
+            f"Verdict: best of ours `{verdict['best']}` against `lora_all` at LoRA's learning at alpha 1 "
+            f"({report['matched_learning_target']:.3f}), ours at alpha {verdict['alpha']:.2f}:",
+            "",
+            markdown_table(
+                ["share (ours / LoRA)", "value [95% CI]", "bar"],
+                [
+                    ["learning gained over the base", _ci(verdict["learning_share"]), f">= {LEARNING_SHARE}"],
+                    ["bleed above the base", _ci(verdict["bleed_share"]), f"<= {LOSS_SHARE}"],
+                    ["knowledge lost (MC)", _ci(verdict["knowledge_loss_share"]), f"<= {LOSS_SHARE}"],
+                    ["earlier-month behaviour lost", _ci(verdict["retention_loss_share"]), f"<= {LOSS_SHARE}"],
+                    ["knowledge lost (exact match), for information", _ci(verdict["knowledge_exact_loss_share"]), "-"],
+                ],
+            ),
+            "",
+            f"**Meets the bar: {'yes' if verdict['meets_bar'] else 'no'}.** n/a: LoRA has no such loss (or gain) to "
+            "take a share of.",
+        ]
     return "\n".join(lines)
 
 
-def month_one_section(report: dict[str, Any]) -> list[str]:
-    check = report.get("month_one_check") or []
-    if not check:
-        return []
-    rows = [
-        [
-            f"{c['order']} ({c['month1']} first)",
-            str(c["seed"]),
-            f"{c[CONTINUAL_PLAIN]['after_month1']:.3f}",
-            f"{c[CONTINUAL_PLAIN]['after_month2']:.3f}",
-            f"{c[CONTINUAL]['after_month2']:.3f}",
-            f"{c[CONTINUAL_PLAIN]['margin_after_month2']:+.2f} / {c[CONTINUAL]['margin_after_month2']:+.2f}",
-            "yes" if c["higher_with_retention"] else "no",
-        ]
-        for c in check
-    ]
-    held = sum(c["higher_with_retention"] for c in check)
-    return [
-        "## Month 1 after month 2: rehearsal + KL against no retention (issue #4)",
-        "",
-        markdown_table(
-            [
-                "order",
-                "seed",
-                "month 1 acc after month 1",
-                "after month 2, no retention",
-                "after month 2, rehearsal + KL",
-                "margin after month 2 (none / retention)",
-                "higher with retention",
-            ],
-            rows,
-        ),
-        "",
-        f"Higher with rehearsal + KL in {held} of {len(check)} runs (test pairs; same seed, steps, data and adapters).",
-        "",
-    ]
-
-
-def _grid_cell(grid: dict[str, float], lr: float) -> str:
-    value = grid.get(f"{lr:g}")
-    return "–" if value is None else f"{value:.3f}"
-
-
-def scatter_plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Learning (x) against each forgetting measure (y), one curve per arm over alpha; the base as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = row_labels(report)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, (x_key, x_label) in zip(
-        axes,
-        [("forgetting", "forgetting: -BWT on held-out accuracy"), ("general_kl_to_base", "KL to base (nats/token)")],
-    ):
-        for key, row in report["rows"].items():
-            if x_key not in row:
-                continue
-            x, y = row[x_key], row["learning"]
-            ours = key in TRAINER_ROWS or METHODS[key].ours
-            ax.errorbar(
-                x["mean"],
-                y["mean"],
-                xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
-                yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]],
-                fmt="o" if ours else "s",
-                color="tab:green" if ours else "tab:gray",
-                capsize=3,
+    panels = [("bleed_rate", "bleed (share off-scope)"), ("knowledge_mc", "knowledge MC accuracy"),
+              ("retention_behaviour", "earlier months kept (Δ)"), ("kl_to_base", "KL to base")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (metric, title) in zip(axes, panels):
+        for arm, entry in report["arms"].items():
+            alphas = sorted(entry["alphas"], key=float)
+            xs = [entry["alphas"][a]["learning_behaviour"]["mean"] for a in alphas]
+            ys = [entry["alphas"][a][metric]["mean"] for a in alphas]
+            ax.plot(xs, ys, marker="o", label=arm)
+            for a, x, y in zip(alphas, xs, ys):
+                ax.annotate(f"α{a}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if metric in report["base"]:
+            ax.plot(
+                [report["base"]["learning_behaviour"]["mean"]], [report["base"][metric]["mean"]], "k*", label="base"
             )
-            ax.annotate(labels[key], (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("learning: held-out accuracy right after each month")
+        ax.set_xlabel("learning (behaviour)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    fig.suptitle("Monthly DPO on SmolLM2-135M-Instruct: learning vs forgetting (mean, min-max over runs)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Learning vs forgetting over the update scale alpha (protocol 2)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------------- main
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return [float(x) for x in text.replace(",", " ").split()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Forgetting vs learning of monthly DPO on the bundled SmolLM2: PEFT LoRA, full fine-tuning and the "
-        "peft-selective methods in one harness.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--methods", default=",".join([*METHODS, *TRAINER_ROWS]), help="comma-separated subset")
-    parser.add_argument("--orders", default="A,B", help=f"comma-separated; {ORDERS}")
-    parser.add_argument("--seeds", default="0,1", help="training seeds (adapter init, data order)")
-    parser.add_argument("--lrs", default="1e-6,1e-5,1e-4,1e-3", help="learning-rate grid (one value: no grid phase)")
-    parser.add_argument("--n-train", type=int, default=36, help="train pairs per month")
-    parser.add_argument("--n-val", type=int, default=12, help="validation pairs per month (learning-rate choice)")
-    parser.add_argument("--n-test", type=int, default=24, help="test pairs per month")
-    parser.add_argument("--max-steps", type=int, default=18, help="optimizer steps per month (2 epochs by default)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (TRL's default)")
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16, help="rank of LoRA and of the low-rank SelectiveMLP")
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--rehearsal-ratio", type=float, default=0.25, help="the continual row")
-    parser.add_argument("--kl-coef", type=float, default=1.0, help="the continual row (KL every step)")
-    parser.add_argument(
-        "--kl-general-anchors", type=int, default=None, help="general anchor prompts (default: the trainer's, all 32)"
-    )
-    parser.add_argument("--knowledge-questions", type=int, default=40)
-    parser.add_argument("--refusal-prompts", type=int, default=20)
-    parser.add_argument("--perplexity-tokens", type=int, default=4096)
-    parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument(
-        "--model",
-        choices=["embedded", "tiny"],
-        default="embedded",
-        help="embedded: the bundled SmolLM2-135M-Instruct; tiny: a random 2-layer Llama with its tokenizer (tests)",
-    )
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=1, help="processes running jobs in parallel")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    parser.add_argument("--work-dir", default="outputs/forgetting", help="saved jobs (resume) and scratch")
-    parser.add_argument("--fresh", action="store_true", help="delete --work-dir first")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--no-write", action="store_true", help="print, write no result files")
-    parser.add_argument(
-        "--render-only",
-        type=Path,
-        default=None,
-        help="re-render the markdown and plot of a saved forgetting.json into --output-dir; nothing is trained",
-    )
-    args = parser.parse_args(argv)
-    args.method_keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-    unknown = [k for k in args.method_keys if k not in METHODS and k not in TRAINER_ROWS]
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--months-spec", type=Path, default=None, help="JSON month-sequence spec (default: built-in).")
+    p.add_argument("--methods", default="lora_all,ours", help=f"Comma-separated arms of {list(ARMS)}.")
+    p.add_argument("--orders", default="A", help="A (the spec's order) and/or B (reversed), comma-separated.")
+    p.add_argument("--seeds", default="0", help="Training seeds, comma-separated.")
+    p.add_argument("--alphas", default="0.5,1.0", help="Post-hoc update scales (must include 1.0).")
+    p.add_argument("--full", action="store_true", help="GPU protocol: every arm, orders A,B, seeds 0,1, 4 alphas.")
+    p.add_argument("--lrs", default=None, help="Learning-rate grid for every arm (default: per arm, see DEFAULT_LRS).")
+    p.add_argument("--learning-target", type=float, default=0.5, help="Validation learning the chosen lr must reach.")
+    p.add_argument("--model", choices=["embedded", "tiny"], default="embedded")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", type=int, default=18)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rehearsal-ratio", type=float, default=0.2, help="`ours`: the campaign default.")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="`ours`: the campaign default.")
+    p.add_argument("--n-train", type=int, default=24)
+    p.add_argument("--n-val", type=int, default=12)
+    p.add_argument("--n-test", type=int, default=20)
+    p.add_argument("--knowledge-items", type=int, default=160, help="Multiple-choice items (>= 150 for protocol 2).")
+    p.add_argument("--knowledge-exact", type=int, default=40, help="Of those, answered greedily for exact match.")
+    p.add_argument("--general-prompts", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "outputs" / "forgetting")
+    p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--render-only", action="store_true", help="Re-render <output-dir>/forgetting.json.")
+    args = p.parse_args(argv)
+    if args.full:
+        args.methods, args.orders, args.seeds, args.alphas = ",".join(ARMS), "A,B", "0,1", "0.25,0.5,0.75,1.0"
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in ARMS]
     if unknown:
-        parser.error(f"unknown --methods {unknown}; choose from {[*METHODS, *TRAINER_ROWS]}")
-    trainer_rows = [k for k in args.method_keys if k in TRAINER_ROWS]
-    if trainer_rows and not any(METHODS[k].ours for k in args.method_keys if k in METHODS):
-        parser.error(f"{trainer_rows} run the best of our methods: include at least one of them in --methods")
-    args.order_keys = [o.strip() for o in args.orders.split(",") if o.strip()]
-    if not args.order_keys or any(o not in ORDERS for o in args.order_keys):
-        parser.error(f"--orders must be a comma-separated subset of {sorted(ORDERS)}")
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.lr_grid = sorted(_floats(args.lrs))
-    if not args.seed_list or not args.lr_grid:
-        parser.error("--seeds and --lrs need at least one value each")
-    args.scratch_dir = str(Path(args.work_dir) / "scratch")
+        p.error(f"unknown --methods {unknown}; choose from {list(ARMS)}")
+    args.orders = [o for o in args.orders.split(",") if o]
+    if any(o not in ("A", "B") for o in args.orders):
+        p.error("--orders takes A and/or B")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.alphas = sorted(_floats(args.alphas))
+    if 1.0 not in args.alphas:
+        p.error("--alphas must include 1.0 (LoRA's learning there is the matched level)")
+    grid = _floats(args.lrs) if args.lrs else None
+    args.lrs = {arm: grid or DEFAULT_LRS[arm] for arm in args.methods}
+    if args.knowledge_items < args.knowledge_exact:
+        p.error("--knowledge-exact cannot exceed --knowledge-items")
     return args
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def render_saved(report_path: Path, output_dir: Path) -> None:
-    """Rewrite forgetting.md and forgetting.png from a saved report (numbers untouched: same JSON, new wording)."""
-    report = json.loads(report_path.read_text())
-    report["verdicts"] = verdicts(report["rows"])
-    loads = report["load_average_1_5_15"]
-    text = render(report) + "\n\n" + runtime_note(report["runtime_s"], loads["start"], loads["end"])
-    if report.get("git_commit_note"):
-        text = f"Provenance: {report['git_commit_note']}\n\n{text}"
-    write_results(
-        output_dir, report, "Forgetting vs learning benchmark", f", device {report['machine']['device']}", text
-    )
-    scatter_plot(report, output_dir / "forgetting.png")
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.render_only is not None:
-        render_saved(args.render_only, args.output_dir)
+    if args.render_only:
+        report = json.loads((args.output_dir / "forgetting.json").read_text())
+        _publish(report, args.output_dir)
         return 0
+    import datasets
     import torch
+    import transformers
 
-    work = Path(args.work_dir)
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    (work / "jobs").mkdir(parents=True, exist_ok=True)
-    Path(args.scratch_dir).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    started, load_start = time.time(), load_average()
-
-    base = prepare(args)
-    log(f"base: {base['general']}")
-    plain = [k for k in args.method_keys if k in METHODS]
-    first_seed = args.seed_list[0]
-    if len(args.lr_grid) > 1:
-        grid_jobs = [Job("grid", m, "A", first_seed, lr) for lr in args.lr_grid for m in plain]
-        grid = run_jobs(args, grid_jobs)
-        selection = select_learning_rates(grid, plain)
-    else:
-        grid, selection = {}, {m: {"lr": args.lr_grid[0], "val_score": None, "grid": {}} for m in plain}
-    learning_rates = {m: selection[m]["lr"] for m in plain}
-    best_ours = None
-    if any(k in TRAINER_ROWS for k in args.method_keys):
-        ours = [m for m in plain if METHODS[m].ours]
-        # Best validation score; ties to the earlier row of METHODS. With no grid, the first of ours.
-        best_ours = max(ours, key=lambda m: (selection[m]["val_score"] or 0.0, -list(METHODS).index(m)))
-        for key in TRAINER_ROWS:
-            learning_rates[key] = learning_rates[best_ours]
-    log(f"learning rates: {learning_rates}" + (f"; continual runs {best_ours}" if best_ours else ""))
-
-    test_jobs = [
-        Job("test", m, order, seed, learning_rates[m], best_ours if m in TRAINER_ROWS else None)
-        for order in args.order_keys
-        for seed in args.seed_list
-        for m in args.method_keys
-    ]
-    results = run_jobs(args, test_jobs)
-    rows = {
-        m: aggregate([r for r in results.values() if r["job"]["method"] == m], base["general"])
-        for m in args.method_keys
-    }
-    load_end = load_average()
-    machine = machine_info(
-        torch_threads=torch.get_num_threads(),
-        device=args.device,
-        workers=args.workers,
-        **(
-            {"cuda_device": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
-            if args.device.startswith("cuda")
-            else {}
-        ),
-    )
-    import trl
-
-    machine["trl"] = trl.__version__
-    sources = [
-        Path(__file__),
-        REPO_ROOT / "trl_ext" / "continual_dpo_trainer.py",
-        REPO_ROOT / "trl_ext" / "evaluation.py",
-    ]
-    report = {
-        **report_header("forgetting", sources, machine, load_start, load_end),
-        "settings": {
-            "months": list(MONTHS),
-            "orders": args.order_keys,
-            "seeds": args.seed_list,
-            "lrs": args.lr_grid,
-            **{
-                k: getattr(args, k)
-                for k in (
-                    "n_train",
-                    "n_val",
-                    "n_test",
-                    "max_steps",
-                    "batch_size",
-                    "beta",
-                    "max_length",
-                    "rank",
-                    "alpha",
-                    "rehearsal_ratio",
-                    "kl_coef",
-                    "kl_general_anchors",
-                    "model",
-                    "knowledge_questions",
-                    "refusal_prompts",
-                    "perplexity_tokens",
-                )
-            },
-            "dtype": "float32",
-            "optimizer": "AdamW (TRL default), constant learning rate, no warmup, weight decay 0",
+    logging.basicConfig(level=logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start, load_start = time.time(), load_average()
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    spec = args.months_spec or builtin_spec(args, work)
+    months = load_months(spec)
+    base, tokenizer = load_base(args)
+    probe = knowledge_probe(months, args)
+    if len(probe) < 150 and args.model == "embedded":
+        log(f"warning: {len(probe)} knowledge items; protocol 2 asks for at least 150")
+    orders = orders_of(months)
+    base_evals = {}
+    for order_key in args.orders:
+        path = work / f"base-{order_key}.json"
+        if not path.exists():
+            log(f"evaluating the base (order {order_key})")
+            path.write_text(json.dumps(evaluate(base, base, tokenizer, months, orders[order_key], -1, probe, args)))
+        base_evals[order_key] = json.loads(path.read_text())
+    learning_rates = {}
+    for arm_key in args.methods:
+        learning_rates[arm_key] = choose_learning_rate(ARMS[arm_key], args, base, tokenizer, months, orders["A"], work)
+        log(f"{arm_key}: lr {learning_rates[arm_key]['chosen']:g} (validation {learning_rates[arm_key]['grid']})")
+    runs = []
+    for arm_key in args.methods:
+        for order_key in args.orders:
+            for seed in args.seeds:
+                lr = learning_rates[arm_key]["chosen"]
+                runs.append(run_arm(ARMS[arm_key], args, base, tokenizer, months, probe, order_key, seed, lr, work))
+                gc.collect()
+    sources = [Path(__file__), *sorted((REPO_ROOT / "peft_selective" / "evaluation").glob("*.py"))]
+    report = report_header("forgetting", sources, machine_info(), load_start, load_average())
+    report.update(
+        protocol=PROTOCOL,
+        settings={
+            "months": list(months),
+            "months_spec": str(spec),
+            "orders": args.orders,
+            "seeds": args.seeds,
+            "alphas": args.alphas,
+            "methods": args.methods,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "beta": args.beta,
+            "rank": args.rank,
+            "rehearsal_ratio": args.rehearsal_ratio,
+            "kl_coef": args.kl_coef,
+            "learning_target": args.learning_target,
+            "n_train": args.n_train,
+            "n_val": args.n_val,
+            "n_test": args.n_test,
+            "knowledge_items": len(probe),
+            "knowledge_exact": args.knowledge_exact,
+            "general_prompts": args.general_prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "model": args.model,
+            "device": args.device,
         },
-        "base": base,
-        "selection": selection,
-        "learning_rates": learning_rates,
-        "continual_method": best_ours,
-        "rows": rows,
-        "verdicts": verdicts(rows),
-        "month_one_check": month_one_check(results),
-        "runs": results,
-        "grid_runs": grid,
-        "runtime_s": round(time.time() - started, 1),
-    }
-    text = render(report) + "\n\n" + runtime_note(time.time() - started, load_start, load_end)
-    print(text)
-    if not args.no_write:
-        write_results(args.output_dir, report, "Forgetting vs learning benchmark", f", device {args.device}", text)
-        scatter_plot(report, args.output_dir / "forgetting.png")
-        log(f"wrote {args.output_dir}/forgetting.{{md,json,png}}")
+        learning_rates=learning_rates,
+        runtime_s=round(time.time() - start, 1),
+    )
+    report.update(aggregate(runs, base_evals, months, args.alphas))
+    report["examples"] = examples(runs, base_evals, months)
+    _publish(report, args.output_dir)
     return 0
+
+
+def examples(runs: list[dict], base_evals: dict, months: dict) -> dict[str, Any]:
+    """A few greedy answers after the last month at alpha 1 (so a reader can see what the numbers count)."""
+    out = {}
+    for run in runs:
+        order = orders_of(months)[run["order"]]
+        final = run["evaluations"][f"1/{len(order) - 1}"]
+        out[f"{run['arm']}-{run['order']}-s{run['seed']}"] = {
+            name: final["months"][name]["generations"][:3] for name in order
+        } | {"knowledge": final["knowledge_answers"][:3], "general": final["general_answers"][:3]}
+    first = next(iter(base_evals.values()))
+    out["base"] = {name: first["months"][name]["generations"][:3] for name in first["months"]} | {
+        "knowledge": first["knowledge_answers"][:3],
+        "general": first["general_answers"][:3],
+    }
+    return out
+
+
+def _publish(report: dict[str, Any], output_dir: Path) -> None:
+    text = render(report) + "\n\n" + runtime_note(report["runtime_s"], *report["load_average_1_5_15"].values())
+    print(text)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_results(output_dir, report, "Forgetting vs learning (protocol 2)", "", text)
+    plot(report, output_dir / "forgetting.png")
+    log(f"wrote {output_dir / 'forgetting.json'}, .md and .png")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""benchmarks/forgetting.py: its metrics and choices on synthetic runs, and one real (tiny) run on the bundled model."""
+"""benchmarks/forgetting.py (protocol 2): matched learning, shares and the bar on synthetic per-item values, the month
+spec's errors, and one real run of the whole harness on a tiny model with the bundled tokenizer."""
 
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -22,148 +22,121 @@ def forgetting():
     return module
 
 
-def run(method, order="A", seed=0, lr=1e-4, accuracies=None, margins=None, general=None):
-    """A job result as run_job writes it: `accuracies[t][i]` = accuracy on month i after month t."""
-    months = ["safety", "capitals", "currency"] if order == "A" else ["currency", "capitals", "safety"]
-    accuracies = accuracies or [[0.5, 0.0, 0.0], [0.5, 1.0, 0.0], [0.25, 1.0, 1.0]]
-    margins = margins or [[2.0, 0.0, 0.0], [1.0, 4.0, 0.0], [0.5, 3.0, 6.0]]
+def values(learning, retention=0.0, bleed=0.0, mc=0.5, exact=0.5, kl=0.0, n=40):
+    """Per-item values of one arm: `learning` etc. are the item means (items half 0 / half 1 where possible)."""
+
+    def items(mean):
+        ones = round(mean * n)
+        return [1.0] * ones + [0.0] * (n - ones)
+
     return {
-        "job": {"phase": "test", "method": method, "order": order, "seed": seed, "lr": lr, "base_method": None},
-        "months": months,
-        "after": [
-            {m: {"accuracy": accuracies[t][i], "mean_margin": margins[t][i]} for i, m in enumerate(months)}
-            for t in range(3)
-        ],
-        "general": general or {"knowledge_qa": 0.2, "perplexity": 11.0, "kl_to_base": 0.1},
-        "train_seconds": [1.0, 2.0, 3.0],
-        "peak_memory_over_base_bytes": 2**20,
+        "learning_behaviour": items(learning),
+        "retention_behaviour": [retention] * n,
+        "bleed_rate": items(bleed),
+        "knowledge_mc": items(mc),
+        "knowledge_exact": items(exact),
+        "kl_to_base": [kl] * n,
     }
 
 
-def test_learning_and_backward_transfer_follow_the_retention_matrix(forgetting):
-    metrics = forgetting.sequence_metrics(run("lora_all"))
-    assert metrics["learning"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
-    assert metrics["bwt"] == pytest.approx(((0.25 - 0.5) + (1.0 - 1.0)) / 2)
-    assert metrics["final_average"] == pytest.approx(0.75)
-    margin = forgetting.sequence_metrics(run("lora_all"), "mean_margin")
-    assert margin["bwt"] == pytest.approx(((0.5 - 2.0) + (3.0 - 4.0)) / 2)
+def test_matched_learning_interpolates_item_by_item_between_the_alphas_around_it(forgetting):
+    curve = {0.5: values(0.2, bleed=0.1), 1.0: values(0.6, bleed=0.5)}
+    alpha, mixed, reached = forgetting.interpolate(curve, 0.4)
+    assert reached and alpha == pytest.approx(0.75)
+    assert sum(mixed["learning_behaviour"]) / 40 == pytest.approx(0.4)
+    assert sum(mixed["bleed_rate"]) / 40 == pytest.approx(0.3)
+    # a level the curve never reaches: its most learning, flagged
+    alpha, _, reached = forgetting.interpolate(curve, 0.9)
+    assert not reached and alpha == 1.0
+    # a level below the smallest alpha's learning: the smallest alpha
+    alpha, _, reached = forgetting.interpolate(curve, 0.1)
+    assert reached and alpha == 0.5
 
 
-def test_learning_rate_choice_uses_the_validation_score_and_ties_go_to_the_smaller_rate(forgetting):
-    good = [[1.0, 0, 0], [1.0, 1.0, 0], [1.0, 1.0, 1.0]]
-    bad = [[1.0, 0, 0], [0.0, 1.0, 0], [0.0, 0.0, 1.0]]
-    grid = {
-        "a": run("lora_mlp", lr=1e-5, accuracies=bad),
-        "b": run("lora_mlp", lr=1e-4, accuracies=good),
-        "c": run("lora_mlp", lr=1e-3, accuracies=good),
-    }
-    chosen = forgetting.select_learning_rates(grid, ["lora_mlp"])["lora_mlp"]
-    assert chosen["lr"] == 1e-4
-    assert chosen["grid"] == {"1e-05": pytest.approx(1 / 3), "0.0001": 1.0, "0.001": 1.0}
+def test_shares_are_ours_over_lora_of_what_each_gained_or_lost_against_the_base(forgetting):
+    base = values(0.1, bleed=0.1, mc=0.8)
+    lora = values(0.6, retention=-0.5, bleed=0.6, mc=0.4)
+    ours = values(0.6, retention=-0.05, bleed=0.15, mc=0.75)
+    shares = forgetting.shares(ours, lora, base)
+    assert shares["learning_share"]["mean"] == pytest.approx(1.0)
+    assert shares["bleed_share"]["mean"] == pytest.approx(0.1)
+    assert shares["knowledge_loss_share"]["mean"] == pytest.approx(0.125)
+    assert shares["retention_loss_share"]["mean"] == pytest.approx(0.1)
+    lo, hi = shares["bleed_share"]["ci95"]
+    assert lo <= 0.1 <= hi
+    assert forgetting.meets_bar(shares)
+    # ours learning less than 95% of LoRA's gain fails the bar whatever it keeps
+    assert not forgetting.meets_bar(forgetting.shares(values(0.5, bleed=0.1, mc=0.8), lora, base))
 
 
-def test_the_bar_compares_each_of_ours_with_each_lora_row(forgetting):
-    base = {"knowledge_qa": 0.3, "perplexity": 10.0, "kl_to_base": 0.0}
-    lora = forgetting.aggregate([run("lora_all")], base)
-    # Same learning, a quarter of the accuracy forgetting, a tenth of the knowledge loss and KL.
-    ours_run = run(
-        "selective_mlp_full",
-        accuracies=[[0.5, 0.0, 0.0], [0.5, 1.0, 0.0], [0.4375, 1.0, 1.0]],
-        general={"knowledge_qa": 0.29, "perplexity": 10.1, "kl_to_base": 0.01},
+def test_a_loss_lora_does_not_have_is_no_share_and_no_pass(forgetting):
+    base = values(0.1, bleed=0.3, mc=0.5)
+    lora = values(0.6, bleed=0.2, mc=0.6)  # LoRA bled less than the base and gained knowledge
+    shares = forgetting.shares(values(0.6, bleed=0.2, mc=0.6), lora, base)
+    assert shares["bleed_share"] is None and shares["knowledge_loss_share"] is None
+    assert not forgetting.meets_bar(shares)
+
+
+def test_month_spec_errors_name_the_month_and_the_fix(forgetting, tmp_path):
+    spec = tmp_path / "months.json"
+    spec.write_text(json.dumps({"months": [{"name": "m1", "train": "missing.jsonl", "val": "x", "test": "y"}]}))
+    with pytest.raises(SystemExit, match="month 'm1'.*does not exist"):
+        forgetting.load_months(spec)
+    rows = [{"prompt": "q", "chosen": '{"a": 1}', "rejected": "plain words in a sentence"}] * 2
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    month = {"name": "m1", "train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
+    spec.write_text(json.dumps({"months": [{**month, "checks": [{"regex": "("}]}]}))
+    with pytest.raises(SystemExit, match="month 'm1'"):
+        forgetting.load_months(spec)
+    spec.write_text(json.dumps({"months": [month, month]}))
+    with pytest.raises(SystemExit, match="unique 'name'"):
+        forgetting.load_months(spec)
+    # a month without checks whose answers have no telling style: declare a check
+    (tmp_path / "train.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) for _ in range(2))
     )
-    ours = forgetting.aggregate([ours_run], base)
-    (verdict,) = forgetting.verdicts({"lora_all": lora, "selective_mlp_full": ours})
-    assert verdict["learning_share"] == pytest.approx(1.0)
-    assert verdict["forgetting_shares"]["forgetting"] == pytest.approx(0.25)
-    assert verdict["forgetting_shares"]["knowledge_qa"] == pytest.approx(0.1)
-    assert verdict["forgetting_shares"]["perplexity"] == pytest.approx(0.1)
-    assert verdict["checks"]["learning"] and verdict["checks"]["knowledge_qa"]
-    assert not verdict["checks"]["forgetting"]  # 0.25 > 0.20
-    assert not verdict["meets_bar"]
+    spec.write_text(json.dumps({"months": [month]}))
+    with pytest.raises(SystemExit, match="month 'm1': No feature.*declare a check"):
+        forgetting.load_months(spec)
 
 
-def test_a_share_of_nothing_is_not_a_pass(forgetting):
-    assert forgetting._share(0.0, 0.0) == 0.0
-    assert forgetting._share(0.1, 0.0) is None
-    assert forgetting._fmt_share(None).startswith("n/a")
-
-
-def test_month_one_check_pairs_the_two_trainer_rows_per_run(forgetting):
-    kept = run("continual", accuracies=[[0.8, 0, 0], [0.8, 1.0, 0], [0.8, 1.0, 1.0]])
-    lost = run("continual_plain", accuracies=[[0.8, 0, 0], [0.6, 1.0, 0], [0.5, 1.0, 1.0]])
-    (row,) = forgetting.month_one_check({"x": kept, "y": lost})
-    assert row["month1"] == "safety"
-    assert row["continual"]["after_month2"] == 0.8 and row["continual_plain"]["after_month2"] == 0.6
-    assert row["higher_with_retention"]
-
-
-def test_unknown_methods_and_orders_are_refused(forgetting, capsys):
+def test_unknown_arms_and_alphas_without_one_are_refused(forgetting, capsys):
     with pytest.raises(SystemExit):
-        forgetting.parse_args(["--methods", "lora_all,dora"])
-    assert "dora" in capsys.readouterr().err
+        forgetting.parse_args(["--methods", "lora_all,nope"])
+    assert "unknown --methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        forgetting.parse_args(["--orders", "C"])
-    with pytest.raises(SystemExit):  # the trainer rows need one of ours to run inside the trainer
-        forgetting.parse_args(["--methods", "lora_all,continual"])
+        forgetting.parse_args(["--alphas", "0.5"])
+    assert "must include 1.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_a_tiny_run_chooses_rates_writes_every_row_and_resumes(forgetting, tmp_path):
-    """The whole harness (grid, selection, both trainers, every suite) on a random 2-layer Llama with the bundled
-    model's tokenizer: a minute on 2 cores. The real model's run is the committed one."""
+def test_a_tiny_run_writes_protocol_2_results_and_resumes(forgetting, tmp_path):
     argv = [
-        "--model",
-        "tiny",
-        "--methods",
-        "lora_mlp,selective_mlp_lowrank,continual,continual_plain",
-        "--orders",
-        "A",
-        "--seeds",
-        "0",
-        "--lrs",
-        "1e-4,1e-3",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--n-train",
-        "2",
-        "--n-val",
-        "2",
-        "--n-test",
-        "2",
-        "--knowledge-questions",
-        "2",
-        "--refusal-prompts",
-        "1",
-        "--perplexity-tokens",
-        "64",
-        "--kl-general-anchors",
-        "2",
-        "--device",
-        "cpu",
-        "--work-dir",
-        str(tmp_path / "work"),
-        "--output-dir",
-        str(tmp_path / "out"),
-    ]
+        "--model", "tiny", "--methods", "lora_all,ours", "--steps", "2", "--n-train", "8", "--n-val", "4",
+        "--n-test", "4", "--knowledge-items", "150", "--knowledge-exact", "6", "--general-prompts", "3",
+        "--max-new-tokens", "6", "--lrs", "1e-3,1e-2", "--work-dir", str(tmp_path / "work"),
+        "--output-dir", str(tmp_path / "out"),
+    ]  # fmt: skip
     assert forgetting.main(argv) == 0
     report = json.loads((tmp_path / "out" / "forgetting.json").read_text())
-    assert set(report["rows"]) == {"lora_mlp", "selective_mlp_lowrank", "continual", "continual_plain"}
-    assert report["continual_method"] == "selective_mlp_lowrank"
-    for method in ("lora_mlp", "selective_mlp_lowrank"):  # chosen from the validation grid, one of its rates
-        assert set(report["selection"][method]["grid"]) == {"0.0001", "0.001"}
-        assert report["learning_rates"][method] == report["selection"][method]["lr"]
-    assert report["learning_rates"]["continual"] == report["learning_rates"]["selective_mlp_lowrank"]
-    assert len(report["month_one_check"]) == 1
-    for row in report["rows"].values():
-        assert 0.0 <= row["learning"]["mean"] <= 1.0
-        assert math.isfinite(row["general_perplexity"]["mean"])
+    assert report["protocol"] == 2
     assert (tmp_path / "out" / "forgetting.png").stat().st_size > 0
-    assert "meets the bar" in (tmp_path / "out" / "forgetting.md").read_text()
-    # Every job is saved: a second run reads them back instead of training again.
-    saved = sorted(p.name for p in (tmp_path / "work" / "jobs").iterdir())
-    assert len(saved) == 4 + 4  # 2 methods x 2 rates on validation, then 4 rows on test
-    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "work" / "jobs").iterdir()}
-    assert forgetting.main([*argv, "--no-write"]) == 0
-    assert {p: p.stat().st_mtime for p in (tmp_path / "work" / "jobs").iterdir()} == mtimes
+    for arm in ("lora_all", "ours"):
+        for alpha in ("0.5", "1"):
+            stats = report["arms"][arm]["alphas"][alpha]
+            for metric in forgetting.METRICS:
+                lo, hi = stats[metric]["ci95"]
+                assert lo <= stats[metric]["mean"] <= hi
+    assert set(report["verdict"]) >= {"learning_share", "bleed_share", "knowledge_loss_share", "meets_bar"}
+    assert report["settings"]["knowledge_items"] == 150
+
+    # everything is cached: a second run trains and evaluates nothing and writes the same numbers
+    def stamps():  # every cached training and evaluation (the built-in months are rewritten as data each run)
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*") if "months" not in p.parts}
+
+    before = stamps()
+    assert forgetting.main(argv) == 0
+    assert stamps() == before
+    again = json.loads((tmp_path / "out" / "forgetting.json").read_text())
+    assert again["arms"] == report["arms"] and again["verdict"] == report["verdict"]

@@ -1331,7 +1331,7 @@ def _distractors(answer: str, pool: Sequence[str], same_group: Sequence[str], rn
     return tuple(picked)
 
 
-def knowledge_items(n: int = 200, seed: int = 0, exclude_countries: Iterable[str] = ()) -> list:
+def knowledge_items(n: Optional[int] = 200, seed: int = 0, exclude_countries: Iterable[str] = ()) -> list:
     """Multiple-choice knowledge questions on countries, for `peft_selective.evaluation.knowledge`.
 
     Capital questions first ("What is the capital of X?", the countries of
@@ -1345,7 +1345,7 @@ def knowledge_items(n: int = 200, seed: int = 0, exclude_countries: Iterable[str
     `countries_in(months)`); no question is then about a country the months use.
 
     Args:
-        n (`int`, defaults to 200): number of items.
+        n (`int`, defaults to 200): number of items; `None`: every item left after the exclusions.
         seed (`int`, defaults to 0): seed of the question order and the distractors.
         exclude_countries (`Iterable[str]`, defaults to `()`): countries no question may be about (`countryinfo`
             names).
@@ -1405,6 +1405,8 @@ def knowledge_items(n: int = 200, seed: int = 0, exclude_countries: Iterable[str
         kind = [item for item in kind if len(item.distractors) == 3]
         random.Random(f"knowledge-order-{seed}").shuffle(kind)
         items += kind
+    if n is None:
+        return items
     if n < 0 or n > len(items):
         raise ValueError(
             f"n must be between 0 and {len(items)} (the knowledge items left after excluding {len(excluded)} "

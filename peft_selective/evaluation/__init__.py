@@ -20,7 +20,7 @@ not import it.
 from .behaviour import bleed, learning_by_behaviour, style_scores
 from .checks import Check, validate_json_schema
 from .generation import generate_answers
-from .intervals import Estimate, bootstrap_mean, bootstrap_rate, is_gain, is_loss, paired_difference
+from .intervals import Estimate, bootstrap_mean, bootstrap_rate, is_gain, is_loss, paired_difference, paired_ratio
 from .knowledge import (
     KnowledgeItem,
     check_no_overlap,
@@ -52,6 +52,7 @@ __all__ = [
     "multiple_choice_accuracy",
     "option_scores",
     "paired_difference",
+    "paired_ratio",
     "similarity",
     "style_scores",
     "validate_json_schema",

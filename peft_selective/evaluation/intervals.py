@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
-__all__ = ["Estimate", "bootstrap_mean", "bootstrap_rate", "is_gain", "is_loss", "paired_difference"]
+__all__ = ["Estimate", "bootstrap_mean", "bootstrap_rate", "is_gain", "is_loss", "paired_difference", "paired_ratio"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,44 @@ def paired_difference(a: Sequence[float], b: Sequence[float], n_resamples: int =
     if x.numel() != y.numel():
         raise ValueError(f"Paired scores need the same items: got {x.numel()} and {y.numel()} scores.")
     return bootstrap_mean((x - y).tolist(), n_resamples=n_resamples, seed=seed)
+
+
+def paired_ratio(
+    numerator: Sequence[float], denominator: Sequence[float], n_resamples: int = 2000, seed: int = 0
+) -> Optional[Estimate]:
+    """Ratio of means `mean(numerator) / mean(denominator)` over the same items, with its 95% paired-bootstrap
+    interval: "ours as a share of theirs", e.g. our knowledge loss (base − ours, per item) over LoRA's (base − LoRA).
+
+    Items are resampled jointly, so what both models share cancels as in [`paired_difference`]. Resamples whose
+    denominator mean is not positive are left out of the interval (the share is undefined there); when the
+    denominator's own mean is not positive, there is nothing to take a share of and `None` is returned.
+
+    Args:
+        numerator (`Sequence[float]`): per-item values of ours.
+        denominator (`Sequence[float]`): per-item values of the reference, on the same items in the same order.
+        n_resamples (`int`, defaults to 2000): bootstrap resamples.
+        seed (`int`, defaults to 0): seed of the resampling.
+
+    Returns:
+        [`Estimate`] of the ratio, or `None` when `mean(denominator) <= 0`.
+    """
+    x, y = _as_tensor(numerator, "numerator"), _as_tensor(denominator, "denominator")
+    if x.numel() != y.numel():
+        raise ValueError(f"Paired values need the same items: got {x.numel()} and {y.numel()} values.")
+    if y.mean().item() <= 0:
+        return None
+    n = x.numel()
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, 2**24 // n)
+    ratios = []
+    for start in range(0, n_resamples, chunk):
+        index = torch.randint(n, (min(chunk, n_resamples - start), n), generator=generator)
+        num, den = x[index].mean(dim=1), y[index].mean(dim=1)
+        ratios.append((num / den)[den > 0])
+    ratios = torch.cat(ratios)
+    ratio = x.mean().item() / y.mean().item()
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return Estimate(mean=ratio, lo=min(lo, ratio), hi=max(hi, ratio), n=n)
 
 
 def is_gain(estimate: Estimate) -> bool:
