@@ -20,8 +20,9 @@ setup: $(VENV)/.installed
 
 # Main job on the embedded default: a 3-month continual DPO campaign on the bundled SmolLM2-135M-Instruct in 4-bit,
 # offline; state, model cards and evaluations in outputs/monthly_dpo/.
+# DEMO_ARGS: extra options, e.g. DEMO_ARGS="--results examples/results/monthly_dpo" to rewrite the committed results.
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) examples/monthly_dpo.py --fresh
+	HF_HUB_OFFLINE=1 $(PY) examples/monthly_dpo.py --fresh $(DEMO_ARGS)
 
 # The single-task SFT comparison (SelectiveMLP, SAProj, LoRA): examples/selective_mlp_sft.py.
 demo-sft: setup
