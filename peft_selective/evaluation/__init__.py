@@ -12,14 +12,16 @@ The DPO implicit reward against the base (the sign of the margin) saturates at t
 | `generation` | [`generate_answers`]: batched greedy answers, completions only |
 | `behaviour` | [`learning_by_behaviour`], [`bleed`]: the month-level rates |
 | `knowledge` | [`KnowledgeItem`], [`multiple_choice_accuracy`], [`exact_match`], [`check_no_overlap`] |
+| `harness` | [`run_lm_eval`]: EleutherAI lm-eval tasks on the model as it is; [`write_knowledge_task`]: ours as a local one |
 
-It depends on torch, transformers (duck-typed models and tokenizers) and tqdm only, and `import peft_selective` does
-not import it.
+It depends on torch, transformers (duck-typed models and tokenizers) and tqdm only (`harness` imports the optional
+`lm-eval` extra inside [`run_lm_eval`], never at import), and `import peft_selective` does not import it.
 """
 
 from .behaviour import bleed, learning_by_behaviour, style_scores
 from .checks import Check, validate_json_schema
 from .generation import generate_answers
+from .harness import run_lm_eval, write_knowledge_task
 from .intervals import Estimate, bootstrap_mean, bootstrap_rate, is_gain, is_loss, paired_difference, paired_ratio
 from .knowledge import (
     KnowledgeItem,
@@ -53,7 +55,9 @@ __all__ = [
     "option_scores",
     "paired_difference",
     "paired_ratio",
+    "run_lm_eval",
     "similarity",
     "style_scores",
     "validate_json_schema",
+    "write_knowledge_task",
 ]
