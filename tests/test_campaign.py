@@ -97,7 +97,10 @@ def test_two_month_campaign_through_the_cli(one_month_campaign, month_files, tmp
     assert retention["R"][0][1] is None and all(v is not None for v in retention["R"][1])
     assert set(campaign.evaluations) == {"month-0", "m1", "m2"}
     general = campaign.evaluations["m2"]["general"]
-    assert {"knowledge_qa", "perplexity", "kl_to_base", "refusal_rate", "drift_json"} <= set(general)
+    assert {"perplexity", "kl_to_base", "refusal_rate", "drift_json"} <= set(general)
+    knowledge = campaign.evaluations["m2"]["knowledge"]
+    assert len(knowledge["mc"]) == 3 and set(knowledge["summary"]) == {"mc", "exact"}
+    assert set(campaign.evaluations["m2"]["behaviour"]) == {"m1", "m2"} and set(campaign.evaluations["m2"]["bleed"])
     # month 2 trained on rehearsed month-1 rows, and the Fisher covers both months
     assert campaign.month("m2")["data"]["rehearsal_rows"] > 0
     assert json.loads((directory / "fisher" / "fisher.json").read_text())["months"] == ["m1", "m2"]
@@ -133,7 +136,8 @@ def test_a_month_killed_mid_way_resumes_to_the_same_result(one_month_campaign, m
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     resumed, reference = (Campaign(d).evaluations["m2"]["preference"] for d in (killed, straight))
     for month in ("m1", "m2"):
-        assert resumed[month]["mean_margin"] == pytest.approx(reference[month]["mean_margin"], abs=1e-5)
+        for key in ("ranking_margin", "implicit_reward_margin"):
+            assert resumed[month][key] == pytest.approx(reference[month][key], abs=1e-5)
     # nothing done twice: the buffer has each month once, the Fisher covers each month once
     assert json.loads((killed / "fisher" / "fisher.json").read_text())["months"] == ["m1", "m2"]
     assert json.loads((killed / "buffer" / "manifest.json").read_text())["months"][1]["name"] == "m2"

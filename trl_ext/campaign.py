@@ -56,12 +56,19 @@ from peft_selective.quantization import keep_4bit_layers_trainable
 from ._io import atomic_write, atomic_write_json, is_json_serializable
 from .continual_dpo_config import ContinualDPOConfig
 from .continual_dpo_trainer import ContinualDPOTrainer
-from .data import held_out_capital_questions
 from .evaluation import (
     EvaluationConfig,
+    bleed_table,
     evaluate_model,
+    fit_style_signature,
     general_table,
+    implicit_reward_matrix,
+    knowledge_table,
+    learning_table,
+    month_behaviour,
+    ranking_table,
     reference_logps_for,
+    retention_intervals,
     retention_matrix,
     retention_numbers,
 )
@@ -88,6 +95,58 @@ class CampaignError(RuntimeError):
     """The campaign directory is missing, corrupted, or asked to do something out of order."""
 
 
+def _load_spec(value: str, what: str) -> Any:
+    """A JSON / YAML value given as a path to a `.json` / `.yaml` / `.yml` file or as a JSON / YAML string."""
+    import yaml
+
+    path = Path(value)
+    text = value
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"The {what} file {path} does not exist.")
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"Cannot read the {what} {value!r} as JSON or YAML: {error}") from error
+
+
+def normalize_checks(value: Any, what: str = "checks") -> dict[str, list[dict]]:
+    """A month's checks as stored in its entry: `{"checks": [spec, ...], "bleed_checks": [spec, ...]}`.
+
+    `value` is a list of check specs, a dict `{"checks": [...], "bleed_checks": [...]}`, or a path / JSON / YAML string
+    of either. Every spec is validated with `peft_selective.evaluation.Check.from_spec`; a bad one raises
+    `ValueError` naming it.
+    """
+    from peft_selective.evaluation import Check
+
+    if isinstance(value, str):
+        value = _load_spec(value, what)
+    if isinstance(value, dict) and set(value) <= {"checks", "bleed_checks"}:
+        groups = {"checks": value.get("checks") or [], "bleed_checks": value.get("bleed_checks") or []}
+    elif isinstance(value, (list, tuple)):
+        groups = {"checks": list(value), "bleed_checks": []}
+    elif isinstance(value, dict):  # a single spec
+        groups = {"checks": [value], "bleed_checks": []}
+    else:
+        raise ValueError(
+            f"The {what} must be a list of check specs or {{'checks': [...], 'bleed_checks': [...]}}, got {value!r}."
+        )
+    for group, specs in groups.items():
+        if not isinstance(specs, (list, tuple)):
+            raise ValueError(f"The {what}: {group!r} must be a list of check specs, got {specs!r}.")
+        for spec in specs:
+            try:
+                Check.from_spec(spec)
+            except (ValueError, TypeError, ImportError, AttributeError) as error:
+                raise ValueError(f"Invalid check spec {spec!r} in the {what} ({group}): {error}") from error
+    return {group: [dict(spec) for spec in specs] for group, specs in groups.items()}
+
+
 @dataclass
 class CampaignConfig:
     """Everything fixed for a campaign's life, written by `init` to `campaign.json`.
@@ -106,8 +165,19 @@ class CampaignConfig:
         rehearsal_ratio, rehearsal_samples_per_month, rehearsal_nll_coef, kl_coef, kl_every, kl_anchor_max_new_tokens,
         kl_anchors, ewc_coef: the retention terms (see `ContinualDPOConfig`); EWC stores a Fisher in `fisher/` when > 0.
         eval_suites (`list[str]`): evaluation suites (`trl_ext.evaluation.SUITES`).
-        knowledge_questions, perplexity_max_tokens, refusal_prompts, drift_prompts, eval_batch_size,
-        eval_max_new_tokens: their sizes.
+        knowledge_questions (`int`): size of the knowledge pool stored at `init` (default 250 candidates from
+            `trl_ext.data.knowledge_items`); every pool item is scored at every evaluation and the report keeps those
+            that overlap no month's prompts nor the KL anchors (chosen after the data is known).
+        knowledge_data (`str`, *optional*): a JSONL file of the user's own knowledge items (`question`, `answer`,
+            `distractors`, optional `aliases` and `entity`) used as the pool instead; a month whose prompts overlap
+            one of them is refused at `run-month` before anything is registered.
+        knowledge_exact_items (`int`): surviving pool items also answered by greedy generation (exact match).
+        checks (`dict`, *optional*): month name -> its checks (a list of check specs, or `{"checks": [...],
+            "bleed_checks": [...]}`, see `peft_selective.evaluation.Check`), for YAML configs; `run-month --checks`
+            takes precedence.
+        perplexity_max_tokens, refusal_prompts, drift_prompts (also the generic prompts of the bleed),
+        eval_batch_size, eval_max_new_tokens (greedy answers of the behavioural suite, refusal and drift probes):
+        their sizes.
         hub_repo (`str`, *optional*): Hub repo for `push`. license (`str`, *optional*): for the model cards.
         health_check (`bool`): the model-health guard (`trl_ext.health`), on by default: training stops on a
             non-finite loss or vanished gradients (`ContinualDPOConfig.health_check`), and a month whose evaluation
@@ -168,20 +238,35 @@ class CampaignConfig:
         default=0.0, metadata={"help": "Weight of the EWC penalty (> 0 stores a Fisher each month)."}
     )
     eval_suites: list[str] = field(
-        default_factory=lambda: ["preference", "knowledge", "perplexity", "kl", "refusal", "drift"],
-        metadata={"help": "Evaluation suites: preference knowledge perplexity kl refusal drift."},
+        default_factory=lambda: ["preference", "behaviour", "knowledge", "perplexity", "kl", "refusal", "drift"],
+        metadata={"help": "Evaluation suites: preference behaviour knowledge perplexity kl refusal drift."},
     )
     knowledge_questions: int = field(
-        default=40, metadata={"help": "Held-out capital questions of the knowledge probe."}
+        default=250,
+        metadata={"help": "Candidate knowledge items stored at init (scored by multiple choice at every evaluation)."},
+    )
+    knowledge_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSONL of your own knowledge items {question, answer, distractors, aliases?, entity?}."},
+    )
+    knowledge_exact_items: int = field(
+        default=40, metadata={"help": "Surviving knowledge items answered by greedy generation (exact match)."}
+    )
+    checks: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "Month name -> its checks (list of specs or {checks, bleed_checks}), JSON or YAML."},
     )
     perplexity_max_tokens: int = field(default=4096, metadata={"help": "Reference-text tokens scored for perplexity."})
     refusal_prompts: int = field(default=20, metadata={"help": "Harmful (and benign) prompts for the refusal rates."})
     drift_prompts: int = field(
-        default=12, metadata={"help": "Generic prompts for the drift probe and the KL to the base."}
+        default=12, metadata={"help": "Generic prompts for the drift probe, the KL to the base and the bleed."}
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the evaluation."})
     eval_max_new_tokens: int = field(
-        default=24, metadata={"help": "Generation length of the knowledge (at most 16), refusal and drift probes."}
+        default=24,
+        metadata={
+            "help": "Generation length of the behavioural suite, knowledge (at most 16), refusal and drift probes."
+        },
     )
     hub_repo: Optional[str] = field(default=None, metadata={"help": "Hub repo for `push`."})
     license: Optional[str] = field(default=None, metadata={"help": "License in the model cards' metadata."})
@@ -203,6 +288,13 @@ class CampaignConfig:
         if self.rank < 0 or (self.rank == 0 and self.method == "lora"):
             raise ValueError(f"`rank` must be > 0 (or 0 = full rank for the selective methods), got {self.rank}.")
         self.evaluation_config()  # checks the suites
+        if self.checks is not None:
+            mapping = _load_spec(self.checks, "checks") if isinstance(self.checks, str) else self.checks
+            if not isinstance(mapping, dict):
+                raise ValueError(f"`checks` must map month names to their checks, got {mapping!r}.")
+            self.checks = {
+                str(month): normalize_checks(value, f"checks of month {month!r}") for month, value in mapping.items()
+            }
         if not self.max_perplexity_ratio >= 1.0:
             raise ValueError(f"`max_perplexity_ratio` must be >= 1, got {self.max_perplexity_ratio}.")
         if not self.max_kl_to_base > 0:
@@ -211,9 +303,10 @@ class CampaignConfig:
     def evaluation_config(self) -> EvaluationConfig:
         return EvaluationConfig(
             suites=list(self.eval_suites),
-            knowledge_questions=self.knowledge_questions,
-            knowledge_seed=self.seed,
+            behaviour_max_new_tokens=self.eval_max_new_tokens,
+            knowledge_exact_items=self.knowledge_exact_items,
             knowledge_max_new_tokens=min(16, self.eval_max_new_tokens),
+            seed=self.seed,
             refusal_max_new_tokens=self.eval_max_new_tokens,
             drift_max_new_tokens=self.eval_max_new_tokens,
             perplexity_max_tokens=self.perplexity_max_tokens,
@@ -337,6 +430,101 @@ def _base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     return {key: getattr(config, key, None) for key in keys}
 
 
+# ------------------------------------------------------------------------------------------------- knowledge pool
+_ITEM_KEYS = ("question", "answer", "distractors", "aliases", "entity")
+
+
+def _item_dict(item: Any) -> dict[str, Any]:
+    return {
+        "question": item.question,
+        "answer": item.answer,
+        "distractors": list(item.distractors),
+        "aliases": list(item.aliases),
+        "entity": item.entity,
+    }
+
+
+def read_knowledge_items(path: Union[str, Path]) -> list[dict[str, Any]]:
+    """The user's knowledge items from a JSONL file: one `{"question", "answer", "distractors": [...], "aliases"?:
+    [...], "entity"?}` object per line; a clear error names the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The knowledge data file {path} does not exist.")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error}).") from error
+        problem = None
+        if not isinstance(row, dict):
+            problem = "expected an object"
+        elif unknown := sorted(set(row) - set(_ITEM_KEYS)):
+            problem = f"unknown keys {unknown} (allowed: {list(_ITEM_KEYS)})"
+        elif not all(isinstance(row.get(key), str) and row[key].strip() for key in ("question", "answer")):
+            problem = "`question` and `answer` must be non-empty strings"
+        elif not (isinstance(row.get("distractors"), list) and row["distractors"]):
+            problem = "`distractors` must be a non-empty list of wrong answers (multiple choice needs them)"
+        elif not all(isinstance(x, str) and x.strip() for x in row["distractors"] + list(row.get("aliases") or [])):
+            problem = "`distractors` and `aliases` must hold non-empty strings"
+        if problem:
+            raise ValueError(f"{path}, line {number}: {problem}: {line[:200]}")
+        items.append(
+            {
+                "question": row["question"],
+                "answer": row["answer"],
+                "distractors": list(row["distractors"]),
+                "aliases": list(row.get("aliases") or []),
+                "entity": row.get("entity"),
+            }
+        )
+    if not items:
+        raise ValueError(f"The knowledge data file {path} holds no item.")
+    return items
+
+
+def _overlapping(items: list[dict[str, Any]], collections: list[Any]) -> dict[int, str]:
+    """Index -> the `check_no_overlap` message, for the items that overlap one of `collections` (checked in chunks,
+    then one by one inside a chunk that overlaps)."""
+    from peft_selective.evaluation import check_no_overlap
+
+    found: dict[int, str] = {}
+    chunk = 32
+    for start in range(0, len(items), chunk):
+        try:
+            check_no_overlap(items[start : start + chunk], *collections)
+            continue
+        except ValueError:
+            pass
+        for index in range(start, min(start + chunk, len(items))):
+            try:
+                check_no_overlap([items[index]], *collections)
+            except ValueError as error:
+                found[index] = str(error)
+    return found
+
+
+def _knowledge_pool(config: CampaignConfig) -> dict[str, Any]:
+    """The candidate knowledge items stored at `init` (`campaign.json` "knowledge_pool"): the user's
+    (`knowledge_data`) or the first `knowledge_questions` of `trl_ext.data.knowledge_items`; the items that overlap
+    the KL anchor prompts are refused (the user's) or excluded (the built-in ones) right away."""
+    from .anchors import general_anchor_prompts
+    from .data import knowledge_items
+
+    if config.knowledge_data:
+        items, source = read_knowledge_items(config.knowledge_data), str(config.knowledge_data)
+    else:
+        items, source = [_item_dict(item) for item in knowledge_items(n=None, seed=config.seed)], "builtin"
+        items = items[: config.knowledge_questions]
+    anchors = _overlapping(items, [general_anchor_prompts()])
+    if anchors and source != "builtin":
+        first = next(iter(anchors.values()))
+        raise CampaignError(f"Your knowledge items overlap the KL anchor prompts of the training: {first}")
+    return {"source": source, "items": items, "excluded": {str(index): "kl-anchors" for index in sorted(anchors)}}
+
+
 # ------------------------------------------------------------------------------------------------- the campaign
 class Campaign:
     """A campaign directory (see the module docstring). Open one with `Campaign(dir)`, create one with
@@ -371,14 +559,14 @@ class Campaign:
         directory = Path(directory)
         if (directory / CAMPAIGN_FILE).exists() and not overwrite:
             raise CampaignError(f"{directory} already holds a campaign; pick another directory.")
+        pool = _knowledge_pool(config)  # before anything is written: a bad --knowledge_data file leaves no trace
         directory.mkdir(parents=True, exist_ok=True)
-        questions = held_out_capital_questions(n=config.knowledge_questions, seed=config.seed)
         state = {
             "format_version": FORMAT_VERSION,
             "created_at": _now(),
             "config": asdict(config),
             "base_fingerprint": None,
-            "knowledge_questions": questions,
+            "knowledge_pool": pool,
             "months": [],
         }
         atomic_write_json(directory / CAMPAIGN_FILE, state)
@@ -511,6 +699,16 @@ class Campaign:
         if data is None:
             raise CampaignError(f"Month {name!r} is new: pass its preference data (--data).")
         splits = self._split(data, test_data, test_fraction)
+        pool = self.knowledge_pool
+        if pool["source"] != "builtin":  # the user's own items must not be about what the month trains on
+            found = _overlapping(pool["items"], [list(splits["train"]), list(splits["test"])])
+            if found:
+                shown = "; ".join(found[i] for i in sorted(found)[:3])
+                raise CampaignError(
+                    f"Month {name!r} was not registered: {len(found)} of your knowledge items ({pool['source']}) "
+                    f"overlap its training or test prompts, so the knowledge probe would measure memorised training "
+                    f"data. Remove them from the month's data or start a campaign with other items. {shown}"
+                )
         if self._is_main:
             folder.mkdir(parents=True, exist_ok=True)
             for split, dataset in splits.items():
@@ -533,6 +731,85 @@ class Campaign:
         validate_preference_dataset(test, "test")
         return {"train": train, "test": test}
 
+    # ---------------------------------------------------------------------------------------------- knowledge & checks
+    @property
+    def knowledge_pool(self) -> dict[str, Any]:
+        """`{"source", "items", "excluded": {index: month or "kl-anchors"}}`: the candidate knowledge items stored at
+        `init` and those excluded so far (they overlap a month's prompts or the KL anchors)."""
+        if "knowledge_pool" not in self.state:  # a campaign from before the pool: built now, the done months excluded
+            pool = _knowledge_pool(self.config)
+            for month in self.months:
+                folder = self._path("data", month["name"])
+                if (folder / "train.jsonl").is_file():
+                    rows = [Dataset.from_json(str(folder / f"{split}.jsonl")) for split in ("train", "test")]
+                    self._exclude(pool, month["name"], [list(rows[0]), list(rows[1])])
+            self.state["knowledge_pool"] = pool
+            self.state.pop("knowledge_questions", None)
+            self._save_state()
+        return self.state["knowledge_pool"]
+
+    @staticmethod
+    def _exclude(pool: dict[str, Any], name: str, collections: list[Any]) -> int:
+        candidates = [i for i in range(len(pool["items"])) if str(i) not in pool["excluded"]]
+        found = _overlapping([pool["items"][i] for i in candidates], collections)
+        for k in found:
+            pool["excluded"][str(candidates[k])] = name
+        return len(found)
+
+    def knowledge_survivors(self) -> list[int]:
+        """Indices of the pool items that overlap no month's prompts nor the KL anchors: every knowledge column of the
+        report is re-aggregated on them."""
+        pool = self.knowledge_pool
+        return [i for i in range(len(pool["items"])) if str(i) not in pool["excluded"]]
+
+    def _exact_indices(self) -> list[int]:
+        return self.knowledge_survivors()[: self.config.knowledge_exact_items]
+
+    def month_spec(self, name: str) -> dict[str, Any]:
+        """The month's behavioural spec for `trl_ext.evaluation.month_tests`: its checks, bleed checks and fitted
+        style signature (or why there is none)."""
+        entry = self.month(name) or {}
+        checks = entry.get("checks") or {}
+        return {
+            "checks": checks.get("checks") or [],
+            "bleed_checks": checks.get("bleed_checks") or [],
+            "style_signature": entry.get("style_signature"),
+            "style_note": entry.get("style_note"),
+        }
+
+    def _before_behaviour(self, months: list[str]) -> dict[str, Any]:
+        """Per month, the behavioural scores of the model before it on its held-out prompts (`before_behaviour.json`)."""
+        found = {}
+        for name in months:
+            path = self._path("data", name, "before_behaviour.json")
+            if path.is_file():
+                found[name] = _read_json(path, "behaviour before the month")
+        return found
+
+    def _evaluate(self, model, tokenizer, months: list[str], show_progress: bool = False) -> dict[str, Any]:
+        """`evaluate_model` with everything the campaign knows: the months' held-out pairs and specs, the base's
+        log-probs and off-scope generations, the knowledge pool and its exact-match subset."""
+        evaluation_config = self.config.evaluation_config()
+        survivors = self.knowledge_survivors()
+        if 0 < len(survivors) < evaluation_config.knowledge_min_items:
+            logger.warning(
+                "Only %d knowledge items survive the overlap checks (of %d): the knowledge intervals are wide.",
+                len(survivors),
+                len(self.knowledge_pool["items"]),
+            )
+        return evaluate_model(
+            model,
+            tokenizer,
+            evaluation_config,
+            test_sets=self.test_sets(months),
+            reference_logps=self._reference_logps(months),
+            knowledge_items=self.knowledge_pool["items"],
+            show_progress=show_progress,
+            month_specs={name: self.month_spec(name) for name in months},
+            exact_indices=self._exact_indices(),
+            base_offscope=self.evaluations.get(BASELINE, {}).get("offscope_generations"),
+        )
+
     def test_sets(self, months: list[str]) -> dict[str, Dataset]:
         return {name: Dataset.from_json(str(self._path("data", name, "test.jsonl"))) for name in months}
 
@@ -551,8 +828,16 @@ class Campaign:
         health_check: Optional[bool] = None,
         max_perplexity_ratio: Optional[float] = None,
         max_kl_to_base: Optional[float] = None,
+        checks: Optional[Union[str, list, dict]] = None,
     ) -> dict[str, Any]:
         """Train month `name` on top of the done months, then evaluate it, write its card and mark it done.
+
+        `checks` declares what the month teaches, for its behavioural learning and bleed: a list of check specs
+        (`peft_selective.evaluation.Check.from_spec`: regex / JSON schema / "module:function"), or `{"checks": [...],
+        "bleed_checks": [...]}`, or a path / JSON / YAML string of either; default: the campaign config's `checks`
+        entry for the month. They are validated, and the user's own knowledge items checked against the month's
+        prompts, before the month is registered. A month without checks is scored by agreement, and its bleed by a
+        style signature fitted on its chosen vs rejected answers.
 
         A month that was interrupted continues from its last checkpoint when run again (its data is the stored one);
         a done month is refused. Returns the month's entry of `campaign.json`.
@@ -578,6 +863,17 @@ class Campaign:
             health_check=health_check, max_perplexity_ratio=max_perplexity_ratio, max_kl_to_base=max_kl_to_base
         )
         limits = {key: getattr(self.config, key) if value is None else value for key, value in overrides.items()}
+        if checks is None and entry is None:
+            checks = (self.config.checks or {}).get(name)
+        try:
+            month_checks = normalize_checks(checks, f"checks of month {name!r}") if checks is not None else None
+        except ValueError as error:
+            raise CampaignError(f"Month {name!r} was not registered: {error}") from error
+        if entry is not None and month_checks is not None and month_checks != entry.get("checks"):
+            raise CampaignError(
+                f"Month {name!r} was started with other checks ({entry.get('checks')}); rerun it without --checks "
+                "(or with the same checks) to resume."
+            )
         before = self._before_month(entry is None)
         splits = self._month_data(name, data, test_data, test_fraction)
         previous = self.done_months
@@ -597,6 +893,16 @@ class Campaign:
                     "train_sha256": _digest(splits["train"]),
                 },
             }
+            if month_checks and (month_checks["checks"] or month_checks["bleed_checks"]):
+                entry["checks"] = month_checks
+            if not (month_checks and (month_checks["checks"] or month_checks["bleed_checks"])):
+                # Bleed of a month without checks: a style signature of its chosen vs rejected answers, if any.
+                train = splits["train"]
+                entry["style_signature"], entry["style_note"] = fit_style_signature(train["chosen"], train["rejected"])
+            pool = self.knowledge_pool
+            excluded = self._exclude(pool, name, [list(splits["train"]), list(splits["test"])])
+            if excluded:
+                logger.info("%d knowledge items overlap month %r's prompts: excluded from the report.", excluded, name)
             self.months.append(entry)
         self._save_state()
 
@@ -607,8 +913,10 @@ class Campaign:
                 model,
                 tokenizer,
                 evaluation_config,
-                knowledge_questions=self.state["knowledge_questions"],
+                knowledge_items=self.knowledge_pool["items"],
                 show_progress=True,
+                exact_indices=self._exact_indices(),
+                keep_offscope=True,  # the base's rate of every later month's style on the same off-scope prompts
             )
             self._save_evaluations()
         reference_path = self._path("data", name, "reference_logps.json")
@@ -618,6 +926,13 @@ class Campaign:
                 atomic_write_json(
                     reference_path, reference_logps_for(model, tokenizer, splits["test"], evaluation_config)
                 )
+        before_path = self._path("data", name, "before_behaviour.json")
+        if "behaviour" in evaluation_config.suites and not before_path.exists() and self._is_main:
+            # The model before the month on the month's held-out prompts: the paired baseline of what it learned.
+            atomic_write_json(
+                before_path,
+                month_behaviour(model, tokenizer, splits["test"], self.month_spec(name), evaluation_config),
+            )
 
         self._barrier()
         run_dir = self._path("runs", name)
@@ -648,15 +963,7 @@ class Campaign:
             policy = trainer.accelerator.unwrap_model(trainer.model)
             months = previous + [name]
             logger.info("Evaluating the model after month %r.", name)
-            evaluation = evaluate_model(
-                policy,
-                tokenizer,
-                evaluation_config,
-                test_sets=self.test_sets(months),
-                reference_logps=self._reference_logps(months),
-                knowledge_questions=self.state["knowledge_questions"],
-                show_progress=True,
-            )
+            evaluation = self._evaluate(policy, tokenizer, months, show_progress=True)
             if limits["health_check"]:
                 try:
                     health = check_evaluation(
@@ -786,24 +1093,43 @@ class Campaign:
         month = month or done[-1]
         model, tokenizer = self.load_model(upto=month)
         months = done[: done.index(month) + 1]
-        self.evaluations[month] = evaluate_model(
-            model,
-            tokenizer,
-            self.config.evaluation_config(),
-            test_sets=self.test_sets(months),
-            reference_logps=self._reference_logps(months),
-            knowledge_questions=self.state["knowledge_questions"],
-        )
+        self.evaluations[month] = self._evaluate(model, tokenizer, months)
         self._save_evaluations()
         return self.evaluations[month]
 
     def retention(self) -> dict[str, Any]:
+        """The behavioural retention matrix of the done months (`R`, its intervals `ci95`), the average and BWT with
+        their intervals, and the implicit-reward matrix kept under its own name (`implicit_reward`)."""
         months = self.done_months
         return {
             "months": months,
             "R": retention_matrix(self.evaluations, months),
+            "ci95": retention_intervals(self.evaluations, months),
             **retention_numbers(self.evaluations, months),
+            "implicit_reward": implicit_reward_matrix(self.evaluations, months),
         }
+
+    def report_inputs(self, months: Optional[list[str]] = None) -> dict[str, Any]:
+        """What [`format_report`] needs besides the evaluations: the surviving knowledge items, each month's behaviour
+        before it, and notes (knowledge items excluded, months whose bleed is not measured)."""
+        months = self.done_months if months is None else months
+        pool = self.knowledge_pool
+        survivors = self.knowledge_survivors()
+        notes = [
+            f"Knowledge: {len(survivors)} of the {len(pool['items'])} pool items ({pool['source']}) overlap no "
+            f"month's prompts nor the KL anchors and are reported in every column; {len(pool['excluded'])} excluded."
+        ]
+        minimum = self.config.evaluation_config().knowledge_min_items
+        if len(survivors) < minimum:
+            notes.append(
+                f"Only {len(survivors)} knowledge items survive (fewer than {minimum}): the knowledge intervals are "
+                "wide; use a larger pool (`knowledge_questions`, or more items in `knowledge_data`)."
+            )
+        for name in months:
+            spec = self.month_spec(name)
+            if not (spec["checks"] or spec["bleed_checks"] or spec["style_signature"]):
+                notes.append(f"Month {name}: bleed not measured ({spec['style_note'] or 'no style test'}).")
+        return {"surviving": survivors, "before": self._before_behaviour(months), "notes": notes}
 
     def report(self) -> str:
         """The retention matrix and the general-ability table as markdown (and every month's card rewritten)."""
@@ -812,13 +1138,16 @@ class Campaign:
             raise CampaignError("No month is done yet: nothing to report.")
         for name in months:
             self.write_card(name)
-        return format_report(self.evaluations, months)
+        return format_report(self.evaluations, months, **self.report_inputs(months))
 
     # ---------------------------------------------------------------------------------------------- cards & hub
     def card_context(self, name: str) -> dict[str, Any]:
         done = self.done_months
         months = done[: done.index(name) + 1] if name in done else done + [name]
         config = self.config
+        inputs = self.report_inputs(months)
+        numbers = retention_numbers(self.evaluations, months)
+        columns = [c for c in [BASELINE, *months] if c in self.evaluations]
         return {
             "month": name,
             "months": months,
@@ -850,11 +1179,24 @@ class Campaign:
                 )
             },  # fmt: skip
             "data": {m: self.month(m)["data"] for m in months},
-            "retention": {"months": months, "R": retention_matrix(self.evaluations, months)},
-            "general": {c: self.evaluations[c]["general"] for c in [BASELINE, *months] if c in self.evaluations},
+            "retention": {
+                "months": months,
+                "R": retention_matrix(self.evaluations, months),
+                "ci95": retention_intervals(self.evaluations, months),
+                "scored_by": {m: _scored_by(self.evaluations, m) for m in months},
+                **{k: v for k, v in numbers.items() if k in ("average", "bwt_interval")},
+            },
+            "learning": learning_table(self.evaluations, months, inputs["before"]),
+            "ranking": ranking_table(self.evaluations, months),
+            "bleed": bleed_table(self.evaluations, months),
+            "knowledge": {
+                **knowledge_table(self.evaluations, columns, inputs["surviving"]),
+                "pool": len(self.knowledge_pool["items"]),
+            },
+            "general": {c: self.evaluations[c]["general"] for c in columns},
             "hub_repo": config.hub_repo,
             "license": config.license,
-            "limitations": [],
+            "limitations": inputs["notes"][1:],  # the first note (how many knowledge items) is in the card's table
         }
 
     def write_card(self, name: str) -> Path:
@@ -882,19 +1224,121 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_report(evaluations: dict[str, Any], months: list[str]) -> str:
-    """Markdown: the retention matrix (rows: after month t; columns: month i's held-out pairs), its average and BWT,
-    and the general-ability table against month 0."""
-    matrix = retention_matrix(evaluations, months)
+def _scored_by(evaluations: dict[str, Any], month: str) -> Optional[str]:
+    """How month's held-out answers are scored: "checks: a, b" or "agreement" (from its own evaluation)."""
+    cell = evaluations.get(month, {}).get("behaviour", {}).get(month)
+    if not cell:
+        return None
+    return "checks: " + ", ".join(cell["checks"]) if cell.get("scored_by") == "checks" else "agreement"
+
+
+def _ci(summary: Optional[dict], digits: int = 3, signed: bool = False) -> str:
+    """`0.812 [0.700, 0.900]` from a `{"mean", "ci95"}` summary ("" when None)."""
+    if not summary:
+        return ""
+    sign = "+" if signed else ""
+    lo, hi = summary["ci95"]
+    return f"{summary['mean']:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
+def format_report(
+    evaluations: dict[str, Any],
+    months: list[str],
+    surviving: Optional[list[int]] = None,
+    before: Optional[dict[str, Any]] = None,
+    notes: Optional[list[str]] = None,
+) -> str:
+    """Markdown: what was learned and kept, judged by behaviour (generation-based), with 95% intervals, then what is
+    not generation-based.
+
+    - The behavioural retention matrix R[t][i] (rows: after month t; columns: month i's held-out prompts, scored by
+      its checks or by agreement), the average and the backward transfer (paired interval, same items).
+    - Learning per month: the score before the month (`before`, the campaign's `before_behaviour.json`), right after
+      it, the paired gain, and whether it learned (the gain's interval above 0).
+    - Bleed: share of off-scope answers carrying each month's style, and the base's rate on the same prompts.
+    - Knowledge: multiple-choice and exact-match accuracy on the `surviving` pool items (the same in every column).
+    - Ranking of the held-out pairs (log-likelihood, not generation) and the implicit-reward accuracy against the base.
+    - The general-ability table against month 0 (perplexity, KL, refusals, drift).
+    """
+    lines = [
+        "Behavioural retention R[t][i]: greedy answers to month i's held-out prompts after month t, scored by the "
+        "month's checks (else agreement with its chosen answers), with 95% intervals.",
+        "",
+        "| after \\ on | " + " | ".join(months) + " |",
+        "|---|" + "---:|" * len(months),
+    ]
+    intervals = retention_intervals(evaluations, months)
+    for t, (month, row) in enumerate(zip(months, retention_matrix(evaluations, months))):
+        cells = []
+        for i, value in enumerate(row):
+            ci = intervals[t][i]
+            cells.append("" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+        lines.append(f"| {month} | " + " | ".join(cells) + " |")
     numbers = retention_numbers(evaluations, months)
-    lines = ["| after \\ on | " + " | ".join(months) + " |", "|---|" + "---:|" * len(months)]
-    for month, row in zip(months, matrix):
-        lines.append(f"| {month} | " + " | ".join(_fmt(v) for v in row) + " |")
-    lines += ["", f"Average accuracy {_fmt(numbers['average_accuracy'])}, backward transfer {_fmt(numbers['bwt'])}."]
+    bwt = _ci(numbers["bwt_interval"], signed=True)
+    bwt = f"{bwt} (paired, same items)" if bwt else "n/a (a single month)"
+    lines += ["", f"Average score {_ci(numbers['average']) or 'n/a'}, backward transfer {bwt}."]
+
+    learning = learning_table(evaluations, months, before)
+    if learning:
+        lines += ["", "| month | scored by | before the month | right after | gain (paired) | learned |"]
+        lines.append("|---|---|---:|---:|---:|---|")
+        for month, entry in learning.items():
+            learned = {True: "yes", False: "no"}.get(entry.get("learned"), "")
+            lines.append(
+                f"| {month} | {_scored_by(evaluations, month)} | {_ci(entry.get('before'))} | {_ci(entry['after'])} | "
+                f"{_ci(entry.get('gain'), signed=True)} | {learned} |"
+            )
+    bleed = bleed_table(evaluations, months)
+    if bleed:
+        lines += [
+            "",
+            "Bleed: share of off-scope answers (generic prompts, knowledge questions, the other months' prompts) that "
+            "carry the month's style.",
+            "",
+            "| month's style | tested by | " + " | ".join(f"after {m}" for m in months) + " | base, same prompts |",
+            "|---|---|" + "---:|" * (len(months) + 1),
+        ]
+        for month, entry in bleed.items():
+            cells = [_ci(entry["after"].get(m)) for m in months]
+            tested = entry["styles"] or f"none: {entry['note']}"
+            lines.append(f"| {month} | {tested} | " + " | ".join(cells) + f" | {_ci(entry.get('base'))} |")
     columns = [c for c in [BASELINE, *months] if c in evaluations]
+    knowledge = knowledge_table(evaluations, columns, surviving)
+    if knowledge["mc"]:
+        lines += ["", "| knowledge | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines.append(
+            f"| multiple choice (n={knowledge['n_mc']}) | "
+            + " | ".join(_ci(knowledge["mc"].get(c)) for c in columns)
+            + " |"
+        )
+        if knowledge["exact"]:
+            lines.append(
+                f"| exact match (n={knowledge['n_exact']}) | "
+                + " | ".join(_ci(knowledge["exact"].get(c)) for c in columns)
+                + " |"
+            )
+    ranking = ranking_table(evaluations, months)
+    if ranking:
+        lines += [
+            "",
+            f"Ranking of the held-out pairs after {months[-1]} (log-likelihood, not generation): length-normalised "
+            "accuracy and mean margin (nats/token); the implicit-reward accuracy against the base only shows that "
+            "training moved the log-probs.",
+            "",
+            "| pairs | ranking accuracy | mean margin | implicit-reward accuracy |",
+            "|---|---:|---:|---:|",
+        ]
+        for month, entry in ranking.items():
+            lines.append(
+                f"| {month} | {_ci(entry['ranking_accuracy'])} | {_fmt(entry['ranking_margin'], 4)} | "
+                f"{_fmt(entry['implicit_reward_accuracy'])} |"
+            )
     table = general_table(evaluations, columns)
     if table:
         lines += ["", "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for metric, row in table.items():
             lines.append(f"| {metric} | " + " | ".join(_fmt(row.get(c), 4) for c in columns) + " |")
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines)

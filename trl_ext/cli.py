@@ -3,6 +3,7 @@
 ```bash
 continual-dpo init --campaign_dir campaign --base_model embedded --quantization 4bit --method selective_mlp
 continual-dpo run-month 2025-06 --campaign_dir campaign --data june.jsonl       # trains, evaluates, writes the card
+continual-dpo run-month 2025-07 --campaign_dir campaign --data july.jsonl --checks checks.json  # declared style
 continual-dpo run-month 2025-07 --campaign_dir campaign --data july.parquet     # rerun after a crash: resumes
 continual-dpo eval --campaign_dir campaign                                      # re-evaluate the latest month
 continual-dpo report --campaign_dir campaign                                    # retention tables, cards
@@ -18,7 +19,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from trl import TrlParser
 
@@ -54,6 +55,14 @@ class RunMonthArguments(CampaignDirArguments):
     )
     max_kl_to_base: Optional[float] = field(
         default=None, metadata={"help": "Override the campaign's max_kl_to_base for this month."}
+    )
+    checks: Optional[Union[list, str]] = field(
+        default=None,
+        metadata={
+            "help": "What the month teaches: a .json/.yaml file or a JSON/YAML string with a list of check specs "
+            '({"regex": ...} / {"json_schema": ...} / {"callable": "module:function"}, optional "name", "negate") '
+            'or {"checks": [...], "bleed_checks": [...]}. Stored with the month; scored on its held-out answers.'
+        },
     )
 
 
@@ -110,9 +119,10 @@ def _run(command: str, argv: list[str]) -> int:
             health_check=args.health_check,
             max_perplexity_ratio=args.max_perplexity_ratio,
             max_kl_to_base=args.max_kl_to_base,
+            checks=args.checks,
         )
         print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
-        print(format_report(campaign.evaluations, campaign.done_months))
+        print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))
     elif command == "eval":
         result = campaign.evaluate(args.month)
         print(json.dumps(result, indent=2))

@@ -134,10 +134,10 @@ def _non_finite(evaluation: Mapping[str, Any]) -> list[str]:
         if isinstance(value, (int, float)) and not _is_finite(value)
     ]
     for month, scores in evaluation.get("preference", {}).items():
-        found += [
-            f"preference/{month}/{key}={scores[key]}"
-            for key in ("accuracy", "mean_margin")
-            if isinstance(scores.get(key), (int, float)) and not _is_finite(scores[key])
+        found += [  # every number of the month's ranking: accuracies and margins (a NaN margin: a broken model)
+            f"preference/{month}/{key}={value}"
+            for key, value in scores.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_finite(value)
         ]
     return found
 

@@ -8,8 +8,11 @@ readme = render_model_card(context, "campaign/cards/2025-07")  # writes README.m
 ```
 
 The card states the base model (and its quantization), the method with its adapter and training hyperparameters, the
-data of every month, the retention matrix R[t][i] with average accuracy and backward transfer, the general-ability
-metrics against the untrained model ("month-0"), how to load the stacked adapters, and the limitations.
+data of every month, the behavioural retention matrix R[t][i] (greedy answers scored by the months' checks or by
+agreement) with 95% intervals, average and backward transfer, what each month learned (paired gain against the model
+before it), bleed, knowledge (multiple choice and exact match), the ranking of the held-out pairs (not
+generation-based, with the implicit-reward accuracy under its own name), the general-ability metrics against the
+untrained model ("month-0"), how to load the stacked adapters, and the limitations (which numbers are behavioural).
 
 Context schema (a dict; the campaign builds it after evaluating a month). Required keys:
 
@@ -22,12 +25,16 @@ Context schema (a dict; the campaign builds it after evaluating a month). Requir
 | `method_config` | `dict` | the adapter config (JSON-able, e.g. `adapter_config.json`) |
 | `training` | `dict` | training hyperparameters (JSON-able) |
 | `data` | `dict[str, dict]` | per month: `source`, `train_rows`, `test_rows`, `rehearsal_rows` (further keys are shown too) |
-| `retention` | `dict` | `{"months": [...], "R": [[...], ...]}`: `R[t][i]` = held-out preference accuracy on month i's pairs after training month t; `None` (or absent) where i > t or not measured; `retention["months"]` must equal `months` |
+| `retention` | `dict` | `{"months": [...], "R": [[...], ...]}`: `R[t][i]` = behavioural score on month i's held-out prompts after training month t; `None` (or absent) where i > t or not measured; `retention["months"]` must equal `months`. Optional: `ci95` (same shape, `[lo, hi]` or `None`), `scored_by` (`{month: "checks: ..." or "agreement"}`), `average` and `bwt_interval` (`{"mean", "ci95"}`) |
 | `general` | `dict[str, dict[str, float]]` | `{"month-0": {metric: value}, "<month>": {metric: value}, ...}`; may be `{}` when nothing was measured, otherwise `"month-0"` (the base model before any month) is required |
 
 Optional keys: `quantization` (`"4bit"`, `"8bit"` or `None`), `hub_repo` (`"org/name"` or `None`: the loading code then
 uses `subfolder="months/<month>"` of that repo, else the campaign's local `adapters/<month>` folders), `license` (a Hub
-license id such as `"apache-2.0"`) and `limitations` (`list[str]`, added to the card's own).
+license id such as `"apache-2.0"`), `limitations` (`list[str]`, added to the card's own), and the tables of
+`trl_ext.evaluation` (summaries are `{"mean", "ci95": [lo, hi]}`): `learning` ([`learning_table`]: per month
+`scored_by`, `before`, `after`, `gain`, `learned`), `bleed` ([`bleed_table`]: per month `styles`, `note`, `after`
+{month: summary}, `base`), `knowledge` ([`knowledge_table`]: `mc` / `exact` {column: summary}, `n_mc`, `n_exact`,
+`pool`) and `ranking` ([`ranking_table`]: per month `ranking_accuracy`, `ranking_margin`, `implicit_reward_accuracy`).
 
 Every problem with the context raises [`ModelCardContextError`] naming the key and what was expected.
 """
@@ -142,6 +149,14 @@ class ModelCardContext:
     hub_repo: Optional[str] = None
     license: Optional[str] = None
     limitations: tuple[str, ...] = field(default_factory=tuple)
+    ci95: Optional[list[list[Optional[list[float]]]]] = None
+    scored_by: dict[str, Optional[str]] = field(default_factory=dict)
+    average: Optional[dict[str, Any]] = None
+    bwt_interval: Optional[dict[str, Any]] = None
+    learning: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bleed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    knowledge: dict[str, Any] = field(default_factory=dict)
+    ranking: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, context: Mapping[str, Any]) -> ModelCardContext:
@@ -192,6 +207,14 @@ class ModelCardContext:
             hub_repo=_optional_str(context, "hub_repo"),
             license=_optional_str(context, "license"),
             limitations=_check_limitations(context.get("limitations")),
+            ci95=_check_intervals(context["retention"].get("ci95"), months),
+            scored_by=dict(context["retention"].get("scored_by") or {}),
+            average=_check_summary(context["retention"].get("average"), "retention['average']"),
+            bwt_interval=_check_summary(context["retention"].get("bwt_interval"), "retention['bwt_interval']"),
+            learning=_check_table(context.get("learning"), "learning"),
+            bleed=_check_table(context.get("bleed"), "bleed"),
+            knowledge=_check_table(context.get("knowledge"), "knowledge"),
+            ranking=_check_table(context.get("ranking"), "ranking"),
         )
 
 
@@ -267,6 +290,50 @@ def _check_general(general: Any, months: tuple[str, ...]) -> dict[str, dict[str,
     return checked
 
 
+def _check_summary(summary: Any, key: str) -> Optional[dict[str, Any]]:
+    if summary is None:
+        return None
+    _require(
+        isinstance(summary, Mapping)
+        and _is_number(summary.get("mean"))
+        and isinstance(summary.get("ci95"), Sequence)
+        and len(summary["ci95"]) == 2
+        and all(_is_number(v) for v in summary["ci95"]),
+        f'`{key}` must be {{"mean": x, "ci95": [lo, hi]}} with finite numbers, got {summary!r}.',
+    )
+    return dict(summary)
+
+
+def _check_intervals(ci95: Any, months: tuple[str, ...]) -> Optional[list[list[Optional[list[float]]]]]:
+    if ci95 is None:
+        return None
+    _require(
+        isinstance(ci95, Sequence) and len(ci95) == len(months),
+        f"`retention['ci95']` must have one row per month ({len(months)}), got {ci95!r}.",
+    )
+    rows = []
+    for t, row in enumerate(ci95):
+        _require(isinstance(row, Sequence), f"`retention['ci95'][{t}]` must be a list, got {row!r}.")
+        cells = []
+        for i in range(len(months)):
+            value = row[i] if i < len(row) else None
+            _require(
+                value is None
+                or (isinstance(value, Sequence) and len(value) == 2 and all(_is_number(v) for v in value)),
+                f"`retention['ci95'][{t}][{i}]` must be [lo, hi] or None, got {value!r}.",
+            )
+            cells.append([float(v) for v in value] if value is not None and i <= t else None)
+        rows.append(cells)
+    return rows
+
+
+def _check_table(table: Any, key: str) -> dict[str, Any]:
+    if table is None:
+        return {}
+    _require(isinstance(table, Mapping), f"`{key}` must be a dict, got {type(table).__name__}.")
+    return dict(table)
+
+
 def _check_limitations(limitations: Any) -> tuple[str, ...]:
     if limitations is None:
         return ()
@@ -312,29 +379,114 @@ def _metric(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _interval(summary: Optional[Mapping[str, Any]], signed: bool = False) -> str:
+    """`0.812 [0.700, 0.900]` from a `{"mean", "ci95"}` summary ("–" when None)."""
+    if not summary:
+        return "–"
+    sign = "+" if signed else ""
+    lo, hi = summary["ci95"]
+    return f"{summary['mean']:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+
+
 def _retention_rows(ctx: ModelCardContext) -> list[tuple[str, list[str]]]:
     rows = []
     for t, row in enumerate(ctx.R):
         cells = []
         for i, value in enumerate(row):
+            ci = ctx.ci95[t][i] if ctx.ci95 is not None else None
+            suffix = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None and value is not None else ""
             if i > t:
                 cells.append("")
             elif i == t and value is not None:
-                cells.append(f"**{_accuracy(value)}**")
+                cells.append(f"**{_accuracy(value)}**{suffix}")
             else:
-                cells.append(_accuracy(value))
+                cells.append(_accuracy(value) + suffix)
         rows.append((ctx.months[t], cells))
     return rows
 
 
 def _summary(ctx: ModelCardContext) -> tuple[str, str]:
-    """(average accuracy, BWT) after the card's month, as text."""
+    """(average score, BWT) after the card's month, as text (with the 95% intervals when given: the average over the
+    items of every month, BWT's paired over the same items)."""
     avg = average_accuracy(ctx.R)
     avg_text = "n/a (no cell measured)" if math.isnan(avg) else f"{avg:.3f}"
+    if ctx.average is not None:
+        avg_text = _interval(ctx.average) + " (over the items of every month)"
     if len(ctx.months) == 1:
         return avg_text, "n/a (a single month: nothing earlier to forget)"
     bwt = backward_transfer(ctx.R)
+    if ctx.bwt_interval is not None:
+        return avg_text, _interval(ctx.bwt_interval, signed=True) + " (paired interval, same items)"
     return avg_text, "n/a (cells not measured)" if math.isnan(bwt) else f"{bwt:+.3f}"
+
+
+def _learning_rows(ctx: ModelCardContext) -> list[list[str]]:
+    rows = []
+    for month in ctx.months:
+        entry = ctx.learning.get(month)
+        if not entry:
+            continue
+        learned = {True: "**yes**", False: "no"}.get(entry.get("learned"), "–")
+        scored_by = ctx.scored_by.get(month) or entry.get("scored_by") or "–"
+        rows.append(
+            [
+                _cell(month),
+                _cell(scored_by),
+                _interval(entry.get("before")),
+                _interval(entry.get("after")),
+                _interval(entry.get("gain"), signed=True),
+                learned,
+            ]
+        )
+    return rows
+
+
+def _bleed_rows(ctx: ModelCardContext) -> tuple[list[str], list[list[str]]]:
+    if not ctx.bleed:
+        return [], []
+    columns = [f"after {m}" for m in ctx.months]
+    rows = []
+    for month in ctx.months:
+        entry = ctx.bleed.get(month)
+        if not entry:
+            continue
+        tested = entry.get("styles") or f"none ({entry.get('note') or 'no style test'})"
+        after = entry.get("after") or {}
+        cells = [_interval(after.get(m)) if m in after else "" for m in ctx.months]
+        rows.append([_cell(month), _cell(tested), *cells, _interval(entry.get("base"))])
+    return columns, rows
+
+
+def _knowledge_rows(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[str]]], str]:
+    knowledge = ctx.knowledge
+    if not knowledge or not knowledge.get("mc"):
+        return [], [], ""
+    columns = [c for c in [_BASELINE, *ctx.months] if c in knowledge["mc"]]
+    rows = [(f"multiple choice (n={knowledge.get('n_mc')})", [_interval(knowledge["mc"].get(c)) for c in columns])]
+    if knowledge.get("exact"):
+        exact = knowledge["exact"]
+        rows.append((f"exact match (n={knowledge.get('n_exact')})", [_interval(exact.get(c)) for c in columns]))
+    pool = knowledge.get("pool")
+    note = f"{knowledge.get('n_mc')} of {pool} pool items" if pool else f"{knowledge.get('n_mc')} items"
+    return columns, rows, note
+
+
+def _ranking_rows(ctx: ModelCardContext) -> list[list[str]]:
+    rows = []
+    for month in ctx.months:
+        entry = ctx.ranking.get(month)
+        if not entry:
+            continue
+        margin, implicit = entry.get("ranking_margin"), entry.get("implicit_reward_accuracy")
+        rows.append(
+            [
+                _cell(month),
+                _interval(entry.get("ranking_accuracy")),
+                "–" if not _is_number(margin) else f"{margin:+.4f}",
+                "–" if not _is_number(implicit) else f"{implicit:.3f}",
+            ]
+        )
+    return rows
 
 
 def _general_table(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -407,16 +559,23 @@ def _loading_code(ctx: ModelCardContext) -> str:
 def _limitations(ctx: ModelCardContext) -> list[str]:
     measured = "the general metrics listed" if ctx.general else "no general-ability metric"
     items = [
-        f"Retention is measured only on each month's held-out preference pairs (the table above) and on {measured}; "
-        "behaviour outside them was not evaluated.",
+        "Behavioural (generation-based) numbers: the retention matrix, what each month learned, bleed and the "
+        "knowledge exact match come from greedy answers, scored by the months' declared checks or by agreement with "
+        "the chosen answers (a lexical similarity, not a judgement of quality). Not generation-based: the ranking "
+        "accuracy and the implicit-reward accuracy of the held-out pairs, the multiple-choice knowledge accuracy "
+        "(log-likelihood of the options), the KL to the base and the perplexity; the implicit-reward accuracy "
+        "only shows that training moved the log-probabilities, not what the model answers.",
+        f"Retention is measured only on each month's held-out prompts and on {measured}; behaviour outside them "
+        "was not evaluated.",
     ]
     test_rows = [ctx.data[m].get("test_rows") for m in ctx.months]
     sizes = [n for n in test_rows if _is_number(n) and n > 0]
     if sizes:
         smallest = int(min(sizes))
         items.append(
-            f"The held-out sets are small (smallest: {smallest} pairs, so one pair moves an accuracy by "
-            f"{1 / smallest:.3f}); differences of that order are noise, and the numbers come from a single run."
+            f"The held-out sets are small (smallest: {smallest} pairs, so one pair moves a score by "
+            f"{1 / smallest:.3f}); read the 95% intervals, and the numbers come from a single run (the intervals "
+            "cover the choice of items, not of the training seed)."
         )
     if len(ctx.months) > 1:
         items.append(
@@ -448,8 +607,10 @@ def _tags(method: str) -> list[str]:
 def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Union[str, Path]) -> Path:
     """Plot learning and forgetting over the months to a PNG at `path`.
 
-    Left: for every month i, its held-out accuracy R[t][i] after each month t >= i (one line per month). Right (when
-    general metrics were measured): each general metric's change relative to month 0, in percent.
+    Left: for every month i, its behavioural score R[t][i] after each month t >= i (one line per month, with the 95%
+    intervals as error bars when given). Middle (when measured): knowledge (multiple choice and exact match) and each
+    month's bleed over the months, with their intervals. Right (when general metrics were measured): each general
+    metric's change relative to month 0, in percent.
 
     Returns:
         `Path`: the PNG written.
@@ -465,7 +626,8 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
         ) from error
 
     columns, rows = _relative_general(ctx)
-    panels = 2 if rows else 1
+    series = _knowledge_bleed_series(ctx)
+    panels = 1 + bool(series) + bool(rows)
     # Figure + Agg canvas instead of pyplot: no global backend switch, no figure left open in the caller's process.
     figure = Figure(figsize=(6 * panels, 4), layout="constrained")
     FigureCanvasAgg(figure)
@@ -476,21 +638,40 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
     for i, name in enumerate(ctx.months):
         points = [(t, ctx.R[t][i]) for t in range(i, len(ctx.months)) if ctx.R[t][i] is not None]
         if points:
-            ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=f"{name} pairs")
+            intervals = [ctx.ci95[t][i] if ctx.ci95 is not None else None for t, _ in points]
+            _plot_with_intervals(ax, [t for t, _ in points], [v for _, v in points], intervals, f"{name} prompts")
     ax.set_xticks(x, labels=list(ctx.months), rotation=30 if len(x) > 6 else 0)
     ax.set_xlim(-0.5, len(x) - 0.5)
     values = [v for row in ctx.R for v in row if v is not None]
     if values and 0.0 <= min(values) and max(values) <= 1.0:
         ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("after training month")
-    ax.set_ylabel("held-out preference accuracy")
-    ax.set_title("Learning and forgetting per month")
+    ax.set_ylabel("behavioural score (held-out prompts)")
+    ax.set_title("Learning and retention, by behaviour")
     ax.grid(alpha=0.3)
     if values:
         _legend_below(ax)
 
+    panel = 1
+    if series:
+        ax = axes[panel]
+        panel += 1
+        labels = ["month 0", *ctx.months]
+        for label, points in series.items():
+            _plot_with_intervals(
+                ax, [k for k, _, _ in points], [v for _, v, _ in points], [c for _, _, c in points], label
+            )
+        ax.set_xticks(list(range(len(labels))), labels=labels, rotation=30 if len(labels) > 6 else 0)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("after training month")
+        ax.set_ylabel("rate")
+        ax.set_title("Knowledge and bleed")
+        ax.grid(alpha=0.3)
+        _legend_below(ax)
+
     if rows:
-        ax = axes[1]
+        ax = axes[panel]
         for name, changes in rows:
             points = [(k, c) for k, c in enumerate(changes) if c is not None]
             ax.plot([k for k, _ in points], [c for _, c in points], marker="o", label=name)
@@ -506,6 +687,32 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def _plot_with_intervals(ax: Any, xs: list, ys: list, intervals: list, label: str) -> None:
+    if any(c is not None for c in intervals):
+        low = [y - c[0] if c is not None else 0.0 for y, c in zip(ys, intervals)]
+        high = [c[1] - y if c is not None else 0.0 for y, c in zip(ys, intervals)]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+    else:
+        ax.plot(xs, ys, marker="o", label=label)
+
+
+def _knowledge_bleed_series(ctx: ModelCardContext) -> dict[str, list[tuple[int, float, Optional[list[float]]]]]:
+    """Label -> [(x, mean, ci95)] for the knowledge accuracies (x 0 = month 0) and every month's bleed."""
+    series: dict[str, list[tuple[int, float, Optional[list[float]]]]] = {}
+    columns = [_BASELINE, *ctx.months]
+    for key, label in (("mc", "knowledge (multiple choice)"), ("exact", "knowledge (exact match)")):
+        values = (ctx.knowledge or {}).get(key) or {}
+        points = [(k, values[c]["mean"], values[c].get("ci95")) for k, c in enumerate(columns) if values.get(c)]
+        if points:
+            series[label] = points
+    for month, entry in (ctx.bleed or {}).items():
+        after = entry.get("after") or {}
+        points = [(k, after[c]["mean"], after[c].get("ci95")) for k, c in enumerate(columns) if after.get(c)]
+        if points:
+            series[f"bleed of {month}"] = points
+    return series
 
 
 def _legend_below(ax: Any) -> None:
@@ -579,6 +786,8 @@ def render_model_card(
     average, bwt = _summary(ctx)
     general_columns, general_rows = _general_table(ctx)
     data_columns, data_rows = _data_table(ctx)
+    bleed_columns, bleed_rows = _bleed_rows(ctx)
+    knowledge_columns, knowledge_rows, knowledge_note = _knowledge_rows(ctx)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),
@@ -593,8 +802,17 @@ def render_model_card(
         data_columns=data_columns,
         data_rows=data_rows,
         retention_rows=_retention_rows(ctx),
+        has_intervals=ctx.ci95 is not None,
+        scored_by_text=", ".join(f"{m} by {v}" for m, v in ctx.scored_by.items() if v) or "not recorded",
         average_accuracy=average,
         bwt=bwt,
+        learning_rows=_learning_rows(ctx),
+        bleed_columns=bleed_columns,
+        bleed_rows=bleed_rows,
+        knowledge_columns=knowledge_columns,
+        knowledge_rows=knowledge_rows,
+        knowledge_note=knowledge_note,
+        ranking_rows=_ranking_rows(ctx),
         general_columns=general_columns,
         general_rows=general_rows,
         plot_filename=PLOT_FILENAME,
