@@ -4,8 +4,9 @@ Each month teaches a new answer style on real facts (the `countryinfo` package):
 JSON, languages as a bulleted list (`trl_ext.data`). The months run through the campaign API that the
 `continual-dpo` command uses: every month trains a SelectiveMLP adapter with `ContinualDPOTrainer` on top of the
 earlier months' adapters, with rehearsal of earlier months' pairs and the retention KL to last month's model; then
-the month is evaluated (retention matrix on every month's held-out pairs, knowledge QA on capitals no month uses,
-perplexity, KL to the base, refusal rates, drift probe) and its model card is written.
+the month is evaluated (behavioural retention matrix on every month's held-out prompts, bleed, knowledge by multiple
+choice and exact match on countries no month uses, ranking of the pairs, perplexity, KL to the base, drift probe) and
+its model card is written.
 
     python examples/monthly_dpo.py                          # the demo (make demo): a fresh campaign in outputs/
     python examples/monthly_dpo.py --results examples/results/monthly_dpo   # also write the results (md + json)
@@ -75,7 +76,7 @@ def campaign_config(args: argparse.Namespace) -> CampaignConfig:
         kl_anchor_max_new_tokens=4,
         kl_anchors=4,
         # No safety month here (the base refuses nothing), so no refusal suite.
-        eval_suites=["preference", "knowledge", "perplexity", "kl", "drift"],
+        eval_suites=["preference", "behaviour", "knowledge", "perplexity", "kl", "drift"],
         knowledge_questions=args.knowledge_questions,
         perplexity_max_tokens=256,
         drift_prompts=4,
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     config = campaign_config(args)
     campaign = Campaign(directory) if (directory / "campaign.json").exists() else Campaign.init(directory, config)
     # The months' countries avoid the knowledge probe's, so the probe measures forgetting, not training.
-    probe_countries = [q["country"] for q in campaign.state["knowledge_questions"]]
+    probe_countries = [item["entity"] for item in campaign.knowledge_pool["items"] if item.get("entity")]
     months = monthly_sequence(
         args.months, args.n_train, args.n_eval, seed=args.seed, exclude_countries=probe_countries
     )
@@ -115,9 +116,9 @@ def main(argv=None) -> int:
         resuming = campaign.month(name) is not None
         campaign.run_month(name, None if resuming else files["train"], None if resuming else files["test"])
         print(f"[{name}] done ({time.time() - start:.0f} s). Retention so far:\n")
-        print(format_report(campaign.evaluations, campaign.done_months))
+        print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))
     elapsed = time.time() - start
-    report = format_report(campaign.evaluations, campaign.done_months)
+    report = format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs())
     print(f"\nCampaign finished in {elapsed / 60:.1f} min. Model cards: {directory / 'cards'}\n\n{report}")
     if args.results:
         write_results(
@@ -154,8 +155,9 @@ def write_results(path: Path, args, campaign: Campaign, report: str, elapsed: fl
         f"wall time {elapsed / 60:.1f} min on {payload['machine'].get('cpu_count', '?')} CPU cores "
         f"({payload['machine'].get('cpu_model', '?')}; AVX512-BF16: {bf16}; bitsandbytes "
         f"{payload['machine'].get('bitsandbytes', 'not installed')}).\n\n"
-        "Rows: after month t; columns: month i's held-out pairs (length-fair preference accuracy against the base "
-        "model's log-probs). Then general ability against month 0.\n\n" + report + "\n"
+        "The report of the campaign: behavioural retention (greedy answers to month i's held-out prompts after "
+        "month t, with 95% intervals), learning, bleed, knowledge, the ranking of the held-out pairs, then general "
+        "ability against month 0.\n\n" + report + "\n"
     )
     path.with_suffix(".md").write_text(text)
 

@@ -176,3 +176,53 @@ def test_malformed_context_is_explained(tmp_path, mutate, message):
     mutate(context)
     with pytest.raises(ModelCardContextError, match=message):
         render_model_card(context, tmp_path)
+
+
+def test_behavioural_tables_with_intervals(tmp_path):
+    context = two_month_context()
+    context["retention"].update(
+        ci95=[[[0.7, 0.9], None], [[0.6, 0.8], [0.8, 1.0]]],
+        scored_by={"2025-06": "agreement", "2025-07": "checks: json"},
+        average={"mean": 0.8, "ci95": [0.7, 0.9]},
+        bwt_interval={"mean": -0.1, "ci95": [-0.2, 0.0]},
+    )
+    context["learning"] = {
+        "2025-07": {
+            "before": {"mean": 0.1, "ci95": [0.0, 0.2]},
+            "after": {"mean": 0.9, "ci95": [0.8, 1.0]},
+            "gain": {"mean": 0.8, "ci95": [0.6, 0.9]},
+            "learned": True,
+        }
+    }
+    context["bleed"] = {"2025-06": {"styles": None, "note": "no style signature", "after": {}}}
+    context["knowledge"] = {
+        "mc": {"month-0": {"mean": 0.5, "ci95": [0.4, 0.6]}, "2025-07": {"mean": 0.45, "ci95": [0.35, 0.55]}},
+        "exact": {"month-0": {"mean": 0.3, "ci95": [0.2, 0.4]}, "2025-07": {"mean": 0.2, "ci95": [0.1, 0.3]}},
+        "n_mc": 160,
+        "n_exact": 40,
+        "pool": 250,
+    }
+    context["ranking"] = {
+        "2025-07": {
+            "ranking_accuracy": {"mean": 0.7, "ci95": [0.5, 0.9]},
+            "ranking_margin": 0.1,
+            "implicit_reward_accuracy": 1.0,
+        }
+    }
+    text = render_model_card(context, tmp_path).read_text()
+    assert "| 2025-07 | 0.700 [0.600, 0.800] | **0.900** [0.800, 1.000] |" in text
+    assert "(mean of its row): 0.800 [0.700, 0.900]" in text and "-0.100 [-0.200, +0.000] (paired interval" in text
+    assert (
+        "| 2025-07 | checks: json | 0.100 [0.000, 0.200] | 0.900 [0.800, 1.000] | +0.800 [+0.600, +0.900] | **yes** |"
+        in text
+    )
+    assert "| 2025-06 | none (no style signature) |" in text
+    assert "| multiple choice (n=160) | 0.500 [0.400, 0.600] | 0.450 [0.350, 0.550] |" in text
+    assert "| exact match (n=40) |" in text and "(160 of 250 pool items)" in text
+    assert "| 2025-07 | 0.700 [0.500, 0.900] | +0.1000 | 1.000 |" in text
+    assert "Not generation-based" in text and "Behavioural (generation-based) numbers" in text
+    _check_png(tmp_path / "retention.png")
+    assert ModelCard.load(tmp_path / "README.md").data.library_name == "peft"
+    context["retention"]["ci95"] = [[[0.7]], [None, None]]
+    with pytest.raises(ModelCardContextError, match=r"retention\['ci95'\]\[0\]\[0\]"):
+        render_model_card(context, tmp_path / "bad")

@@ -2,11 +2,16 @@
 
 ```
 campaign/
-  campaign.json            format version, the fixed config, the base model's fingerprint, the knowledge probe,
-                           and every month (status, data summary, adapter checksum, training metrics)
-  evaluations.json         evaluation results: "month-0" (the base) and one entry per month
+  campaign.json            format version, the fixed config, the base model's fingerprint, the knowledge pool
+                           (candidate items stored at init, and those excluded so far: they overlap a month's prompts
+                           or the KL anchors), and every month (status, data summary, checks or fitted style
+                           signature, adapter checksum, training metrics)
+  evaluations.json         evaluation results: "month-0" (the base) and one entry per month, with per-item scores
+                           and {"mean", "ci95"} summaries (`trl_ext.evaluation.evaluate_model`)
   data/<month>/            train.jsonl, test.jsonl (the month's pairs as used), reference_logps.json (base model's
-                           log-probs of the test pairs: the fixed reference of the retention matrix)
+                           log-probs of the test pairs: the reference of the implicit-reward figure),
+                           before_behaviour.json (behavioural scores of the model before the month on its held-out
+                           prompts: the paired baseline of what it learned)
   adapters/<month>/        the month's PEFT adapter (safetensors)
   buffer/                  the rehearsal buffer (trl_ext.rehearsal)
   fisher/                  the summed Fisher, with EWC (trl_ext.ewc)
