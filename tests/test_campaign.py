@@ -270,3 +270,22 @@ def test_a_month_under_two_processes(one_month_campaign, month_files, tmp_path):
     assert campaign.done_months == ["m1", "m2"] and "m2" in campaign.evaluations
     assert (directory / "cards" / "m2" / "README.md").is_file()
     assert json.loads((directory / "buffer" / "manifest.json").read_text())["months"][1]["name"] == "m2"
+
+
+def test_eval_adds_lm_eval_tasks_on_the_stacked_model(one_month_campaign, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from peft_selective.evaluation import KnowledgeItem, write_knowledge_task
+
+    directory = copy_of(one_month_campaign, tmp_path)
+    items = [KnowledgeItem(f"what is {w}", w, [x for x in WORDS if x != w][:3]) for w in WORDS[:6]]
+    tasks = write_knowledge_task(items, tmp_path / "tasks", task_name="tiny_words")
+    assert cli(
+        "eval", "--campaign_dir", directory, "--lm_eval_tasks", "tiny_words", "--lm_eval_include_path",
+        Path(tasks).parent if Path(tasks).is_file() else tasks, "--lm_eval_limit", "6",
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    stored = json.loads((directory / "evaluations.json").read_text())["m1"]["lm_eval"]["tiny_words"]
+    acc = stored["acc"]
+    assert 0.0 <= acc["mean"] <= 1.0 and stored["n"] == 6
+    lo, hi = acc["ci95"]
+    assert lo <= acc["mean"] <= hi

@@ -43,6 +43,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -1089,16 +1090,34 @@ class Campaign:
             saved.rename(target)
 
     # ---------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, month: Optional[str] = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        month: Optional[str] = None,
+        lm_eval_tasks: Optional[Sequence[str]] = None,
+        lm_eval_include_path: Optional[Union[str, Path]] = None,
+        lm_eval_limit: Optional[int] = None,
+    ) -> dict[str, Any]:
         """Evaluate the model after `month` (default: the last done one) on every month's held-out pairs up to it and
-        on the general suites; stores and returns the result."""
+        on the general suites; stores and returns the result.
+
+        `lm_eval_tasks` adds EleutherAI lm-evaluation-harness tasks (`mmlu`, `arc_easy`, ... with Hub access, or local
+        task definitions in `lm_eval_include_path`, e.g. written by `peft_selective.evaluation.write_knowledge_task`)
+        run on the same model, every month's adapter stacked; stored under `"lm_eval"` (needs the `lm-eval` extra).
+        """
         done = self.done_months
         if not done:
             raise CampaignError("No month is done yet: run one with `run-month`.")
         month = month or done[-1]
         model, tokenizer = self.load_model(upto=month)
         months = done[: done.index(month) + 1]
-        self.evaluations[month] = self._evaluate(model, tokenizer, months)
+        evaluation = self._evaluate(model, tokenizer, months)
+        if lm_eval_tasks:
+            from peft_selective.evaluation import run_lm_eval
+
+            evaluation["lm_eval"] = run_lm_eval(
+                model, tokenizer, list(lm_eval_tasks), include_path=lm_eval_include_path, limit=lm_eval_limit
+            )
+        self.evaluations[month] = evaluation
         self._save_evaluations()
         return self.evaluations[month]
 

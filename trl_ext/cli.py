@@ -71,6 +71,17 @@ class EvalArguments(CampaignDirArguments):
     month: Optional[str] = field(
         default=None, metadata={"help": "Evaluate the model after this month (default: last)."}
     )
+    lm_eval_tasks: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated lm-evaluation-harness tasks to add (e.g. mmlu,arc_easy: needs "
+            "`pip install 'peft-selective[lm-eval]'` and Hub access, or local tasks in --lm_eval_include_path)."
+        },
+    )
+    lm_eval_include_path: Optional[str] = field(
+        default=None, metadata={"help": "A folder of local lm-eval task definitions (YAML)."}
+    )
+    lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "At most this many examples per task."})
 
 
 @dataclass
@@ -124,7 +135,13 @@ def _run(command: str, argv: list[str]) -> int:
         print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
         print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))
     elif command == "eval":
-        result = campaign.evaluate(args.month)
+        tasks = [task for task in (args.lm_eval_tasks or "").split(",") if task.strip()]
+        result = campaign.evaluate(
+            args.month,
+            lm_eval_tasks=[task.strip() for task in tasks],
+            lm_eval_include_path=args.lm_eval_include_path,
+            lm_eval_limit=args.lm_eval_limit,
+        )
         print(json.dumps(result, indent=2))
     elif command == "report":
         print(campaign.report())
