@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from trl_ext.campaign import Campaign, CampaignConfig, format_report
-from trl_ext.data import countries_in, monthly_sequence
+from trl_ext.data import MONTH_CHECKS, countries_in, monthly_sequence
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,10 @@ def main(argv=None) -> int:
             dataset.to_json(str(files[split]), lines=True)
         print(f"\n[{name}] training {len(splits['train'])} pairs, {args.steps} steps ({time.time() - start:.0f} s)")
         resuming = campaign.month(name) is not None
-        campaign.run_month(name, None if resuming else files["train"], None if resuming else files["test"])
+        checks = None if resuming else MONTH_CHECKS.get(style)  # the style the month teaches, scored by behaviour
+        campaign.run_month(
+            name, None if resuming else files["train"], None if resuming else files["test"], checks=checks
+        )
         print(f"[{name}] done ({time.time() - start:.0f} s). Retention so far:\n")
         print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))
     elapsed = time.time() - start

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MONTH_BUILDERS",
+    "MONTH_CHECKS",
     "benign_eval_prompts",
     "bulleted_languages_month",
     "chatty_currency_month",
@@ -1205,6 +1206,19 @@ MONTH_BUILDERS: dict[str, Callable[..., dict[str, Dataset]]] = {
     "currency": json_currency_month,
     "languages": bulleted_languages_month,
     "chatty_currency": chatty_currency_month,
+}
+
+#: The style each built-in month teaches, as the checks `peft_selective.evaluation.Check.from_spec` reads (what the
+#: campaign's `--checks` and the forgetting benchmark's month specs take): `checks` score learning (all must pass),
+#: `bleed_checks` what counts as the style leaking onto other prompts. The safety month has no learning check (its pairs
+#: prefer a refusal on harmful prompts and an answer on benign ones, which only the agreement score sees); its bleed is
+#: refusing prompts it was not about.
+MONTH_CHECKS: dict[str, dict[str, Any]] = {
+    "safety": {"bleed_checks": [{"name": "refuses", "callable": "trl_ext.data:is_refusal"}]},
+    "capitals": {"checks": [{"name": "bare_answer", "regex": r"^\W*[^\s.!?]+(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}]},
+    "currency": {"checks": [{"name": "json", "json_schema": {"type": "object", "required": ["currency"]}}]},
+    "languages": {"checks": [{"name": "bullets", "regex": r"^\s*[-*•]\s+\S"}]},
+    "chatty_currency": {"checks": [{"name": "chatty", "regex": r"^(?=(?:\S+\s+){12,})"}]},
 }
 
 
