@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -640,16 +641,22 @@ class _StopAt(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resuming_month_2_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stored_reference", [False, True], ids=["previous_month", "own_month"])
+def test_resuming_month_2_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, stored_reference):
     def run(name: str, callbacks=()):
         first = train_month_1(tmp_path / name)
-        buffer = _buffer_with_month_1(tmp_path / name)
+        if stored_reference:  # the buffer rows carry their month-1 reference log-probs
+            first.finish_month("m1", overwrite=True)
+            buffer = first.rehearsal_buffer
+        else:
+            buffer = _buffer_with_month_1(tmp_path / name)
         options = dict(max_steps=4, save_strategy="steps", save_steps=2, kl_coef=0.5, kl_anchor_max_new_tokens=2)
         return month_2(
             first.model, tmp_path / name, buffer=buffer, callbacks=callbacks, rehearsal_ratio=0.25, **options
         )
 
     straight = run("straight")
+    assert straight.own_reference_rows == (4 if stored_reference else 0)
     straight.train()
     interrupted = run("interrupted", callbacks=[_StopAt(2)])
     interrupted.train()
@@ -671,3 +678,190 @@ def _buffer_with_month_1(directory: Path) -> RehearsalBuffer:
     if "m1" not in buffer:
         buffer.add_month("m1", month("yes", "no"), capacity_per_month=12)
     return buffer
+
+
+# ------------------------------------------------------------------------------------------------ rehearsal reference
+def _month_1_with_stored_reference(tmp_path):
+    """Month 1 trained and finished (its buffer rows stored with their month-1 reference log-probs), the month-1 model
+    as a plain model, and the bare base."""
+    first = train_month_1(tmp_path, max_steps=12, learning_rate=5e-2)  # long enough to learn visible margins
+    summary = first.finish_month("m1")
+    assert summary["rehearsal_rows"] == 12 and summary["rehearsal_reference_rows"] == 12
+    first.model.save_pretrained(tmp_path / "adapters")
+    month_1_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
+    return first, month_1_model, tiny_llama().eval()
+
+
+def _rows_where(trainer, rehearsed: bool) -> list[dict]:
+    return [row for row in trainer.train_dataset if bool(row["is_rehearsal"]) == rehearsed]
+
+
+def test_stored_reference_log_probs_are_trls_of_the_month_1_reference(tmp_path):
+    first, month_1_model, bare_base = _month_1_with_stored_reference(tmp_path)
+    buffer = first.rehearsal_buffer
+    info = buffer.month_info("m1")
+    assert info.reference_logps == 12 and "adapters []" in info.reference
+    rows = buffer.rows("m1")
+    assert RehearsalBuffer(tmp_path / "buffer").rows("m1") == rows  # on disk, checksummed
+    # TRL's reference log-probs of the month-1 reference (the bare base: month 1 started from it) on the same rows,
+    # collated in the same batches: equal bit for bit
+    tokenized = first._prepare_dataset(
+        Dataset.from_list([{k: v for k, v in row.items() if k not in ("month", "reference_logps")} for row in rows]),
+        first.processing_class,
+        first.args,
+        "check",
+    )
+    for start in (0, 4, 8):
+        batch = first.data_collator.collator([tokenized[i] for i in range(start, start + 4)])
+        chosen, rejected = first.compute_ref_log_probs(first.ref_model, batch)
+        stored = rows[start : start + 4]
+        assert torch.equal(chosen, torch.tensor([row["reference_logps"]["chosen"] for row in stored]))
+        assert torch.equal(rejected, torch.tensor([row["reference_logps"]["rejected"] for row in stored]))
+        # ... which are the bare base's (computed independently of TRL), not the month-1 model's
+        expected = _sequence_logps(bare_base, batch)
+        torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(_sequence_logps(month_1_model, batch), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("reference", ["own_month", "previous_month"])
+def test_a_rehearsed_pair_starts_month_2_at_its_month_1_margin(tmp_path, reference):
+    first, month_1_model, bare_base = _month_1_with_stored_reference(tmp_path)
+    second = month_2(
+        first.model, tmp_path, buffer=first.rehearsal_buffer, rehearsal_ratio=0.25, rehearsal_reference=reference
+    )
+    rehearsed = _rows_where(second, rehearsed=True)
+    assert len(rehearsed) == 4
+    assert second.own_reference_rows == (4 if reference == "own_month" else 0)
+    for row in rehearsed:  # each rehearsed row alone: its DPO loss at step 0
+        batch = second.data_collator([row])
+        with torch.no_grad():
+            loss = second.compute_loss(second.model, batch)
+        if reference == "previous_month":
+            torch.testing.assert_close(loss, torch.tensor(math.log(2)), rtol=0, atol=1e-6)
+            continue
+        # the margin month 1 gave the pair: month-1 model against month 1's reference (the bare base)
+        policy_chosen, policy_rejected = _sequence_logps(month_1_model, batch).chunk(2)
+        base_chosen, base_rejected = _sequence_logps(bare_base, batch).chunk(2)
+        margin = (policy_chosen - base_chosen) - (policy_rejected - base_rejected)
+        assert margin.item() > 0.5  # month 1 learned it
+        expected = -torch.nn.functional.logsigmoid(second.beta * margin).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+        assert loss.item() < math.log(2) - 1e-3
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["inline", "precomputed"])
+def test_new_rows_keep_the_previous_month_model_as_reference(tmp_path, precompute):
+    first, month_1_model, _ = _month_1_with_stored_reference(tmp_path)
+    second = month_2(
+        first.model, tmp_path, buffer=first.rehearsal_buffer, rehearsal_ratio=0.25, precompute_ref_log_probs=precompute
+    )
+    with torch.no_grad():  # a non-zero update, so that policy, month-1 model and base all differ
+        for name, param in second.model.named_parameters():
+            if of("m2", name):
+                param.add_(0.5 * torch.randn_like(param))
+    rows = _rows_where(second, rehearsed=True)[:2] + _rows_where(second, rehearsed=False)[:2]
+    batch = second.data_collator(rows)
+    own = ~torch.isnan(batch["rehearsal_ref_chosen_logps"])
+    assert own.tolist() == [True, True, False, False]
+    inputs = second._with_own_month_reference(
+        {k: v for k, v in batch.items() if not k.startswith("rehearsal_ref") and k != "is_rehearsal"},
+        batch["rehearsal_ref_chosen_logps"],
+        batch["rehearsal_ref_rejected_logps"],
+        own,
+    )
+    reference = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+    stored = torch.tensor([row["rehearsal_ref_chosen_logps"] for row in rows[:2]])
+    assert torch.equal(inputs["ref_chosen_logps"][:2], stored)  # rehearsed: as stored
+    month_1 = _sequence_logps(month_1_model, batch)
+    new = torch.tensor([False, False, True, True] * 2)
+    torch.testing.assert_close(reference[new], month_1[new], rtol=1e-4, atol=1e-4)  # new: the month-1 model
+    # the loss uses exactly that reference for each row
+    policy_chosen, policy_rejected = _sequence_logps(second.model, batch).chunk(2)
+    margin = (policy_chosen - inputs["ref_chosen_logps"]) - (policy_rejected - inputs["ref_rejected_logps"])
+    with torch.no_grad():
+        loss = second.compute_loss(second.model, batch)
+    torch.testing.assert_close(
+        loss, -torch.nn.functional.logsigmoid(second.beta * margin).mean(), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_an_old_format_buffer_loads_and_falls_back_to_the_previous_month_model(tmp_path, caplog):
+    first = train_month_1(tmp_path)
+    buffer = _buffer_with_month_1(tmp_path)  # rows added without reference log-probs, rewritten as format 1
+    manifest_path = tmp_path / "buffer" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 1
+    for entry in manifest["months"]:
+        del entry["reference_logps"], entry["reference"]
+    manifest_path.write_text(json.dumps(manifest))
+    buffer = RehearsalBuffer(tmp_path / "buffer")
+    assert buffer.month_info("m1").reference_logps == 0 and len(buffer) == 12
+    with caplog.at_level(logging.WARNING, logger="trl_ext.continual_dpo_trainer"):
+        second = month_2(first.model, tmp_path, buffer=buffer, rehearsal_ratio=0.25)
+    assert "4 rehearsed rows have no stored reference log-probs ({'rehearsal:m1': 4})" in caplog.text
+    assert second.own_reference_rows == 0
+    batch = second.data_collator(_rows_where(second, rehearsed=True))
+    with torch.no_grad():
+        loss = second.compute_loss(second.model, batch)
+    torch.testing.assert_close(loss, torch.tensor(math.log(2)), rtol=0, atol=1e-6)  # previous_month behaviour
+    second.train()
+    assert second.finish_month("m2")["rehearsal_reference_rows"] == 12
+    assert json.loads(manifest_path.read_text())["format_version"] == 2  # migrated by the next change
+
+
+def test_rows_that_tokenize_differently_fall_back_with_a_warning(tmp_path, caplog):
+    first, _, _ = _month_1_with_stored_reference(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="trl_ext.continual_dpo_trainer"):
+        # rows of 3 prompt tokens and 1 completion token, cut to their last 3 tokens: other sequences than month 1's
+        second = month_2(
+            first.model,
+            tmp_path,
+            buffer=first.rehearsal_buffer,
+            rehearsal_ratio=0.25,
+            max_length=3,
+            truncation_mode="keep_end",
+        )
+    assert "4 rehearsed rows ({'rehearsal:m1': 4}) tokenize differently" in caplog.text
+    assert second.own_reference_rows == 0
+    # the same options as month 1 (sequences shorter than max_length: nothing is cut): the stored values are used
+    again = month_2(
+        first.model,
+        tmp_path,
+        buffer=first.rehearsal_buffer,
+        rehearsal_ratio=0.25,
+        max_length=64,
+        adapter_name="m2b",
+        previous_adapters=["m1"],
+    )
+    assert again.own_reference_rows == 4
+
+
+def test_sft_weight_adds_trls_sft_term(tmp_path):
+    args = config(tmp_path, "m1", sft_weight=0.5)
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    assert ContinualDPOConfig(**{**args.to_dict(), "output_dir": str(tmp_path)}).loss_type == ["sigmoid", "sft"]
+    assert config(tmp_path, "m1", sft_weight=0.5, loss_type=["ipo"], loss_weights=[2.0]).loss_weights == [2.0, 0.5]
+    with pytest.raises(ValueError, match="already has it"):
+        config(tmp_path, "m1", sft_weight=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
+    with pytest.raises(ValueError, match="sft_weight"):
+        config(tmp_path, "m1", sft_weight=-1.0)
+
+    def trainer(**kwargs):
+        return ContinualDPOTrainer(
+            tiny_llama(),
+            args=config(tmp_path, "m1", max_steps=2, **kwargs),
+            train_dataset=month("yes", "no"),
+            processing_class=word_chat_tokenizer(),
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+
+    plain, with_sft = trainer(), trainer(sft_weight=0.5)
+    batch = plain.data_collator([plain.train_dataset[i] for i in range(4)])
+    plain.model.train(), with_sft.model.train()
+    loss = plain.compute_loss(plain.model, batch)
+    loss_sft = with_sft.compute_loss(with_sft.model, batch)
+    nll = with_sft._metrics["train"]["loss/sft"][-1]
+    assert nll > 0 and "loss/sft" not in plain._metrics["train"]
+    torch.testing.assert_close(loss_sft.detach(), loss.detach() + 0.5 * nll, rtol=1e-5, atol=1e-5)
+    with_sft.train()
+    assert "loss/sft" in logged_keys(with_sft)

@@ -6,9 +6,11 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 
 import pytest
+import torch
 from datasets import Dataset
 
 from trl_ext.rehearsal import (
@@ -437,3 +439,106 @@ def test_mix_into_conversational(tmp_path):
     old = [row for row in mixed if row["source"] == "rehearsal:m1"]
     assert {row["prompt"][1]["content"] for row in old} == {f"old q {i}" for i in range(20)}
     assert old[0]["chosen"][0]["role"] == "assistant"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stored reference log-probs (format version 2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _reference(i, month="a"):
+    # float32 values, as TRL computes them: stored as Python floats, they come back exactly
+    value = float(torch.tensor(-1.0 / (i + 3), dtype=torch.float32))
+    return {"chosen": value, "rejected": value - 1.5, "fingerprint": f"{month}{i}"}
+
+
+def test_reference_logps_round_trip_exactly(tmp_path):
+    buffer = RehearsalBuffer(tmp_path, total_capacity=12)
+    buffer.add_month("m1", make_rows(10, tag="a"), capacity_per_month=10)
+    assert buffer.month_info("m1").reference_logps == 0 and "reference_logps" not in buffer.rows("m1")[0]
+    values = [_reference(i) if i != 3 else None for i in range(10)]
+    info = buffer.set_reference_logps("m1", values, reference="base")
+    assert info.reference_logps == 9 and info.reference == "base"
+    loaded = RehearsalBuffer(tmp_path, total_capacity=12)
+    assert loaded.month_info("m1") == info
+    rows = loaded.rows("m1")
+    assert [row.get("reference_logps") for row in rows] == values
+    assert torch.equal(
+        torch.tensor([row["reference_logps"]["chosen"] for row in rows if row.get("reference_logps")]),
+        torch.tensor([value["chosen"] for value in values if value], dtype=torch.float32),
+    )
+    # a later month shrinks m1: the kept rows keep their values (and the count follows)
+    buffer.add_month("m2", make_rows(10, tag="b"), capacity_per_month=10)
+    kept = buffer.rows("m1")
+    assert len(kept) == 6 and buffer.month_info("m1").reference_logps == sum("reference_logps" in r for r in kept)
+    assert all(
+        row["reference_logps"] == values[int(row["prompt"].split()[-1])] for row in kept if "reference_logps" in row
+    )
+    # edited values are caught by the checksum, malformed ones by the row check
+    path = tmp_path / buffer.month_info("m1").file
+    text = path.read_text()
+    path.write_text(text.replace('"fingerprint": "a', '"fingerprint": "x', 1))
+    with pytest.raises(RehearsalBufferError, match="SHA-256"):
+        RehearsalBuffer(tmp_path)
+    path.write_text(re.sub(r'"fingerprint": "a\d+"', '"fingerprint": 7', text, count=1))
+    with pytest.raises(RehearsalBufferError, match="'fingerprint' must be a non-empty string"):
+        RehearsalBuffer(tmp_path, verify_checksums=False)
+
+
+def test_reference_logps_argument_errors(tmp_path):
+    buffer = RehearsalBuffer(tmp_path)
+    buffer.add_month("m1", make_rows(3), capacity_per_month=10)
+    with pytest.raises(ValueError, match="holds 3 rows, got 2"):
+        buffer.set_reference_logps("m1", [None, None])
+    with pytest.raises(ValueError, match="row 1: 'reference_logps' 'chosen' must be a finite number"):
+        buffer.set_reference_logps("m1", [None, {"chosen": float("nan"), "rejected": 0.0, "fingerprint": "f"}, None])
+    with pytest.raises(ValueError, match="exactly the keys"):
+        buffer.set_reference_logps("m1", [{"chosen": 0.0}, None, None])
+    with pytest.raises(KeyError, match="not in the rehearsal buffer"):
+        buffer.set_reference_logps("m9", [])
+    assert buffer.month_info("m1").reference_logps == 0  # nothing was written
+
+
+def test_format_version_1_buffer_loads_and_is_migrated_by_the_next_change(tmp_path):
+    buffer = RehearsalBuffer(tmp_path)
+    buffer.add_month("m1", make_rows(5), capacity_per_month=10)
+    manifest_path = tmp_path / MANIFEST_FILENAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 1  # what peft-selective wrote before stored reference log-probs
+    for entry in manifest["months"]:
+        del entry["reference_logps"], entry["reference"]
+    manifest_path.write_text(json.dumps(manifest))
+    old = RehearsalBuffer(tmp_path)
+    assert old.rows() == buffer.rows() and old.month_info("m1").reference_logps == 0
+    assert old.month_info("m1").reference is None
+    old.set_reference_logps("m1", [_reference(i) for i in range(5)], reference="base")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["months"][0]["reference_logps"] == 5
+
+
+def test_mix_into_carries_the_stored_reference_logps(tmp_path):
+    buffer = RehearsalBuffer(tmp_path)
+    buffer.add_month("m1", make_rows(10, tag="a"), capacity_per_month=10)
+    buffer.set_reference_logps("m1", [_reference(i) if i % 2 else None for i in range(10)])
+    new = Dataset.from_list(make_rows(10, tag="n"))
+    plain = buffer.mix_into(new, 0.5, seed=0)
+    assert "rehearsal_ref_chosen_logps" not in plain.column_names
+    mixed = buffer.mix_into(new, 0.5, seed=0, with_reference_logps=True)
+    assert mixed.column_names == plain.column_names + [
+        "rehearsal_ref_chosen_logps",
+        "rehearsal_ref_rejected_logps",
+        "rehearsal_ref_fingerprint",
+    ]
+    assert mixed["prompt"] == plain["prompt"]  # the same draw and order
+    for row in mixed:
+        if row["source"] == "new":
+            assert row["rehearsal_ref_chosen_logps"] is None and row["rehearsal_ref_fingerprint"] is None
+            continue
+        i = int(row["prompt"].split()[-1])
+        expected = _reference(i) if i % 2 else {"chosen": None, "rejected": None, "fingerprint": None}
+        assert row["rehearsal_ref_chosen_logps"] == expected["chosen"]
+        assert row["rehearsal_ref_rejected_logps"] == expected["rejected"]
+        assert row["rehearsal_ref_fingerprint"] == expected["fingerprint"]
+    with pytest.raises(ValueError, match="already has the columns"):
+        buffer.mix_into(mixed.remove_columns("source"), 0.5, with_reference_logps=True)

@@ -41,6 +41,29 @@ class ContinualDPOConfig(DPOConfig):
         rehearsal_nll_coef (`float`, *optional*, defaults to `0.0`):
             Weight of a negative log-likelihood term on the chosen responses of rehearsed rows (per token), logged as
             `retention/rehearsal_nll`.
+        rehearsal_reference (`str`, *optional*, defaults to `"own_month"`):
+            The DPO reference a rehearsed pair is scored against. `"own_month"`: the reference of the month that
+            taught it (the model at the start of that month), whose log-probs
+            [`ContinualDPOTrainer.finish_month`] stores with the buffer rows; the pair then starts this month at the
+            margin its month gave it (loss `-logsigmoid(β · margin)`), so rehearsal pushes back only where this month
+            erodes it. `"previous_month"`: the month t−1 model, like the month's new rows; every rehearsed pair then
+            starts at margin 0 (loss log 2) and is trained again as if it were new: on real data that gave the earlier
+            month a second round of training (and pushed a refusal sentence further down) rather than protection.
+            Rows stored without log-probs (a buffer written before format version 2) or whose tokens differ from
+            those the log-probs were computed on (another tokenizer, chat template, `max_length`, `truncation_mode`
+            or `ld_alpha`) fall back to `"previous_month"`, with a logged warning. The month's new rows always use
+            the month t−1 model. Logged as `rehearsal/own_reference_rows`.
+
+        > Learning the month by generation
+
+        sft_weight (`float`, *optional*, defaults to `0.0`):
+            Adds TRL's `"sft"` loss term with this weight: `loss_type` becomes `loss_type + ["sft"]` and
+            `loss_weights` gets `sft_weight` appended (the other weights default to 1.0). The term is the mean NLL
+            per token of the batch's chosen responses, so the month's chosen answers are learned by generation, not
+            only ranked above the rejected ones; logged as `loss/sft`. It covers every row of the batch, rehearsed
+            rows included: on those it is one more keep term (like `rehearsal_nll_coef`). An explicit `"sft"` in
+            `loss_type` with another weight is an error; the same weight is accepted (the config was already
+            expanded, e.g. reloaded from its `to_dict()`).
 
         > Retention KL on anchor prompts
 
@@ -115,6 +138,16 @@ class ContinualDPOConfig(DPOConfig):
     rehearsal_nll_coef: float = field(
         default=0.0, metadata={"help": "Weight of the NLL on rehearsed chosen responses."}
     )
+    rehearsal_reference: str = field(
+        default="own_month",
+        metadata={
+            "help": "DPO reference of rehearsed pairs: 'own_month' (stored log-probs of the month that taught them) "
+            "or 'previous_month' (the month t−1 model)."
+        },
+    )
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "Weight of TRL's 'sft' term (NLL of the chosen responses); 0: off."}
+    )
     kl_coef: float = field(default=0.0, metadata={"help": "Weight of the KL to the month t−1 model on anchors."})
     kl_every: int = field(default=1, metadata={"help": "Compute the KL term every k optimizer steps."})
     kl_direction: str = field(default="forward", metadata={"help": "'forward' KL(old‖new) or 'reverse' KL(new‖old)."})
@@ -140,6 +173,11 @@ class ContinualDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rehearsal_reference not in ("own_month", "previous_month"):
+            raise ValueError(
+                f"`rehearsal_reference` must be 'own_month' or 'previous_month', got {self.rehearsal_reference!r}."
+            )
+        self._add_sft_term()
         if not 0.0 <= self.rehearsal_ratio < 1.0:
             raise ValueError(f"`rehearsal_ratio` must be in [0, 1), got {self.rehearsal_ratio}.")
         for name in ("kl_coef", "ewc_coef", "rehearsal_nll_coef"):
@@ -163,3 +201,22 @@ class ContinualDPOConfig(DPOConfig):
             raise ValueError(f"`fisher_decay` must be in [0, 1], got {self.fisher_decay}.")
         if self.health_check_steps < 0:
             raise ValueError(f"`health_check_steps` must be >= 0, got {self.health_check_steps}.")
+
+    def _add_sft_term(self) -> None:
+        """`sft_weight > 0`: append TRL's "sft" term to `loss_type` / `loss_weights` (see the docstring)."""
+        if self.sft_weight < 0:
+            raise ValueError(f"`sft_weight` must be >= 0, got {self.sft_weight}.")
+        if self.sft_weight == 0:
+            return
+        loss_types = list(self.loss_type)
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(loss_types)
+        if "sft" in loss_types:
+            if loss_types.count("sft") == 1 and weights[loss_types.index("sft")] == self.sft_weight:
+                return  # already expanded (e.g. a config rebuilt from its `to_dict()`)
+            raise ValueError(
+                f"`sft_weight={self.sft_weight}` adds the 'sft' loss term itself, but `loss_type={loss_types}` already "
+                f"has it with weight(s) {[w for t, w in zip(loss_types, weights) if t == 'sft']}. Either drop 'sft' "
+                "from `loss_type` (and its `loss_weights` entry), or set `sft_weight=0` and weigh it in `loss_weights`."
+            )
+        self.loss_type = loss_types + ["sft"]
+        self.loss_weights = weights + [float(self.sft_weight)]

@@ -4,7 +4,11 @@ Month t trains a new adapter on top of the frozen adapters of months 1..t−1 (a
 keeps what those months taught with three combinable terms added to the DPO loss:
 
 - rehearsal: earlier months' pairs from a [`RehearsalBuffer`] mixed into the month's data (`rehearsal_ratio`), with
-  an optional NLL on their chosen responses (`rehearsal_nll_coef`);
+  an optional NLL on their chosen responses (`rehearsal_nll_coef`). By default (`rehearsal_reference="own_month"`)
+  a rehearsed pair is scored against the DPO reference of the month that taught it: [`finish_month`] stores, with the
+  rows it keeps, their reference log-probs under the month's own reference (TRL's `compute_ref_log_probs` on
+  collated batches), and a later month uses them for those rows, so a rehearsed pair starts at the margin its month
+  gave it instead of 0;
 - a KL to the month t−1 model on anchor sequences (`kl_coef`, see `trl_ext.anchors`);
 - EWC on the month's update, weighted by the earlier months' Fisher (`ewc_coef`, see `trl_ext.ewc`).
 
@@ -30,15 +34,19 @@ trainer.finish_month("month-2")  # keep a sample for rehearsal, add this month's
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, Value
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import set_seed
@@ -52,7 +60,13 @@ from .continual_dpo_config import ContinualDPOConfig
 from .ewc import FISHER_METADATA, FisherState, check_fisher_matches, estimate_fisher, ewc_penalty
 from .health import TrainingHealthCallback, check_loss
 from .reference import PreviousMonthReference
-from .rehearsal import RehearsalBuffer
+from .rehearsal import (
+    REFERENCE_LOGPS_KEY,
+    STORED_REF_CHOSEN,
+    STORED_REF_FINGERPRINT,
+    STORED_REF_REJECTED,
+    RehearsalBuffer,
+)
 from .validation import PreferenceDataError, validate_preference_dataset
 
 
@@ -61,6 +75,7 @@ logger = logging.getLogger(__name__)
 #: Per-row flag column added to a mixed training set (1 for rehearsed rows); collated into the batch.
 REHEARSAL_FLAG = "is_rehearsal"
 _ROW_INDEX = "__row_index__"
+_BUFFER_ROW = "__buffer_row__"
 
 
 #: Name of the frozen copy of an adapter that already holds an update when its month starts (TRL's name for it too).
@@ -99,8 +114,24 @@ def _freeze_copy_of_adapter(model: PeftModel, name: str, copy_name: str) -> str:
     return copy_name
 
 
+def reference_fingerprint(prompt_ids, chosen_ids, rejected_ids, args: DPOConfig) -> str:
+    """Digest of what a row's reference log-probs depend on besides the model: the sequences TRL's collator builds from
+    its token ids (cut to `max_length` by `truncation_mode`, with their completion masks) and `ld_alpha`. Stored with
+    the log-probs; a later month uses them only for a row whose fingerprint is the same."""
+    prompt_ids, chosen_ids, rejected_ids = list(prompt_ids), list(chosen_ids), list(rejected_ids)
+    cut = slice(None)
+    if args.max_length is not None:
+        cut = slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
+    payload = [args.ld_alpha]
+    for completion in (chosen_ids, rejected_ids):
+        mask = [0] * len(prompt_ids) + [1] * len(completion)
+        payload += [(prompt_ids + completion)[cut], mask[cut]]
+    return hashlib.blake2b(json.dumps(payload).encode("utf-8"), digest_size=12).hexdigest()
+
+
 class _RehearsalFlagCollator:
-    """Wraps TRL's preference collator: also collates the per-row rehearsal flag (0 where a dataset has none)."""
+    """Wraps TRL's preference collator: also collates the per-row rehearsal flag (0 where a dataset has none) and,
+    when the rows have them, the rehearsed rows' stored reference log-probs (NaN for rows without)."""
 
     def __init__(self, collator) -> None:
         self.collator = collator
@@ -108,6 +139,10 @@ class _RehearsalFlagCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         batch[REHEARSAL_FLAG] = torch.tensor([int(example.get(REHEARSAL_FLAG, 0) or 0) for example in examples])
+        if examples and STORED_REF_CHOSEN in examples[0]:
+            for column in (STORED_REF_CHOSEN, STORED_REF_REJECTED):
+                values = [math.nan if example.get(column) is None else example[column] for example in examples]
+                batch[column] = torch.tensor(values, dtype=torch.float32)
         return batch
 
 
@@ -176,7 +211,11 @@ class ContinualDPOTrainer(DPOTrainer):
                 logger.info("The rehearsal buffer is empty (first month?): training on this month's rows only.")
             else:
                 train_dataset, self.rehearsal_summary = rehearsal_buffer.mix_into(
-                    train_dataset, args.rehearsal_ratio, seed=args.seed, return_summary=True
+                    train_dataset,
+                    args.rehearsal_ratio,
+                    seed=args.seed,
+                    return_summary=True,
+                    with_reference_logps=args.rehearsal_reference == "own_month",
                 )
                 train_dataset = train_dataset.map(
                     lambda row: {REHEARSAL_FLAG: int(row["source"] != "new")}, desc="Flagging rehearsed rows"
@@ -219,12 +258,18 @@ class ContinualDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
         )
         self.data_collator = _RehearsalFlagCollator(self.data_collator)
+        # Rehearsed rows scored against their own month's reference (stored log-probs checked against their tokens)
+        self.own_reference_rows = 0
+        if isinstance(self.train_dataset, Dataset) and STORED_REF_FINGERPRINT in self.train_dataset.column_names:
+            self.train_dataset = self._check_stored_reference(self.train_dataset)
         if args.health_check:  # the gradient half of the health guard (the loss half is in `compute_loss`)
             self._add_health_callback()
         self._rehearsal_logged = False
         self._captured_policy_output = None
         self._capture_policy_output = False
-        if args.rehearsal_nll_coef > 0:
+        # The policy's own DPO forward is read back for the rehearsal NLL and for the logged SFT term.
+        self._needs_policy_output = args.rehearsal_nll_coef > 0 or "sft" in self.loss_types
+        if self._needs_policy_output:
             self.model.register_forward_hook(self._capture_hook, with_kwargs=True)
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
         # (global step, draws in it): the anchor batches depend on the step only, so a resumed run draws the same ones
@@ -350,8 +395,53 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if REHEARSAL_FLAG not in self._signature_columns:
-            self._signature_columns = list(self._signature_columns) + [REHEARSAL_FLAG]
+        for column in (REHEARSAL_FLAG, STORED_REF_CHOSEN, STORED_REF_REJECTED):
+            if column not in self._signature_columns:
+                self._signature_columns = list(self._signature_columns) + [column]
+
+    def _check_stored_reference(self, dataset: Dataset) -> Dataset:
+        """Keep the stored reference log-probs of the rehearsed rows whose tokens match those they were computed on;
+        the others (none stored: an older buffer; other tokens: the tokenization changed) fall back to the month
+        t−1 model, with a warning. Drops the fingerprint column."""
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids", STORED_REF_CHOSEN, STORED_REF_REJECTED]
+        columns += [STORED_REF_FINGERPRINT, REHEARSAL_FLAG, "source"]
+        chosen, rejected = [], []
+        missing: Counter = Counter()
+        mismatched: Counter = Counter()
+        for row in dataset.select_columns(columns).with_format(None):
+            keep = False
+            if row[REHEARSAL_FLAG]:
+                if row[STORED_REF_CHOSEN] is None or row[STORED_REF_REJECTED] is None:
+                    missing[row["source"]] += 1
+                elif row[STORED_REF_FINGERPRINT] != reference_fingerprint(
+                    row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], self.args
+                ):
+                    mismatched[row["source"]] += 1
+                else:
+                    keep = True
+            chosen.append(row[STORED_REF_CHOSEN] if keep else None)
+            rejected.append(row[STORED_REF_REJECTED] if keep else None)
+        self.own_reference_rows = sum(value is not None for value in chosen)
+        if missing:
+            logger.warning(
+                "%d rehearsed rows have no stored reference log-probs (%s): a buffer written before format version 2 "
+                "or a month whose finish_month could not compute them. They are scored against the month t−1 model "
+                "(as with rehearsal_reference='previous_month'), so they start at margin 0.",
+                sum(missing.values()),
+                dict(missing),
+            )
+        if mismatched:
+            logger.warning(
+                "%d rehearsed rows (%s) tokenize differently from when their reference log-probs were stored (another "
+                "tokenizer, chat template, max_length, truncation_mode or ld_alpha): they are scored against the "
+                "month t−1 model (as with rehearsal_reference='previous_month').",
+                sum(mismatched.values()),
+                dict(mismatched),
+            )
+        logger.info("%d rehearsed rows are scored against their own month's reference.", self.own_reference_rows)
+        dataset = dataset.remove_columns([STORED_REF_CHOSEN, STORED_REF_REJECTED, STORED_REF_FINGERPRINT])
+        dataset = dataset.add_column(STORED_REF_CHOSEN, chosen, feature=Value("float64"))
+        return dataset.add_column(STORED_REF_REJECTED, rejected, feature=Value("float64"))
 
     # ------------------------------------------------------------------------------------------------- loss
     def _capture_hook(self, module, args, kwargs, output) -> None:
@@ -367,19 +457,32 @@ class ContinualDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         is_rehearsal = inputs.pop(REHEARSAL_FLAG, None)
+        stored_chosen = inputs.pop(STORED_REF_CHOSEN, None)
+        stored_rejected = inputs.pop(STORED_REF_REJECTED, None)
         mode = "train" if self.model.training else "eval"
         args = self.args
-        self._capture_policy_output = args.rehearsal_nll_coef > 0 and mode == "train"
+        own = None if stored_chosen is None else ~torch.isnan(stored_chosen)
+        own_reference = own is not None and bool(own.any())
+        if own_reference:
+            inputs = self._with_own_month_reference(inputs, stored_chosen, stored_rejected, own)
+        self._capture_policy_output = self._needs_policy_output and mode == "train"
         self._captured_policy_output = None
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        precompute = self.precompute_ref_logps
+        self.precompute_ref_logps = precompute or own_reference  # TRL then reads the reference columns of the batch
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.precompute_ref_logps = precompute
+            self._capture_policy_output = False
         loss, outputs = result if return_outputs else (result, None)
-        self._capture_policy_output = False
+        output, self._captured_policy_output = self._captured_policy_output, None
 
         if is_rehearsal is not None:
             self._metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
-        if self._captured_policy_output is not None and is_rehearsal is not None:
-            nll = self._rehearsal_nll(self._captured_policy_output, inputs, is_rehearsal)
-            self._captured_policy_output = None
+        if output is not None and "sft" in self.loss_types:
+            self._metrics[mode]["loss/sft"].append(self._gathered_mean(self._chosen_nll(output, inputs).detach()))
+        if output is not None and is_rehearsal is not None and args.rehearsal_nll_coef > 0:
+            nll = self._rehearsal_nll(output, inputs, is_rehearsal)
             if nll is not None:
                 loss = loss + args.rehearsal_nll_coef * nll
                 self._metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
@@ -403,6 +506,24 @@ class ContinualDPOTrainer(DPOTrainer):
             if not finite.all():
                 check_loss(losses[~finite][0].item(), self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
+
+    def _with_own_month_reference(self, inputs, stored_chosen, stored_rejected, own: torch.Tensor) -> dict[str, Any]:
+        """The batch with `ref_chosen_logps` / `ref_rejected_logps` for every row: the stored values (the reference
+        of the month that taught them) where `own`, the month t−1 model's elsewhere (TRL's precomputed columns, or
+        TRL's `compute_ref_log_probs` on this batch)."""
+        device = inputs["input_ids"].device
+        own = own.to(device)
+        stored_chosen, stored_rejected = stored_chosen.to(device), stored_rejected.to(device)
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif bool(own.all()):
+            ref_chosen, ref_rejected = stored_chosen, stored_rejected
+        else:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+        ref_chosen = torch.where(own, stored_chosen.to(ref_chosen.dtype), ref_chosen.to(device))
+        ref_rejected = torch.where(own, stored_rejected.to(ref_rejected.dtype), ref_rejected.to(device))
+        return {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
 
     def _add_health_callback(self) -> None:
         """Check the trained parameters' gradient norm on the first `health_check_steps` optimizer steps
@@ -432,6 +553,15 @@ class ContinualDPOTrainer(DPOTrainer):
             return None
         return -(chosen_logps[rows] * mask).sum() / mask.sum()
 
+    @staticmethod
+    def _chosen_nll(output, inputs) -> torch.Tensor:
+        """TRL's `"sft"` term, unweighted: mean NLL per token of the batch's chosen responses."""
+        shift_mask = inputs["completion_mask"][:, 1:]
+        log_probs = output.log_probs[:, -shift_mask.size(1) :]
+        chosen_logps, _ = log_probs.chunk(2, dim=0)
+        chosen_mask, _ = shift_mask.chunk(2, dim=0)
+        return -chosen_logps[chosen_mask.bool()].mean()
+
     def _gathered_mean(self, value: torch.Tensor) -> float:
         value = value.to(self.accelerator.device)
         return self.accelerator.gather_for_metrics(value.reshape(-1)).float().mean().item()
@@ -441,6 +571,7 @@ class ContinualDPOTrainer(DPOTrainer):
             total = sum(self.rehearsal_summary.values())
             logs["rehearsal/rows"] = float(total - self.rehearsal_summary.get("new", 0))
             logs["rehearsal/mixed_ratio"] = logs["rehearsal/rows"] / max(total, 1)
+            logs["rehearsal/own_reference_rows"] = float(self.own_reference_rows)
             self._rehearsal_logged = True
         super().log(logs, start_time)
 
@@ -474,9 +605,16 @@ class ContinualDPOTrainer(DPOTrainer):
         """End-of-month bookkeeping, after `train()`: keep a sample of this month's pairs in the rehearsal buffer and,
         with `fisher_dir` set, estimate this month's Fisher on its own rows and add it to the stored one.
 
+        The rows kept for rehearsal are stored with their reference log-probs under this month's own DPO reference
+        (the model at the start of the month), computed with TRL's `compute_ref_log_probs` on collated batches, so
+        that later months can score them against it (`rehearsal_reference="own_month"`). This is a second commit of
+        the buffer: a crash between the two leaves the month's rows without them (later months then fall back to
+        their month t−1 model, with a warning) until `finish_month(month, overwrite=True)` is run again.
+
         With `overwrite=True` it can be repeated (e.g. after a crash in the middle of it): the month's buffer sample is
         replaced (the same rows: the sampling is seeded) and a Fisher that already covers the month is left as is.
-        Returns a summary (`rehearsal_rows`, `fisher_examples`, `fisher_months`). Only the main process writes.
+        Returns a summary (`rehearsal_rows`, `rehearsal_reference_rows`, `fisher_examples`, `fisher_months`). Every
+        process computes; only the main process writes.
         """
         args = self.args
         summary: dict[str, Any] = {}
@@ -496,6 +634,7 @@ class ContinualDPOTrainer(DPOTrainer):
             if not self.accelerator.is_main_process:
                 self.rehearsal_buffer.reload()
                 summary["rehearsal_rows"] = self.rehearsal_buffer.month_info(month).count
+            summary["rehearsal_reference_rows"] = self._store_reference_logps(month)
         stored = Path(args.fisher_dir) if args.fisher_dir else None
         if stored is not None and (stored / FISHER_METADATA).exists():
             existing = FisherState.load(stored)
@@ -523,6 +662,65 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _policy(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def _store_reference_logps(self, month: str) -> int:
+        """Store the month's reference log-probs with its buffer rows; returns how many rows carry them."""
+        buffer = self.rehearsal_buffer
+        rows = buffer.rows(month)
+        if not rows:
+            return 0
+        if self.ref_model is None:
+            logger.warning(
+                "No reference model is held (full fine-tuning with precompute_ref_log_probs=True drops it): the "
+                "rehearsal rows of month %r are stored without reference log-probs, and later months score them "
+                "against their month t−1 model.",
+                month,
+            )
+            return buffer.month_info(month).reference_logps
+        values = self._reference_logps_of_rows(rows)
+        if isinstance(self._policy(), PeftModel):
+            description = f"the DPO reference of month {month!r}: the base with adapters {self.reference_adapters}"
+        else:
+            description = f"the DPO reference of month {month!r} ({type(self._reference_model()).__name__})"
+        if self.accelerator.is_main_process:
+            buffer.set_reference_logps(month, values, reference=description)
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            buffer.reload()
+        return buffer.month_info(month).reference_logps
+
+    def _reference_logps_of_rows(self, rows: list[dict[str, Any]]) -> list[Optional[dict[str, Any]]]:
+        """TRL's reference log-probs (`compute_ref_log_probs` on batches of TRL's collator, as its precompute does) of
+        buffer rows, tokenized as TRL tokenizes the training data; `None` for a row the tokenization drops."""
+        ignored = {"month", REFERENCE_LOGPS_KEY}
+        dataset = Dataset.from_list([{k: v for k, v in row.items() if k not in ignored} for row in rows])
+        dataset = dataset.add_column(_BUFFER_ROW, list(range(len(rows))))
+        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, "rehearsal")
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        tokenized = list(prepared.select_columns(columns + [_BUFFER_ROW]).with_format(None))
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        values: list[Optional[dict[str, Any]]] = [None] * len(rows)
+        policy = self._policy()
+        was_training = policy.training
+        policy.eval()
+        try:
+            for start in range(0, len(tokenized), batch_size):
+                chunk = tokenized[start : start + batch_size]
+                batch = self.data_collator.collator([{column: row[column] for column in columns} for row in chunk])
+                batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
+                chosen, rejected = self.compute_ref_log_probs(self.ref_model, batch)
+                for row, chosen_logp, rejected_logp in zip(chunk, chosen.tolist(), rejected.tolist()):
+                    fingerprint = reference_fingerprint(
+                        row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], self.args
+                    )
+                    values[row[_BUFFER_ROW]] = {
+                        "chosen": chosen_logp,
+                        "rejected": rejected_logp,
+                        "fingerprint": fingerprint,
+                    }
+        finally:
+            policy.train(was_training)
+        return values
 
     def _fisher_batches(self) -> list[dict[str, torch.Tensor]]:
         """Chosen halves of collated batches of this month's own rows (rehearsed rows excluded)."""

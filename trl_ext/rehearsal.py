@@ -20,8 +20,17 @@ On-disk layout (`buffer_dir/`):
   file's SHA-256: a month's content is never rewritten in place, so the files listed by the previous manifest stay
   intact until the new manifest has replaced it.
 - `manifest.json`: format version, `total_capacity`, and for every month (in the order they were added) its file,
-  row count, SHA-256, sampling method, seed and dedup statistics. It is written last, atomically: it is the commit
+  row count, SHA-256, sampling method, seed and dedup statistics, and how many of its rows carry stored reference
+  log-probs (with a description of the model they come from). It is written last, atomically: it is the commit
   point of every change, and a crash at any moment leaves the previous consistent state loadable.
+
+Reference log-probs (format version 2): a row may carry `reference_logps = {"chosen": float, "rejected": float,
+"fingerprint": str}`, the summed log-probs of its chosen and rejected completions under the DPO reference of the month
+that taught it (TRL's `ref_chosen_logps` / `ref_rejected_logps`), and a digest of the token ids they were computed on.
+[`ContinualDPOTrainer.finish_month`] stores them (`add_month(..., reference_logps=...)`) so that a later month scores a
+rehearsed pair against its own month's reference, not against the month t−1 model (see
+`ContinualDPOConfig.rehearsal_reference`). Version-1 buffers load as they are (no stored log-probs); the next change
+writes version 2.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, overload
@@ -51,7 +60,16 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILENAME = "manifest.json"
 #: Bump when the on-disk layout changes incompatibly; loading refuses manifests from newer versions.
-FORMAT_VERSION = 1
+#: 1: rows only. 2: rows may carry stored reference log-probs (`REFERENCE_LOGPS_KEY`) and month entries count them
+#: (`reference_logps`, `reference`); version-1 manifests still load (no stored log-probs).
+FORMAT_VERSION = 2
+#: Row key of the stored reference log-probs: `{"chosen": float, "rejected": float, "fingerprint": str}`.
+REFERENCE_LOGPS_KEY = "reference_logps"
+#: Columns `mix_into(..., with_reference_logps=True)` adds: the stored values, `None` where a row has none.
+STORED_REF_CHOSEN = "rehearsal_ref_chosen_logps"
+STORED_REF_REJECTED = "rehearsal_ref_rejected_logps"
+STORED_REF_FINGERPRINT = "rehearsal_ref_fingerprint"
+_STORED_REF_COLUMNS = (STORED_REF_CHOSEN, STORED_REF_REJECTED, STORED_REF_FINGERPRINT)
 
 SamplingMethod = Literal["reservoir", "stratified"]
 _SAMPLING_METHODS = ("reservoir", "stratified")
@@ -102,6 +120,10 @@ class MonthInfo:
             Rows dropped because they were already in the buffer (from another month).
         added_at (`str`):
             When the month was added (ISO 8601, local time).
+        reference_logps (`int`):
+            Rows of the month that carry stored reference log-probs (`0` for months of a version-1 buffer).
+        reference (`Optional[str]`):
+            Description of the model the stored reference log-probs come from (the month's DPO reference), if any.
     """
 
     name: str
@@ -117,12 +139,17 @@ class MonthInfo:
     duplicates_within: int
     duplicates_across: int
     added_at: str
+    reference_logps: int = 0
+    reference: Optional[str] = None
 
     @classmethod
     def _from_manifest(cls, entry: Any, manifest_path: Path) -> MonthInfo:
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         if not isinstance(entry, dict):
             raise RehearsalBufferError(f"{manifest_path}: every entry of 'months' must be an object, got {entry!r}.")
+        # Fields added in format version 2 have defaults: a version-1 entry lacks them.
+        optional = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        entry = {**optional, **entry}
         missing = [name for name in fields if name not in entry]
         if missing:
             raise RehearsalBufferError(
@@ -137,6 +164,11 @@ class MonthInfo:
             raise RehearsalBufferError(f"{manifest_path}: month {info.name!r} has an invalid file name {info.file!r}.")
         if not isinstance(info.count, int) or isinstance(info.count, bool) or info.count < 0:
             raise RehearsalBufferError(f"{manifest_path}: month {info.name!r} has an invalid count {info.count!r}.")
+        stored = info.reference_logps
+        if not isinstance(stored, int) or isinstance(stored, bool) or not 0 <= stored <= info.count:
+            raise RehearsalBufferError(
+                f"{manifest_path}: month {info.name!r} has an invalid reference_logps count {stored!r}."
+            )
         return info
 
 
@@ -281,6 +313,37 @@ def _describe_format(fmt: tuple[bool, bool]) -> str:
     return (
         f"{kind} rows with an explicit prompt" if has_prompt else f"{kind} rows with an implicit prompt (no 'prompt')"
     )
+
+
+def _check_reference_logps(value: Any) -> Optional[str]:
+    """Why `value` is not a valid stored reference entry (`None` when it is)."""
+    if not isinstance(value, Mapping) or set(value) != {"chosen", "rejected", "fingerprint"}:
+        return "must be a dict with exactly the keys 'chosen', 'rejected' and 'fingerprint'"
+    for side in ("chosen", "rejected"):
+        number = value[side]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            return f"{side!r} must be a finite number, got {number!r}"
+    if not isinstance(value["fingerprint"], str) or not value["fingerprint"]:
+        return f"'fingerprint' must be a non-empty string, got {value['fingerprint']!r}"
+    return None
+
+
+def _reference_entry(value: Any, where: str) -> dict[str, Any]:
+    """A stored reference entry from `value` (numbers as Python floats: JSON round-trips them exactly)."""
+    if isinstance(value, Mapping):
+        value = dict(value)
+        for side in ("chosen", "rejected"):
+            if side in value and not isinstance(value[side], bool):
+                with contextlib.suppress(TypeError, ValueError):
+                    value[side] = float(value[side])
+    problem = _check_reference_logps(value)
+    if problem is not None:
+        raise ValueError(f"{where}: {REFERENCE_LOGPS_KEY!r} {problem}.")
+    return {key: value[key] for key in ("chosen", "rejected", "fingerprint")}
+
+
+def _has_reference_logps(row: Mapping[str, Any]) -> bool:
+    return row.get(REFERENCE_LOGPS_KEY) is not None
 
 
 def _month_filename(name: str, sha256: str) -> str:
@@ -465,6 +528,7 @@ class RehearsalBuffer:
         *,
         source_column: str = "source",
         return_summary: Literal[False] = False,
+        with_reference_logps: bool = False,
     ) -> Dataset: ...
 
     @overload
@@ -476,6 +540,7 @@ class RehearsalBuffer:
         *,
         source_column: str = "source",
         return_summary: Literal[True],
+        with_reference_logps: bool = False,
     ) -> tuple[Dataset, dict[str, int]]: ...
 
     def mix_into(
@@ -486,6 +551,7 @@ class RehearsalBuffer:
         *,
         source_column: str = "source",
         return_summary: bool = False,
+        with_reference_logps: bool = False,
     ) -> Union[Dataset, tuple[Dataset, dict[str, int]]]:
         """
         Mix buffer rows into a new month's (untokenized) preference dataset.
@@ -518,6 +584,11 @@ class RehearsalBuffer:
             return_summary (`bool`):
                 Also return the rows per source, e.g. `{"new": 300, "rehearsal:2025-05": 50, ...}` (months that gave
                 no row are listed with 0). The summary is logged at INFO level either way.
+            with_reference_logps (`bool`):
+                Also add the columns `rehearsal_ref_chosen_logps`, `rehearsal_ref_rejected_logps` (float) and
+                `rehearsal_ref_fingerprint` (string): the reference log-probs a buffer row was stored with (see the
+                module docstring), `None` for the new rows and for buffer rows stored without them (not added when
+                `rehearsal_ratio` is 0).
 
         Returns:
             `datasets.Dataset` (shuffled), or `(dataset, summary)` with `return_summary=True`.
@@ -556,6 +627,9 @@ class RehearsalBuffer:
                 f"new_dataset already has a {source_column!r} column; rename it (`dataset.rename_column`) or pass "
                 "another `source_column`."
             )
+        clashing = [column for column in _STORED_REF_COLUMNS if with_reference_logps and column in columns]
+        if clashing:
+            raise ValueError(f"new_dataset already has the columns {clashing} that with_reference_logps=True adds.")
 
         n_new = len(new_dataset)
         n_buffer = round(rehearsal_ratio * n_new / (1 - rehearsal_ratio))
@@ -575,12 +649,24 @@ class RehearsalBuffer:
 
         features = new_dataset.features.copy()
         features[source_column] = Value("string")
+        stored_features = {
+            STORED_REF_CHOSEN: Value("float64"),
+            STORED_REF_REJECTED: Value("float64"),
+            STORED_REF_FINGERPRINT: Value("string"),
+        }
+        if with_reference_logps:
+            features.update(stored_features)
         lacking: set[str] = set()
         records = []
         for row in drawn:
             lacking.update(column for column in columns if column not in row)
             record = {column: row.get(column) for column in columns}
             record[source_column] = f"rehearsal:{row['month']}"
+            if with_reference_logps:
+                stored = row.get(REFERENCE_LOGPS_KEY) or {}
+                record[STORED_REF_CHOSEN] = stored.get("chosen")
+                record[STORED_REF_REJECTED] = stored.get("rejected")
+                record[STORED_REF_FINGERPRINT] = stored.get("fingerprint")
             records.append(record)
         if lacking:
             logger.warning(
@@ -595,6 +681,9 @@ class RehearsalBuffer:
                 f"or drop the offending columns from new_dataset. Features: {new_dataset.features}"
             ) from err
         tagged = new_dataset.add_column(source_column, ["new"] * n_new, feature=Value("string"))
+        if with_reference_logps:
+            for column, feature in stored_features.items():
+                tagged = tagged.add_column(column, [None] * n_new, feature=feature)
         mixed = concatenate_datasets([tagged, rehearsal]).shuffle(seed=seed).flatten_indices()
 
         summary = {"new": n_new}
@@ -654,6 +743,9 @@ class RehearsalBuffer:
         does not divide evenly); the new month is cut too when it is above the share. A month keeps the rows with
         the smallest hash of `(seed, row)`, so cuts are deterministic and nested (cutting to 300 then 200 keeps the
         same rows as cutting to 200 directly); stratified months are cut per stratum, proportionally.
+
+        Rows that carry a valid `reference_logps` (e.g. rows exported from another buffer) keep it; reference
+        log-probs of a month's rows are otherwise attached afterwards with [`~RehearsalBuffer.set_reference_logps`].
 
         Args:
             name (`str`):
@@ -771,6 +863,11 @@ class RehearsalBuffer:
                 )
         if not sampled:
             logger.warning("Month %r adds no row to the rehearsal buffer (empty, or only duplicates).", name)
+        for index, row in enumerate(sampled):
+            if _has_reference_logps(row):
+                row[REFERENCE_LOGPS_KEY] = _reference_entry(row[REFERENCE_LOGPS_KEY], f"Month {name!r}, row {index}")
+            else:
+                row.pop(REFERENCE_LOGPS_KEY, None)
 
         pending = {
             "name": name,
@@ -783,6 +880,7 @@ class RehearsalBuffer:
             "duplicates_within": stats["within"],
             "duplicates_across": stats["across"],
             "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "reference": None,
         }
         # New state: same month order, an overwritten month stays in place.
         state: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
@@ -792,6 +890,45 @@ class RehearsalBuffer:
         self._enforce_total_capacity(state)
         self._commit(state)
         return self._infos[name]
+
+    def set_reference_logps(
+        self, month: str, values: Sequence[Optional[Mapping[str, Any]]], reference: Optional[str] = None
+    ) -> MonthInfo:
+        """
+        Store reference log-probs with the rows of `month` (one atomic commit, like every change).
+
+        [`ContinualDPOTrainer.finish_month`] calls it with the month's own DPO reference, so that later months score
+        the rehearsed rows against it (`rehearsal_reference="own_month"`). It can also annotate a month of a
+        version-1 buffer, given the model that was that month's reference.
+
+        Args:
+            month (`str`):
+                A month of the buffer.
+            values (sequence of `dict` or `None`):
+                One per row, in the order of [`~RehearsalBuffer.rows`]`(month)`: `{"chosen": float, "rejected":
+                float, "fingerprint": str}` (summed log-probs of the completions, as TRL's `ref_chosen_logps` /
+                `ref_rejected_logps`, and a digest of the token ids they were computed on), or `None` to store none.
+            reference (`str`, *optional*):
+                Description of the model they come from, recorded in the manifest.
+
+        Returns:
+            [`MonthInfo`]: the month's manifest entry (`reference_logps` counts the rows that carry them).
+        """
+        self._check_known(month)
+        rows = copy.deepcopy(self._rows[month])
+        values = list(values)
+        if len(values) != len(rows):
+            raise ValueError(f"Month {month!r} holds {len(rows)} rows, got {len(values)} reference values.")
+        for index, (row, value) in enumerate(zip(rows, values)):
+            row.pop(REFERENCE_LOGPS_KEY, None)
+            if value is not None:
+                row[REFERENCE_LOGPS_KEY] = _reference_entry(value, f"Month {month!r}, row {index}")
+        state = {name: (self._info_fields(info), self._rows[name]) for name, info in self._infos.items()}
+        fields = state[month][0]
+        fields["reference"] = reference if any(_has_reference_logps(row) for row in rows) else None
+        state[month] = (fields, rows)
+        self._commit(state)
+        return self._infos[month]
 
     def remove_month(self, name: str) -> None:
         """Remove a month from the buffer (e.g. to honour a data deletion request)."""
@@ -861,7 +998,7 @@ class RehearsalBuffer:
     @staticmethod
     def _info_fields(info: MonthInfo) -> dict[str, Any]:
         fields = dataclasses.asdict(info)
-        for computed in ("file", "count", "sha256"):
+        for computed in ("file", "count", "sha256", "reference_logps"):
             del fields[computed]
         return fields
 
@@ -932,7 +1069,8 @@ class RehearsalBuffer:
             # Same name means same bytes: a month whose content did not change is not rewritten.
             if filename not in current_files or not (self.buffer_dir / filename).exists():
                 atomic_write(self.buffer_dir / filename, data)
-            infos[name] = MonthInfo(file=filename, count=len(rows), sha256=sha256, **fields)
+            stored = sum(_has_reference_logps(row) for row in rows)
+            infos[name] = MonthInfo(file=filename, count=len(rows), sha256=sha256, reference_logps=stored, **fields)
             # Parsed back from the bytes, so that memory holds exactly what a later load will see.
             rows_by_month[name] = [json.loads(line) for line in data.decode("utf-8").splitlines()]
         fsync_dir(self.buffer_dir)  # the month files' renames must be durable before the manifest points at them
@@ -1025,5 +1163,9 @@ class RehearsalBuffer:
                 raise RehearsalBufferError(f"{path}, line {number}: invalid JSON ({err}). {hint}") from err
             if not isinstance(row, dict) or any(column not in row for column in _REQUIRED_COLUMNS):
                 raise RehearsalBufferError(f"{path}, line {number}: not a preference row with chosen / rejected.")
+            if _has_reference_logps(row):
+                problem = _check_reference_logps(row[REFERENCE_LOGPS_KEY])
+                if problem is not None:
+                    raise RehearsalBufferError(f"{path}, line {number}: {REFERENCE_LOGPS_KEY!r} {problem}. {hint}")
             rows.append(row)
         return rows
