@@ -27,7 +27,7 @@ On-disk layout (`buffer_dir/`):
 Reference log-probs (format version 2): a row may carry `reference_logps = {"chosen": float, "rejected": float,
 "fingerprint": str}`, the summed log-probs of its chosen and rejected completions under the DPO reference of the month
 that taught it (TRL's `ref_chosen_logps` / `ref_rejected_logps`), and a digest of the token ids they were computed on.
-[`ContinualDPOTrainer.finish_month`] stores them (`add_month(..., reference_logps=...)`) so that a later month scores a
+[`ContinualDPOTrainer.finish_month`] stores them (`set_reference_logps`) so that a later month scores a
 rehearsed pair against its own month's reference, not against the month t−1 model (see
 `ContinualDPOConfig.rehearsal_reference`). Version-1 buffers load as they are (no stored log-probs); the next change
 writes version 2.
