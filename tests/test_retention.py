@@ -4,16 +4,24 @@ from a measured learning / forgetting curve."""
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
+from conftest import word_chat_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_campaign import INIT, TINY, cli, write_month
+from transformers import TrainerCallback
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 from peft_selective.retention import choose_scale, layer_index, scale_adapter, scaled_adapter
 from peft_selective.tuners.selective.layer import SelectiveLayer
+from trl_ext.campaign import Campaign, CampaignConfig, CampaignError
 
 
 CONFIGS = {
@@ -251,3 +259,90 @@ def test_choose_scale_errors():
         choose_scale(CURVE, keep_learning_share=1.5)
     with pytest.raises(ValueError, match=">= 0"):
         choose_scale(CURVE, forgetting_budget=-0.1)
+
+
+# ------------------------------------------------------------------------------------------------- the campaign
+def _prompts(path) -> list[str]:
+    return [json.dumps(json.loads(line)["prompt"]) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def campaign_base(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
+    word_chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_campaign_auto_chooses_records_and_shows_the_scale(campaign_base, tmp_path):
+    data = write_month(tmp_path / "m1.jsonl", "yes", "no")
+    directory = tmp_path / "c"
+    init = [*INIT, "--retention_scale", "auto", "--retention_scales", "0", "0.5"]
+    assert cli("init", "--campaign_dir", directory, "--base_model", campaign_base, *init) == 0
+    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", data) == 0
+    campaign = Campaign(directory)
+    entry = campaign.month("m1")
+    assert entry["retention_options"] == {
+        "scale": "auto", "keep_learning": 0.9, "budget": None, "scales": [0.0, 0.5, 1.0], "validation_fraction": 0.2,
+    }  # fmt: skip
+    # 15 rows: 3 test rows, then 4 of the 12 training rows held out (never trained on, never test rows)
+    assert (
+        entry["data"]["test_rows"] == 3 and entry["data"]["train_rows"] == 8 and entry["data"]["validation_rows"] == 4
+    )
+    folder = directory / "data" / "m1"
+    validation, train, test = (_prompts(folder / f"{split}.jsonl") for split in ("validation", "train", "test"))
+    assert len(validation) == 4 and not set(validation) & set(test) and not set(validation) & set(train)
+    record = entry["retention"]
+    assert [point["scale"] for point in record["curve"]] == [0.0, 0.5, 1.0]
+    assert record["validation_rows"] == 4 and record["scored_by"] == "agreement"
+    at_zero = record["curve"][0]  # scale 0 is the model before the month
+    assert at_zero["learning_gain"] == 0.0 and at_zero["forgetting"] < 1e-6
+    assert record["scale"] == choose_scale(record["curve"], keep_learning_share=0.9)["scale"]
+    assert record["rule"].startswith("least forgetting keeping >= 0.9") and record["met"]
+    card = (directory / "cards" / "m1" / "README.md").read_text()
+    assert "## Retention dial" in card and f"| m1 | {record['scale']:g} | {record['rule']} |" in card
+    assert "| scale | validation score | learning gain | forgetting (KL) |" in card
+    assert f"| **{record['scale']:g}** |" in card
+    # a resumed month keeps its options; other ones are refused
+    entry["status"] = "training"
+    with pytest.raises(CampaignError, match="other retention options"):
+        campaign.run_month("m1", retention_scale="0.5")
+
+
+class CaptureTrained(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.weights = {name: p.detach().clone() for name, p in model.named_parameters() if ".m1" in name}
+
+
+def test_campaign_fixed_scale_is_baked_into_the_saved_adapter(campaign_base, tmp_path):
+    data = write_month(tmp_path / "m1.jsonl", "yes", "no")
+    directory = tmp_path / "c"
+    assert cli("init", "--campaign_dir", directory, "--base_model", campaign_base, *INIT) == 0
+    capture = CaptureTrained()
+    entry = Campaign(directory).run_month("m1", data, callbacks=[capture], retention_scale=0.5)
+    assert entry["retention"] == {"scale": 0.5, "rule": "fixed", "curve": []}
+    assert entry["retention_options"] == {"scale": 0.5} and "validation_rows" not in entry["data"]
+    saved = load_file(directory / "adapters" / "m1" / "adapter_model.safetensors")
+    trained = {name.replace(".m1", ""): value for name, value in capture.weights.items()}
+    assert saved and set(saved) == set(trained)
+    for key, value in saved.items():
+        factor = 0.5 if "selective_delta_B" in key else 1.0
+        torch.testing.assert_close(value, factor * trained[key])
+    card = (directory / "cards" / "m1" / "README.md").read_text()
+    assert "| m1 | 0.5 | fixed |" in card and "| scale | validation score |" not in card
+
+
+def test_campaign_retention_options_are_checked():
+    assert CampaignConfig().retention_options() is None  # off by default
+    assert CampaignConfig(retention_scale=0.5).retention_options() == {"scale": 0.5}
+    options = CampaignConfig(retention_scale="auto", retention_budget=0.1).retention_options(scales=[0.75, 0.25])
+    assert options["budget"] == 0.1 and options["scales"] == [0.25, 0.75, 1.0]
+    with pytest.raises(ValueError, match="'auto' or a number"):
+        CampaignConfig(retention_scale="half")
+    with pytest.raises(ValueError, match="retention_keep_learning"):
+        CampaignConfig(retention_scale="auto", retention_keep_learning=1.5)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        CampaignConfig(retention_scale="auto", validation_fraction=1.0)
+    with pytest.raises(ValueError, match="retention_scale"):
+        CampaignConfig(retention_scale="-1")

@@ -196,6 +196,18 @@ class CampaignConfig:
             exceeds this (default 10.0). Healthy months measure 0.002-1.4 in the benchmarks and at most 4.9 in the
             stress benchmark (high learning rates, many months); 10 nats means the base's likely tokens became
             e^-10 times less likely.
+        retention_scale (`str`): the retention dial (`peft_selective.retention`): after training, the month's update is
+            multiplied by a scale `s`, which interpolates in weight space between the month t−1 model (`s = 0`) and the
+            trained one (`s = 1`) (WiSE-FT; weight interpolation gives the best alignment-vs-forgetting front in Lin
+            et al. 2024). `"1.0"` (default): off; a number: that scale; `"auto"`: chosen on held-out rows of the
+            month's training data, see [`Campaign.run_month`]. The scale is baked into the saved adapter.
+        retention_keep_learning (`float`): with `"auto"`, the least forgetting that keeps at least this share of the
+            learning gain of the full update (default 0.9).
+        retention_budget (`float`, *optional*): with `"auto"`, the most learning whose forgetting (KL to the month t−1
+            model, nats per token) is at most this; takes precedence over `retention_keep_learning` when set.
+        retention_scales (`list[float]`): the scales measured with `"auto"` (scale 1 is always measured too).
+        validation_fraction (`float`): with `"auto"`, the share of the month's training rows held out to choose the
+            scale (at least 4 rows; never the test rows, never trained on).
     """
 
     base_model: str = field(
@@ -285,6 +297,26 @@ class CampaignConfig:
     max_kl_to_base: float = field(
         default=10.0, metadata={"help": "Refuse a month whose KL to the base exceeds this (nats per token)."}
     )
+    retention_scale: str = field(
+        default="1.0",
+        metadata={
+            "help": "Retention dial: scale of each month's update after training, toward the month t-1 model. '1.0' = "
+            "off, a number = that scale, 'auto' = chosen on held-out training rows."
+        },
+    )
+    retention_keep_learning: float = field(
+        default=0.9, metadata={"help": "'auto': least forgetting keeping this share of the full update's learning."}
+    )
+    retention_budget: Optional[float] = field(
+        default=None,
+        metadata={"help": "'auto': most learning with KL to the month t-1 model <= this (precedence when set)."},
+    )
+    retention_scales: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "'auto': the scales measured."}
+    )
+    validation_fraction: float = field(
+        default=0.2, metadata={"help": "'auto': share of the month's training rows held out to choose the scale."}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -305,6 +337,29 @@ class CampaignConfig:
             raise ValueError(f"`max_perplexity_ratio` must be >= 1, got {self.max_perplexity_ratio}.")
         if not self.max_kl_to_base > 0:
             raise ValueError(f"`max_kl_to_base` must be > 0, got {self.max_kl_to_base}.")
+        self.retention_scale = str(self.retention_scale).strip()
+        self.retention_options()  # checks the retention options
+        self.retention_scales = [float(s) for s in self.retention_scales]
+
+    def retention_options(self, **overrides: Any) -> Optional[dict[str, Any]]:
+        """The retention dial's options, the campaign's unless given in `overrides` (the keys of its fields without
+        `retention_`: `scale`, `keep_learning`, `budget`, `scales`, `validation_fraction`): `None` when off (scale
+        1), `{"scale": s}` for a fixed scale, and for `"auto"` `{"scale": "auto", "keep_learning", "budget",
+        "scales" (sorted, 1 included), "validation_fraction"}`. Raises `ValueError` on a bad value."""
+        names = {
+            "scale": "retention_scale",
+            "keep_learning": "retention_keep_learning",
+            "budget": "retention_budget",
+            "scales": "retention_scales",
+            "validation_fraction": "validation_fraction",
+        }
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"Unknown retention options {unknown}; known: {sorted(names)}.")
+        values = {
+            key: getattr(self, name) if overrides.get(key) is None else overrides[key] for key, name in names.items()
+        }
+        return _retention_options(**values)
 
     def evaluation_config(self) -> EvaluationConfig:
         return EvaluationConfig(
@@ -362,6 +417,52 @@ class CampaignConfig:
             bf16=False,
             use_cpu=not torch.cuda.is_available(),
         )
+
+
+# ------------------------------------------------------------------------------------------------- retention dial
+#: Fewest training rows held out to choose the retention scale ("auto").
+MIN_VALIDATION_ROWS = 4
+
+
+def _finite(value: Any, what: str, low: float = 0.0, high: float = math.inf) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{what}` must be a number, got {value!r}.") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ValueError(f"`{what}` must be a finite number in [{low}, {high}], got {value!r}.")
+    return number
+
+
+def _retention_options(
+    scale: Any, keep_learning: Any, budget: Any, scales: Any, validation_fraction: Any
+) -> Optional[dict[str, Any]]:
+    """See [`CampaignConfig.retention_options`]."""
+    text = str(scale).strip().lower()
+    if text != "auto":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"`retention_scale` must be 'auto' or a number >= 0, got {scale!r}.") from None
+        value = _finite(value, "retention_scale")
+        return None if value == 1.0 else {"scale": value}
+    if isinstance(scales, (int, float, str)):
+        scales = [scales]
+    grid = sorted({_finite(s, "retention_scales") for s in scales or []} | {1.0})
+    fraction = float(validation_fraction)
+    if not 0 < fraction < 1:
+        raise ValueError(f"`validation_fraction` must be in (0, 1), got {validation_fraction!r}.")
+    return {
+        "scale": "auto",
+        "keep_learning": _finite(keep_learning, "retention_keep_learning", 0.0, 1.0),
+        "budget": None if budget is None else _finite(budget, "retention_budget"),
+        "scales": grid,
+        "validation_fraction": fraction,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -688,14 +789,24 @@ class Campaign:
 
     # ---------------------------------------------------------------------------------------------- data
     def _month_data(
-        self, name: str, data: Optional[Union[str, Path, Dataset]], test_data, test_fraction: float
+        self,
+        name: str,
+        data: Optional[Union[str, Path, Dataset]],
+        test_data,
+        test_fraction: float,
+        validation_fraction: Optional[float] = None,
     ) -> dict[str, Dataset]:
+        """The month's `train` and `test` splits (and `validation`, held out of the training rows with
+        `validation_fraction`, for the retention dial): split and written for a new month, read back when resuming."""
         folder = self._path("data", name)
         entry = self.month(name)
         if entry is not None:  # resuming: the month's data is the stored one
-            splits = {split: Dataset.from_json(str(folder / f"{split}.jsonl")) for split in ("train", "test")}
+            names = ("train", "test", "validation") if (folder / "validation.jsonl").is_file() else ("train", "test")
+            splits = {split: Dataset.from_json(str(folder / f"{split}.jsonl")) for split in names}
             if data is not None:
                 new = self._split(data, test_data, test_fraction)
+                if "validation" in splits:  # the same rows held out again (seeded)
+                    new.update(self._hold_out(name, new["train"], rows=len(splits["validation"])))
                 if _digest(new["train"]) != entry["data"]["train_sha256"]:
                     raise CampaignError(
                         f"Month {name!r} was started with other training data ({entry['data']['source']}); rerun it "
@@ -705,6 +816,8 @@ class Campaign:
         if data is None:
             raise CampaignError(f"Month {name!r} is new: pass its preference data (--data).")
         splits = self._split(data, test_data, test_fraction)
+        if validation_fraction is not None:
+            splits.update(self._hold_out(name, splits["train"], fraction=validation_fraction))
         pool = self.knowledge_pool
         if pool["source"] != "builtin":  # the user's own items must not be about what the month trains on
             found = _overlapping(pool["items"], [list(splits["train"]), list(splits["test"])])
@@ -736,6 +849,22 @@ class Campaign:
             train, test = parts["train"], parts["test"]
         validate_preference_dataset(test, "test")
         return {"train": train, "test": test}
+
+    def _hold_out(
+        self, name: str, train: Dataset, fraction: Optional[float] = None, rows: Optional[int] = None
+    ) -> dict[str, Dataset]:
+        """Hold `rows` (or `fraction`, at least `MIN_VALIDATION_ROWS`) of the month's training rows out of training,
+        seeded: the rows on which the retention dial is chosen. They come from the training split, so they are never
+        test rows."""
+        if rows is None:
+            rows = max(MIN_VALIDATION_ROWS, round(fraction * len(train)))
+        if len(train) - rows < 1:
+            raise CampaignError(
+                f"Month {name!r} was not registered: its {len(train)} training rows are too few to hold out {rows} for "
+                "retention_scale='auto' (at least 4): pass more data, or a fixed retention_scale."
+            )
+        parts = train.train_test_split(test_size=rows, seed=self.config.seed)
+        return {"train": parts["train"], "validation": parts["test"]}
 
     # ---------------------------------------------------------------------------------------------- knowledge & checks
     @property
@@ -835,6 +964,11 @@ class Campaign:
         max_perplexity_ratio: Optional[float] = None,
         max_kl_to_base: Optional[float] = None,
         checks: Optional[Union[str, list, dict]] = None,
+        retention_scale: Optional[Union[str, float]] = None,
+        retention_keep_learning: Optional[float] = None,
+        retention_budget: Optional[float] = None,
+        retention_scales: Optional[list[float]] = None,
+        validation_fraction: Optional[float] = None,
     ) -> dict[str, Any]:
         """Train month `name` on top of the done months, then evaluate it, write its card and mark it done.
 
@@ -856,6 +990,20 @@ class Campaign:
         is as it was before the month (byte for byte, for a month started by this call) and `campaign.json` still ends
         at the last good month. Fix the cause and run the month again, with its data. The measured values and limits
         are recorded in the month's entry (`health`).
+
+        The retention dial (`retention_scale`, `retention_keep_learning`, `retention_budget`, `retention_scales`,
+        `validation_fraction`: the campaign's, unless given here; fixed when the month is registered, a resumed month
+        keeps them) multiplies the month's update after training by a scale, baked into its adapter before the
+        evaluation (`peft_selective.retention.scale_adapter`). With `"auto"`, `validation_fraction` of the training
+        rows are held out (`data/<month>/validation.jsonl`, never trained on, never test rows); after training, for
+        each scale of the grid (scale 1 included) the month's adapter is scaled temporarily and measured: the
+        learning gain = behavioural score on the validation rows (greedy answers scored by the month's checks, else
+        agreement, as the evaluation does) minus that of the model before the month on the same rows, and the
+        forgetting = KL to the month t−1 model (the earlier adapters only) on the generic prompts (nats per token).
+        `peft_selective.retention.choose_scale` picks the scale: the most learning within `retention_budget` when
+        set, else the least forgetting keeping `retention_keep_learning` of the full update's gain. The month's entry
+        records `retention: {"scale", "rule", "curve": [{"scale", "score", "learning_gain", "forgetting"}], ...}`
+        and its card shows it.
         """
         if not _MONTH_NAME.match(name):
             raise ValueError(f"Invalid month name {name!r}: use letters, digits, '.', '_' and '-' (e.g. 2025-07).")
@@ -880,8 +1028,27 @@ class Campaign:
                 f"Month {name!r} was started with other checks ({entry.get('checks')}); rerun it without --checks "
                 "(or with the same checks) to resume."
             )
+        retention_overrides = dict(
+            scale=retention_scale,
+            keep_learning=retention_keep_learning,
+            budget=retention_budget,
+            scales=retention_scales,
+            validation_fraction=validation_fraction,
+        )
+        if entry is None:
+            retention = self.config.retention_options(**retention_overrides)
+        else:  # a resumed month keeps the options it was registered with (its held-out rows depend on them)
+            retention = entry.get("retention_options")
+            if any(v is not None for v in retention_overrides.values()) and (
+                self.config.retention_options(**retention_overrides) != retention
+            ):
+                raise CampaignError(
+                    f"Month {name!r} was started with other retention options ({retention or 'off'}); rerun it "
+                    "without them (or with the same) to resume."
+                )
         before = self._before_month(entry is None)
-        splits = self._month_data(name, data, test_data, test_fraction)
+        holdout = retention["validation_fraction"] if retention and retention["scale"] == "auto" else None
+        splits = self._month_data(name, data, test_data, test_fraction, holdout)
         previous = self.done_months
         model, tokenizer = self.load_model()
         if self.state["base_fingerprint"] is None:
@@ -899,6 +1066,10 @@ class Campaign:
                     "train_sha256": _digest(splits["train"]),
                 },
             }
+            if "validation" in splits:
+                entry["data"]["validation_rows"] = len(splits["validation"])
+            if retention is not None:
+                entry["retention_options"] = retention
             if month_checks and (month_checks["checks"] or month_checks["bleed_checks"]):
                 entry["checks"] = month_checks
             if not (month_checks and (month_checks["checks"] or month_checks["bleed_checks"])):
@@ -963,10 +1134,11 @@ class Campaign:
                     f"{error} {self._undo_month(name, before)}", error.measured, error.limits
                 ) from error
             raise
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        dial = self._retention_dial(policy, tokenizer, name, previous, splits, retention) if retention else None
         # The main process evaluates; nothing of the month is written until the evaluation passed the guard.
         evaluation, health, refusal = None, None, None
         if self._is_main:
-            policy = trainer.accelerator.unwrap_model(trainer.model)
             months = previous + [name]
             logger.info("Evaluating the model after month %r.", name)
             evaluation = self._evaluate(policy, tokenizer, months, show_progress=True)
@@ -1005,12 +1177,90 @@ class Campaign:
         )
         if health is not None:
             entry["health"] = health
+        if dial is not None:
+            entry["retention"] = dial
         self.write_card(name)
         self._save_state()
         if not keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         self._barrier()
         return entry
+
+    # ---------------------------------------------------------------------------------------------- retention dial
+    def _retention_dial(
+        self, policy, tokenizer, name: str, previous: list[str], splits: dict[str, Dataset], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Bake the month's retention scale into its adapter (every process), the fixed one or, for `"auto"`, the one
+        the main process chooses on the validation rows (see [`run_month`]). Returns the month's `retention` record."""
+        from peft_selective.retention import scale_adapter
+
+        if options["scale"] == "auto":
+            record = self._choose_retention(policy, tokenizer, name, previous, splits["validation"], options)
+            (record,) = broadcast_object_list([record])  # the main process chose; every process bakes the same
+        else:
+            record = {"scale": options["scale"], "rule": "fixed", "curve": []}
+        scale_adapter(policy, name, record["scale"])
+        logger.info("Month %r: retention scale %g (%s).", name, record["scale"], record["rule"])
+        return record
+
+    def _choose_retention(
+        self, policy, tokenizer, name: str, previous: list[str], validation: Dataset, options: dict[str, Any]
+    ) -> Optional[dict[str, Any]]:
+        """The curve over `options["scales"]` on the validation rows and the choice (main process; `None` elsewhere)."""
+        from peft_selective.retention import choose_scale, scaled_adapter
+
+        from .metrics import generic_prompts, kl_to_reference
+        from .reference import active_adapters
+
+        if not self._is_main:
+            return None
+        evaluation_config = self.config.evaluation_config()
+        spec = self.month_spec(name)
+        prompts = generic_prompts()[: evaluation_config.drift_prompts]
+
+        def score() -> tuple[float, str]:
+            result = month_behaviour(policy, tokenizer, validation, spec, evaluation_config)
+            return _mean(result["scores"]), result["scored_by"]
+
+        with active_adapters(policy, previous):  # the month t-1 model, on the same rows
+            before, scored_by = score()
+        curve = []
+        for scale in options["scales"]:
+            with scaled_adapter(policy, name, scale):
+                after, _ = score()
+                forgetting = kl_to_reference(
+                    policy,
+                    lambda: active_adapters(policy, previous),
+                    tokenizer,
+                    prompts,
+                    batch_size=evaluation_config.batch_size,
+                    max_length=evaluation_config.max_length,
+                )
+            curve.append({"scale": scale, "score": after, "learning_gain": after - before, "forgetting": forgetting})
+            logger.info(
+                "Month %r at scale %g: validation score %.3f (gain %+.3f), KL to the month before %.5f.",
+                name,
+                scale,
+                after,
+                after - before,
+                forgetting,
+            )
+        if options["budget"] is not None:
+            choice = choose_scale(curve, forgetting_budget=options["budget"])
+        else:
+            choice = choose_scale(curve, keep_learning_share=options["keep_learning"])
+        if not choice["met"]:
+            logger.warning("Month %r: %s (scale %g).", name, choice["rule"], choice["scale"])
+        return {
+            "scale": choice["scale"],
+            "rule": choice["rule"],
+            "met": choice["met"],
+            "curve": curve,
+            "before": before,
+            "scored_by": scored_by,
+            "validation_rows": len(validation),
+            "forgetting": "KL to the month t-1 model on the generic prompts (nats per token)",
+        }
 
     # ---------------------------------------------------------------------------------------------- health guard
     def _before_month(self, new: bool) -> dict[str, Any]:
@@ -1218,6 +1468,9 @@ class Campaign:
                 "pool": len(self.knowledge_pool["items"]),
             },
             "general": {c: self.evaluations[c]["general"] for c in columns},
+            "retention_dial": {
+                m: self.month(m)["retention"] for m in months if (self.month(m) or {}).get("retention")
+            },
             "hub_repo": config.hub_repo,
             "license": config.license,
             "limitations": inputs["notes"][1:],  # the first note (how many knowledge items) is in the card's table

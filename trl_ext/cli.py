@@ -56,6 +56,22 @@ class RunMonthArguments(CampaignDirArguments):
     max_kl_to_base: Optional[float] = field(
         default=None, metadata={"help": "Override the campaign's max_kl_to_base for this month."}
     )
+    retention_scale: Optional[str] = field(
+        default=None,
+        metadata={"help": "Override the campaign's retention dial for this month: '1.0' (off), a number, or 'auto'."},
+    )
+    retention_keep_learning: Optional[float] = field(
+        default=None, metadata={"help": "Override the campaign's retention_keep_learning for this month."}
+    )
+    retention_budget: Optional[float] = field(
+        default=None, metadata={"help": "Override the campaign's retention_budget (KL, nats/token) for this month."}
+    )
+    retention_scales: Optional[list[float]] = field(
+        default=None, metadata={"help": "Override the campaign's retention_scales (the grid of 'auto')."}
+    )
+    validation_fraction: Optional[float] = field(
+        default=None, metadata={"help": "Override the campaign's validation_fraction (held out for 'auto')."}
+    )
     checks: Optional[Union[list, str]] = field(
         default=None,
         metadata={
@@ -131,6 +147,11 @@ def _run(command: str, argv: list[str]) -> int:
             max_perplexity_ratio=args.max_perplexity_ratio,
             max_kl_to_base=args.max_kl_to_base,
             checks=args.checks,
+            retention_scale=args.retention_scale,
+            retention_keep_learning=args.retention_keep_learning,
+            retention_budget=args.retention_budget,
+            retention_scales=args.retention_scales,
+            validation_fraction=args.validation_fraction,
         )
         print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
         print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))

@@ -34,7 +34,9 @@ license id such as `"apache-2.0"`), `limitations` (`list[str]`, added to the car
 `trl_ext.evaluation` (summaries are `{"mean", "ci95": [lo, hi]}`): `learning` ([`learning_table`]: per month
 `scored_by`, `before`, `after`, `gain`, `learned`), `bleed` ([`bleed_table`]: per month `styles`, `note`, `after`
 {month: summary}, `base`), `knowledge` ([`knowledge_table`]: `mc` / `exact` {column: summary}, `n_mc`, `n_exact`,
-`pool`) and `ranking` ([`ranking_table`]: per month `ranking_accuracy`, `ranking_margin`, `implicit_reward_accuracy`).
+`pool`) and `ranking` ([`ranking_table`]: per month `ranking_accuracy`, `ranking_margin`, `implicit_reward_accuracy`),
+and `retention_dial` (per month with a retention scale, the campaign's record: `scale`, `rule`, and for a chosen
+scale `curve` [{`scale`, `score`, `learning_gain`, `forgetting`}], `before`, `scored_by`, `validation_rows`).
 
 Every problem with the context raises [`ModelCardContextError`] naming the key and what was expected.
 """
@@ -157,6 +159,7 @@ class ModelCardContext:
     bleed: dict[str, dict[str, Any]] = field(default_factory=dict)
     knowledge: dict[str, Any] = field(default_factory=dict)
     ranking: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retention_dial: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, context: Mapping[str, Any]) -> ModelCardContext:
@@ -215,6 +218,7 @@ class ModelCardContext:
             bleed=_check_table(context.get("bleed"), "bleed"),
             knowledge=_check_table(context.get("knowledge"), "knowledge"),
             ranking=_check_table(context.get("ranking"), "ranking"),
+            retention_dial=_check_table(context.get("retention_dial"), "retention_dial"),
         )
 
 
@@ -439,6 +443,36 @@ def _learning_rows(ctx: ModelCardContext) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def _dial_rows(ctx: ModelCardContext) -> tuple[list[list[str]], list[list[str]], dict[str, str]]:
+    """The retention dial: `(per-month rows [month, scale, rule], the card's month's curve rows [scale, score, gain,
+    forgetting] with the chosen scale in bold, notes for the sentence above the curve)`."""
+    rows = []
+    for month in ctx.months:
+        record = ctx.retention_dial.get(month)
+        if record:
+            rows.append([_cell(month), f"{float(record['scale']):g}", _cell(record.get("rule") or "–")])
+    record = ctx.retention_dial.get(ctx.month) or {}
+    curve = []
+    for point in record.get("curve") or []:
+        chosen = float(point["scale"]) == float(record["scale"])
+        scale = f"**{float(point['scale']):g}**" if chosen else f"{float(point['scale']):g}"
+        curve.append(
+            [
+                scale,
+                f"{point['score']:.3f}" if _is_number(point.get("score")) else "–",
+                f"{point['learning_gain']:+.3f}",
+                f"{point['forgetting']:.4g}",
+            ]
+        )
+    before = record.get("before")
+    notes = {
+        "validation_rows": str(record.get("validation_rows", "–")),
+        "scored_by": str(record.get("scored_by") or "–"),
+        "before": f"{before:.3f}" if _is_number(before) else "–",
+    }
+    return rows, curve, notes
 
 
 def _bleed_rows(ctx: ModelCardContext) -> tuple[list[str], list[list[str]]]:
@@ -788,6 +822,7 @@ def render_model_card(
     data_columns, data_rows = _data_table(ctx)
     bleed_columns, bleed_rows = _bleed_rows(ctx)
     knowledge_columns, knowledge_rows, knowledge_note = _knowledge_rows(ctx)
+    dial_rows, dial_curve_rows, dial_notes = _dial_rows(ctx)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),
@@ -807,6 +842,9 @@ def render_model_card(
         average_accuracy=average,
         bwt=bwt,
         learning_rows=_learning_rows(ctx),
+        dial_rows=dial_rows,
+        dial_curve_rows=dial_curve_rows,
+        dial_notes=dial_notes,
         bleed_columns=bleed_columns,
         bleed_rows=bleed_rows,
         knowledge_columns=knowledge_columns,
