@@ -268,6 +268,23 @@ def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> to
     return logits if logits is not None else out.last_hidden_state
 
 
+#: The tiny chat Llama of the campaign tests (its vocabulary holds `word_chat_tokenizer`'s words).
+TINY_CHAT_LLAMA = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_base(tmp_path_factory) -> str:
+    """A folder with a tiny random chat Llama and its word tokenizer: the campaign tests' `--base_model`."""
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(**TINY_CHAT_LLAMA)).save_pretrained(path)
+    word_chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_families() -> list[str]:
     return list(FAMILIES)

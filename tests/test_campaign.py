@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from conftest import word_chat_tokenizer
+from conftest import TINY_CHAT_LLAMA
 from safetensors.torch import load_file
 
 from trl_ext.campaign import Campaign, CampaignError
@@ -21,10 +20,7 @@ from trl_ext.cli import main
 
 
 WORDS = "red blue green one two three four five six seven".split()
-TINY = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+TINY = TINY_CHAT_LLAMA
 # Small everything: the evaluation runs on a tiny random model, only the plumbing is under test here.
 INIT = [
     "--method", "selective_mlp", "--rank", "4", "--learning_rate", "0.01", "--max_steps", "4", "--save_steps", "2",
@@ -32,15 +28,6 @@ INIT = [
     "--kl_anchor_max_new_tokens", "2", "--ewc_coef", "1.0", "--knowledge_questions", "3",
     "--perplexity_max_tokens", "128", "--refusal_prompts", "2", "--drift_prompts", "2", "--eval_batch_size", "4",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-chat-llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
-    word_chat_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def write_month(path: Path, chosen: str, rejected: str, n: int = 15) -> str:
@@ -67,10 +54,10 @@ def month_files(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def one_month_campaign(tmp_path_factory, base_dir, month_files) -> Path:
+def one_month_campaign(tmp_path_factory, tiny_chat_base, month_files) -> Path:
     """A campaign with month m1 done (copied by the tests that change it)."""
     directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", base_dir, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 0
     return directory
 

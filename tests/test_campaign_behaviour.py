@@ -10,10 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
-from conftest import word_chat_tokenizer
-from test_campaign import INIT, TINY, cli, write_month
+from test_campaign import INIT, cli, write_month
 
 from trl_ext import evaluation as evaluation_module
 from trl_ext.campaign import Campaign, CampaignConfig, format_report, normalize_checks
@@ -28,15 +25,6 @@ from trl_ext.evaluation import (
 
 
 SAYS_YES = [{"regex": "^yes$", "name": "says_yes"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-chat-llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
-    word_chat_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +51,13 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def campaign_yes(tmp_path_factory, tiny_base, months) -> Path:
+def campaign_yes(tmp_path_factory, tiny_chat_base, months) -> Path:
     """m1 declares "says yes" and the model adopts it; m2 declares "good" and the model keeps saying "yes"."""
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(evaluation_module, "generate_answers", answer_yes_with("m1"))
     try:
         directory = tmp_path_factory.mktemp("campaign") / "c"
-        assert cli("init", "--campaign_dir", directory, "--base_model", tiny_base, *INIT) == 0
+        assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
         checks = json.dumps(SAYS_YES)
         assert cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"], "--checks", checks) == 0
         m2_checks = tmp_path_factory.mktemp("checks") / "m2.yaml"
@@ -167,7 +155,7 @@ def test_a_bad_check_is_refused_before_the_month_is_registered(campaign_yes, mon
         normalize_checks([{"regexp": "x"}])
 
 
-def test_overlapping_knowledge_items_of_the_user_are_refused(tiny_base, months, tmp_path, capsys):
+def test_overlapping_knowledge_items_of_the_user_are_refused(tiny_chat_base, months, tmp_path, capsys):
     items = tmp_path / "knowledge.jsonl"
     rows = [
         {"question": "what is the capital of france", "answer": "paris", "distractors": ["berlin"]},
@@ -175,7 +163,9 @@ def test_overlapping_knowledge_items_of_the_user_are_refused(tiny_base, months, 
     ]
     items.write_text("".join(json.dumps(row) + "\n" for row in rows))
     directory = tmp_path / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_base, *INIT, "--knowledge_data", items) == 0
+    assert (
+        cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT, "--knowledge_data", items) == 0
+    )
     assert Campaign(directory).knowledge_pool["source"] == str(items)
     before = snapshot(directory)
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"]) == 2
@@ -184,7 +174,9 @@ def test_overlapping_knowledge_items_of_the_user_are_refused(tiny_base, months, 
     assert snapshot(directory) == before  # nothing registered, no data written
     # a malformed file is refused at init, naming the line
     items.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    assert cli("init", "--campaign_dir", tmp_path / "d", "--base_model", tiny_base, "--knowledge_data", items) == 2
+    assert (
+        cli("init", "--campaign_dir", tmp_path / "d", "--base_model", tiny_chat_base, "--knowledge_data", items) == 2
+    )
     assert "line 1: `distractors` must be a non-empty list" in capsys.readouterr().err
     assert not (tmp_path / "d" / "campaign.json").exists()
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 import transformers
 import trl
-from conftest import word_chat_tokenizer
-from test_campaign import INIT, TINY, cli, copy_of, write_month
+from test_campaign import INIT, cli, copy_of, write_month
 from test_continual_dpo import train_month_1
 
 from trl_ext import ModelHealthError
@@ -23,24 +22,15 @@ from trl_ext.health import check_evaluation
 
 # The tiny-model campaign of tests/test_campaign.py: its base, its two months, month "m1" done.
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-chat-llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
-    word_chat_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def months(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("data")
     return {"m1": write_month(folder / "m1.jsonl", "yes", "no"), "m2": write_month(folder / "m2.jsonl", "good", "bad")}
 
 
 @pytest.fixture(scope="module")
-def campaign_m1(tmp_path_factory, tiny_base, months) -> Path:
+def campaign_m1(tmp_path_factory, tiny_chat_base, months) -> Path:
     directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"]) == 0
     return directory
 
@@ -183,10 +173,10 @@ def test_a_broken_month_is_refused_and_leaves_no_trace(campaign_m1, months, tmp_
     assert campaign.month("m2")["adapter_sha256"]
 
 
-def test_a_broken_first_month_leaves_only_the_initial_campaign(tiny_base, months, tmp_path, monkeypatch):
+def test_a_broken_first_month_leaves_only_the_initial_campaign(tiny_chat_base, months, tmp_path, monkeypatch):
     """The first month also evaluates the base (month 0) and creates the buffer and Fisher: all of it is undone."""
     directory = tmp_path / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
     before = snapshot(directory)
     assert set(before) == {"campaign.json"}
     _poison_month_adapter(monkeypatch, "m1")

@@ -11,11 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
-from conftest import word_chat_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_campaign import INIT, TINY, cli, write_month
+from test_campaign import INIT, cli, write_month
 from transformers import TrainerCallback
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
@@ -266,20 +264,11 @@ def _prompts(path) -> list[str]:
     return [json.dumps(json.loads(line)["prompt"]) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def campaign_base(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-chat-llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
-    word_chat_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-def test_campaign_auto_chooses_records_and_shows_the_scale(campaign_base, tmp_path):
+def test_campaign_auto_chooses_records_and_shows_the_scale(tiny_chat_base, tmp_path):
     data = write_month(tmp_path / "m1.jsonl", "yes", "no")
     directory = tmp_path / "c"
     init = [*INIT, "--retention_scale", "auto", "--retention_scales", "0", "0.5"]
-    assert cli("init", "--campaign_dir", directory, "--base_model", campaign_base, *init) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *init) == 0
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", data) == 0
     campaign = Campaign(directory)
     entry = campaign.month("m1")
@@ -315,10 +304,10 @@ class CaptureTrained(TrainerCallback):
         self.weights = {name: p.detach().clone() for name, p in model.named_parameters() if ".m1" in name}
 
 
-def test_campaign_fixed_scale_is_baked_into_the_saved_adapter(campaign_base, tmp_path):
+def test_campaign_fixed_scale_is_baked_into_the_saved_adapter(tiny_chat_base, tmp_path):
     data = write_month(tmp_path / "m1.jsonl", "yes", "no")
     directory = tmp_path / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", campaign_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
     capture = CaptureTrained()
     entry = Campaign(directory).run_month("m1", data, callbacks=[capture], retention_scale=0.5)
     assert entry["retention"] == {"scale": 0.5, "rule": "fixed", "curve": []}
