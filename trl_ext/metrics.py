@@ -820,11 +820,14 @@ def generate_greedy(
     use_chat_template: Optional[bool] = None,
 ) -> list[str]:
     """Greedy answers to `prompts` (strings as one user message each, or lists of messages), chat template applied
-    when the tokenizer has one, left-padded batches; the text after the prompt up to the first EOS, stripped."""
-    texts = []
-    for generated, valid, _ in _generate(model, tokenizer, prompts, max_new_tokens, batch_size, use_chat_template):
-        texts += _decode(tokenizer, generated, valid)
-    return texts
+    when the tokenizer has one, left-padded batches; the text after the prompt up to the first EOS, stripped. The one
+    generation routine of the package: [`peft_selective.evaluation.generate_answers`], without a progress bar."""
+    from peft_selective.evaluation import generate_answers
+
+    return generate_answers(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        use_chat_template=use_chat_template, disable_tqdm=True,
+    )  # fmt: skip
 
 
 def refusal_rate(
