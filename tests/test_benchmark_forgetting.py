@@ -69,12 +69,47 @@ def test_shares_are_ours_over_lora_of_what_each_gained_or_lost_against_the_base(
     assert not forgetting.meets_bar(forgetting.shares(values(0.5, bleed=0.1, mc=0.8), lora, base))
 
 
-def test_a_loss_lora_does_not_have_is_no_share_and_no_pass(forgetting):
+def test_where_lora_loses_nothing_ours_must_lose_nothing_either(forgetting):
     base = values(0.1, bleed=0.3, mc=0.5)
     lora = values(0.6, bleed=0.2, mc=0.6)  # LoRA bled less than the base and gained knowledge
     shares = forgetting.shares(values(0.6, bleed=0.2, mc=0.6), lora, base)
-    assert shares["bleed_share"] is None and shares["knowledge_loss_share"] is None
-    assert not forgetting.meets_bar(shares)
+    assert shares["bleed_share"] is None and shares["knowledge_loss_share"] is None  # no share of nothing
+    assert forgetting.meets_bar(shares)  # ... and ours lost nothing either
+    worse = forgetting.shares(values(0.6, bleed=0.35, mc=0.6), lora, base)  # ours bleeds above the base
+    assert not worse["losses"]["bleed_share"]["met"] and not forgetting.meets_bar(worse)
+    assert worse["losses"]["knowledge_loss_share"]["met"]
+
+
+def test_greedy_knowledge_and_earlier_months_are_part_of_the_bar(forgetting):
+    base = values(0.1, exact=0.5)
+    lora = values(0.6, retention=-0.5, exact=0.2)
+    assert forgetting.meets_bar(forgetting.shares(values(0.6, retention=-0.05, exact=0.45), lora, base))
+    exact_lost = forgetting.shares(values(0.6, retention=-0.05, exact=0.3), lora, base)  # 2/3 of LoRA's loss
+    assert exact_lost["knowledge_exact_loss_share"]["mean"] == pytest.approx(2 / 3)
+    assert not forgetting.meets_bar(exact_lost)
+    assert not forgetting.meets_bar(forgetting.shares(values(0.6, retention=-0.2, exact=0.5), lora, base))
+
+
+def test_the_verdict_judges_the_recommended_arm_not_the_best_of_the_ablation(forgetting):
+    recommended = [arm.key for arm in forgetting.ARMS.values() if arm.recommended]
+    assert recommended == ["ours"]
+    assert set(forgetting.ARMS["ours"].mechanisms) == set(forgetting.RECOMMENDED_MECHANISMS)
+    ablation = [arm for arm in forgetting.ARMS.values() if arm.ours and len(arm.mechanisms) == 1]
+    # every mechanism of the recommended arm is measured alone too
+    assert {m for arm in ablation for m in arm.mechanisms} >= set(forgetting.RECOMMENDED_MECHANISMS) - {
+        "shape_anchors"
+    }
+
+
+def test_a_cached_run_of_another_recipe_is_refused_not_reused(forgetting, tmp_path):
+    args = forgetting.parse_args(["--methods", "ours_plain"])
+    arm = forgetting.ARMS["ours_plain"]
+    forgetting.check_run_recipe(tmp_path, arm, args, 3e-4)
+    forgetting.check_run_recipe(tmp_path, arm, args, 3e-4)  # same recipe: reused
+    with pytest.raises(SystemExit, match="another recipe"):
+        forgetting.check_run_recipe(tmp_path, forgetting.ARMS["ours_sft"], args, 3e-4)
+    with pytest.raises(SystemExit, match="another recipe"):
+        forgetting.check_run_recipe(tmp_path, arm, args, 1e-3)
 
 
 def test_month_spec_errors_name_the_month_and_the_fix(forgetting, tmp_path):
