@@ -11,8 +11,10 @@ campaign/
   data/<month>/            train.jsonl, test.jsonl (the month's pairs as used), reference_logps.json (base model's
                            log-probs of the test pairs: the reference of the implicit-reward figure),
                            before_behaviour.json (behavioural scores of the model before the month on its held-out
-                           prompts: the paired baseline of what it learned)
-  adapters/<month>/        the month's PEFT adapter (safetensors)
+                           prompts: the paired baseline of what it learned), calibration.jsonl (geometry_projected:
+                           the month's own calibration text, from --calibration_data)
+  adapters/<month>/        the month's PEFT adapter (safetensors); geometry_report.json (geometry_projected: the
+                           per-layer bounds of its calibration)
   buffer/                  the rehearsal buffer (trl_ext.rehearsal)
   fisher/                  the summed Fisher, with EWC (trl_ext.ewc)
   cards/<month>/           the model card (README.md) and its plot (retention.png)
@@ -56,7 +58,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from peft_selective import SAProjConfig, SelectiveMLPConfig
+from peft_selective import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
 from peft_selective.quantization import keep_4bit_layers_trainable
 
 from ._io import atomic_write, atomic_write_json, is_json_serializable
@@ -91,7 +93,15 @@ EVALUATIONS_FILE = "evaluations.json"
 FORMAT_VERSION = 1
 BASELINE = "month-0"
 EMBEDDED = "embedded"
-METHODS = ("selective_mlp", "saproj", "lora")
+METHODS = ("selective_mlp", "saproj", "lora", "geometry_projected")
+#: TRL's `DPOConfig.loss_type` values (`trl.DPOTrainer` refuses others, but only once training starts).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+REHEARSAL_REFERENCES = ("own_month", "previous_month")
+#: Characters of general reference text (`trl_ext.metrics.reference_text`) per calibration text of geometry_projected.
+_CALIBRATION_CHUNK = 1000
 _MONTH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Folders with one subfolder per month (`runs` first: see `Campaign._undo_month`).
 _MONTH_FOLDERS = ("runs", "data", "adapters", "cards")
@@ -160,8 +170,11 @@ class CampaignConfig:
     Attributes:
         base_model (`str`): model id or local path, or `"embedded"` for the bundled SmolLM2-135M-Instruct.
         quantization (`str`, *optional*): `"4bit"` (bitsandbytes NF4) or `"8bit"`; `None` loads in full precision.
-        method (`str`): `"selective_mlp"` (Gate&Up), `"saproj"` (self-attention projections) or `"lora"` (PEFT LoRA
-            on all linear layers).
+        method (`str`): `"selective_mlp"` (Gate&Up), `"saproj"` (self-attention projections), `"lora"` (PEFT LoRA
+            on all linear layers) or `"geometry_projected"` (`peft_selective.GeometryProjectedConfig`: the selective
+            update projected away from a protected subspace of each layer's inputs, calibrated before each month on
+            general reference text, the earlier months' training chats and the month's `calibration_data`, see
+            [`Campaign.run_month`]).
         rank (`int`): adapter rank; `0` trains the selective methods at full rank (the paper's recipe).
         alpha (`float`, *optional*): scaling numerator (`alpha / rank`); default: the rank (scale 1).
         seed (`int`): seed of training, data splits and sampling.
@@ -170,6 +183,18 @@ class CampaignConfig:
         save_steps (`int`): checkpoint interval; an interrupted month resumes from the last checkpoint.
         rehearsal_ratio, rehearsal_samples_per_month, rehearsal_nll_coef, kl_coef, kl_every, kl_anchor_max_new_tokens,
         kl_anchors, ewc_coef: the retention terms (see `ContinualDPOConfig`); EWC stores a Fisher in `fisher/` when > 0.
+        rehearsal_reference (`str`): the DPO reference of rehearsed pairs, `"own_month"` (default: the stored
+            log-probs of the month that taught them) or `"previous_month"` (the month t−1 model), see
+            `ContinualDPOConfig`.
+        loss_type (`list[str]`), loss_weights (`list[float]`, *optional*), label_smoothing (`float`): TRL's
+            `DPOConfig` options of the same names: the DPO loss(es) (default `["sigmoid"]`; one or more of
+            `DPO_LOSS_TYPES`), their weights (default 1.0 each) and the label smoothing (`"exo_pair"` needs it > 0).
+        sft_weight (`float`): weight of TRL's `"sft"` term (NLL of the chosen responses) appended to `loss_type` (see
+            `ContinualDPOConfig.sft_weight`); 0 (default): off.
+        tolerance, norm_cap (`float`): with `"geometry_projected"`, `GeometryProjectedConfig`'s allowed relative
+            change of each layer's output on the protected data and cap on each layer's update norm.
+        calibration_reference_chars (`int`): with `"geometry_projected"`, characters of general reference text
+            (`trl_ext.metrics.reference_text`, in chunks of 1000) in every month's calibration data.
         eval_suites (`list[str]`): evaluation suites (`trl_ext.evaluation.SUITES`).
         knowledge_questions (`int`): size of the knowledge pool stored at `init` (default 250 candidates from
             `trl_ext.data.knowledge_items`); every pool item is scored at every evaluation and the report keeps those
@@ -219,7 +244,10 @@ class CampaignConfig:
     )
     method: str = field(
         default="selective_mlp",
-        metadata={"help": "'selective_mlp' (Gate&Up), 'saproj' (attention projections) or 'lora'."},
+        metadata={
+            "help": "'selective_mlp' (Gate&Up), 'saproj' (attention projections), 'lora' or 'geometry_projected' "
+            "(calibrated each month)."
+        },
     )
     rank: int = field(default=16, metadata={"help": "Adapter rank; 0 trains the selective methods at full rank."})
     alpha: Optional[float] = field(
@@ -254,6 +282,37 @@ class CampaignConfig:
     )
     ewc_coef: float = field(
         default=0.0, metadata={"help": "Weight of the EWC penalty (> 0 stores a Fisher each month)."}
+    )
+    rehearsal_reference: str = field(
+        default="own_month",
+        metadata={
+            "help": "DPO reference of rehearsed pairs: 'own_month' (stored log-probs of the month that taught them) "
+            "or 'previous_month' (the month t-1 model)."
+        },
+    )
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "TRL's DPO loss type(s): " + " ".join(DPO_LOSS_TYPES) + "."},
+    )
+    loss_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "TRL's weights of the loss types (default: 1.0 each)."}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "TRL's label smoothing (in [0, 0.5]; 'exo_pair' needs > 0)."}
+    )
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "Weight of TRL's 'sft' term (NLL of the chosen responses) added to the loss."}
+    )
+    tolerance: float = field(
+        default=0.05,
+        metadata={"help": "geometry_projected: allowed relative change of each layer's output on protected data."},
+    )
+    norm_cap: float = field(
+        default=1.0, metadata={"help": "geometry_projected: cap on the Frobenius norm of each layer's update."}
+    )
+    calibration_reference_chars: int = field(
+        default=32000,
+        metadata={"help": "geometry_projected: characters of general reference text in each month's calibration."},
     )
     eval_suites: list[str] = field(
         default_factory=lambda: ["preference", "behaviour", "knowledge", "perplexity", "kl", "refusal", "drift"],
@@ -325,6 +384,7 @@ class CampaignConfig:
             raise ValueError(f"`quantization` must be '4bit', '8bit' or None, got {self.quantization!r}.")
         if self.rank < 0 or (self.rank == 0 and self.method == "lora"):
             raise ValueError(f"`rank` must be > 0 (or 0 = full rank for the selective methods), got {self.rank}.")
+        self._check_loss_options()
         self.evaluation_config()  # checks the suites
         if self.checks is not None:
             mapping = _load_spec(self.checks, "checks") if isinstance(self.checks, str) else self.checks
@@ -340,6 +400,45 @@ class CampaignConfig:
         self.retention_scale = str(self.retention_scale).strip()
         self.retention_options()  # checks the retention options
         self.retention_scales = [float(s) for s in self.retention_scales]
+
+    def _check_loss_options(self) -> None:
+        """Validate (and normalise) the loss and method options, so that a bad value fails at `init`, before anything
+        is written, rather than when a month starts training."""
+        if self.rehearsal_reference not in REHEARSAL_REFERENCES:
+            raise ValueError(
+                f"`rehearsal_reference` must be one of {list(REHEARSAL_REFERENCES)}, got {self.rehearsal_reference!r}."
+            )
+        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type or [])
+        unknown = [t for t in loss_types if t not in DPO_LOSS_TYPES]
+        if not loss_types or unknown:
+            raise ValueError(
+                f"`loss_type` must be one or more of {list(DPO_LOSS_TYPES)} (TRL's DPOConfig.loss_type), got "
+                f"{self.loss_type!r}."
+            )
+        self.loss_type = loss_types
+        if self.loss_weights is not None:
+            weights = [self.loss_weights] if isinstance(self.loss_weights, (int, float)) else list(self.loss_weights)
+            self.loss_weights = [_finite(w, "loss_weights") for w in weights]
+            if len(self.loss_weights) != len(loss_types):
+                raise ValueError(
+                    f"`loss_weights` needs one weight per loss type: {len(self.loss_weights)} weights for "
+                    f"`loss_type={loss_types}`."
+                )
+        self.label_smoothing = _finite(self.label_smoothing, "label_smoothing", 0.0, 0.5)
+        if "exo_pair" in loss_types and self.label_smoothing == 0:
+            raise ValueError("`loss_type` 'exo_pair' needs `label_smoothing` > 0 (the EXO paper recommends 1e-3).")
+        self.sft_weight = _finite(self.sft_weight, "sft_weight")
+        if self.sft_weight > 0 and "sft" in loss_types:
+            raise ValueError(
+                f"`sft_weight={self.sft_weight}` appends TRL's 'sft' term itself, but `loss_type={loss_types}` already "
+                "has it: drop 'sft' from `loss_type` (and its `loss_weights` entry), or set `sft_weight` to 0."
+            )
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise ValueError(f"`tolerance` must be a finite number > 0, got {self.tolerance!r}.")
+        if not (math.isfinite(self.norm_cap) and self.norm_cap > 0):
+            raise ValueError(f"`norm_cap` must be a finite number > 0, got {self.norm_cap!r}.")
+        if self.calibration_reference_chars < 0:
+            raise ValueError(f"`calibration_reference_chars` must be >= 0, got {self.calibration_reference_chars}.")
 
     def retention_options(self, **overrides: Any) -> Optional[dict[str, Any]]:
         """The retention dial's options, the campaign's unless given in `overrides` (the keys of its fields without
@@ -383,6 +482,10 @@ class CampaignConfig:
             return LoraConfig(
                 r=self.rank, lora_alpha=self.alpha or self.rank, target_modules="all-linear", task_type="CAUSAL_LM"
             )
+        if self.method == "geometry_projected":
+            return GeometryProjectedConfig(
+                rank=rank, alpha=self.alpha, tolerance=self.tolerance, norm_cap=self.norm_cap
+            )
         preset = SelectiveMLPConfig if self.method == "selective_mlp" else SAProjConfig
         return preset(rank=rank, alpha=self.alpha)
 
@@ -411,6 +514,11 @@ class CampaignConfig:
             kl_max_general_anchors=self.kl_anchors,
             kl_max_rehearsal_anchors=self.kl_anchors,
             ewc_coef=self.ewc_coef,
+            rehearsal_reference=self.rehearsal_reference,
+            loss_type=list(self.loss_type),
+            loss_weights=list(self.loss_weights) if self.loss_weights is not None else None,
+            label_smoothing=self.label_smoothing,
+            sft_weight=self.sft_weight,
             fisher_dir=str(fisher_dir) if fisher_dir is not None else None,
             health_check=self.health_check,
             report_to=[],
@@ -498,6 +606,55 @@ def _adapter_file_mismatch(model: PeftModel, adapter_name: str, weights: Path) -
         if keys:
             problems.append(f"{what}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}")
     return problems
+
+
+def _chunks(text: str, size: int = _CALIBRATION_CHUNK) -> list[str]:
+    pieces = (text[i : i + size].strip() for i in range(0, len(text), size))
+    return [piece for piece in pieces if piece]
+
+
+def _chat_text(tokenizer, row: dict[str, Any]) -> str:
+    """A preference row's prompt + chosen answer as the model reads it (the chat template for conversations)."""
+    prompt, chosen = row.get("prompt"), row["chosen"]
+    if isinstance(chosen, list):  # conversational
+        messages = list(prompt or []) + list(chosen)
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(str(message.get("content", "")) for message in messages)
+    return f"{prompt or ''}{chosen}"
+
+
+def read_calibration_texts(path: Union[str, Path]) -> list[str]:
+    """The user's calibration text for geometry_projected: a `.txt` file (paragraphs separated by blank lines) or a
+    `.jsonl` file with a `"text"` string per line; texts longer than 1000 characters are cut into chunks (calibration
+    reads at most `max_length` tokens of each). A clear error names a missing, unreadable, malformed or empty file."""
+    path = Path(path)
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise ValueError(f"The calibration data {path} must be a .txt file or a .jsonl file with a 'text' field.")
+    if not path.is_file():
+        raise FileNotFoundError(f"The calibration data file {path} does not exist.")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"Cannot read the calibration data {path} as UTF-8 text: {error}") from error
+    if path.suffix.lower() == ".txt":
+        texts = [paragraph.strip() for paragraph in re.split(r"\n\s*\n", content)]
+    else:
+        texts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error}).") from error
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}, line {number}: expected an object with a 'text' string: {line[:200]}")
+            texts.append(row["text"].strip())
+    texts = [chunk for text in texts for chunk in _chunks(text)]
+    if not texts:
+        raise ValueError(f"The calibration data file {path} holds no text.")
+    return texts
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -969,6 +1126,7 @@ class Campaign:
         retention_budget: Optional[float] = None,
         retention_scales: Optional[list[float]] = None,
         validation_fraction: Optional[float] = None,
+        calibration_data: Optional[Union[str, Path]] = None,
     ) -> dict[str, Any]:
         """Train month `name` on top of the done months, then evaluate it, write its card and mark it done.
 
@@ -1004,6 +1162,17 @@ class Campaign:
         set, else the least forgetting keeping `retention_keep_learning` of the full update's gain. The month's entry
         records `retention: {"scale", "rule", "curve": [{"scale", "score", "learning_gain", "forgetting"}], ...}`
         and its card shows it.
+
+        With `method="geometry_projected"` the month's adapter is calibrated before training
+        (`peft_selective.calibrate`, with the last month's adapter as `previous_adapter`, so the subspace it protected
+        stays protected) on: `calibration_reference_chars` of general reference text (`trl_ext.metrics.reference_text`),
+        every earlier month's training chats (prompt + chosen answer, from `data/<month>/train.jsonl`) and the month's
+        own `calibration_data` (a `.txt` file, paragraphs separated by blank lines, or a `.jsonl` file with a `"text"`
+        field per line; checked before the month is registered, stored in `data/<month>/calibration.jsonl` so that a
+        resumed month is calibrated the same). The month's entry records `calibration` (the texts per source, the
+        calibration tokens, the tolerance, norm cap and the largest per-layer bound of the relative output change on
+        the protected data); the full per-layer report is `adapters/<month>/geometry_report.json`. A calibration that
+        fails (too little protected text for a layer) leaves no trace of the month, as a health refusal.
         """
         if not _MONTH_NAME.match(name):
             raise ValueError(f"Invalid month name {name!r}: use letters, digits, '.', '_' and '-' (e.g. 2025-07).")
@@ -1046,9 +1215,13 @@ class Campaign:
                     f"Month {name!r} was started with other retention options ({retention or 'off'}); rerun it "
                     "without them (or with the same) to resume."
                 )
+        user_calibration = self._user_calibration(name, entry, calibration_data)
         before = self._before_month(entry is None)
         holdout = retention["validation_fraction"] if retention and retention["scale"] == "auto" else None
         splits = self._month_data(name, data, test_data, test_fraction, holdout)
+        calibration_path = self._path("data", name, "calibration.jsonl")
+        if entry is None and user_calibration and self._is_main:
+            atomic_write(calibration_path, "".join(json.dumps({"text": t}) + "\n" for t in user_calibration).encode())
         previous = self.done_months
         model, tokenizer = self.load_model()
         if self.state["base_fingerprint"] is None:
@@ -1123,6 +1296,18 @@ class Campaign:
             rehearsal_buffer=RehearsalBuffer(self._path("buffer")),
             callbacks=callbacks,
         )
+        calibration = None
+        if self.config.method == "geometry_projected":
+            try:
+                calibration = self._calibrate(trainer.model, tokenizer, name, previous, user_calibration)
+            except ValueError as error:  # too little protected text for a layer, no layer with room
+                if self._is_main:
+                    raise CampaignError(
+                        f"Month {name!r}: the geometry_projected calibration failed: {error} (raise "
+                        f"`calibration_reference_chars`, now {self.config.calibration_reference_chars}, or pass more "
+                        f"text with --calibration_data). {self._undo_month(name, before)}"
+                    ) from error
+                raise
         checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
         if checkpoint:
             logger.info("Month %r resumes from %s.", name, checkpoint)
@@ -1162,6 +1347,8 @@ class Campaign:
             ) from refusal
         if self._is_main:
             self._save_adapter(trainer.model, name)
+            if calibration is not None:
+                calibration[0].save(self._path("adapters", name))  # geometry_report.json: the per-layer bounds
         finish = trainer.finish_month(name, overwrite=True)
         entry["data"]["rehearsal_rows"] = sum(v for k, v in trainer.rehearsal_summary.items() if k != "new")
         if not self._is_main:
@@ -1179,12 +1366,109 @@ class Campaign:
             entry["health"] = health
         if dial is not None:
             entry["retention"] = dial
+        if calibration is not None:
+            entry["calibration"] = calibration[1]
         self.write_card(name)
         self._save_state()
         if not keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         self._barrier()
         return entry
+
+    # ---------------------------------------------------------------------------------------------- calibration
+    def _user_calibration(
+        self, name: str, entry: Optional[dict[str, Any]], calibration_data: Optional[Union[str, Path]]
+    ) -> list[str]:
+        """The month's own calibration texts (geometry_projected): read from `calibration_data` for a new month, the
+        stored ones for a resumed month (which `calibration_data`, if given again, must match). Checked before the
+        month is registered."""
+        texts = None
+        if calibration_data is not None:
+            if self.config.method != "geometry_projected":
+                raise CampaignError(
+                    f"Month {name!r} was not registered: --calibration_data is only used by method "
+                    f"'geometry_projected' (this campaign trains {self.config.method!r})."
+                )
+            try:
+                texts = read_calibration_texts(calibration_data)
+            except (OSError, ValueError) as error:
+                raise CampaignError(f"Month {name!r} was not registered: {error}") from error
+        if entry is None:
+            return texts or []
+        stored_path = self._path("data", name, "calibration.jsonl")
+        stored = read_calibration_texts(stored_path) if stored_path.is_file() else []
+        if texts is not None and texts != stored:
+            raise CampaignError(
+                f"Month {name!r} was started with other calibration data; rerun it without --calibration_data (or with "
+                "the same file) to resume."
+            )
+        return stored
+
+    def calibration_texts(self, tokenizer, months: Sequence[str], user_texts: Sequence[str] = ()) -> dict[str, list]:
+        """The protected data of a geometry_projected month, by source: `reference_text` (the first
+        `calibration_reference_chars` of `trl_ext.metrics.reference_text`, in chunks of 1000 characters),
+        `earlier_months` (every training row of `months`, prompt + chosen answer, as the chat template writes them)
+        and `calibration_data` (the month's own texts)."""
+        from .metrics import reference_text
+
+        reference = reference_text()[: self.config.calibration_reference_chars]
+        earlier = []
+        for month in months:
+            rows = Dataset.from_json(str(self._path("data", month, "train.jsonl")))
+            earlier += [_chat_text(tokenizer, row) for row in rows]
+        return {
+            "reference_text": _chunks(reference),
+            "earlier_months": [text for text in earlier if text.strip()],
+            "calibration_data": list(user_texts),
+        }
+
+    def _calibrate(self, model, tokenizer, name: str, previous: list[str], user_texts: list[str]):
+        """Calibrate the month's GeometryProjected adapter (every process, the same data). Returns the report and the
+        month's `calibration` record."""
+        from peft_selective import calibrate
+
+        sources = self.calibration_texts(tokenizer, previous, user_texts)
+        texts = [text for group in sources.values() for text in group]
+        if not texts:
+            raise ValueError(
+                "no protected text (calibration_reference_chars is 0, no earlier month, no calibration_data)"
+            )
+        report = calibrate(
+            model,
+            texts,
+            tokenizer,
+            adapter_name=name,
+            previous_adapter=previous[-1] if previous else None,
+            batch_size=self.config.eval_batch_size,
+            max_length=self.config.max_length,
+            show_progress=False,
+        )
+        layers = report.layers.values()
+        record = {
+            "texts": {source: len(group) for source, group in sources.items()},
+            "previous_adapter": previous[-1] if previous else None,
+            "calibration_tokens": report.calibration_tokens,
+            "tolerance": report.tolerance,
+            "norm_cap": report.norm_cap,
+            "layers": len(report.layers),
+            "max_bound": report.max_bound,
+            "protected_dim": {
+                "min": min(g.protected_dim for g in layers),
+                "max": max(g.protected_dim for g in layers),
+            },
+            "free_dim": {"min": min(g.free_dim for g in layers), "max": max(g.free_dim for g in layers)},
+            "soft_projector_layers": sum(g.soft_projector for g in layers),
+            "report": f"adapters/{name}/geometry_report.json",
+        }
+        logger.info(
+            "Month %r calibrated on %d protected tokens: %d layers, largest bound %.4f (tolerance %g).",
+            name,
+            report.calibration_tokens,
+            len(report.layers),
+            report.max_bound,
+            report.tolerance,
+        )
+        return report, record
 
     # ---------------------------------------------------------------------------------------------- retention dial
     def _retention_dial(
@@ -1449,9 +1733,15 @@ class Campaign:
                     "kl_coef",
                     "kl_every",
                     "ewc_coef",
+                    "rehearsal_reference",
+                    "loss_type",
+                    "loss_weights",
+                    "label_smoothing",
+                    "sft_weight",
                     "seed",
                 )
-            },  # fmt: skip
+            }  # fmt: skip
+            | self._geometry_settings(name),
             "data": {m: self.month(m)["data"] for m in months},
             "retention": {
                 "months": months,
@@ -1475,6 +1765,18 @@ class Campaign:
             "license": config.license,
             "limitations": inputs["notes"][1:],  # the first note (how many knowledge items) is in the card's table
         }
+
+    def _geometry_settings(self, name: str) -> dict[str, Any]:
+        """geometry_projected: the calibration settings, and the month's calibration (tokens, largest bound)."""
+        if self.config.method != "geometry_projected":
+            return {}
+        settings: dict[str, Any] = {"calibration_reference_chars": self.config.calibration_reference_chars}
+        record = (self.month(name) or {}).get("calibration")
+        if record:
+            settings["calibration"] = {
+                key: record[key] for key in ("texts", "calibration_tokens", "max_bound", "previous_adapter")
+            }
+        return settings
 
     def write_card(self, name: str) -> Path:
         from .model_card import render_model_card

@@ -72,6 +72,13 @@ class RunMonthArguments(CampaignDirArguments):
     validation_fraction: Optional[float] = field(
         default=None, metadata={"help": "Override the campaign's validation_fraction (held out for 'auto')."}
     )
+    calibration_data: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "geometry_projected: the month's own protected text for the calibration, a .txt file (paragraphs "
+            "separated by blank lines) or a .jsonl file with a 'text' field per line."
+        },
+    )
     checks: Optional[Union[list, str]] = field(
         default=None,
         metadata={
@@ -152,6 +159,7 @@ def _run(command: str, argv: list[str]) -> int:
             retention_budget=args.retention_budget,
             retention_scales=args.retention_scales,
             validation_fraction=args.validation_fraction,
+            calibration_data=args.calibration_data,
         )
         print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
         print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))

@@ -1,0 +1,163 @@
+"""The campaign offers every method and loss option of the library: geometry_projected (calibrated each month) through
+the CLI, TRL's `loss_type` / `loss_weights` / `label_smoothing`, `sft_weight` and `rehearsal_reference` reaching the
+trainer, and bad values refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from test_campaign import cli, write_month
+from transformers import TrainerCallback
+
+from trl_ext.campaign import Campaign, CampaignConfig
+
+
+# Small everything, as in test_campaign.py; no KL anchors or EWC (not under test here).
+SMALL = [
+    "--rank", "4", "--learning_rate", "0.01", "--max_steps", "2", "--save_steps", "2",
+    "--per_device_train_batch_size", "4", "--max_length", "64", "--rehearsal_ratio", "0.25", "--kl_coef", "0",
+    "--knowledge_questions", "3", "--perplexity_max_tokens", "128", "--refusal_prompts", "2", "--drift_prompts", "2",
+    "--eval_batch_size", "4", "--eval_suites", "preference", "behaviour", "perplexity", "kl",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("data")
+    return {"m1": write_month(folder / "m1.jsonl", "yes", "no"), "m2": write_month(folder / "m2.jsonl", "good", "bad")}
+
+
+def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, tmp_path, capsys):
+    directory = tmp_path / "geometry"
+    protected = tmp_path / "protected.txt"
+    protected.write_text("the capital of france is paris\n\nthe capital of germany is berlin\n")
+    init = ["init", "--campaign_dir", directory, "--base_model", tiny_chat_base, "--method", "geometry_projected"]
+    assert cli(*init, *SMALL, "--tolerance", "0.1", "--calibration_reference_chars", "4000") == 0
+    assert (
+        cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"], "--calibration_data", protected)
+        == 0
+    )
+    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", months["m2"]) == 0
+    campaign = Campaign(directory)
+    assert campaign.done_months == ["m1", "m2"]
+    first, second = campaign.month("m1")["calibration"], campaign.month("m2")["calibration"]
+    # month 1: reference text + its own text; month 2: reference text + month 1's training chats, month 1's subspace
+    assert first["texts"] == {"reference_text": 4, "earlier_months": 0, "calibration_data": 2}
+    assert first["previous_adapter"] is None and first["tolerance"] == 0.1
+    train_rows = campaign.month("m1")["data"]["train_rows"]
+    assert second["texts"] == {"reference_text": 4, "earlier_months": train_rows, "calibration_data": 0}
+    assert second["previous_adapter"] == "m1" and second["calibration_tokens"] > 0
+    assert 0 < second["max_bound"] <= 0.1 + 1e-6 and second["layers"] > 0
+    assert (directory / "data" / "m1" / "calibration.jsonl").is_file()
+    for name in ("m1", "m2"):
+        folder = directory / "adapters" / name
+        report = json.loads((folder / "geometry_report.json").read_text())
+        assert (
+            report["adapter_name"] == name and len(report["layers"]) == campaign.month(name)["calibration"]["layers"]
+        )
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == "GEOMETRY_PROJECTED" and config["tolerance"] == 0.1
+        assert config["protected_dims"]  # the loaders size the protected buffers from it
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+            bases = [k for k in handle.keys() if "protected_basis" in k]
+            assert bases and all(handle.get_slice(k).get_shape()[1] > 0 for k in bases)
+    card = (directory / "cards" / "m2" / "README.md").read_text()
+    assert "geometry_projected" in card and "calibration_reference_chars" in card
+    # the reloaded campaign evaluates the model it trained: the same numbers
+    evaluated = campaign.evaluations["m2"]
+    assert cli("eval", "--campaign_dir", directory) == 0
+    reloaded = Campaign(directory).evaluations["m2"]
+    for month in ("m1", "m2"):
+        for key in ("ranking_margin", "implicit_reward_margin"):
+            assert reloaded["preference"][month][key] == pytest.approx(evaluated["preference"][month][key], abs=1e-6)
+    assert abs(campaign.evaluations["m1"]["preference"]["m1"]["implicit_reward_margin"]) > 1e-4  # it trained
+    assert reloaded["general"]["perplexity"] == pytest.approx(evaluated["general"]["perplexity"], rel=1e-5)
+    assert reloaded["behaviour"]["m1"]["scores"] == evaluated["behaviour"]["m1"]["scores"]
+
+
+class _Capture(TrainerCallback):
+    def __init__(self):
+        self.args, self.logs = None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.args = args
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_loss_options_reach_the_trainer_and_the_records(tiny_chat_base, months, tmp_path):
+    directory = tmp_path / "losses"
+    options = [
+        "--loss_type", "sigmoid", "ipo", "--loss_weights", "1.0", "0.5", "--label_smoothing", "0.1",
+        "--sft_weight", "0.3", "--rehearsal_reference", "previous_month",
+    ]  # fmt: skip
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *SMALL, *options) == 0
+    stored = json.loads((directory / "campaign.json").read_text())["config"]
+    assert stored["loss_type"] == ["sigmoid", "ipo"] and stored["loss_weights"] == [1.0, 0.5]
+    assert stored["sft_weight"] == 0.3 and stored["rehearsal_reference"] == "previous_month"
+    campaign = Campaign(directory)
+    capture = _Capture()
+    campaign.run_month("m1", months["m1"], callbacks=[capture])
+    args = capture.args
+    assert args.loss_type == ["sigmoid", "ipo", "sft"] and args.loss_weights == [1.0, 0.5, 0.3]
+    assert args.label_smoothing == 0.1 and args.rehearsal_reference == "previous_month" and args.sft_weight == 0.3
+    assert any("loss/sft" in logs for logs in capture.logs)  # TRL's sft term is computed and logged
+    card = (directory / "cards" / "m1" / "README.md").read_text()
+    for key in ("loss_type", "sft_weight", "rehearsal_reference", "label_smoothing"):
+        assert key in card
+    # the defaults: TRL's ["sigmoid"], no sft term
+    default = CampaignConfig().training_args(tmp_path / "run", "m", None)
+    assert default.loss_type == ["sigmoid"] and default.sft_weight == 0 and default.rehearsal_reference == "own_month"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--loss_type", "sigmoid", "nonsense"], "'sigmoid', 'hinge', 'ipo'"),
+        (["--rehearsal_reference", "last_year"], "['own_month', 'previous_month']"),
+        (["--sft_weight", "-1"], "sft_weight"),
+        (["--loss_type", "sft", "--sft_weight", "0.5"], "already has it"),
+        (["--loss_type", "sigmoid", "ipo", "--loss_weights", "1.0"], "one weight per loss type"),
+        (["--loss_type", "exo_pair"], "label_smoothing"),
+        (["--method", "geometry"], "geometry_projected"),
+        (["--method", "geometry_projected", "--tolerance", "0"], "tolerance"),
+    ],
+)
+def test_bad_options_are_refused_at_init_with_nothing_written(tmp_path, capsys, options, message):
+    directory = tmp_path / "c"
+    assert cli("init", "--campaign_dir", directory, *options) == 2
+    assert message in capsys.readouterr().err
+    assert not directory.exists()
+
+
+def test_bad_calibration_data_is_refused_before_the_month_is_registered(tiny_chat_base, months, tmp_path, capsys):
+    geometry, selective = tmp_path / "geometry", tmp_path / "selective"
+    assert (
+        cli("init", "--campaign_dir", geometry, "--base_model", tiny_chat_base, "--method", "geometry_projected") == 0
+    )
+    assert cli("init", "--campaign_dir", selective, "--base_model", tiny_chat_base) == 0
+    empty, bad_json, no_text, csv = (tmp_path / n for n in ("empty.txt", "bad.jsonl", "notext.jsonl", "x.csv"))
+    empty.write_text("\n \n")
+    bad_json.write_text("{not json\n")
+    no_text.write_text(json.dumps({"content": "hello"}) + "\n")
+    csv.write_text("text\nhello\n")
+    cases = [
+        (geometry, tmp_path / "missing.txt", "does not exist"),
+        (geometry, empty, "holds no text"),
+        (geometry, bad_json, "line 1: not JSON"),
+        (geometry, no_text, "'text' string"),
+        (geometry, csv, ".txt file or a .jsonl file"),
+        (selective, empty, "only used by method 'geometry_projected'"),
+    ]
+    for directory, path, message in cases:
+        before = (directory / "campaign.json").read_bytes()
+        run = ["run-month", "m1", "--campaign_dir", directory, "--data", months["m1"], "--calibration_data", path]
+        assert cli(*run) == 2
+        err = capsys.readouterr().err
+        assert message in err and "not registered" in err, err
+        assert (directory / "campaign.json").read_bytes() == before
+        assert sorted(p.name for p in Path(directory).iterdir()) == ["campaign.json"]
