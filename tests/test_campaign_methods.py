@@ -5,10 +5,16 @@ trainer, and bad values refused before anything is written."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_campaign import cli, write_month
 from transformers import TrainerCallback
 
@@ -161,3 +167,28 @@ def test_bad_calibration_data_is_refused_before_the_month_is_registered(tiny_cha
         assert message in err and "not registered" in err, err
         assert (directory / "campaign.json").read_bytes() == before
         assert sorted(p.name for p in Path(directory).iterdir()) == ["campaign.json"]
+
+
+def test_a_geometry_month_killed_mid_way_resumes_to_the_same_adapter(tiny_chat_base, months, tmp_path):
+    first = tmp_path / "first"
+    steps = ["--max_steps", "4", "--save_steps", "2", "--calibration_reference_chars", "4000"]
+    assert cli("init", "--campaign_dir", first, "--base_model", tiny_chat_base, "--method", "geometry_projected",
+               *SMALL, *steps) == 0  # fmt: skip
+    assert cli("run-month", "m1", "--campaign_dir", first, "--data", months["m1"]) == 0
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    shutil.copytree(first, straight)
+    shutil.copytree(first, killed)
+    assert cli("run-month", "m2", "--data", months["m2"], "--campaign_dir", straight) == 0
+    script = Path(__file__).parent / "scripts" / "campaign_kill.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(killed), "m2", months["m2"], "3"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert Campaign(killed).month("m2")["status"] == "training"
+    assert cli("run-month", "m2", "--campaign_dir", killed) == 0  # resumes from checkpoint-2, calibrated the same
+    a = load_file(str(straight / "adapters" / "m2" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapters" / "m2" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("protected_basis" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
