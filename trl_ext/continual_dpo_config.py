@@ -7,6 +7,8 @@ from typing import Optional
 
 from trl import DPOConfig
 
+from .anchors import ANCHOR_KINDS
+
 
 @dataclass
 class ContinualDPOConfig(DPOConfig):
@@ -68,8 +70,18 @@ class ContinualDPOConfig(DPOConfig):
         > Retention KL on anchor prompts
 
         kl_coef (`float`, *optional*, defaults to `0.0`):
-            Weight of the KL between the policy and the month t−1 model on anchor sequences (general prompts plus
-            earlier months' prompts, each with the month t−1 model's own continuation), logged as `retention/kl`.
+            Weight of the KL between the policy and the month t−1 model on anchor sequences (the prompts of
+            `kl_anchor_kinds`, each with the month t−1 model's own continuation), logged as `retention/kl`.
+        kl_anchor_kinds (`list[str]`, *optional*, defaults to `["general", "earlier_months"]`):
+            Where the anchor prompts come from (see `trl_ext.anchors`): `"general"` (the fixed general prompts),
+            `"earlier_months"` (earlier months' prompts from the rehearsal buffer) and `"same_shape"` (prompts shaped
+            like this month's training prompts but about other attributes, made by
+            `trl_ext.anchors.shape_variant_prompts` from the month's own rows: "What is the capital of Indonesia?"
+            gives "What is the population of Indonesia?"; none, with a logged reason, when the prompts have no
+            template word). The trainer's `anchor_prompts={kind: prompts}` replaces a kind's default prompts. No
+            kind uses evaluation items (the trainer has none). A comma-separated string is accepted too.
+        kl_max_shape_anchors (`int`, *optional*, defaults to `64`):
+            At most this many same-shape anchor prompts (`"same_shape"` in `kl_anchor_kinds`).
         kl_every (`int`, *optional*, defaults to `1`):
             Compute the KL term every `kl_every` optimizer steps (its weight is not rescaled).
         kl_direction (`str`, *optional*, defaults to `"forward"`):
@@ -79,7 +91,16 @@ class ContinualDPOConfig(DPOConfig):
             Anchor sequences per KL term; defaults to half of `per_device_train_batch_size` (at least 1).
         kl_anchor_max_new_tokens (`int`, *optional*, defaults to `16`):
             Length of the month t−1 model's greedy continuation of each anchor, generated once when the trainer is
-            built; `0` compares the next-token distributions at the prompt's end only.
+            built (and of the policy's, with `kl_anchor_refresh_steps`); `0` compares the next-token distributions at
+            the prompt's end only.
+        kl_anchor_refresh_steps (`int`, *optional*, defaults to `0`):
+            `0`: the anchors keep the month t−1 model's continuations, generated once. `k > 0`: every `k` optimizer
+            steps (at global steps k, 2k, ...) the continuations are regenerated from the *current policy* (greedy,
+            no gradient, in eval mode), and the KL is scored on the policy's own tokens; use it with
+            `kl_direction="reverse"`, whose per-token KL on the policy's samples is the on-policy estimate of
+            KL(policy ‖ month t−1). The schedule depends on the global step only; a run resumed from a checkpoint
+            at a multiple of `k` regenerates exactly like the uninterrupted run, one resumed elsewhere regenerates at
+            its first step from the policy it resumed. Needs `kl_anchor_max_new_tokens > 0`.
         kl_max_anchor_length (`int`, *optional*, defaults to `128`):
             Anchors longer than this (prompt + continuation) are cut from the left.
         kl_max_general_anchors (`int`, *optional*):
@@ -87,6 +108,21 @@ class ContinualDPOConfig(DPOConfig):
             one-off continuation generation cheaper.
         kl_max_rehearsal_anchors (`int`, *optional*, defaults to `64`):
             At most this many earlier months' prompts (from the buffer) join the general anchor prompts.
+
+        > Boundary pairs
+
+        boundary_pairs (`int`, *optional*, defaults to `0`):
+            Extra preference rows added to the month's training set (before tokenization; flagged by the column
+            `is_boundary`, logged as `boundary/fraction`) that teach where the month ends. Prompt: an off-scope
+            prompt, a same-shape variant of a month prompt (see `kl_anchor_kinds`), topped up with the general
+            anchor prompts. Chosen: the month t−1 model's (the DPO reference's) own greedy answer to it, generated
+            once when the trainer is built. Rejected: the chosen answer of the month row the variant was made from
+            (for a general prompt, of a random month row): it carries the month's style, but its content answers
+            another question, so the pair also teaches "answer the question asked", not only "keep the old style".
+            The rows are scored against the month t−1 model like the month's new rows (also with
+            `rehearsal_reference="own_month"`), are not kept in the rehearsal buffer and are left out of the Fisher.
+        boundary_max_new_tokens (`int`, *optional*, defaults to `48`):
+            Length of the month t−1 model's greedy answers used as the boundary rows' chosen responses.
 
         > Elastic weight consolidation
 
@@ -156,6 +192,18 @@ class ContinualDPOConfig(DPOConfig):
     kl_max_anchor_length: int = field(default=128, metadata={"help": "Maximum anchor length in tokens."})
     kl_max_general_anchors: Optional[int] = field(default=None, metadata={"help": "General anchor prompts used."})
     kl_max_rehearsal_anchors: int = field(default=64, metadata={"help": "Earlier months' prompts used as anchors."})
+    kl_anchor_kinds: list[str] = field(
+        default_factory=lambda: ["general", "earlier_months"],
+        metadata={"help": "Anchor prompt kinds: 'general', 'same_shape', 'earlier_months'."},
+    )
+    kl_max_shape_anchors: int = field(default=64, metadata={"help": "Same-shape anchor prompts used."})
+    kl_anchor_refresh_steps: int = field(
+        default=0, metadata={"help": "Regenerate the anchors' continuations from the policy every k steps (0: never)."}
+    )
+    boundary_pairs: int = field(
+        default=0, metadata={"help": "Extra rows: off-scope prompt, the previous model's answer over the month's."}
+    )
+    boundary_max_new_tokens: int = field(default=48, metadata={"help": "Length of the boundary rows' chosen answers."})
     ewc_coef: float = field(default=0.0, metadata={"help": "Weight of the EWC penalty."})
     fisher_dir: Optional[str] = field(default=None, metadata={"help": "Directory of the stored Fisher."})
     fisher_num_examples: int = field(default=64, metadata={"help": "Rows used to estimate a month's Fisher."})
@@ -187,6 +235,7 @@ class ContinualDPOConfig(DPOConfig):
             raise ValueError(f"`kl_every` must be >= 1, got {self.kl_every}.")
         if self.kl_direction not in ("forward", "reverse"):
             raise ValueError(f"`kl_direction` must be 'forward' or 'reverse', got {self.kl_direction!r}.")
+        self._check_anchor_options()
         if self.rehearsal_sampling not in ("reservoir", "stratified"):
             raise ValueError(
                 f"`rehearsal_sampling` must be 'reservoir' or 'stratified', got {self.rehearsal_sampling!r}."
@@ -201,6 +250,30 @@ class ContinualDPOConfig(DPOConfig):
             raise ValueError(f"`fisher_decay` must be in [0, 1], got {self.fisher_decay}.")
         if self.health_check_steps < 0:
             raise ValueError(f"`health_check_steps` must be >= 0, got {self.health_check_steps}.")
+
+    def _check_anchor_options(self) -> None:
+        """Validate (and normalise) the anchor-kind, refresh and boundary options."""
+        kinds = self.kl_anchor_kinds
+        if isinstance(kinds, str):  # e.g. "general,same_shape" from a command line or a YAML string
+            kinds = [kind.strip() for kind in kinds.split(",") if kind.strip()]
+        kinds = list(kinds)
+        unknown = [kind for kind in kinds if kind not in ANCHOR_KINDS]
+        if unknown or not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(
+                f"`kl_anchor_kinds` must be a non-empty list of distinct values among {list(ANCHOR_KINDS)}, got "
+                f"{self.kl_anchor_kinds!r}" + (f" ({unknown} not allowed)." if unknown else ".")
+            )
+        self.kl_anchor_kinds = kinds
+        for name in ("kl_max_shape_anchors", "kl_anchor_refresh_steps", "boundary_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.boundary_max_new_tokens < 1:
+            raise ValueError(f"`boundary_max_new_tokens` must be >= 1, got {self.boundary_max_new_tokens}.")
+        if self.kl_anchor_refresh_steps > 0 and self.kl_anchor_max_new_tokens <= 0:
+            raise ValueError(
+                f"`kl_anchor_refresh_steps={self.kl_anchor_refresh_steps}` regenerates the anchors' continuations, "
+                "but `kl_anchor_max_new_tokens=0` gives them none: set `kl_anchor_max_new_tokens > 0` or the refresh to 0."
+            )
 
     def _add_sft_term(self) -> None:
         """`sft_weight > 0`: append TRL's "sft" term to `loss_type` / `loss_weights` (see the docstring)."""

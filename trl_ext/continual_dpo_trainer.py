@@ -9,7 +9,11 @@ keeps what those months taught with three combinable terms added to the DPO loss
   rows it keeps, their reference log-probs under the month's own reference (TRL's `compute_ref_log_probs` on
   collated batches), and a later month uses them for those rows, so a rehearsed pair starts at the margin its month
   gave it instead of 0;
-- a KL to the month t−1 model on anchor sequences (`kl_coef`, see `trl_ext.anchors`);
+- a KL to the month t−1 model on anchor sequences (`kl_coef`, see `trl_ext.anchors`): general prompts, earlier
+  months' prompts and same-shape variants of the month's prompts (`kl_anchor_kinds`), continued by the month t−1
+  model or, with `kl_anchor_refresh_steps`, regenerated from the policy every k steps;
+- boundary pairs (`boundary_pairs`): off-scope prompts whose month t−1 answer is preferred over an answer in the
+  month's style, added to the month's rows;
 - EWC on the month's update, weighted by the earlier months' Fisher (`ewc_coef`, see `trl_ext.ewc`).
 
 The DPO reference is the month t−1 model (base plus adapters 1..t−1), not the bare base: a
@@ -40,22 +44,30 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from datasets import Dataset, Value
+from datasets import Dataset, Value, concatenate_datasets
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import set_seed
+from transformers import AutoProcessor, set_seed
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import create_model_from_path
+from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from peft_selective.quantization import keep_4bit_layers_trainable
 
-from .anchors import AnchorSet, anchor_kl, general_anchor_prompts
+from .anchors import (
+    ANCHOR_KINDS,
+    AnchorSet,
+    anchor_kl,
+    general_anchor_prompts,
+    greedy_continuations,
+    shape_variant_prompts,
+    shape_variants,
+)
 from .continual_dpo_config import ContinualDPOConfig
 from .ewc import FISHER_METADATA, FisherState, check_fisher_matches, estimate_fisher, ewc_penalty
 from .health import TrainingHealthCallback, check_loss
@@ -74,6 +86,8 @@ logger = logging.getLogger(__name__)
 
 #: Per-row flag column added to a mixed training set (1 for rehearsed rows); collated into the batch.
 REHEARSAL_FLAG = "is_rehearsal"
+#: Per-row flag column of the boundary rows (`boundary_pairs`), 1 for them; collated into the batch when present.
+BOUNDARY_FLAG = "is_boundary"
 _ROW_INDEX = "__row_index__"
 _BUFFER_ROW = "__buffer_row__"
 
@@ -129,6 +143,15 @@ def reference_fingerprint(prompt_ids, chosen_ids, rejected_ids, args: DPOConfig)
     return hashlib.blake2b(json.dumps(payload).encode("utf-8"), digest_size=12).hexdigest()
 
 
+def _row_prompt_ids(tokenizer, prompt) -> list[int]:
+    """A row's prompt tokenized as TRL's `DPOTrainer` tokenizes it: a conversation through the chat template (with the
+    generation prompt), a string as plain text."""
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(ids["input_ids"])
+
+
 class _RehearsalFlagCollator:
     """Wraps TRL's preference collator: also collates the per-row rehearsal flag (0 where a dataset has none) and,
     when the rows have them, the rehearsed rows' stored reference log-probs (NaN for rows without)."""
@@ -139,6 +162,8 @@ class _RehearsalFlagCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         batch[REHEARSAL_FLAG] = torch.tensor([int(example.get(REHEARSAL_FLAG, 0) or 0) for example in examples])
+        if examples and BOUNDARY_FLAG in examples[0]:
+            batch[BOUNDARY_FLAG] = torch.tensor([int(example.get(BOUNDARY_FLAG) or 0) for example in examples])
         if examples and STORED_REF_CHOSEN in examples[0]:
             for column in (STORED_REF_CHOSEN, STORED_REF_REJECTED):
                 values = [math.nan if example.get(column) is None else example[column] for example in examples]
@@ -157,8 +182,13 @@ class ContinualDPOTrainer(DPOTrainer):
         args ([`ContinualDPOConfig`]): `DPOConfig` options plus rehearsal / KL / EWC options.
         rehearsal_buffer ([`RehearsalBuffer`], *optional*): earlier months' pairs; mixed in at `rehearsal_ratio`, and
             [`finish_month`] adds a sample of this month to it.
-        anchor_prompts (*optional*): prompts (strings or conversations) for the retention KL. Defaults to the general
-            anchor prompts plus up to `kl_max_rehearsal_anchors` earlier months' prompts from the buffer.
+        anchor_prompts (*optional*): prompts (strings or conversations) for the retention KL. A sequence replaces
+            every kind; a mapping `{kind: prompts}` replaces the default prompts of those kinds of `kl_anchor_kinds`
+            (each must be selected there). Defaults per kind: `"general"` the general anchor prompts (up to
+            `kl_max_general_anchors`), `"earlier_months"` up to `kl_max_rehearsal_anchors` earlier months' prompts
+            from the buffer, `"same_shape"` up to `kl_max_shape_anchors` same-shape variants of this month's training
+            prompts (`trl_ext.anchors.shape_variant_prompts`). Never evaluation items: pass your own same-shape
+            prompts if the variants could coincide with prompts you evaluate on.
 
     The other arguments are `DPOTrainer`'s. The training data is checked row by row before tokenization
     ([`trl_ext.validation`]); rows whose prompt fills `max_length` raise an error naming them unless
@@ -188,7 +218,7 @@ class ContinualDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config: Optional[PeftConfig] = None,
         rehearsal_buffer: Optional[RehearsalBuffer] = None,
-        anchor_prompts: Optional[Sequence[Union[str, list]]] = None,
+        anchor_prompts: Optional[Union[Sequence[Union[str, list]], Mapping[str, Sequence[Union[str, list]]]]] = None,
     ):
         args = self._continual_args(model, args)
         if train_dataset is None:
@@ -244,6 +274,16 @@ class ContinualDPOTrainer(DPOTrainer):
         # CPUs where bitsandbytes would repack it, also for PEFT LoRA models (see `peft_selective.quantization`).
         keep_4bit_layers_trainable(model)
 
+        # Boundary pairs: raw rows, added before TRL tokenizes (and precomputes reference log-probs) like the others
+        self.boundary_rows = 0
+        if args.boundary_pairs > 0:
+            if processing_class is None:  # as TRL loads it, once, so the rows are tokenized with the trainer's own
+                processing_class = AutoProcessor.from_pretrained(
+                    get_config_model_id(model.config), trust_remote_code=args.trust_remote_code
+                )
+            reference = ref_model if ref_model is not None else model  # full fine-tuning: the untrained model
+            train_dataset = self._add_boundary_rows(train_dataset, reference, processing_class, args)
+
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -272,6 +312,10 @@ class ContinualDPOTrainer(DPOTrainer):
         if self._needs_policy_output:
             self.model.register_forward_hook(self._capture_hook, with_kwargs=True)
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
+        # The global step whose policy gave the anchors' continuations (None: the month t−1 model's, from the start)
+        self._anchors_refreshed_at: Optional[int] = None
+        if args.kl_anchor_refresh_steps > 0 and args.kl_coef == 0:
+            logger.warning("`kl_anchor_refresh_steps` has no effect without the retention KL (`kl_coef > 0`).")
         # (global step, draws in it): the anchor batches depend on the step only, so a resumed run draws the same ones
         self._anchor_draws = (-1, 0)
         # Normalised (and cast) once, in place: the penalty then weighs the update with it as it is, with no copy.
@@ -332,21 +376,131 @@ class ContinualDPOTrainer(DPOTrainer):
         return model
 
     def _build_anchors(self, anchor_prompts) -> AnchorSet:
-        if anchor_prompts is None:
-            anchor_prompts = general_anchor_prompts()[: self.args.kl_max_general_anchors]
-            if self.rehearsal_buffer is not None and len(self.rehearsal_buffer) > 0:
-                count = min(self.args.kl_max_rehearsal_anchors, len(self.rehearsal_buffer))
-                rows = self.rehearsal_buffer.sample(count, seed=self.args.seed)
-                anchor_prompts += [row["prompt"] for row in rows if row.get("prompt")]
-        anchors = AnchorSet(anchor_prompts, self._tokenizer, max_length=self.args.kl_max_anchor_length)
+        """The anchors of `kl_anchor_kinds` (see the `anchor_prompts` argument), continued by the month t−1 model."""
+        args = self.args
+        if anchor_prompts is not None and not isinstance(anchor_prompts, Mapping):
+            prompts, kinds = list(anchor_prompts), ["custom"] * len(anchor_prompts)
+        else:
+            given = dict(anchor_prompts or {})
+            unknown = [kind for kind in given if kind not in ANCHOR_KINDS]
+            if unknown:
+                raise ValueError(f"`anchor_prompts` kinds must be among {list(ANCHOR_KINDS)}, got {unknown}.")
+            unselected = [kind for kind in given if kind not in args.kl_anchor_kinds]
+            if unselected:
+                raise ValueError(
+                    f"`anchor_prompts` gives prompts of kind(s) {unselected}, which `kl_anchor_kinds="
+                    f"{args.kl_anchor_kinds}` does not select; add them there."
+                )
+            prompts, kinds = [], []
+            for kind in args.kl_anchor_kinds:
+                chosen = list(given[kind]) if kind in given else self._default_anchor_prompts(kind)
+                prompts += chosen
+                kinds += [kind] * len(chosen)
+            if not prompts:
+                raise ValueError(
+                    f"The retention KL has no anchor prompt: the kinds {args.kl_anchor_kinds} gave none (see the log); "
+                    "add a kind to `kl_anchor_kinds` or pass `anchor_prompts`."
+                )
+        anchors = AnchorSet(prompts, self._tokenizer, max_length=args.kl_max_anchor_length, kinds=kinds)
         anchors.add_continuations(
             self._reference_model(),
-            self.args.kl_anchor_max_new_tokens,
-            batch_size=self.args.per_device_eval_batch_size,
-            show_progress=not self.args.disable_tqdm,
+            args.kl_anchor_max_new_tokens,
+            batch_size=args.per_device_eval_batch_size,
+            show_progress=not args.disable_tqdm,
         )
-        logger.info("Retention KL on %d anchor sequences.", len(anchors))
+        logger.info("Retention KL on %d anchor sequences %s.", len(anchors), anchors.kind_counts())
         return anchors
+
+    def _default_anchor_prompts(self, kind: str) -> list:
+        args = self.args
+        if kind == "general":
+            return general_anchor_prompts()[: args.kl_max_general_anchors]
+        if kind == "earlier_months":
+            if self.rehearsal_buffer is None or len(self.rehearsal_buffer) == 0:
+                logger.info("No earlier months' anchor prompts: no rehearsal buffer, or an empty one.")
+                return []
+            count = min(args.kl_max_rehearsal_anchors, len(self.rehearsal_buffer))
+            rows = self.rehearsal_buffer.sample(count, seed=args.seed)
+            return [row["prompt"] for row in rows if row.get("prompt")]
+        if kind == "same_shape":
+            if "prompt" not in self.month_dataset.column_names:
+                logger.info("No same-shape anchor prompts: the month's dataset has no `prompt` column.")
+                return []
+            # the month's own rows only (not the rehearsed ones, not evaluation items)
+            month_prompts = self.month_dataset["prompt"]
+            return shape_variant_prompts(month_prompts, max_prompts=args.kl_max_shape_anchors, seed=args.seed)
+        raise ValueError(f"Unknown anchor kind {kind!r}; allowed: {list(ANCHOR_KINDS)}.")
+
+    def _refresh_anchors_if_due(self) -> None:
+        """`kl_anchor_refresh_steps = k > 0`: at global steps k, 2k, ... (once per step, before its first micro-batch)
+        regenerate the anchors' continuations from the current policy. Keyed on the global step only."""
+        every = self.args.kl_anchor_refresh_steps
+        if every <= 0 or self.anchors is None:
+            return
+        due = (self.state.global_step // every) * every
+        if due == 0 or due == self._anchors_refreshed_at:
+            return
+        self.anchors.refresh_continuations(
+            self._policy(), self.args.kl_anchor_max_new_tokens, batch_size=self.args.per_device_eval_batch_size
+        )
+        self._anchors_refreshed_at = due
+        logger.info("Anchor continuations regenerated from the policy at step %d.", self.state.global_step)
+
+    def _add_boundary_rows(self, train_dataset: Dataset, reference, processing_class, args) -> Dataset:
+        """`train_dataset` plus up to `boundary_pairs` boundary rows (see `ContinualDPOConfig.boundary_pairs`), with
+        the flag column `is_boundary`. The chosen answers are `reference`'s greedy ones, generated here, once."""
+        month = self.month_dataset
+        if "prompt" not in month.column_names or len(month) == 0:
+            logger.warning("No boundary rows: the month's dataset has no `prompt` column (or no rows).")
+            return train_dataset
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        month_prompts = month["prompt"]
+        conversational = not isinstance(month_prompts[0], str)
+        picked = [(v.prompt, v.source) for v in shape_variants(month_prompts, args.boundary_pairs, seed=args.seed)]
+        rng = random.Random(f"{args.seed}/boundary")
+        general = general_anchor_prompts()
+        rng.shuffle(general)
+        for prompt in general[: max(0, args.boundary_pairs - len(picked))]:  # topped up with general prompts
+            picked.append(
+                ([{"role": "user", "content": prompt}] if conversational else prompt, rng.randrange(len(month)))
+            )
+        ids = [_row_prompt_ids(tokenizer, prompt) for prompt, _ in picked]
+        answers = greedy_continuations(
+            reference,
+            tokenizer,
+            ids,
+            args.boundary_max_new_tokens,
+            batch_size=args.per_device_eval_batch_size,
+            show_progress=not args.disable_tqdm,
+            desc="Boundary answers",
+        )
+        defaults = {REHEARSAL_FLAG: 0, "source": "boundary"}
+        rows, skipped = [], 0
+        for (prompt, source), answer in zip(picked, answers):
+            text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            row = dict(month[source])
+            rejected = row["chosen"]
+            chosen = [{"role": "assistant", "content": text}] if isinstance(rejected, list) else text
+            if not text or chosen == rejected:
+                skipped += 1
+                continue
+            row.update(prompt=prompt, chosen=chosen, rejected=rejected)
+            rows.append({column: row.get(column, defaults.get(column)) for column in train_dataset.column_names})
+        if skipped:
+            logger.info("%d boundary rows skipped: the reference's answer was empty or the month's own.", skipped)
+        self.boundary_rows = len(rows)
+        flags = [0] * len(train_dataset)
+        if rows:
+            boundary = Dataset.from_list(rows, features=train_dataset.features)
+            validate_preference_dataset(boundary, "boundary")
+            train_dataset = concatenate_datasets([train_dataset, boundary])
+            flags += [1] * len(rows)
+        logger.info(
+            "Added %d boundary rows (off-scope prompt, the month t−1 model's answer over a month answer) to %d rows.",
+            len(rows),
+            len(flags) - len(rows),
+        )
+        return train_dataset.add_column(BOUNDARY_FLAG, flags)
 
     def _reference_model(self) -> torch.nn.Module:
         if self.ref_model is None:
@@ -395,7 +549,7 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in (REHEARSAL_FLAG, STORED_REF_CHOSEN, STORED_REF_REJECTED):
+        for column in (REHEARSAL_FLAG, BOUNDARY_FLAG, STORED_REF_CHOSEN, STORED_REF_REJECTED):
             if column not in self._signature_columns:
                 self._signature_columns = list(self._signature_columns) + [column]
 
@@ -451,16 +605,19 @@ class ContinualDPOTrainer(DPOTrainer):
             self._capture_policy_output = False
 
     def compute_ref_log_probs(self, model, inputs):
-        inputs = {key: value for key, value in inputs.items() if key != REHEARSAL_FLAG}
+        inputs = {key: value for key, value in inputs.items() if key not in (REHEARSAL_FLAG, BOUNDARY_FLAG)}
         return super().compute_ref_log_probs(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         is_rehearsal = inputs.pop(REHEARSAL_FLAG, None)
+        is_boundary = inputs.pop(BOUNDARY_FLAG, None)
         stored_chosen = inputs.pop(STORED_REF_CHOSEN, None)
         stored_rejected = inputs.pop(STORED_REF_REJECTED, None)
         mode = "train" if self.model.training else "eval"
         args = self.args
+        if mode == "train":
+            self._refresh_anchors_if_due()
         own = None if stored_chosen is None else ~torch.isnan(stored_chosen)
         own_reference = own is not None and bool(own.any())
         if own_reference:
@@ -479,6 +636,8 @@ class ContinualDPOTrainer(DPOTrainer):
 
         if is_rehearsal is not None:
             self._metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
+        if is_boundary is not None:
+            self._metrics[mode]["boundary/fraction"].append(self._gathered_mean(is_boundary.float()))
         if output is not None and "sft" in self.loss_types:
             self._metrics[mode]["loss/sft"].append(self._gathered_mean(self._chosen_nll(output, inputs).detach()))
         if output is not None and is_rehearsal is not None and args.rehearsal_nll_coef > 0:
@@ -723,10 +882,12 @@ class ContinualDPOTrainer(DPOTrainer):
         return values
 
     def _fisher_batches(self) -> list[dict[str, torch.Tensor]]:
-        """Chosen halves of collated batches of this month's own rows (rehearsed rows excluded)."""
+        """Chosen halves of collated batches of this month's own rows (rehearsed and boundary rows excluded)."""
         dataset = self.train_dataset
         if REHEARSAL_FLAG in dataset.column_names:
             dataset = dataset.filter(lambda row: not row[REHEARSAL_FLAG])
+        if BOUNDARY_FLAG in dataset.column_names:
+            dataset = dataset.filter(lambda row: not row[BOUNDARY_FLAG])
         dataset = dataset.select(range(min(self.args.fisher_num_examples, len(dataset))))
         columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
         rows = [{column: row[column] for column in columns} for row in dataset]

@@ -1,0 +1,330 @@
+"""Retention where bleed happens: same-shape anchor prompts, on-policy refresh of the anchors' continuations and
+boundary pairs (`kl_anchor_kinds`, `kl_anchor_refresh_steps`, `boundary_pairs` of `ContinualDPOConfig`)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import word_chat_tokenizer
+from datasets import Dataset
+from peft import PeftModel
+from test_continual_dpo import config, month, tiny_llama
+
+from peft_selective import SelectiveMLPConfig
+from trl_ext import AnchorSet, ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from trl_ext.anchors import SHAPE_ATTRIBUTES, greedy_continuations, shape_variant_prompts, shape_variants
+from trl_ext.continual_dpo_trainer import BOUNDARY_FLAG
+
+
+CAPITALS = [
+    "What is the capital of Indonesia?",
+    "What is the capital of Peru?",
+    "Name the capital of France.",
+    "What is the capital of Kenya?",
+]
+
+
+# ------------------------------------------------------------------------------------------------ the generator
+def test_same_shape_variants_replace_the_template_word_and_keep_the_entity():
+    variants = shape_variants(CAPITALS, max_prompts=12, seed=0)
+    assert len(variants) == 12
+    entities = ["Indonesia", "Peru", "France", "Kenya"]
+    for variant in variants:
+        assert variant.template == "capital" and variant.attribute in SHAPE_ATTRIBUTES
+        assert "capital" not in variant.prompt.lower()
+        assert variant.prompt == CAPITALS[variant.source].replace("capital", variant.attribute)
+        assert entities[variant.source] in variant.prompt
+    # the first ones cover every month prompt once, and no variant is repeated
+    assert sorted(v.source for v in variants[:4]) == [0, 1, 2, 3]
+    assert len({v.prompt for v in variants}) == 12
+    assert "What is the population of Indonesia?" in shape_variant_prompts(CAPITALS, max_prompts=100, seed=0)
+
+
+def test_same_shape_variants_are_deterministic_and_seeded():
+    first = shape_variant_prompts(CAPITALS, max_prompts=8, seed=3)
+    assert first == shape_variant_prompts(list(CAPITALS), max_prompts=8, seed=3)
+    assert first != shape_variant_prompts(CAPITALS, max_prompts=8, seed=4)
+    assert shape_variant_prompts(CAPITALS, max_prompts=0) == []
+    # all of them: prompts x attributes
+    assert len(shape_variant_prompts(CAPITALS, max_prompts=1000)) == len(CAPITALS) * len(SHAPE_ATTRIBUTES)
+
+
+def test_a_multi_word_template_is_replaced_whole_and_never_by_itself():
+    prompts = ["What is the largest city of Chile?", "What is the largest city of Spain?"]
+    variants = shape_variants(prompts, max_prompts=100)
+    assert {v.template for v in variants} == {"largest city"}
+    assert all("largest" not in v.prompt and "city" not in v.prompt for v in variants)
+    assert "What is the national dish of Chile?" in [v.prompt for v in variants]
+
+
+def test_too_varied_prompts_give_no_variants_and_say_why(caplog):
+    varied = ["Explain why the sky is blue.", "Write a haiku about the sea.", "How do bees make honey?"]
+    with caplog.at_level(logging.INFO, logger="trl_ext.anchors"):
+        assert shape_variant_prompts(varied) == []
+    assert "too varied" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trl_ext.anchors"):
+        assert shape_variant_prompts(["What is the capital of Peru?"] * 3) == []
+    assert "distinct" in caplog.text
+
+
+def test_conversational_prompts_vary_the_last_user_message_only():
+    prompts = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is the capital of {c}?"}]
+        for c in ("Chile", "Spain", "Japan")
+    ]
+    variants = shape_variants(prompts, max_prompts=6, seed=1)
+    assert len(variants) == 6
+    for variant in variants:
+        system, user = variant.prompt
+        assert system == {"role": "system", "content": "Be brief."}
+        assert user["role"] == "user" and "capital" not in user["content"]
+        assert user["content"] == prompts[variant.source][1]["content"].replace("capital", variant.attribute)
+    assert prompts[0][1]["content"] == "What is the capital of Chile?"  # the month's prompts are left untouched
+
+
+def test_excluded_and_month_prompts_are_never_produced():
+    prompts = CAPITALS + ["What is the population of Peru?"]  # "population" in 1 of 5: not a template word
+    produced = shape_variant_prompts(prompts, max_prompts=1000, exclude=["What is the flag of Kenya?"])
+    assert "What is the population of Peru?" not in produced
+    assert "What is the flag of Kenya?" not in produced
+    assert "What is the flag of Peru?" in produced
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(kl_anchor_kinds=["general", "nearby"]), "among ['general', 'same_shape', 'earlier_months']"),
+        (dict(kl_anchor_kinds=[]), "non-empty"),
+        (dict(kl_anchor_kinds=["general", "general"]), "distinct"),
+        (dict(kl_max_shape_anchors=-1), "kl_max_shape_anchors"),
+        (dict(kl_anchor_refresh_steps=-1), "kl_anchor_refresh_steps"),
+        (dict(kl_anchor_refresh_steps=2, kl_anchor_max_new_tokens=0), "kl_anchor_max_new_tokens > 0"),
+        (dict(boundary_pairs=-2), "boundary_pairs"),
+        (dict(boundary_max_new_tokens=0), "boundary_max_new_tokens"),
+    ],
+)
+def test_bad_anchor_options_are_clear_errors(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config(tmp_path, "m1", **options)
+
+
+def test_anchor_option_defaults_keep_todays_behaviour(tmp_path):
+    args = config(tmp_path, "m1")
+    assert args.kl_anchor_kinds == ["general", "earlier_months"]
+    assert (args.kl_max_shape_anchors, args.kl_anchor_refresh_steps, args.boundary_pairs) == (64, 0, 0)
+    assert args.boundary_max_new_tokens == 48
+    assert config(tmp_path, "m1", kl_anchor_kinds="general, same_shape").kl_anchor_kinds == ["general", "same_shape"]
+    assert ContinualDPOConfig(**{**args.to_dict(), "kl_anchor_kinds": ["same_shape"]}).kl_anchor_kinds == [
+        "same_shape"
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+ENTITIES = "red blue green one two three four five six seven eight nine".split()
+
+
+def capital_month(chosen: str, rejected: str) -> Dataset:
+    """A month of 12 conversational capital questions ("what is the capital of red"), one entity each."""
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"what is the capital of {entity}"}] for entity in ENTITIES],
+            "chosen": [[{"role": "assistant", "content": chosen}]] * len(ENTITIES),
+            "rejected": [[{"role": "assistant", "content": rejected}]] * len(ENTITIES),
+        }
+    )
+
+
+def buffer_with_a_month(tmp_path) -> RehearsalBuffer:
+    buffer = RehearsalBuffer(tmp_path / "buffer")
+    buffer.add_month("m0", month("yes", "no", offset=3), capacity_per_month=12)
+    return buffer
+
+
+def trainer(tmp_path, train_dataset=None, buffer=None, anchor_prompts=None, **options) -> ContinualDPOTrainer:
+    return ContinualDPOTrainer(
+        tiny_llama(),
+        args=config(tmp_path, "m1", **options),
+        train_dataset=train_dataset if train_dataset is not None else capital_month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=buffer,
+        anchor_prompts=anchor_prompts,
+    )
+
+
+KL = dict(kl_coef=0.5, kl_anchor_max_new_tokens=2, kl_max_general_anchors=3, kl_max_rehearsal_anchors=4)
+
+
+def test_the_trainer_builds_anchors_of_every_selected_kind(tmp_path):
+    kinds = ["general", "same_shape", "earlier_months"]
+    built = trainer(
+        tmp_path, buffer=buffer_with_a_month(tmp_path), kl_anchor_kinds=kinds, kl_max_shape_anchors=5, **KL
+    )
+    assert built.anchors.kind_counts() == {"general": 3, "same_shape": 5, "earlier_months": 4}
+    # same-shape anchors come from the month's own prompts, with the template word replaced and the entity kept
+    shaped = [p for p, kind in zip(built.anchors.prompts, built.anchors.kinds) if kind == "same_shape"]
+    for prompt in shaped:
+        text = prompt[-1]["content"]
+        assert text.startswith("what is the ") and "capital" not in text
+        assert text.split(" of ")[-1] in ENTITIES and text.split(" of ")[0][12:] in SHAPE_ATTRIBUTES
+    # the default kinds are today's anchors: the general prompts, then the buffer's
+    default = trainer(tmp_path, buffer=RehearsalBuffer(tmp_path / "buffer"), **KL)
+    assert default.anchors.kind_counts() == {"general": 3, "earlier_months": 4}
+    assert default.anchors.kinds == ["general"] * 3 + ["earlier_months"] * 4
+
+
+def test_anchor_prompts_per_kind_replace_that_kinds_defaults(tmp_path):
+    own = ["what is the capital of france", "what is the capital of germany"]
+    built = trainer(tmp_path, anchor_prompts={"same_shape": own}, kl_anchor_kinds=["general", "same_shape"], **KL)
+    assert built.anchors.kind_counts() == {"general": 3, "same_shape": 2}
+    assert built.anchors.prompts[3:] == own
+    with pytest.raises(ValueError, match="does not select"):
+        trainer(tmp_path, anchor_prompts={"same_shape": own}, **KL)
+    with pytest.raises(ValueError, match="kinds must be among"):
+        trainer(tmp_path, anchor_prompts={"nearby": own}, **KL)
+
+
+def test_no_anchor_of_any_selected_kind_is_a_clear_error(tmp_path):
+    varied = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": text}] for text in ("red one", "blue two", "green three")],
+            "chosen": [[{"role": "assistant", "content": "good"}]] * 3,
+            "rejected": [[{"role": "assistant", "content": "bad"}]] * 3,
+        }
+    )
+    with pytest.raises(ValueError, match="no anchor prompt"):
+        trainer(tmp_path, varied, kl_anchor_kinds=["same_shape"], **KL)
+
+
+def spy_on_refreshes(monkeypatch, policy_holder: list) -> list[dict]:
+    """Record every anchor refresh: the step, the model it used, and whether the result is that model's greedy
+    continuation of the kept prompt ids."""
+    calls = []
+    original = AnchorSet.refresh_continuations
+
+    def spy(self, model, max_new_tokens, batch_size=8, show_progress=False):
+        training = model.training
+        original(self, model, max_new_tokens, batch_size=batch_size, show_progress=show_progress)
+        expected = greedy_continuations(model, self.tokenizer, self.prompt_ids, max_new_tokens, show_progress=False)
+        calls.append(
+            dict(
+                step=policy_holder[0].state.global_step,
+                policy=model is policy_holder[0]._policy(),
+                mode_kept=model.training == training,
+                greedy=self.sequences == [p + c for p, c in zip(self.prompt_ids, expected)],
+                tokens=max_new_tokens,
+            )
+        )
+
+    monkeypatch.setattr(AnchorSet, "refresh_continuations", spy)
+    return calls
+
+
+def test_refresh_regenerates_the_continuations_from_the_policy_every_k_steps(tmp_path, monkeypatch):
+    holder: list = []
+    calls = spy_on_refreshes(monkeypatch, holder)
+    built = trainer(tmp_path, kl_anchor_refresh_steps=2, kl_direction="reverse", max_steps=5, **KL)
+    holder.append(built)
+    before = [list(ids) for ids in built.anchors.sequences]
+    built.train()
+    assert [call["step"] for call in calls] == [2, 4]
+    assert all(call["policy"] and call["mode_kept"] and call["greedy"] and call["tokens"] == 2 for call in calls)
+    # the prompt ids are kept across refreshes
+    assert [ids[: start + 1] for ids, start in zip(built.anchors.sequences, built.anchors.score_from)] == [
+        ids[: start + 1] for ids, start in zip(before, built.anchors.score_from)
+    ]
+
+
+def test_without_refresh_the_reference_continuations_stay(tmp_path, monkeypatch):
+    holder: list = []
+    calls = spy_on_refreshes(monkeypatch, holder)
+    built = trainer(tmp_path, max_steps=3, **KL)
+    holder.append(built)
+    before = [list(ids) for ids in built.anchors.sequences]
+    built.train()
+    assert calls == [] and built.anchors.sequences == before
+
+
+def test_drop_continuations_keeps_the_prompt_ids(tmp_path):
+    built = trainer(tmp_path, **KL)
+    anchors = built.anchors
+    assert all(len(ids) > len(p) for ids, p in zip(anchors.sequences, anchors.prompt_ids))
+    anchors.drop_continuations()
+    assert anchors.sequences == anchors.prompt_ids and anchors.sequences[0] is not anchors.prompt_ids[0]
+
+
+def decoded_greedy(model, tokenizer, prompt, max_new_tokens) -> str:
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids["input_ids"]]),
+            attention_mask=torch.ones(1, len(ids["input_ids"]), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, len(ids["input_ids"]) :], skip_special_tokens=True).strip()
+
+
+def test_boundary_rows_prefer_the_references_answer_over_the_months_style(tmp_path):
+    month_rows = capital_month("good", "bad")
+    built = trainer(tmp_path, month_rows, boundary_pairs=5, boundary_max_new_tokens=4)
+    data = built.train_dataset
+    flags = data[BOUNDARY_FLAG]
+    assert sum(flags) == built.boundary_rows and len(data) == len(month_rows) + built.boundary_rows
+    assert built.boundary_rows >= 3  # an empty answer (EOS first) is skipped, with a log line
+    month_prompts = [row[0]["content"] for row in month_rows["prompt"]]
+    tokenizer = word_chat_tokenizer()
+    reference = built.ref_model
+    for row in data.select([i for i, flag in enumerate(flags) if flag]):
+        prompt = row["prompt"][-1]["content"]
+        assert prompt not in month_prompts and "capital" not in prompt  # a same-shape variant
+        assert row["rejected"] == [{"role": "assistant", "content": "good"}]  # the month's chosen answer
+        assert row["chosen"][0]["role"] == "assistant"
+        assert row["chosen"][0]["content"] == decoded_greedy(reference, tokenizer, row["prompt"], 4)
+        assert row["chosen_ids"] and row["prompt_ids"]  # tokenized like the others
+    assert not any(flags[: len(month_rows)])
+    # the month's rows are the ones kept for rehearsal and the Fisher, not the boundary rows
+    assert len(built.month_dataset) == len(month_rows)
+    built.train()
+    logged = {key for entry in built.state.log_history for key in entry}
+    assert "boundary/fraction" in logged
+
+
+def test_boundary_rows_top_up_with_general_prompts_and_work_with_own_month_rehearsal(tmp_path):
+    first = trainer(tmp_path, capital_month("yes", "no"), buffer=RehearsalBuffer(tmp_path / "buffer"), max_steps=1)
+    first.train()
+    first.finish_month("m1")
+    second = ContinualDPOTrainer(
+        first.model,
+        args=config(tmp_path, "m2", rehearsal_ratio=0.25, boundary_pairs=40, boundary_max_new_tokens=3, max_steps=2),
+        train_dataset=capital_month("good", "bad"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=first.rehearsal_buffer,
+    )
+    assert isinstance(second.model, PeftModel)
+    data = second.train_dataset
+    boundary = data.select([i for i, flag in enumerate(data[BOUNDARY_FLAG]) if flag])
+    # 12 month prompts x 16 attributes would do; with 40 asked they are all same-shape variants
+    assert len(boundary) == second.boundary_rows > 0
+    assert set(boundary["source"]) == {"boundary"} and not any(boundary["is_rehearsal"])
+    assert all(value is None for value in boundary["rehearsal_ref_chosen_logps"])  # the month t−1 reference
+    assert second.own_reference_rows > 0  # rehearsed rows keep their own month's reference
+    second.train()
+
+
+def test_boundary_rows_fall_back_to_general_prompts_for_string_months(tmp_path):
+    varied = Dataset.from_dict(
+        {"prompt": ["red one", "blue two", "green three"], "chosen": ["good"] * 3, "rejected": ["bad"] * 3}
+    )
+    built = trainer(tmp_path, varied, boundary_pairs=4, boundary_max_new_tokens=3)
+    data = built.train_dataset
+    boundary = data.select([i for i, flag in enumerate(data[BOUNDARY_FLAG]) if flag])
+    general = __import__("trl_ext").general_anchor_prompts()
+    assert all(prompt in general for prompt in boundary["prompt"])  # strings, like the month's prompts
+    assert all(rejected.startswith("good") for rejected in boundary["rejected"])  # TRL appends EOS
