@@ -5,7 +5,7 @@ Importing it registers the PEFT methods of `peft_selective` too.
 
 import peft_selective  # noqa: F401
 
-from .anchors import AnchorSet, anchor_kl, general_anchor_prompts
+from .anchors import AnchorSet, anchor_kl, general_anchor_prompts, shape_variant_prompts
 from .continual_dpo_config import ContinualDPOConfig
 from .continual_dpo_trainer import ContinualDPOTrainer
 from .ewc import FisherState, estimate_fisher, ewc_penalty
@@ -30,5 +30,6 @@ __all__ = [
     "estimate_fisher",
     "ewc_penalty",
     "general_anchor_prompts",
+    "shape_variant_prompts",
     "validate_preference_dataset",
 ]
