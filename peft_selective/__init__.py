@@ -1,8 +1,10 @@
 """peft-selective: PEFT methods that learn new data without forgetting what the model knew.
 
 Importing this package registers its methods with PEFT (`get_peft_model(model, SelectiveMLPConfig())` then just
-works). Once the package is installed, a start-up hook also registers them as soon as any program imports `peft`, so
-plain PEFT code can load saved adapters (see `peft_selective._autoload`).
+works): each tuner package registers its own when imported, as PEFT's tuners do (see `peft_selective.registration`).
+`register()` is kept for compatibility and is harmless to call. Once the package is installed, a start-up hook also
+imports it as soon as any program imports `peft`, so plain PEFT code can load saved adapters (see
+`_peft_selective_autoload.py`).
 """
 
 from .registration import register
@@ -22,8 +24,6 @@ from .tuners.selective import (
     SelectiveMLPModel,
 )
 
-
-register()
 
 __version__ = "0.1.0"
 

@@ -1,23 +1,29 @@
-"""Register the peft-selective methods with PEFT.
+"""How a peft-selective method is registered with PEFT: the mechanism only, no method is named here.
 
-PEFT keeps its method types in the closed enum `peft.utils.peft_types.PeftType`, and
-`register_peft_method` refuses a name that is not already a member. transformers' PEFT integration also calls
-`.value` on `peft_type`, so a plain string would not do: we add real enum members, idempotently, and then go
-through PEFT's own `register_peft_method` so that every mapping PEFT consults (config, tuner, prefix) is filled.
+Each tuner package registers its own methods when it is imported, as PEFT's tuners do in their `__init__.py`
+(`tuners/selective/__init__.py`: selective_mlp and saproj; `tuners/geometry/__init__.py`: geometry_projected).
+Importing `peft_selective` imports both, so importing the package registers everything; the start-up hook
+`_peft_selective_autoload` does that as soon as a program imports `peft`.
+
+PEFT keeps its method types in the closed enum `peft.utils.peft_types.PeftType`, and `register_peft_method` refuses a
+name that is not already a member. transformers' PEFT integration also calls `.value` on `peft_type`, so a plain
+string would not do: `register_method` adds a real enum member, idempotently, and then goes through PEFT's own
+`register_peft_method` so that every mapping PEFT consults (config, tuner, prefix) is filled.
+
+This module imports nothing from the package, so every tuner can import it without an import cycle.
 """
 
 from __future__ import annotations
 
-import threading
-
 from peft.utils.peft_types import PeftType, register_peft_method
 
 
-_lock = threading.Lock()
-_registered = False
+#: The parameter prefix shared by every method of the package: all of them use the selective delta layer, whose
+#: adapter tensors are all named `selective_*` (as LoRA and AdaLoRA share `lora_`).
+PREFIX = "selective_"
 
 
-def _extend_peft_type(name: str) -> PeftType:
+def extend_peft_type(name: str) -> PeftType:
     """Add `name` to PEFT's `PeftType` enum (no-op if it is already there) and return the member."""
     if name in PeftType.__members__:
         return PeftType[name]
@@ -34,27 +40,21 @@ def _extend_peft_type(name: str) -> PeftType:
     return member
 
 
-def register() -> None:
-    """Register SELECTIVE_MLP, SAPROJ and GEOMETRY_PROJECTED with PEFT. Safe to call any number of times."""
-    global _registered
-    if _registered:
+def register_method(name: str, config_cls: type, model_cls: type, prefix: str = PREFIX) -> None:
+    """Register the PEFT method `name` (lower case; its `PeftType` member is `name.upper()`) with PEFT.
+
+    Idempotent: registering the same config class again (a module imported twice, e.g. under another name) is a
+    no-op. Called by each tuner package's `__init__.py` after importing its classes."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = extend_peft_type(name.upper())
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
         return
-    with _lock:
-        if _registered:
-            return
-        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 
-        from .tuners.selective import methods
 
-        for method in methods():
-            peft_type = _extend_peft_type(method.name.upper())
-            if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is method.config_cls:
-                continue
-            # All three share the layer, hence its parameter prefix `selective_` (PEFT's default would be the name).
-            register_peft_method(
-                name=method.name,
-                config_cls=method.config_cls,
-                model_cls=method.model_cls,
-                prefix=method.model_cls.prefix,
-            )
-        _registered = True
+def register() -> None:
+    """Kept for compatibility; calling it is harmless and does nothing more.
+
+    The methods are registered when their tuner packages are imported, and importing `peft_selective` (which any
+    import of this module does first) imports them all."""

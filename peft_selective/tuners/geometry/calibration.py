@@ -29,6 +29,7 @@ from ..selective.layer import SelectiveLayer
 from .config import GeometryProjectedConfig
 from .statistics import collect_statistics
 from .subspace import choose_subspace, combine_second_moments, covariance_upper_bound, decompose
+from .variant import ProtectedStats, is_soft
 
 
 logger = logging.getLogger(__name__)
@@ -297,14 +298,14 @@ def _previous_state(layer: SelectiveLayer, previous_adapter: str, name: str) -> 
             f"{name} has no calibrated subspace for previous adapter {previous_adapter!r}: pass a calibrated "
             "GeometryProjected adapter that targets the same modules."
         )
-    stats = layer.selective_protected_stats[previous_adapter]
+    stats = ProtectedStats.from_tensor(layer.selective_protected_stats[previous_adapter])
     return {
         "covariance": covariance_upper_bound(
             layer.selective_protected_basis[previous_adapter].cpu(),
             layer.selective_protected_values[previous_adapter].cpu(),
-            float(stats[0]),
+            stats.residual_eigenvalue,
         ),
-        "output_energy": float(stats[1]),
+        "output_energy": stats.output_energy,
     }
 
 
@@ -419,19 +420,18 @@ def report_from_model(model: nn.Module, adapter_name: Optional[str] = None) -> G
     for name, layer in _geometry_layers(model, adapter_name).items():
         if not layer.is_calibrated(adapter_name):
             continue
-        residual, energy, tokens, cap, outliers = (float(v) for v in layer.selective_protected_stats[adapter_name])
-        calibration_tokens = max(calibration_tokens, int(tokens))
+        stats = ProtectedStats.from_tensor(layer.selective_protected_stats[adapter_name])
+        calibration_tokens = max(calibration_tokens, stats.calibration_tokens)
         weights = layer.selective_protected_weights[adapter_name]
-        soft = bool((weights < 1).any())
         dim = int(weights.sum().round())
         layers[name] = LayerGuarantee(
             in_features=layer.in_features,
             protected_dim=dim,
             free_dim=layer.in_features - dim,
-            soft_projector=soft,
-            outlier_axes=int(outliers),
-            residual_eigenvalue=residual,
-            output_energy=energy,
-            bound=math.sqrt(max(residual, 0.0)) * cap / math.sqrt(max(energy, 1e-30)),
+            soft_projector=is_soft(weights),
+            outlier_axes=stats.outlier_axes,
+            residual_eigenvalue=stats.residual_eigenvalue,
+            output_energy=stats.output_energy,
+            bound=stats.bound(),
         )
     return GuaranteeReport(adapter_name, config.tolerance, config.norm_cap, calibration_tokens, layers=layers)

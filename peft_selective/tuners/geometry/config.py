@@ -1,4 +1,6 @@
-"""Config of GeometryProjected: the selective update, constrained away from the protected subspace."""
+"""Config of GeometryProjected: the selective update, constrained away from the protected subspace.
+
+A preset of the selective config whose adapters get the layer variant `variant.ProjectedVariant`."""
 
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ class GeometryProjectedConfig(SelectiveConfig):
 
     target_roles: ClassVar[frozenset[Role]] = frozenset({Role.MLP_INPUT, Role.ATTENTION})
     peft_type_name: ClassVar[str] = "GEOMETRY_PROJECTED"
+    # the layer applies the update through `variant.ProjectedVariant` (registered under this name by the package)
+    layer_variant: ClassVar[Optional[str]] = "projected"
     requires_calibration: ClassVar[bool] = True
 
     def __post_init__(self):

@@ -57,7 +57,13 @@ class ProtectedSubspace:
 
     def bound(self, norm_cap: float, output_energy: float) -> float:
         """Upper bound of the relative output change on protected data for `‖ΔW‖_F ≤ norm_cap`."""
-        return math.sqrt(max(self.residual_eigenvalue, 0.0)) * norm_cap / math.sqrt(max(output_energy, 1e-30))
+        return relative_output_bound(self.residual_eigenvalue, norm_cap, output_energy)
+
+
+def relative_output_bound(residual_eigenvalue: float, norm_cap: float, output_energy: float) -> float:
+    """The guarantee: `sqrt(E‖ΔW x‖² / E‖y‖²) ≤ sqrt(λ_bound) ρ / sqrt(E‖y‖²)` for any update with `‖ΔW‖_F ≤ ρ`
+    (see the module docstring). The one place the formula is written: calibration and saved adapters both use it."""
+    return math.sqrt(max(residual_eigenvalue, 0.0)) * norm_cap / math.sqrt(max(output_energy, 1e-30))
 
 
 def _outlier_axes(covariance: torch.Tensor, outlier_ratio: float) -> torch.Tensor:

@@ -1,37 +1,24 @@
-"""The selective PEFT methods: one delta layer and tuner, several presets (config subclasses)."""
+"""The selective PEFT methods: one delta layer and tuner, several presets (config subclasses).
+
+Importing this package registers its methods with PEFT (`selective_mlp`, `saproj`), as PEFT's own tuners register
+themselves in their `__init__.py`. GeometryProjected builds on this package (`..geometry`), never the other way round:
+its behaviour on the shared layer is a variant (`layer.SelectiveVariant`) that it registers itself.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+from ...registration import register_method
 from .config import SAProjConfig, SelectiveConfig, SelectiveMLPConfig
-from .layer import Linear, ParamWrapper, SelectiveLayer
+from .layer import Linear, ParamWrapper, SelectiveLayer, SelectiveVariant, register_variant
 from .model import SAProjModel, SelectiveMLPModel, SelectiveModel
 
 
-class Method(NamedTuple):
-    """A PEFT method as registered: its lower-case name (PeftType member = name.upper()) and classes."""
-
-    name: str
-    config_cls: type
-    model_cls: type
-
-
-def methods() -> list[Method]:
-    """Every PEFT method of the package (imported lazily: GeometryProjected builds on this module)."""
-    from ..geometry import GeometryProjectedConfig, GeometryProjectedModel
-
-    return [
-        Method("selective_mlp", SelectiveMLPConfig, SelectiveMLPModel),
-        Method("saproj", SAProjConfig, SAProjModel),
-        Method("geometry_projected", GeometryProjectedConfig, GeometryProjectedModel),
-    ]
+register_method("selective_mlp", SelectiveMLPConfig, SelectiveMLPModel)
+register_method("saproj", SAProjConfig, SAProjModel)
 
 
 __all__ = [
-    "methods",
     "Linear",
-    "Method",
     "ParamWrapper",
     "SAProjConfig",
     "SAProjModel",
@@ -40,4 +27,6 @@ __all__ = [
     "SelectiveMLPConfig",
     "SelectiveMLPModel",
     "SelectiveModel",
+    "SelectiveVariant",
+    "register_variant",
 ]

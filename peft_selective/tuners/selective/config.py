@@ -1,16 +1,18 @@
 """Configs of the selective methods: one dataclass of shared options, one small subclass per preset.
 
-The presets differ only in *where* the update goes (which block roles), never in how it is applied: every preset
-uses the same delta layer (`layer.py`) and tuner (`model.py`).
+The presets differ only in *where* the update goes (which block roles): every preset uses the same delta layer
+(`layer.py`) and tuner (`model.py`). A preset that changes *how* the update is applied names a layer variant
+(`layer_variant`, as GeometryProjected does in `..geometry`); the presets here use the plain update.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
 
 from ...targets import Role
 
@@ -84,16 +86,17 @@ class SelectiveConfig(PeftConfig):
 
     #: The block roles a preset targets when `target_modules` is None.
     target_roles: ClassVar[frozenset[Role]] = frozenset()
-    #: PeftType member name of the preset (set by subclasses).
+    #: PeftType member name of the preset (set by subclasses). The member exists by the time a config is built:
+    #: importing this module imports its tuner package first, whose `__init__.py` registers the method.
     peft_type_name: ClassVar[str] = ""
+    #: Name of the layer variant (`layer.SelectiveVariant`, registered with `layer.register_variant`) that gives the
+    #: preset's adapters extra behaviour on the shared layer; None: the plain additive update.
+    layer_variant: ClassVar[Optional[str]] = None
+    #: Whether the adapter must be calibrated before training (GeometryProjected).
+    requires_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()
-        from peft.utils.peft_types import PeftType
-
-        from ...registration import register
-
-        register()  # the enum member must exist before we can name it
         self.peft_type = PeftType[self.peft_type_name]
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
             raise ValueError(f"`rank` must be None (full-rank update) or a positive integer, got {self.rank!r}.")

@@ -3,6 +3,12 @@
 A targeted layer `y = W x + b` becomes `y = W x + b + Σ_active (ΔW_a x + Δb_a)`: each adapter holds an additive
 update, so several adapters active at once simply add up (months 1..t stacked), disabling adapters returns exactly
 the base computation, and merging adds `ΔW` into `W`. `ΔW` is a full matrix (`rank=None`) or `scale · B A`.
+
+Optional behaviour of an adapter on this shared layer is a variant (`SelectiveVariant`), as PEFT does it for LoRA
+(`LoraVariant`, e.g. DoRA): the layer calls the variant's hooks (init, forward factors, delta weight for merging,
+load pre-hook, delete) for the adapters that have one. GeometryProjected's projection and norm cap are the variant
+`ProjectedVariant` of `..geometry.variant`, which registers itself under a name (`register_variant`) that its config
+gives (`SelectiveConfig.layer_variant`), so this package never imports the geometry one.
 """
 
 from __future__ import annotations
@@ -21,15 +27,74 @@ from torch import nn
 from .config import SelectiveConfig
 
 
+class SelectiveVariant:
+    """Optional behaviour of one adapter of a [`SelectiveLayer`] (as PEFT's `LoraVariant`).
+
+    The layer creates one instance per adapter whose config names the variant (`SelectiveConfig.layer_variant`), keeps
+    it in `layer.selective_variant[adapter]` and calls these hooks instead of (or besides) its plain code. Tensors
+    that must be saved with the adapter are declared by the layer (as LoRA declares DoRA's magnitude), so that the
+    state-dict keys never depend on which variants are registered."""
+
+    def init(self, module: SelectiveLayer, adapter: str, config: SelectiveConfig, module_name: str | None) -> None:
+        """Called by `update_layer` once the adapter's parameters exist (`module_name`: the tuner's full name of the
+        layer when known)."""
+
+    def prepare(self, module: SelectiveLayer, adapter: str) -> None:
+        """Called before the adapter's update is used (forward, merge, queries): bring lazy state up to date."""
+
+    def check_forward(self, module: SelectiveLayer, adapter: str) -> None:
+        """Called before a forward pass that uses the adapter (may refuse to run, e.g. an uncalibrated adapter)."""
+        self.prepare(module, adapter)
+
+    def delta_weight(self, module: SelectiveLayer, adapter: str) -> torch.Tensor:
+        """The update `ΔW` (merge, unmerge, fused full-rank forward), shaped `(*leading, out, in)`."""
+        raise NotImplementedError
+
+    def low_rank_factors(self, module: SelectiveLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`(A, B, scale)` of a low-rank adapter's forward pass, `ΔW x = scale · B (A x)`."""
+        raise NotImplementedError
+
+    def load_pre_hook(self, module: SelectiveLayer, adapter: str, state_dict: dict, prefix: str) -> None:
+        """Called from the layer's `load_state_dict` pre-hook, before the checkpoint's tensors are copied in."""
+
+    def delete(self, module: SelectiveLayer, adapter: str) -> None:
+        """Called when the adapter is deleted from the layer."""
+
+
+#: Variant classes by name. Filled by the packages that define them (GeometryProjected registers "projected" in
+#: `tuners/geometry/__init__.py`), so that this module never imports them.
+VARIANTS: dict[str, type[SelectiveVariant]] = {}
+#: The variant that owns the protected-subspace buffers (`SelectiveLayer.protected_buffer_names`).
+PROTECTED_SUBSPACE_VARIANT = "projected"
+
+
+def register_variant(name: str, variant_cls: type[SelectiveVariant]) -> None:
+    """Make `variant_cls` available to configs whose `layer_variant` is `name` (idempotent for the same class)."""
+    if VARIANTS.get(name, variant_cls) is not variant_cls:
+        raise KeyError(f"A different selective layer variant is already registered as {name!r}: {VARIANTS[name]}.")
+    VARIANTS[name] = variant_cls
+
+
+def _variant_class(name: str) -> type[SelectiveVariant]:
+    if name not in VARIANTS:
+        raise KeyError(
+            f"Unknown selective layer variant {name!r} (registered: {sorted(VARIANTS)}); it is registered when the "
+            "package that defines it is imported (`import peft_selective` imports them all)."
+        )
+    return VARIANTS[name]
+
+
 class SelectiveLayer(BaseTunerLayer):
     """Adapter state of one targeted layer: per adapter a full-rank `selective_delta_weight` or a low-rank pair
     `selective_delta_A`/`selective_delta_B`, and optionally `selective_delta_bias`. Every matrix is stored
     `(out_features, in_features)`.
 
-    An adapter may also carry a protected input subspace (GeometryProjected): orthonormal columns `U` with removal
-    weights `w`, applied to the input side of the update, `ΔW = ΔW' (I - U diag(w) Uᵀ)`, and a cap on `‖ΔW‖_F`.
-    Projecting the parametrisation (not the gradients) keeps the constraint exact under any optimizer. Adapters
-    without a subspace are the plain selective update."""
+    An adapter may have a variant (`selective_variant[adapter]`, see [`SelectiveVariant`]) that changes how its update
+    is applied. The one variant today is GeometryProjected's (`..geometry.variant.ProjectedVariant`): a protected
+    input subspace, projected out of the update, and a cap on `‖ΔW‖_F`. Its tensors are declared here
+    (`protected_buffer_names`) so that their state-dict keys are the layer's, and so are the Python-side mirrors
+    `norm_cap` / `soft_projection` that code outside the variant reads; everything else about it is the variant's.
+    Adapters without a variant are the plain selective update."""
 
     # Every name starts with the tuner prefix `selective_` (shared by all three methods, as `lora_` is by LoRA and
     # AdaLoRA): PEFT finds adapter keys by that prefix (missing keys on load, `inject_adapter_in_model(state_dict=)`)
@@ -37,16 +102,15 @@ class SelectiveLayer(BaseTunerLayer):
     # `SelectiveModel._remap_adapter_state_dict_for_load`.
     adapter_layer_names = ("selective_delta_weight", "selective_delta_A", "selective_delta_B", "selective_delta_bias")
     other_param_names = ("rank", "scaling", "norm_cap")
-    # Buffers of the protected subspace; their shapes depend on calibration: created in the shapes the config records
-    # (`GeometryProjectedConfig.protected_dims`), else empty and sized on load, see `_resize_protected_buffers`.
+    # Buffers of the protected subspace of the "projected" variant, persistent (saved with the adapter); created and
+    # sized by the variant (`ProjectedVariant.init` / `.load_pre_hook`). `selective_protected_stats` is the 5-vector
+    # of `..geometry.variant.ProtectedStats`.
     protected_buffer_names = (
         "selective_protected_basis",
         "selective_protected_weights",
         "selective_protected_values",
         "selective_protected_stats",
     )
-    # selective_protected_stats layout: [residual eigenvalue, output energy E‖y‖², calibration tokens, norm cap, outlier axes]
-    _STATS_SIZE = 5
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -56,15 +120,11 @@ class SelectiveLayer(BaseTunerLayer):
         self.selective_delta_A = nn.ParameterDict({})
         self.selective_delta_B = nn.ParameterDict({})
         self.selective_delta_bias = nn.ParameterDict({})
-        # Python-side mirrors of the protected buffers, so the forward pass needs no device sync to read them:
-        # `norm_cap` is set exactly when the adapter is calibrated.
+        self.selective_variant: dict[str, SelectiveVariant] = {}
+        # Python-side mirrors of the projected variant's buffers, so the forward pass needs no device sync to read
+        # them: `norm_cap` (cap on ‖ΔW‖_F, None: no cap) is set exactly when the adapter is calibrated.
         self.norm_cap: dict[str, Optional[float]] = {}
         self.soft_projection: dict[str, bool] = {}
-        # Adapters whose mirrors may lag their buffers: created (placeholders), then possibly filled by a loader that
-        # copies tensors in without `load_state_dict` (transformers' `load_adapter` / `from_pretrained(adapter_dir)`),
-        # so neither calibration nor the pre-hook set the mirrors. Read once from the buffers, see
-        # `_sync_protected_mirrors`.
-        self._mirrors_pending: set[str] = set()
         self.requires_calibration: dict[str, bool] = {}
         for name in self.protected_buffer_names:
             setattr(self, name, BufferDict({}, persistent=True))
@@ -80,11 +140,14 @@ class SelectiveLayer(BaseTunerLayer):
         self.leading_shape = leading
 
     def update_layer(
-        self, adapter_name: str, config: SelectiveConfig, inference_mode: bool = False, protected_dim: int = 0
+        self,
+        adapter_name: str,
+        config: SelectiveConfig,
+        inference_mode: bool = False,
+        module_name: Optional[str] = None,
     ) -> None:
-        """Create (or re-create) the update of `adapter_name` in this layer. `protected_dim`: the calibrated number
-        of protected directions, when the config records it (`GeometryProjectedConfig.protected_dims`), so that the
-        protected buffers are created in the shapes of the checkpoint about to be loaded."""
+        """Create (or re-create) the update of `adapter_name` in this layer, with the variant its config names.
+        `module_name`: the tuner's full name of this layer, for variants whose config records per-module state."""
         rank = config.rank
         if rank is not None and rank > min(self.in_features, self.out_features):
             warnings.warn(
@@ -106,22 +169,13 @@ class SelectiveLayer(BaseTunerLayer):
         if config.train_bias and self.base_has_bias:
             self.selective_delta_bias[adapter_name] = nn.Parameter(torch.zeros(*lead, self.out_features))
         self.reset_parameters(adapter_name, config.init_weights)
-        self.requires_calibration[adapter_name] = getattr(config, "requires_calibration", False)
+        self.requires_calibration[adapter_name] = False
         self.norm_cap[adapter_name] = None
         self.soft_projection.pop(adapter_name, None)
-        self._mirrors_pending.discard(adapter_name)
-        if self.requires_calibration[adapter_name]:
-            # Zero placeholders (a no-op projection, "not calibrated" stats), so the keys exist when a calibrated
-            # adapter is loaded: in the calibrated shapes when the config records them, else empty and sized on load
-            # by `_resize_protected_buffers`.
-            self._store_protected(
-                adapter_name,
-                torch.zeros(self.in_features, protected_dim),
-                torch.zeros(protected_dim),
-                torch.zeros(protected_dim),
-                torch.zeros(self._STATS_SIZE),
-            )
-            self._mirrors_pending.add(adapter_name)
+        self.selective_variant.pop(adapter_name, None)
+        if config.layer_variant is not None:
+            variant = self.selective_variant[adapter_name] = _variant_class(config.layer_variant)()
+            variant.init(self, adapter_name, config, module_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -138,115 +192,52 @@ class SelectiveLayer(BaseTunerLayer):
             if adapter_name in params:
                 nn.init.normal_(params[adapter_name], std=0.02)
 
-    # ------------------------------------------------------------------------------------------ protected subspace
-    def _store_protected(self, adapter: str, basis, weights, values, stats) -> None:
-        device = self._adapter_device(adapter)
-        for name, tensor in zip(self.protected_buffer_names, (basis, weights, values, stats)):
-            # fp32 whatever the base dtype: the projection is what the guarantee rests on
-            getattr(self, name)[adapter] = tensor.detach().to(device=device, dtype=torch.float32)
-
-    def _adapter_device(self, adapter: str) -> torch.device:
-        for params in (self.selective_delta_weight, self.selective_delta_A):
-            if adapter in params:
-                return params[adapter].device
-        return torch.device("cpu")
-
+    # ---------------------------------------------------------------------------------------------------- variants
+    # Entry points of the projected variant kept on the layer (calibration, `peft_selective.retention` and tests use
+    # them); they do nothing for adapters without a variant. The behaviour is `ProjectedVariant`'s.
     def set_protected_subspace(
         self, adapter: str, subspace, *, output_energy: float, norm_cap: float, num_tokens: int
     ) -> None:
-        """Install a calibrated protected subspace (`geometry.subspace.ProtectedSubspace`) for `adapter`."""
-        stats = torch.tensor(
-            [subspace.residual_eigenvalue, output_energy, float(num_tokens), norm_cap, float(subspace.num_outliers)]
-        )
-        self._store_protected(adapter, subspace.basis, subspace.weights, subspace.basis_values, stats)
-        self.norm_cap[adapter] = norm_cap
-        self.soft_projection[adapter] = bool(subspace.soft)
-        self.requires_calibration[adapter] = True
-        self._mirrors_pending.discard(adapter)
-
-    def _sync_protected_mirrors(self, adapter: str) -> None:
-        """Set `norm_cap` / `soft_projection` of `adapter` from its buffers, once after it was created.
-
-        Calibration and the load pre-hook set the mirrors themselves; transformers' adapter loaders copy the
-        checkpoint into the buffers without `load_state_dict`, so a freshly created adapter is read back here, on its
-        first use (forward, merge, `is_calibrated`), after any such load. One device read per adapter and layer, then
-        cached: an adapter still uncalibrated then stays so until calibrated or loaded through `load_state_dict`."""
-        if adapter not in self._mirrors_pending:
-            return
-        if adapter not in self.selective_protected_stats:
-            self._mirrors_pending.discard(adapter)
-            return
-        stats = self.selective_protected_stats[adapter]
-        if stats.is_meta:  # not materialized yet (meta-device initialization): read it later
-            return
-        self._mirrors_pending.discard(adapter)
-        _, _, tokens, cap, _ = stats.tolist()
-        if tokens > 0:
-            self.norm_cap[adapter] = float(cap)
-            self.soft_projection[adapter] = bool((self.selective_protected_weights[adapter] < 1).any())
+        """Install a calibrated protected subspace (`geometry.subspace.ProtectedSubspace`) for `adapter`, giving it
+        the projected variant if it has none."""
+        variant = self.selective_variant.get(adapter)
+        if variant is None:
+            variant = self.selective_variant[adapter] = _variant_class(PROTECTED_SUBSPACE_VARIANT)()
+        variant.install(self, adapter, subspace, output_energy=output_energy, norm_cap=norm_cap, num_tokens=num_tokens)
 
     def is_calibrated(self, adapter: str) -> bool:
-        self._sync_protected_mirrors(adapter)
-        return self.norm_cap.get(adapter) is not None
+        variant = self.selective_variant.get(adapter)
+        return variant is not None and variant.is_calibrated(self, adapter)
+
+    def _sync_protected_mirrors(self, adapter: str) -> None:
+        if adapter in self.selective_variant:
+            self.selective_variant[adapter].prepare(self, adapter)
 
     def _project(self, adapter: str, matrix: torch.Tensor) -> torch.Tensor:
-        """`M (I - U diag(w) Uᵀ)` on the input side of an update factor (`selective_delta_weight` or `selective_delta_A`)."""
-        if adapter not in self.selective_protected_basis or self.selective_protected_basis[adapter].shape[1] == 0:
-            return matrix
-        basis = self.selective_protected_basis[adapter].to(matrix.dtype)
-        weights = self.selective_protected_weights[adapter].to(matrix.dtype)
-        return matrix - ((matrix @ basis) * weights) @ basis.T
+        """The input-side projection of an update factor (`matrix` itself without a variant)."""
+        variant = self.selective_variant.get(adapter)
+        return matrix if variant is None else variant.project(self, adapter, matrix)
 
     def _cap_factor(self, adapter: str, frobenius_sq: torch.Tensor) -> torch.Tensor | float:
-        """Rescale so that the capped norm is <= norm_cap (differentiable, so training sees the cap).
+        """The norm-cap rescaling of an update whose squared Frobenius norm is `frobenius_sq` (1 without a cap)."""
+        variant = self.selective_variant.get(adapter)
+        return 1.0 if variant is None else variant.cap_factor(self, adapter, frobenius_sq)
 
-        A hard projector P is idempotent, so capping the projected update `ΔW = ΔW' P` is what the bound needs. A
-        soft projector is invertible: `ΔW` itself is unconstrained and the bound holds for `‖ΔW'‖_F`, the norm
-        before projection, which is what gets capped then."""
-        cap = self.norm_cap.get(adapter)
-        if cap is None:
-            return 1.0
-        return torch.clamp(cap / frobenius_sq.clamp_min(1e-30).sqrt(), max=1.0)
-
-    def _check_calibrated(self, adapters: list[str]) -> None:
-        for adapter in adapters:
-            self._sync_protected_mirrors(adapter)
-        if not (self.training and torch.is_grad_enabled()):
-            return
-        for adapter in adapters:
-            if self.requires_calibration.get(adapter) and not self.is_calibrated(adapter):
-                raise RuntimeError(
-                    f"Adapter {adapter!r} is a GeometryProjected adapter that has not been calibrated, so nothing "
-                    "protects the old behaviour yet. Call `peft_selective.calibrate(model, protected_texts, "
-                    "tokenizer)` before training."
-                )
-
-    def _resize_protected_buffers(self, state_dict, prefix, *args) -> None:
-        """Load-state-dict pre-hook: calibrated subspaces vary in size per layer, so size the placeholders from the
-        checkpoint before the tensors are copied in (needed for adapters whose config does not record
-        `protected_dims`, saved before it existed; loaders that bypass `load_state_dict` need that record)."""
-        for name in self.protected_buffer_names:
-            buffers = getattr(self, name)
-            for adapter in list(buffers.keys()):
-                key = f"{prefix}{name}.{adapter}"
-                if key in state_dict and state_dict[key].shape != buffers[adapter].shape:
-                    buffers[adapter] = torch.empty_like(state_dict[key], device=buffers[adapter].device)
-        for adapter in list(self.selective_protected_stats.keys()):
-            key = f"{prefix}selective_protected_stats.{adapter}"
-            if key in state_dict and float(state_dict[key][2]) > 0:
-                self.norm_cap[adapter] = float(state_dict[key][3])
-                weights = state_dict.get(f"{prefix}selective_protected_weights.{adapter}")
-                self.soft_projection[adapter] = bool(weights is not None and (weights < 1).any())
-                self._mirrors_pending.discard(adapter)
+    def _load_pre_hook_of_variants(self, state_dict, prefix, *args) -> None:
+        """`load_state_dict` pre-hook: lets each adapter's variant prepare for the checkpoint (size its buffers)."""
+        for adapter, variant in list(self.selective_variant.items()):
+            variant.load_pre_hook(self, adapter, state_dict, prefix)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        variant = self.selective_variant.pop(adapter_name, None)
+        if variant is not None:
+            variant.delete(self, adapter_name)
         for name in self.protected_buffer_names:
             buffers = getattr(self, name)
             if adapter_name in buffers:
                 del buffers[adapter_name]
         self.requires_calibration.pop(adapter_name, None)
         self.soft_projection.pop(adapter_name, None)
-        self._mirrors_pending.discard(adapter_name)
         super().delete_adapter(adapter_name)
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -258,39 +249,29 @@ class SelectiveLayer(BaseTunerLayer):
         return adapter in self.rank
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout
-        (projected and norm-capped for GeometryProjected adapters)."""
-        self._sync_protected_mirrors(adapter)
+        """The update `ΔW` of `adapter`, shaped `(*leading, out, in)` whatever the base layer's own layout (as its
+        variant makes it, e.g. projected and norm-capped for GeometryProjected adapters)."""
+        variant = self.selective_variant.get(adapter)
+        if variant is not None:
+            return variant.delta_weight(self, adapter)
         if self.rank[adapter] is None:
-            raw = self.selective_delta_weight[adapter]
-            delta = self._project(adapter, raw)
-        else:
-            raw = self.selective_delta_B[adapter] @ self.selective_delta_A[adapter]
-            delta = (
-                self.selective_delta_B[adapter] @ self._project(adapter, self.selective_delta_A[adapter])
-            ) * self.scaling[adapter]
-            raw = raw * self.scaling[adapter]
-        if self.norm_cap.get(adapter) is not None:
-            capped = raw if self.soft_projection.get(adapter, False) else delta
-            delta = delta * self._cap_factor(adapter, capped.pow(2).sum())
-        return delta
+            return self.selective_delta_weight[adapter]
+        return (self.selective_delta_B[adapter] @ self.selective_delta_A[adapter]) * self.scaling[adapter]
 
     def get_delta_bias(self, adapter: str) -> torch.Tensor | None:
         return self.selective_delta_bias[adapter] if adapter in self.selective_delta_bias else None
 
     def delta_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """`ΔW x + Δb` for the 2-D case, computed in the adapter's dtype (fp32 master weights under bf16 bases)."""
-        self._sync_protected_mirrors(adapter)
         bias = self.get_delta_bias(adapter)
         if self.rank[adapter] is None:
             weight = self.get_delta_weight(adapter)
             return F.linear(self._cast_input_dtype(x, weight.dtype), weight, bias)
-        A, B = self._project(adapter, self.selective_delta_A[adapter]), self.selective_delta_B[adapter]
-        scale = self.scaling[adapter]
-        if self.norm_cap.get(adapter) is not None:
-            capped_A = self.selective_delta_A[adapter] if self.soft_projection.get(adapter, False) else A
-            # ‖s B A‖_F² = s² tr((BᵀB)(A Aᵀ)): r x r products instead of the full out x in matrix
-            scale = scale * self._cap_factor(adapter, scale**2 * ((B.T @ B) * (capped_A @ capped_A.T)).sum())
+        variant = self.selective_variant.get(adapter)
+        if variant is not None:
+            A, B, scale = variant.low_rank_factors(self, adapter)
+        else:
+            A, B, scale = self.selective_delta_A[adapter], self.selective_delta_B[adapter], self.scaling[adapter]
         out = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A), B) * scale
         return out if bias is None else out + bias
 
@@ -322,7 +303,12 @@ class Linear(nn.Module, SelectiveLayer):
     """
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: SelectiveConfig, protected_dim: int = 0, **kwargs: Any
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SelectiveConfig,
+        module_name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         SelectiveLayer.__init__(self, base_layer, **kwargs)
@@ -333,8 +319,8 @@ class Linear(nn.Module, SelectiveLayer):
         in_features, out_features = _get_in_out_features(base)
         self._init_shapes(in_features, out_features, getattr(base, "bias", None) is not None)
         self._active_adapter = adapter_name
-        self._register_load_state_dict_pre_hook(self._resize_protected_buffers)
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode, protected_dim=protected_dim)
+        self._register_load_state_dict_pre_hook(self._load_pre_hook_of_variants)
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode, module_name=module_name)
 
     def _weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta
@@ -383,7 +369,9 @@ class Linear(nn.Module, SelectiveLayer):
         adapters = self._active_present_adapters()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        self._check_calibrated(adapters)
+        for adapter in adapters:
+            if adapter in self.selective_variant:
+                self.selective_variant[adapter].check_forward(self, adapter)
         if self.quantization_backend is None and all(self.rank[a] is None for a in adapters):
             return self._fused_forward(x, adapters)
         result = self.base_layer(x, *args, **kwargs)

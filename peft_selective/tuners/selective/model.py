@@ -1,4 +1,7 @@
-"""The PEFT tuner of the selective methods: resolves the preset's targets and swaps in the delta layers."""
+"""The PEFT tuner of the selective methods: resolves the preset's targets and swaps in the delta layers.
+
+The presets' tuner classes are registered with PEFT by this package's `__init__.py`; GeometryProjected's tuner
+(`..geometry.model`) subclasses `SelectiveModel`."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...quantization import keep_4bit_layers_trainable
+from ...registration import PREFIX
 from ...targets import is_linear_like, resolve_targets
 from .config import SAProjConfig, SelectiveConfig, SelectiveMLPConfig
 from .layer import Linear, ParamWrapper, SelectiveLayer
@@ -32,7 +36,7 @@ class SelectiveModel(BaseTuner):
 
     # One prefix for every preset (registered for each, as LoRA and AdaLoRA share `lora_`): the presets share the layer,
     # whose adapter tensors are all named `selective_*`. PEFT and transformers tell adapter keys by this prefix.
-    prefix: str = "selective_"
+    prefix: str = PREFIX
     tuner_layer_cls = SelectiveLayer
     # Targets come from the model's structure (`targets.resolve_targets`), not from a model_type table.
     target_module_mapping: dict[str, list[str]] = {}
@@ -108,9 +112,8 @@ class SelectiveModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
-        # GeometryProjected: the calibrated size of this module's protected buffers, recorded in the config
-        # (`GeometryProjectedConfig.protected_dims`), so loaders that bypass `load_state_dict` find them in shape.
-        protected_dim = peft_config.protected_dim(current_key) if hasattr(peft_config, "protected_dim") else 0
+        # `current_key` reaches the adapter's layer variant, whose config may record per-module state
+        # (GeometryProjected: the calibrated size of each module's protected buffers).
         if parameter_name is not None:
             if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
                 target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
@@ -118,7 +121,7 @@ class SelectiveModel(BaseTuner):
             new_module = ParamWrapper(target, adapter_name, peft_config, parameter_name=parameter_name)
         elif isinstance(target, Linear):
             target.update_layer(
-                adapter_name, peft_config, inference_mode=peft_config.inference_mode, protected_dim=protected_dim
+                adapter_name, peft_config, inference_mode=peft_config.inference_mode, module_name=current_key
             )
             return
         else:
@@ -129,7 +132,7 @@ class SelectiveModel(BaseTuner):
                     "(including bitsandbytes Linear4bit / Linear8bitLt) and transformers' Conv1D. Remove it from "
                     "`target_modules` or add it to `exclude_modules`."
                 )
-            new_module = Linear(target, adapter_name, peft_config, protected_dim=protected_dim)
+            new_module = Linear(target, adapter_name, peft_config, module_name=current_key)
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is activated, as in PEFT
             new_module.requires_grad_(False)
