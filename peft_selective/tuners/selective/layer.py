@@ -173,8 +173,9 @@ class SelectiveLayer(BaseTunerLayer):
         self.norm_cap[adapter_name] = None
         self.soft_projection.pop(adapter_name, None)
         self.selective_variant.pop(adapter_name, None)
-        if config.layer_variant is not None:
-            variant = self.selective_variant[adapter_name] = _variant_class(config.layer_variant)()
+        variant_name = getattr(config, "layer_variant", None)
+        if variant_name is not None:
+            variant = self.selective_variant[adapter_name] = _variant_class(variant_name)()
             variant.init(self, adapter_name, config, module_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
