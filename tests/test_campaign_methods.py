@@ -1,6 +1,8 @@
 """The campaign offers every method and loss option of the library: geometry_projected (calibrated each month) through
 the CLI, TRL's `loss_type` / `loss_weights` / `label_smoothing`, `sft_weight` and `rehearsal_reference` reaching the
-trainer, and bad values refused before anything is written."""
+trainer, the retention KL's anchor options (`kl_anchor_kinds`, `kl_max_shape_anchors`, `kl_anchor_refresh_steps`,
+`kl_direction`) and boundary pairs (`boundary_pairs`, `boundary_max_new_tokens`) too, and bad values refused before
+anything is written."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from test_campaign import cli, write_month
 from transformers import TrainerCallback
 
+from trl_ext import ContinualDPOConfig, ContinualDPOTrainer
 from trl_ext.campaign import Campaign, CampaignConfig
 
 
@@ -131,6 +134,14 @@ def test_loss_options_reach_the_trainer_and_the_records(tiny_chat_base, months, 
         (["--loss_type", "exo_pair"], "label_smoothing"),
         (["--method", "geometry"], "geometry_projected"),
         (["--method", "geometry_projected", "--tolerance", "0"], "tolerance"),
+        (["--kl_anchor_kinds", "general", "nearby"], "(['nearby'] not allowed)"),
+        (["--kl_anchor_kinds", "general", "general"], "distinct values among ['general', 'same_shape'"),
+        (["--kl_direction", "sideways"], "'forward' or 'reverse'"),
+        (["--kl_max_shape_anchors", "-1"], "`kl_max_shape_anchors` must be >= 0"),
+        (["--kl_anchor_refresh_steps", "-2"], "`kl_anchor_refresh_steps` must be >= 0"),
+        (["--kl_anchor_refresh_steps", "2", "--kl_anchor_max_new_tokens", "0"], "set `kl_anchor_max_new_tokens > 0`"),
+        (["--boundary_pairs", "-1"], "`boundary_pairs` must be >= 0"),
+        (["--boundary_max_new_tokens", "0"], "`boundary_max_new_tokens` must be >= 1"),
     ],
 )
 def test_bad_options_are_refused_at_init_with_nothing_written(tmp_path, capsys, options, message):
@@ -138,6 +149,82 @@ def test_bad_options_are_refused_at_init_with_nothing_written(tmp_path, capsys, 
     assert cli("init", "--campaign_dir", directory, *options) == 2
     assert message in capsys.readouterr().err
     assert not directory.exists()
+
+
+ANCHOR_OPTIONS = (
+    "kl_direction",
+    "kl_anchor_kinds",
+    "kl_max_shape_anchors",
+    "kl_anchor_refresh_steps",
+    "boundary_pairs",
+    "boundary_max_new_tokens",
+)
+
+
+def test_anchor_and_boundary_options_reach_the_trainer_and_the_records(tiny_chat_base, months, tmp_path, monkeypatch):
+    directory = tmp_path / "anchors"
+    options = [
+        "--kl_coef", "0.1", "--kl_anchors", "2", "--kl_anchor_max_new_tokens", "3",
+        "--kl_anchor_kinds", "general", "same_shape", "--kl_max_shape_anchors", "5", "--kl_anchor_refresh_steps", "1",
+        "--kl_direction", "reverse", "--boundary_pairs", "2", "--boundary_max_new_tokens", "6",
+    ]  # fmt: skip
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *SMALL, *options) == 0
+    expected = {
+        "kl_direction": "reverse",
+        "kl_anchor_kinds": ["general", "same_shape"],
+        "kl_max_shape_anchors": 5,
+        "kl_anchor_refresh_steps": 1,
+        "boundary_pairs": 2,
+        "boundary_max_new_tokens": 6,
+    }
+    stored = json.loads((directory / "campaign.json").read_text())["config"]
+    assert {key: stored[key] for key in ANCHOR_OPTIONS} == expected
+    campaign = Campaign(directory)
+    assert {key: getattr(campaign.config, key) for key in ANCHOR_OPTIONS} == expected  # reloaded as stored
+    trainers = []
+    original_init = ContinualDPOTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        trainers.append(self)
+
+    monkeypatch.setattr(ContinualDPOTrainer, "__init__", recording_init)
+    capture = _Capture()
+    campaign.run_month("m1", months["m1"], callbacks=[capture])
+    assert {key: getattr(capture.args, key) for key in ANCHOR_OPTIONS} == expected
+    (trainer,) = trainers
+    # the anchor set: 2 general prompts and the month's same-shape variants ("question population red one", ...)
+    kinds = trainer.anchors.kind_counts()
+    assert kinds["general"] == 2 and 0 < kinds["same_shape"] <= 5 and set(kinds) == {"general", "same_shape"}
+    assert trainer._anchors_refreshed_at is not None  # regenerated from the policy (every step)
+    # the boundary rows joined the training set, and the trainer logged their share
+    assert trainer.boundary_rows == 2
+    assert sum(trainer.train_dataset["is_boundary"]) == 2
+    assert any("boundary/fraction" in logs for logs in capture.logs)
+    assert any("retention/kl" in logs for logs in capture.logs)
+    card = (directory / "cards" / "m1" / "README.md").read_text()
+    for key in ANCHOR_OPTIONS:
+        assert key in card
+
+
+def test_anchor_options_default_to_the_trainers_and_older_campaigns_load_with_them(tmp_path):
+    trainer_defaults = ContinualDPOConfig(str(tmp_path / "run"), bf16=False, use_cpu=True)
+    campaign_defaults = CampaignConfig()
+    for key in ANCHOR_OPTIONS:
+        assert getattr(campaign_defaults, key) == getattr(trainer_defaults, key), key
+    # a comma-separated list is accepted, stored as a list
+    directory = tmp_path / "c"
+    assert cli("init", "--campaign_dir", directory, "--kl_anchor_kinds", "general,same_shape", "--kl_coef", "0") == 0
+    assert Campaign(directory).config.kl_anchor_kinds == ["general", "same_shape"]
+    # a campaign.json written before these options existed loads with the trainer's defaults
+    path = directory / "campaign.json"
+    state = json.loads(path.read_text())
+    for key in ANCHOR_OPTIONS:
+        del state["config"][key]
+    path.write_text(json.dumps(state))
+    args = Campaign(directory).config.training_args(tmp_path / "run", "m", None)
+    for key in ANCHOR_OPTIONS:
+        assert getattr(args, key) == getattr(trainer_defaults, key), key
 
 
 def test_bad_calibration_data_is_refused_before_the_month_is_registered(tiny_chat_base, months, tmp_path, capsys):

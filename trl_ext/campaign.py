@@ -45,6 +45,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,6 +184,13 @@ class CampaignConfig:
         save_steps (`int`): checkpoint interval; an interrupted month resumes from the last checkpoint.
         rehearsal_ratio, rehearsal_samples_per_month, rehearsal_nll_coef, kl_coef, kl_every, kl_anchor_max_new_tokens,
         kl_anchors, ewc_coef: the retention terms (see `ContinualDPOConfig`); EWC stores a Fisher in `fisher/` when > 0.
+        kl_direction, kl_anchor_kinds, kl_max_shape_anchors, kl_anchor_refresh_steps (`ContinualDPOConfig`'s, same
+            defaults): the KL's direction (`"forward"` or `"reverse"`), where its anchor prompts come from
+            (`"general"`, `"same_shape"`: variants of the month's prompts about other attributes, `"earlier_months"`),
+            at most how many same-shape anchors, and every how many steps the anchors' continuations are regenerated
+            from the policy (0: never).
+        boundary_pairs, boundary_max_new_tokens (`ContinualDPOConfig`'s, same defaults): extra rows per month with
+            an off-scope prompt whose month t−1 answer (of at most that many tokens) is preferred over a month answer.
         rehearsal_reference (`str`): the DPO reference of rehearsed pairs, `"own_month"` (default: the stored
             log-probs of the month that taught them) or `"previous_month"` (the month t−1 model), see
             `ContinualDPOConfig`.
@@ -279,6 +287,27 @@ class CampaignConfig:
     kl_anchors: int = field(
         default=32,
         metadata={"help": "General anchor prompts (and at most as many earlier months' prompts) for the KL."},
+    )
+    kl_direction: str = field(
+        default="forward", metadata={"help": "'forward' KL(month t-1 || policy) or 'reverse' KL(policy || month t-1)."}
+    )
+    kl_anchor_kinds: list[str] = field(
+        default_factory=lambda: ["general", "earlier_months"],
+        metadata={"help": "Anchor prompt kinds of the KL: general same_shape earlier_months (or comma-separated)."},
+    )
+    kl_max_shape_anchors: int = field(
+        default=64, metadata={"help": "Same-shape anchor prompts (variants of the month's prompts) for the KL."}
+    )
+    kl_anchor_refresh_steps: int = field(
+        default=0,
+        metadata={"help": "Regenerate the anchors' continuations from the policy every k steps (0: never)."},
+    )
+    boundary_pairs: int = field(
+        default=0,
+        metadata={"help": "Extra rows per month: off-scope prompt, last month's answer preferred over the month's."},
+    )
+    boundary_max_new_tokens: int = field(
+        default=48, metadata={"help": "Length of last month's answers used as the boundary rows' chosen answers."}
     )
     ewc_coef: float = field(
         default=0.0, metadata={"help": "Weight of the EWC penalty (> 0 stores a Fisher each month)."}
@@ -385,6 +414,7 @@ class CampaignConfig:
         if self.rank < 0 or (self.rank == 0 and self.method == "lora"):
             raise ValueError(f"`rank` must be > 0 (or 0 = full rank for the selective methods), got {self.rank}.")
         self._check_loss_options()
+        self._check_trainer_options()
         self.evaluation_config()  # checks the suites
         if self.checks is not None:
             mapping = _load_spec(self.checks, "checks") if isinstance(self.checks, str) else self.checks
@@ -439,6 +469,17 @@ class CampaignConfig:
             raise ValueError(f"`norm_cap` must be a finite number > 0, got {self.norm_cap!r}.")
         if self.calibration_reference_chars < 0:
             raise ValueError(f"`calibration_reference_chars` must be >= 0, got {self.calibration_reference_chars}.")
+
+    def _check_trainer_options(self) -> None:
+        """Validate the options passed on to the trainer with `ContinualDPOConfig`'s own checks (the same errors, at
+        `init` rather than when a month starts training), and keep their normalised values (`kl_anchor_kinds`: a
+        list, from a comma-separated string or items too)."""
+        kinds = [self.kl_anchor_kinds] if isinstance(self.kl_anchor_kinds, str) else list(self.kl_anchor_kinds or [])
+        self.kl_anchor_kinds = [kind.strip() for item in kinds for kind in str(item).split(",") if kind.strip()]
+        with warnings.catch_warnings():  # TrainingArguments' deprecation notices belong to training, not to `init`
+            warnings.simplefilter("ignore")
+            args = self.training_args(Path(tempfile.gettempdir()) / "continual-dpo-check", "check", None)
+        self.kl_anchor_kinds = list(args.kl_anchor_kinds)
 
     def retention_options(self, **overrides: Any) -> Optional[dict[str, Any]]:
         """The retention dial's options, the campaign's unless given in `overrides` (the keys of its fields without
@@ -513,6 +554,12 @@ class CampaignConfig:
             kl_anchor_max_new_tokens=self.kl_anchor_max_new_tokens,
             kl_max_general_anchors=self.kl_anchors,
             kl_max_rehearsal_anchors=self.kl_anchors,
+            kl_direction=self.kl_direction,
+            kl_anchor_kinds=list(self.kl_anchor_kinds),
+            kl_max_shape_anchors=self.kl_max_shape_anchors,
+            kl_anchor_refresh_steps=self.kl_anchor_refresh_steps,
+            boundary_pairs=self.boundary_pairs,
+            boundary_max_new_tokens=self.boundary_max_new_tokens,
             ewc_coef=self.ewc_coef,
             rehearsal_reference=self.rehearsal_reference,
             loss_type=list(self.loss_type),
@@ -1732,6 +1779,12 @@ class Campaign:
                     "rehearsal_nll_coef",
                     "kl_coef",
                     "kl_every",
+                    "kl_direction",
+                    "kl_anchor_kinds",
+                    "kl_max_shape_anchors",
+                    "kl_anchor_refresh_steps",
+                    "boundary_pairs",
+                    "boundary_max_new_tokens",
                     "ewc_coef",
                     "rehearsal_reference",
                     "loss_type",
