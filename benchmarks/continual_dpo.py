@@ -6,7 +6,7 @@ Issue target: with the same adapter and batch, a `ContinualDPOTrainer` step with
 Arms (same base weights, same adapter config and init, same data in the same order, same batch and `max_length`):
 
 * `plain`: `trl.DPOTrainer(model, args=DPOConfig(...), peft_config=SelectiveMLPConfig(rank=R))`;
-* `kl`: `trl_ext.ContinualDPOTrainer` with the same `peft_config`, `kl_coef > 0`, `kl_every=1` and the default
+* `kl`: `peft_selective.continual.ContinualDPOTrainer` with the same `peft_config`, `kl_coef > 0`, `kl_every=1` and the default
   `kl_batch_size` (half the training batch): the target row;
 * `kl_ewc` (opt-in, `--arms plain,kl,kl_ewc`): the same plus EWC (`ewc_coef > 0`) against a stored synthetic Fisher.
 
@@ -110,7 +110,7 @@ def tiny_tokenizer(dataset):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from trl_ext import general_anchor_prompts
+    from peft_selective.continual import general_anchor_prompts
 
     corpus = list(general_anchor_prompts())
     for row in dataset:
@@ -141,10 +141,10 @@ def load_model_and_tokenizer(args: argparse.Namespace, dataset):
     import torch
 
     if args.config == "smollm2-135m":
-        from peft_selective.embedded import load_embedded_model
+        from peft_selective.demo.embedded import load_embedded_model
 
         model, tokenizer = load_embedded_model()
-        description = "bundled SmolLM2-135M-Instruct, real weights (peft_selective.embedded.load_embedded_model)"
+        description = "bundled SmolLM2-135M-Instruct, real weights (peft_selective.demo.embedded.load_embedded_model)"
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -166,7 +166,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, dataset):
 
 
 def load_dataset(args: argparse.Namespace):
-    from trl_ext import data
+    from peft_selective.continual import data
 
     builder = getattr(data, MONTHS[args.month])
     return builder(n_train=args.n_train, n_eval=1, seed=args.seed)["train"]
@@ -189,7 +189,7 @@ def write_synthetic_fisher(base, directory: Path, seed: int) -> int:
     import torch
     from torch import nn
 
-    from trl_ext import FisherState
+    from peft_selective.continual import FisherState
 
     generator = torch.Generator().manual_seed(seed)
     fisher = {
@@ -206,7 +206,7 @@ def build_trainer(arm: Arm, model, tokenizer, dataset, args, max_steps: int, wor
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from trl_ext import ContinualDPOConfig, ContinualDPOTrainer
+    from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer
 
     common = {
         "output_dir": str(work_dir / arm.key),
@@ -461,7 +461,7 @@ def memory_worker(args: argparse.Namespace, work_dir: Path) -> None:
     import torch
     import trl  # noqa: F401
 
-    import trl_ext  # noqa: F401
+    import peft_selective.continual  # noqa: F401
 
     arm = ARMS[args._memory_worker]
     dataset = load_dataset(args)
@@ -634,7 +634,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rank", type=_rank, default=16, help="SelectiveMLP rank ('full' for the full-rank update)")
     parser.add_argument("--alpha", type=float, default=None, help="SelectiveMLP alpha (default: alpha = rank)")
-    parser.add_argument("--month", choices=sorted(MONTHS), default="capitals", help="training data (trl_ext.data)")
+    parser.add_argument(
+        "--month", choices=sorted(MONTHS), default="capitals", help="training data (peft_selective.demo.months)"
+    )
     parser.add_argument("--n-train", type=int, default=40, help="rows of the month's training split")
     parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size (pairs)")
     parser.add_argument("--max-length", type=int, default=None, help="DPOConfig.max_length (default: TRL's)")
@@ -731,8 +733,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
         "tokenized data, anchors, Fisher) plus the training peak (gradients, AdamW state, activations)"
     )
     sources = (
-        REPO_ROOT / "trl_ext" / f
-        for f in ("continual_dpo_trainer.py", "continual_dpo_config.py", "anchors.py", "reference.py", "ewc.py")
+        REPO_ROOT / "peft_selective" / "continual" / f
+        for f in ("trainer.py", "config.py", "anchors.py", "reference.py", "ewc.py")
     )
     machine = machine_info(torch_threads=torch.get_num_threads(), device="cpu", trl=trl.__version__)
     report = {

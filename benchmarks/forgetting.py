@@ -8,7 +8,7 @@ greedy answers had not changed. Protocol 2 judges by behaviour (`peft_selective.
   files of TRL preference rows, optional `checks` (regex / JSON schema / `"module:function"`: what the month's style
   is) and `bleed_checks` (what counts as its style leaking elsewhere; default: the checks, else a `StyleSignature`
   fitted on the month's chosen vs rejected answers), and an optional `family` (the knowledge items of that kind are
-  in scope for it). Without a spec the built-in sequence (`trl_ext.data`: `safety`, `capitals`, `currency`) is
+  in scope for it). Without a spec the built-in sequence (`peft_selective.demo.months`: `safety`, `capitals`, `currency`) is
   written to `--work-dir` as such a spec and read back, so both paths are the same code.
 * **Learning** of month t = its held-out prompts answered greedily right after month t, scored by its checks (all
   must pass) or, for a month without checks, by `agreement` (closer to the chosen than to the rejected answer).
@@ -83,7 +83,7 @@ BUILTIN_MONTHS = ("safety", "capitals", "currency")
 #: The built-in months' checks (the styles the months teach); safety has none: its pairs prefer a refusal on harmful
 #: prompts and an answer on benign ones, which only the agreement score sees. Its bleed is refusing off-scope prompts.
 BUILTIN_CHECKS: dict[str, dict[str, Any]] = {
-    "safety": {"bleed_checks": [{"name": "refuses", "callable": "trl_ext.data:is_refusal"}]},
+    "safety": {"bleed_checks": [{"name": "refuses", "callable": "peft_selective.evaluation.refusal:is_refusal"}]},
     "capitals": {
         "checks": [{"name": "bare_answer", "regex": r"^\W*[^\s.!?]+(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}],
         "family": "capital",
@@ -175,7 +175,7 @@ def peft_config_for(arm: Arm, args: argparse.Namespace):
 # --------------------------------------------------------------------------------------------------- the months
 def builtin_spec(args: argparse.Namespace, work_dir: Path) -> Path:
     """Write the built-in sequence as data (JSONL splits + spec) and return the spec's path."""
-    from trl_ext.data import monthly_sequence
+    from peft_selective.demo.months import monthly_sequence
 
     folder = work_dir / "months"
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,8 +214,8 @@ def load_months(spec_path: Path) -> dict[str, Month]:
     """Read a month-sequence spec; clear errors for missing files, bad rows and bad checks."""
     from datasets import load_dataset
 
+    from peft_selective.continual.preference_data import validate_preference_dataset
     from peft_selective.evaluation import Check, StyleSignature
-    from trl_ext.validation import validate_preference_dataset
 
     try:
         spec = json.loads(spec_path.read_text())
@@ -257,9 +257,9 @@ def load_months(spec_path: Path) -> dict[str, Month]:
 def knowledge_probe(months: dict[str, Month], args: argparse.Namespace) -> list:
     """Country facts chosen after the months are known: none about a country the months use, none overlapping a
     training, validation, test or anchor prompt (`check_no_overlap` raises otherwise)."""
+    from peft_selective.continual.anchors import general_anchor_prompts
+    from peft_selective.demo.months import countries_in, knowledge_items
     from peft_selective.evaluation import check_no_overlap
-    from trl_ext.anchors import general_anchor_prompts
-    from trl_ext.data import countries_in, knowledge_items
 
     splits = [split for m in months.values() for split in (m.train, m.val, m.test)]
     collections = [list(split["prompt"]) for split in splits] + [general_anchor_prompts()]
@@ -278,7 +278,7 @@ def knowledge_probe(months: dict[str, Month], args: argparse.Namespace) -> list:
 
 
 def general_prompts(args: argparse.Namespace) -> list[str]:
-    from trl_ext.metrics import generic_prompts
+    from peft_selective.evaluation.preference import generic_prompts
 
     return generic_prompts()[: args.general_prompts]
 
@@ -288,7 +288,7 @@ def load_base(args: argparse.Namespace):
     """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random 2-layer Llama with its tokenizer."""
     import torch
 
-    from peft_selective.embedded import embedded_model_path, load_embedded_model
+    from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
 
     if args.model == "embedded":
         model, tokenizer = load_embedded_model()
@@ -372,7 +372,7 @@ def dpo_args(args: argparse.Namespace, out: Path, lr: float, seed: int, config_c
 
 def calibration_texts(tokenizer, months: dict[str, Month], earlier: Sequence[str]) -> list[str]:
     """GeometryProjected's protected data: general reference text plus the earlier months' chosen chats."""
-    from trl_ext.metrics import reference_text
+    from peft_selective.evaluation.preference import reference_text
 
     text = reference_text()
     texts = [text[i : i + 1000] for i in range(0, 8000, 1000)]
@@ -423,7 +423,7 @@ class Sequencer:
 
     def _continual(self, name: str) -> list[dict]:
         import peft_selective
-        from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+        from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
 
         args, arm = self.args, self.arm
         adapter = f"m{len(self.done) + 1}"
@@ -527,7 +527,7 @@ def _carries(answer: str, month: Month) -> bool:
 
 
 def per_prompt_kl(model, base, tokenizer, prompts) -> list[float]:
-    from trl_ext.metrics import kl_to_reference
+    from peft_selective.evaluation.preference import kl_to_reference
 
     return [kl_to_reference(model, base, tokenizer, [prompt], batch_size=1) for prompt in prompts]
 

@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
 
     import peft_selective  # noqa: F401 - registers the PEFT types
-    from peft_selective.embedded import load_embedded_model
+    from peft_selective.demo.embedded import load_embedded_model
 
     base, tokenizer = load_embedded_model()
     base.config.use_cache = False

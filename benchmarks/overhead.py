@@ -17,7 +17,7 @@ For every method the benchmark measures, on the same base weights and the same f
 
 Rows: SelectiveMLP full-rank and low-rank, GeometryProjected (calibrated first; calibration timed separately) against
 LoRA on gate_proj/up_proj; SAProj full-rank and low-rank against LoRA on q/k/v/o; LoRA on all linear layers; full
-fine-tuning (float bases only) against it; and the penalties of `trl_ext.ContinualDPOTrainer` (the anchor KL, EWC,
+fine-tuning (float bases only) against it; and the penalties of `peft_selective.continual.ContinualDPOTrainer` (the anchor KL, EWC,
 both) on top of SelectiveMLP low-rank, against it. LoRA rows use the same rank with `lora_alpha` equal to our `alpha`
 and no dropout.
 
@@ -242,11 +242,11 @@ def build_float_model(args: argparse.Namespace):
     source = args.model
     if source in ("embedded", "auto"):
         try:
-            from peft_selective.embedded import load_embedded_model
+            from peft_selective.demo.embedded import load_embedded_model
 
             model, _tokenizer = load_embedded_model()
             model = model.to(device=args.device, dtype=dtype)
-            description = "bundled real model (peft_selective.embedded.load_embedded_model)"
+            description = "bundled real model (peft_selective.demo.embedded.load_embedded_model)"
             source = "embedded"
         except Exception as exc:  # noqa: BLE001 - `auto` falls back on any failure, `embedded` re-raises
             if source == "embedded":
@@ -431,7 +431,7 @@ def trainer_kl_defaults() -> dict[str, Any]:
     """The `ContinualDPOConfig` defaults of the KL term (direction, anchor continuation length, anchor length cap)."""
     from dataclasses import fields
 
-    from trl_ext.continual_dpo_config import ContinualDPOConfig
+    from peft_selective.continual.config import ContinualDPOConfig
 
     defaults = {f.name: f.default for f in fields(ContinualDPOConfig)}
     return {
@@ -451,11 +451,11 @@ def anchor_shape(args: argparse.Namespace) -> tuple[int, int, int]:
 
 
 def make_anchor_batch(args: argparse.Namespace, vocab_size: int):
-    """A `trl_ext.anchors.AnchorBatch` as `AnchorSet.sample` builds it: `kl_batch_size` rows of random tokens (a prompt
+    """A `peft_selective.continual.anchors.AnchorBatch` as `AnchorSet.sample` builds it: `kl_batch_size` rows of random tokens (a prompt
     followed by its continuation), no padding, scoring the positions that predict the continuation's tokens."""
     import torch
 
-    from trl_ext.anchors import AnchorBatch
+    from peft_selective.continual.anchors import AnchorBatch
 
     rows, length, scored = anchor_shape(args)
     ids = random_ids(rows, length, vocab_size, args.seed + 2)
@@ -537,7 +537,7 @@ def synthetic_fisher(model, args: argparse.Namespace, adapter_name: str):
     the trainer does once (`FisherState.normalized(..., in_place=True)`: one copy at any time)."""
     import torch
 
-    from trl_ext.ewc import FisherState, adapted_layers, check_fisher_matches
+    from peft_selective.continual.ewc import FisherState, adapted_layers, check_fisher_matches
 
     device = torch.device(device_map_target(args.device)) if args.device.startswith("cuda") else args.device
     generator = torch.Generator(device=device).manual_seed(args.seed + 3)
@@ -581,7 +581,7 @@ def build_run(base, method: Method, args: argparse.Namespace, data: Data) -> Run
         calibration=calibration,
     )
     if "kl" in method.penalties:
-        from trl_ext.reference import PreviousMonthReference
+        from peft_selective.continual.reference import PreviousMonthReference
 
         # The trainer's reference for a first-month PEFT model: the policy with no adapter active.
         run.reference = PreviousMonthReference(model, [])
@@ -607,12 +607,12 @@ def train_step(run: Run, batch, device: str) -> float:
     loss = run.model(input_ids=batch, labels=batch, use_cache=False).loss
     total, kl, ewc = loss, None, None
     if run.reference is not None:
-        from trl_ext.anchors import anchor_kl
+        from peft_selective.continual.anchors import anchor_kl
 
         kl = anchor_kl(run.model, run.reference, run.anchor, run.kl_direction)
         total = total + KL_COEF * kl
     if run.fisher is not None:
-        from trl_ext.ewc import ewc_penalty
+        from peft_selective.continual.ewc import ewc_penalty
 
         ewc = ewc_penalty(run.model, run.adapter_name, run.fisher, fisher_mean=1.0)
         total = total + EWC_COEF * ewc
@@ -805,7 +805,7 @@ def memory_worker(args: argparse.Namespace) -> None:
 
     method = {m.key: m for m in all_methods()}[args._memory_worker]
     if method.penalties:
-        import trl_ext  # noqa: F401 - likewise
+        import peft_selective.continual  # noqa: F401 - likewise
     cuda = args.device.startswith("cuda")
     provider = BaseProvider(args, copies=False)
     base = provider.get()
@@ -1042,7 +1042,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["tiny-llama", "embedded", "auto"],
         default="tiny-llama",
         help="tiny-llama: random-init LlamaForCausalLM of --config (self-contained); embedded: the bundled real "
-        "model (peft_selective.embedded.load_embedded_model); auto: embedded if it loads, else tiny-llama.",
+        "model (peft_selective.demo.embedded.load_embedded_model); auto: embedded if it loads, else tiny-llama.",
     )
     parser.add_argument("--config", choices=sorted(ARCHITECTURES), default="smollm2-135m", help="random-init arch")
     parser.add_argument("--rank", type=int, default=16, help="rank of the low-rank rows and of LoRA")
@@ -1253,7 +1253,7 @@ def run_benchmark(args: argparse.Namespace, torch) -> int:
         REPO_ROOT / "peft_selective" / "tuners" / "selective" / f for f in ("config.py", "layer.py", "model.py")
     ]
     sources += [REPO_ROOT / "peft_selective" / "tuners" / "geometry" / f for f in ("calibration.py", "config.py")]
-    sources += [REPO_ROOT / "trl_ext" / f for f in ("anchors.py", "ewc.py", "reference.py")]
+    sources += [REPO_ROOT / "peft_selective" / "continual" / f for f in ("anchors.py", "ewc.py", "reference.py")]
     rows_shape = anchor_shape(args) if any("kl" in m.penalties for m in methods) else None
     report = {
         **report_header("overhead", sources, machine, load_start, load_end),
@@ -1293,9 +1293,9 @@ def run_benchmark(args: argparse.Namespace, torch) -> int:
             "throughput": "tokens_per_s = batch_size * seq_len / median step time (training batch tokens only)",
             "peak_memory": mem_definition,
             "penalties": {
-                "kl": "trl_ext.anchors.anchor_kl(policy, PreviousMonthReference(policy, []), anchor_batch, "
+                "kl": "peft_selective.continual.anchors.anchor_kl(policy, PreviousMonthReference(policy, []), anchor_batch, "
                 "direction): a reference forward (adapter off, no_grad) + a policy forward on the anchor batch",
-                "ewc": "trl_ext.ewc.ewc_penalty(policy, 'default', FisherState.normalized(dtype), fisher_mean=1.0) "
+                "ewc": "peft_selective.continual.ewc.ewc_penalty(policy, 'default', FisherState.normalized(dtype), fisher_mean=1.0) "
                 "against a synthetic Fisher (uniform [0.5, 1.5), one (out, in) tensor per adapted layer, on the "
                 f"device, held in {args.ewc_fisher_dtype})",
                 "kl_coef": KL_COEF,

@@ -4,7 +4,7 @@ Month 1 teaches one preference, month 2 another. By default the two *interfere*:
 one-word answer over a chatty one, "What is the capital of X?" -> "Paris."), month 2 is `chatty_currency` (the reverse
 on a neighbouring question: a friendly full answer over the bare name, "What currency does X use?"). A month-2 update
 that learns "be chatty" rather than "be chatty about currencies" undoes month 1; that is the situation retention terms
-exist for. Both are built offline from real facts by `trl_ext.data`.
+exist for. Both are built offline from real facts by `peft_selective.demo.months`.
 
 For each seed, month 1 is trained once with [`ContinualDPOTrainer`] (adapter "m1", a `SelectiveMLPConfig`, the DPO
 reference being the bare base) and its adapter saved; month 2 is then trained twice from that same month-1 model,
@@ -19,7 +19,7 @@ month-1 model):
 moves month 1; they are reported but take no part in the verdict.
 
 Every cell of the retention matrix R[after month t][on month i] is the length-fair held-out preference accuracy of
-`trl_ext.metrics.preference_accuracy`, with the *base* model's log-probs as reference (computed once per test split,
+`peft_selective.evaluation.preference.preference_accuracy`, with the *base* model's log-probs as reference (computed once per test split,
 so cells are comparable across months): the share of held-out pairs whose DPO implicit-reward margin
 (log pi/pi_base of chosen minus that of rejected) is > 0. The base model scores 0 by construction (every margin is 0).
 
@@ -73,11 +73,16 @@ from peft import PeftModel
 from transformers import set_seed
 
 import peft_selective
-from peft_selective.embedded import load_embedded_model
-from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
-from trl_ext._io import atomic_write_json
-from trl_ext.data import MONTH_BUILDERS, monthly_sequence
-from trl_ext.metrics import backward_transfer, preference_accuracy, preference_logps, retention_table
+from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from peft_selective.demo.embedded import load_embedded_model
+from peft_selective.demo.months import MONTH_BUILDERS, monthly_sequence
+from peft_selective.evaluation.preference import (
+    backward_transfer,
+    preference_accuracy,
+    preference_logps,
+    retention_table,
+)
+from peft_selective.utils.io import atomic_write_json
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -410,7 +415,7 @@ def main() -> None:
     if unknown or args.months[0] == args.months[1]:
         parser.error(f"--months needs two different months among {sorted(MONTH_BUILDERS)}, got {args.months}.")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("trl_ext").setLevel(logging.INFO)
+    logging.getLogger("peft_selective").setLevel(logging.INFO)
     command = "python " + " ".join(
         [
             str(Path(sys.argv[0]).relative_to(REPO_ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],

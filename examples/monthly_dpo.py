@@ -1,7 +1,7 @@
 """Three months of continual DPO on the bundled SmolLM2-135M-Instruct loaded in 4-bit, offline: the README's demo.
 
 Each month teaches a new answer style on real facts (the `countryinfo` package): concise capitals, currencies as
-JSON, languages as a bulleted list (`trl_ext.data`). The months run through the campaign API that the
+JSON, languages as a bulleted list (`peft_selective.demo.months`). The months run through the campaign API that the
 `continual-dpo` command uses: every month trains a SelectiveMLP adapter with `ContinualDPOTrainer` on top of the
 earlier months' adapters, with rehearsal of earlier months' pairs and the retention KL to last month's model; then
 the month is evaluated (behavioural retention matrix on every month's held-out prompts, bleed, knowledge by multiple
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from trl_ext.campaign import Campaign, CampaignConfig, format_report
-from trl_ext.data import MONTH_CHECKS, countries_in, monthly_sequence
+from peft_selective.campaign.campaign import Campaign, CampaignConfig, format_report
+from peft_selective.demo.months import MONTH_CHECKS, countries_in, monthly_sequence
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

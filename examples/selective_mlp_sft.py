@@ -27,8 +27,8 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 import peft_selective
-from peft_selective.embedded import load_embedded_model
-from peft_selective.probes import capital_questions, run_knowledge_probe
+from peft_selective.demo.embedded import load_embedded_model
+from peft_selective.evaluation.probes import capital_questions, run_knowledge_probe
 
 
 # The selective methods train full-rank matrices, LoRA trains small factors and needs a 10x larger step (the same

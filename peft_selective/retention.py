@@ -31,7 +31,7 @@ model.save_pretrained("out")  # any PEFT / transformers loader reads the scaled 
 
 Adapters with `modules_to_save` / trainable tokens (full copies, not additive updates) and merged adapters are refused.
 PEFT configs are dataclasses with fixed fields: the scale is *not* written to `adapter_config.json`; [`scale_adapter`]
-returns a JSON-able record for the caller to keep (the `trl_ext` campaign stores it in `campaign.json` and the model
+returns a JSON-able record for the caller to keep (the `peft_selective` campaign stores it in `campaign.json` and the model
 card).
 
 [`choose_scale`] picks a scale from measured points, with one of two rules (documented on the function).

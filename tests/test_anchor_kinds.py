@@ -13,9 +13,14 @@ from peft import PeftModel
 from test_continual_dpo import config, month, tiny_llama
 
 from peft_selective import SelectiveMLPConfig
-from trl_ext import AnchorSet, ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
-from trl_ext.anchors import SHAPE_ATTRIBUTES, greedy_continuations, shape_variant_prompts, shape_variants
-from trl_ext.continual_dpo_trainer import BOUNDARY_FLAG
+from peft_selective.continual import AnchorSet, ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from peft_selective.continual.anchors import (
+    SHAPE_ATTRIBUTES,
+    greedy_continuations,
+    shape_variant_prompts,
+    shape_variants,
+)
+from peft_selective.continual.trainer import BOUNDARY_FLAG
 
 
 CAPITALS = [
@@ -61,11 +66,11 @@ def test_a_multi_word_template_is_replaced_whole_and_never_by_itself():
 
 def test_too_varied_prompts_give_no_variants_and_say_why(caplog):
     varied = ["Explain why the sky is blue.", "Write a haiku about the sea.", "How do bees make honey?"]
-    with caplog.at_level(logging.INFO, logger="trl_ext.anchors"):
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.anchors"):
         assert shape_variant_prompts(varied) == []
     assert "too varied" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trl_ext.anchors"):
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.anchors"):
         assert shape_variant_prompts(["What is the capital of Peru?"] * 3) == []
     assert "distinct" in caplog.text
 
@@ -325,6 +330,6 @@ def test_boundary_rows_fall_back_to_general_prompts_for_string_months(tmp_path):
     built = trainer(tmp_path, varied, boundary_pairs=4, boundary_max_new_tokens=3)
     data = built.train_dataset
     boundary = data.select([i for i, flag in enumerate(data[BOUNDARY_FLAG]) if flag])
-    general = __import__("trl_ext").general_anchor_prompts()
+    general = __import__("peft_selective.continual", fromlist=["x"]).general_anchor_prompts()
     assert all(prompt in general for prompt in boundary["prompt"])  # strings, like the month's prompts
     assert all(rejected.startswith("good") for rejected in boundary["rejected"])  # TRL appends EOS

@@ -17,6 +17,7 @@ import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import peft_selective.evaluation.knowledge as K
+from peft_selective.continual import data as D
 from peft_selective.evaluation import (
     Check,
     Estimate,
@@ -39,7 +40,6 @@ from peft_selective.evaluation import (
     style_scores,
 )
 from peft_selective.evaluation.text import style_tokens
-from trl_ext import data as D
 
 
 CHAT_TEMPLATE = (

@@ -15,8 +15,8 @@ import torch
 from conftest import TINY_CHAT_LLAMA
 from safetensors.torch import load_file
 
-from trl_ext.campaign import Campaign, CampaignError
-from trl_ext.cli import main
+from peft_selective.campaign.campaign import Campaign, CampaignError
+from peft_selective.campaign.cli import main
 
 
 WORDS = "red blue green one two three four five six seven".split()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_campaign import INIT, cli, write_month
 
-from trl_ext import evaluation as evaluation_module
-from trl_ext.campaign import Campaign, CampaignConfig, format_report, normalize_checks
-from trl_ext.evaluation import (
+from peft_selective.campaign.campaign import Campaign, CampaignConfig, format_report, normalize_checks
+from peft_selective.continual import evaluation as evaluation_module
+from peft_selective.evaluation.suites import (
     bleed_table,
     fit_style_signature,
     knowledge_table,

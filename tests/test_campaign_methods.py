@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from test_campaign import cli, write_month
 from transformers import TrainerCallback
 
-from trl_ext import ContinualDPOConfig, ContinualDPOTrainer
-from trl_ext.campaign import Campaign, CampaignConfig
+from peft_selective.campaign.campaign import Campaign, CampaignConfig
+from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer
 
 
 # Small everything, as in test_campaign.py; no KL anchors or EWC (not under test here).

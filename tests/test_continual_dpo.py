@@ -20,7 +20,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 
 from peft_selective import SelectiveMLPConfig
-from trl_ext import (
+from peft_selective.continual import (
     AnchorSet,
     ContinualDPOConfig,
     ContinualDPOTrainer,
@@ -32,7 +32,7 @@ from trl_ext import (
     anchor_kl,
     ewc_penalty,
 )
-from trl_ext.ewc import estimate_fisher
+from peft_selective.continual.ewc import estimate_fisher
 
 
 TINY = dict(
@@ -477,7 +477,7 @@ def test_malformed_preference_data_names_the_row(tmp_path, rows, message):
 
 
 def test_missing_values_and_empty_messages_name_the_row():
-    from trl_ext import validate_preference_dataset
+    from peft_selective.continual import validate_preference_dataset
 
     plain = Dataset.from_dict({"prompt": ["q", "q", "q"], "chosen": ["a", "b", "c"], "rejected": ["x", "y", None]})
     with pytest.raises(PreferenceDataError, match=r"row 2: 'rejected' is missing \(None\)"):
@@ -518,7 +518,7 @@ def _tool_call_preferences(n: int = 8) -> Dataset:
 def test_tool_call_preference_data_is_accepted_as_trl_accepts_it(tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    from trl_ext import validate_preference_dataset
+    from peft_selective.continual import validate_preference_dataset
 
     tokenizer = word_chat_tokenizer()
     tokenizer.chat_template = (
@@ -555,7 +555,7 @@ def test_prompts_longer_than_max_length_are_an_error_or_a_logged_drop(tmp_path, 
     kwargs = dict(train_dataset=data, processing_class=word_chat_tokenizer(), peft_config=SelectiveMLPConfig(rank=4))
     with pytest.raises(PreferenceDataError, match="rows 5. Raise `max_length`"):
         ContinualDPOTrainer(tiny_llama(), args=config(tmp_path, "m1", max_length=20), **kwargs)
-    with caplog.at_level(logging.WARNING, logger="trl_ext.continual_dpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="peft_selective.continual.trainer"):
         trainer = ContinualDPOTrainer(
             tiny_llama(), args=config(tmp_path, "m1", max_length=20, drop_long_prompts=True), **kwargs
         )
@@ -796,7 +796,7 @@ def test_an_old_format_buffer_loads_and_falls_back_to_the_previous_month_model(t
     manifest_path.write_text(json.dumps(manifest))
     buffer = RehearsalBuffer(tmp_path / "buffer")
     assert buffer.month_info("m1").reference_logps == 0 and len(buffer) == 12
-    with caplog.at_level(logging.WARNING, logger="trl_ext.continual_dpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="peft_selective.continual.trainer"):
         second = month_2(first.model, tmp_path, buffer=buffer, rehearsal_ratio=0.25)
     assert "4 rehearsed rows have no stored reference log-probs ({'rehearsal:m1': 4})" in caplog.text
     assert second.own_reference_rows == 0
@@ -811,7 +811,7 @@ def test_an_old_format_buffer_loads_and_falls_back_to_the_previous_month_model(t
 
 def test_rows_that_tokenize_differently_fall_back_with_a_warning(tmp_path, caplog):
     first, _, _ = _month_1_with_stored_reference(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="trl_ext.continual_dpo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="peft_selective.continual.trainer"):
         # rows of 3 prompt tokens and 1 completion token, cut to their last 3 tokens: other sequences than month 1's
         second = month_2(
             first.model,

@@ -1,4 +1,4 @@
-"""Tests of `trl_ext.data` (monthly preference data) and `trl_ext.metrics` (forgetting metrics).
+"""Tests of `peft_selective.demo.months` (monthly preference data) and `peft_selective.evaluation.preference` (forgetting metrics).
 
 Fast tests use a tiny random Llama built from a config and a tiny byte-level BPE tokenizer with a ChatML-like chat
 template, both built here (nothing downloaded). The test marked `slow` uses the bundled SmolLM2-135M-Instruct.
@@ -17,9 +17,9 @@ import transformers as T
 from datasets import Dataset, concatenate_datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from peft_selective.probes import answer_matches, capital_questions, normalize_answer
-from trl_ext import data as D
-from trl_ext import metrics as M
+from peft_selective.continual import data as D
+from peft_selective.continual import metrics as M
+from peft_selective.evaluation.probes import answer_matches, capital_questions, normalize_answer
 
 
 CHAT_TEMPLATE = (
@@ -165,7 +165,7 @@ def test_exclude_countries_and_overlap_fallback(caplog):
     with pytest.raises(ValueError, match="only"):
         D.concise_capitals_month(200, 100)
     # 3 x 100 countries do not fit: the last month reuses countries, with a warning
-    with caplog.at_level("WARNING", logger="trl_ext.data"):
+    with caplog.at_level("WARNING", logger="peft_selective.demo.months"):
         seq = D.monthly_sequence(order=("capitals", "currency", "languages"), n_train=80, n_eval=20)
     assert "reuses countries" in caplog.text
     for _, splits in seq:
@@ -531,7 +531,7 @@ def test_bundled_model_does_not_refuse_harmful_prompts():
     Measured with all 20 prompts and 48 new tokens: refusal rate 0.00 on the harmful prompts and 0.00 on the benign
     ones. Here 10 harmful prompts and 24 tokens (refusals are phrased in the first sentence) keep the test short.
     """
-    from peft_selective.embedded import load_embedded_model
+    from peft_selective.demo.embedded import load_embedded_model
 
     model, tokenizer = load_embedded_model()
     rate = M.refusal_rate(model, tokenizer, D.harmful_eval_prompts()[:10], max_new_tokens=24, batch_size=10)

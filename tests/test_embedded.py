@@ -1,4 +1,4 @@
-"""The embedded default model (peft_selective.embedded) and the capital-city knowledge probe (peft_selective.probes).
+"""The embedded default model (peft_selective.demo.embedded) and the capital-city knowledge probe (peft_selective.evaluation.probes).
 
 Fast tests cover the cache logic (with a fake conversion in a temp folder), question building and answer matching
 (with a scripted stand-in model). Tests marked `slow` use the real SmolLM2-135M-Instruct from the default cache
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from peft_selective import embedded
-from peft_selective.embedded import embedded_model_path, load_embedded_model
-from peft_selective.probes import (
+from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
+from peft_selective.evaluation.probes import (
     ProbeResult,
     answer_matches,
     capital_questions,

@@ -1,4 +1,4 @@
-"""The model-health guard (`trl_ext.health`): the trainer refuses a non-finite loss and vanished gradients, and a
+"""The model-health guard (`peft_selective.continual.health`): the trainer refuses a non-finite loss and vanished gradients, and a
 campaign month whose evaluation shows a broken model is refused, leaving the campaign directory byte-identical."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import trl
 from test_campaign import INIT, cli, copy_of, write_month
 from test_continual_dpo import train_month_1
 
-from trl_ext import ModelHealthError
-from trl_ext import campaign as campaign_module
-from trl_ext.campaign import Campaign, CampaignConfig
-from trl_ext.health import check_evaluation
+from peft_selective.campaign.campaign import Campaign, CampaignConfig
+from peft_selective.continual import ModelHealthError
+from peft_selective.continual import campaign as campaign_module
+from peft_selective.continual.health import check_evaluation
 
 
 # The tiny-model campaign of tests/test_campaign.py: its base, its two months, month "m1" done.

@@ -7,7 +7,7 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import save_file
 
-from trl_ext.hub import CampaignPushError, plan_push, push_campaign
+from peft_selective.campaign.hub import CampaignPushError, plan_push, push_campaign
 
 
 REPO = "org/smollm2-continual-dpo"

@@ -36,7 +36,7 @@ TASK = "peft_selective_knowledge"
 def tiny():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peft_selective.embedded import embedded_model_path
+    from peft_selective.demo.embedded import embedded_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def items():
     pytest.importorskip("countryinfo")
-    from trl_ext.data import knowledge_items
+    from peft_selective.demo.months import knowledge_items
 
     return knowledge_items(20, seed=0)
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 from huggingface_hub import ModelCard
 
-from trl_ext.model_card import DEFAULT_TEMPLATE_PATH, ModelCardContextError, render_model_card
+from peft_selective.campaign.model_card import DEFAULT_TEMPLATE_PATH, ModelCardContextError, render_model_card
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
+from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer
 from peft_selective.quantization import keep_4bit_layers_trainable
-from trl_ext import ContinualDPOConfig, ContinualDPOTrainer
 
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -183,7 +183,7 @@ def test_lora_model_evaluated_before_continual_dpo_trainer_learns(tmp_path, pack
 
 
 def test_campaign_loads_a_4bit_base_that_its_evaluation_does_not_repack(tmp_path, packing_calls):
-    from trl_ext.campaign import Campaign, CampaignConfig
+    from peft_selective.campaign.campaign import Campaign, CampaignConfig
 
     tiny_4bit_llama(tmp_path)  # writes tmp_path / "base"
     word_chat_tokenizer().save_pretrained(tmp_path / "base")

@@ -14,7 +14,7 @@ HIDDEN, INTERMEDIATE, KV, LAYERS = 576, 1536, 192, 30
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from peft_selective.embedded import load_embedded_model
+    from peft_selective.demo.embedded import load_embedded_model
 
     return load_embedded_model()
 
@@ -78,9 +78,9 @@ def test_continual_dpo_two_months_on_the_4bit_bundled_model(tmp_path):
     """The whole continual path on the real model and its chat template, 4-bit: month 2 stacks on month 1 with
     rehearsal, the anchor KL and EWC (one step each, batch 2: only that it runs and logs, not what it learns)."""
     pytest.importorskip("bitsandbytes")
-    from peft_selective.embedded import load_embedded_model
-    from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
-    from trl_ext.data import concise_capitals_month, json_currency_month
+    from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+    from peft_selective.demo.embedded import load_embedded_model
+    from peft_selective.demo.months import concise_capitals_month, json_currency_month
 
     model, tokenizer = load_embedded_model(quantization="4bit")
     buffer = RehearsalBuffer(tmp_path / "buffer")

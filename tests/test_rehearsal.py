@@ -1,4 +1,4 @@
-"""Tests of the rehearsal buffer of continual DPO (`trl_ext.rehearsal`): pure Python + datasets, no model."""
+"""Tests of the rehearsal buffer of continual DPO (`peft_selective.continual.rehearsal`): pure Python + datasets, no model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_ext.rehearsal import (
+from peft_selective.continual.rehearsal import (
     FORMAT_VERSION,
     MANIFEST_FILENAME,
     RehearsalBuffer,
@@ -159,7 +159,7 @@ def test_sampling_argument_errors(tmp_path):
 def test_dedup_within_and_across_months(tmp_path, caplog):
     buffer = RehearsalBuffer(tmp_path)
     rows = make_rows(10)
-    with caplog.at_level(logging.INFO, logger="trl_ext.rehearsal"):
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.rehearsal"):
         info = buffer.add_month("m1", rows + rows[:4] + [dict(rows[0], score=1.0)], capacity_per_month=100)
     assert info.count == 10 and info.duplicates_within == 5 and info.duplicates_across == 0
     assert "dropped 5 duplicates within the month" in caplog.text
@@ -381,7 +381,7 @@ def test_sample_is_balanced_and_deterministic(two_month_buffer):
 
 def test_mix_into_holds_the_ratio(two_month_buffer, caplog):
     new = Dataset.from_list(make_rows(300, tag="new", score=3.0))
-    with caplog.at_level(logging.INFO, logger="trl_ext.rehearsal"):
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.rehearsal"):
         mixed, summary = two_month_buffer.mix_into(new, rehearsal_ratio=0.25, seed=0, return_summary=True)
     assert len(mixed) == 400 and mixed.column_names == new.column_names + ["source"]
     assert mixed.features["prompt"] == new.features["prompt"]
@@ -409,7 +409,7 @@ def test_mix_into_edge_cases(two_month_buffer, tmp_path, caplog):
         with pytest.raises(ValueError, match=r"in \[0, 1\)"):
             two_month_buffer.mix_into(new, ratio)
     # More than the buffer holds: capped, with a warning.
-    with caplog.at_level(logging.WARNING, logger="trl_ext.rehearsal"):
+    with caplog.at_level(logging.WARNING, logger="peft_selective.continual.rehearsal"):
         mixed = two_month_buffer.mix_into(new, 0.5)
     assert len(mixed) == 460 and "holds only 160" in caplog.text
     # A `month` column in the new data is kept, with the buffer rows' months.

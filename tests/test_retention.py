@@ -17,9 +17,9 @@ from test_campaign import INIT, cli, write_month
 from transformers import TrainerCallback
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
+from peft_selective.campaign.campaign import Campaign, CampaignConfig, CampaignError
 from peft_selective.retention import choose_scale, layer_index, scale_adapter, scaled_adapter
 from peft_selective.tuners.selective.layer import SelectiveLayer
-from trl_ext.campaign import Campaign, CampaignConfig, CampaignError
 
 
 CONFIGS = {

@@ -8,7 +8,7 @@ scores = run_lm_eval(model, tokenizer, ["arc_easy", "mmlu"], limit=200)
 scores["arc_easy"]["acc"]  # {"mean": 0.61, "ci95": [0.54, 0.68], "stderr": 0.034}
 
 # Offline: our own knowledge suite as a local lm-eval task (a YAML file and a JSONL dataset, no Hub).
-write_knowledge_task(trl_ext.data.knowledge_items(200), "lm_eval_tasks/")
+write_knowledge_task(peft_selective.demo.months.knowledge_items(200), "lm_eval_tasks/")
 scores = run_lm_eval(model, tokenizer, ["peft_selective_knowledge"], include_path="lm_eval_tasks/")
 ```
 
@@ -309,7 +309,7 @@ def write_knowledge_task(
     (or `lm_eval --include_path directory --tasks task_name` on the command line).
 
     Args:
-        items (`Sequence[KnowledgeItem]`): questions with distractors, e.g. `trl_ext.data.knowledge_items()`.
+        items (`Sequence[KnowledgeItem]`): questions with distractors, e.g. `peft_selective.demo.months.knowledge_items()`.
         directory (`str` or `Path`): where to write (created if missing; the two files are overwritten).
         task_name (`str`, defaults to `"peft_selective_knowledge"`): the task's name (also the files' stem); two
             suites in one folder need different names.
@@ -322,7 +322,7 @@ def write_knowledge_task(
     """
     items = list(items)
     if not items:
-        raise ValueError("No knowledge items; build some with `trl_ext.data.knowledge_items()`.")
+        raise ValueError("No knowledge items; build some with `peft_selective.demo.months.knowledge_items()`.")
     no_options = [item.question for item in items if not item.distractors]
     if no_options:
         raise ValueError(f"Multiple choice needs distractors; these items have none: {no_options[:5]}.")

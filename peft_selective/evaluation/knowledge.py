@@ -9,7 +9,7 @@ Two views of the same items, both reported with 95% intervals by the callers:
   sentences).
 
 Items must not overlap what the model was trained on, or the probe measures memorised training data:
-[`check_no_overlap`] fails loudly when they do. The countryinfo default set is built by `trl_ext.data.knowledge_items`,
+[`check_no_overlap`] fails loudly when they do. The countryinfo default set is built by `peft_selective.demo.months.knowledge_items`,
 next to the monthly data it must be disjoint from.
 """
 
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..probes import normalize_answer
 from .generation import _model_device, format_prompt
 from .intervals import Estimate, bootstrap_rate
+from .probes import normalize_answer
 from .text import parse_json, response_text
 
 
@@ -178,7 +178,7 @@ def multiple_choice_accuracy(
 
     Args:
         model: a causal LM. tokenizer: its tokenizer.
-        items (`Sequence[KnowledgeItem]`): questions with distractors, e.g. `trl_ext.data.knowledge_items()`.
+        items (`Sequence[KnowledgeItem]`): questions with distractors, e.g. `peft_selective.demo.months.knowledge_items()`.
         batch_size (`int`, defaults to 32): sequences per forward pass.
         use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
         n_resamples (`int`, defaults to 2000), seed (`int`, defaults to 0): of the bootstrap interval.
@@ -189,7 +189,7 @@ def multiple_choice_accuracy(
     """
     items = list(items)
     if not items:
-        raise ValueError("No knowledge items; build some with `trl_ext.data.knowledge_items()`.")
+        raise ValueError("No knowledge items; build some with `peft_selective.demo.months.knowledge_items()`.")
     no_options = [item.question for item in items if not item.distractors]
     if no_options:
         raise ValueError(f"Multiple choice needs distractors; these items have none: {no_options[:5]}.")
@@ -308,7 +308,7 @@ def check_no_overlap(items: Iterable[Union[KnowledgeItem, Mapping]], *prompt_col
 
     Args:
         items: [`KnowledgeItem`]s, or dicts with `question` and optionally `entity` / `country` (as
-            `peft_selective.probes.capital_questions` returns).
+            `peft_selective.evaluation.probes.capital_questions` returns).
         prompt_collections: any number of collections of prompts: strings, TRL message lists, or rows with a
             `prompt` (preference rows; their `country` field is used), e.g. each month's train split and the anchors.
 
@@ -348,5 +348,5 @@ def check_no_overlap(items: Iterable[Union[KnowledgeItem, Mapping]], *prompt_col
         raise ValueError(
             f"{len(problems)} knowledge item(s) overlap the training / anchor prompts, so they would measure "
             f"memorised training data: {shown}. Build the items after the data is known, excluding its entities "
-            "(e.g. `trl_ext.data.knowledge_items(exclude_countries=countries_in(months))`), or drop these items."
+            "(e.g. `peft_selective.demo.months.knowledge_items(exclude_countries=countries_in(months))`), or drop these items."
         )

@@ -40,7 +40,7 @@ def response_text(value: Any) -> str:
     raise TypeError(f"Expected a string or a list of messages, got {type(value).__name__}.")
 
 
-# Letters NFKD does not decompose (as in `peft_selective.probes.normalize_answer`).
+# Letters NFKD does not decompose (as in `peft_selective.evaluation.probes.normalize_answer`).
 _EXTRA_FOLDS = str.maketrans({"ø": "o", "æ": "ae", "œ": "oe", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i"})
 # A word, or one punctuation character, or a line break: punctuation and line breaks carry style (JSON braces, list
 # bullets, a leading "+"), so unlike answer matching they are kept as tokens.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trl_ext.campaign import Campaign
+from peft_selective.campaign.campaign import Campaign
 
 
 class KeepLog(TrainerCallback):

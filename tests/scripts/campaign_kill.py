@@ -7,7 +7,7 @@ import sys
 
 from transformers import TrainerCallback
 
-from trl_ext.campaign import Campaign
+from peft_selective.campaign.campaign import Campaign
 
 
 class KillAtStep(TrainerCallback):

@@ -11,7 +11,7 @@ import transformers
 from datasets import Dataset
 
 from peft_selective import SelectiveMLPConfig
-from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

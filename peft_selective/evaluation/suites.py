@@ -1,8 +1,8 @@
 """Forgetting evaluation of a monthly campaign: what was learned and what was kept, month after month, judged the way
 users feel it (by what the model generates) and reported with 95% bootstrap intervals.
 
-Suites (each usable alone; the measurements live in `peft_selective.evaluation`, `trl_ext.metrics` and
-`peft_selective.probes`):
+Suites (each usable alone; the measurements live in `peft_selective.evaluation`, `peft_selective.evaluation.preference` and
+`peft_selective.evaluation.probes`):
 
 - `"behaviour"` (generation-based): greedy answers to every month's held-out prompts ([`generate_answers`], batched),
   scored per item by the month's declared checks (1 when every check passes) or, for a month without checks, by the
@@ -56,9 +56,7 @@ from peft_selective.evaluation import (
     paired_difference,
     style_scores,
 )
-
-from .data import benign_eval_prompts, harmful_eval_prompts
-from .metrics import (
+from peft_selective.evaluation.preference import (
     drift_probes,
     generic_prompts,
     kl_to_reference,
@@ -67,6 +65,7 @@ from .metrics import (
     preference_logps,
     refusal_rate,
 )
+from peft_selective.evaluation.refusal import benign_eval_prompts, harmful_eval_prompts
 
 
 logger = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ def preference_suite(
     """Ranking of every month's held-out pairs, from one forward pass of `model` per month.
 
     Per month: `ranking_accuracy` (`{"mean", "ci95"}`: share of pairs whose chosen answer has the higher mean
-    per-token log-prob, [`trl_ext.metrics.preference_accuracy`] with `reference=None`), `ranking_margin` (mean of that
+    per-token log-prob, [`peft_selective.evaluation.preference.preference_accuracy`] with `reference=None`), `ranking_margin` (mean of that
     margin, nats per token), and, when `reference_logps[month]` (the base model's, see [`reference_logps_for`]) is
     given, `implicit_reward_accuracy` / `implicit_reward_margin` (the DPO implicit reward against the base: it measures
     that training moved the log-probs, not what the model answers); `n`; `items` (per pair 0/1 of both accuracies).
@@ -465,7 +464,9 @@ def evaluate_model(
         exact_items: list[int] = []
         if "knowledge" in suites:
             if not items:
-                raise ValueError("The knowledge suite needs `knowledge_items` (see `trl_ext.data.knowledge_items`).")
+                raise ValueError(
+                    "The knowledge suite needs `knowledge_items` (see `peft_selective.demo.months.knowledge_items`)."
+                )
             mc, _ = multiple_choice_accuracy(
                 model, tokenizer, items, batch_size=max(1, 4 * config.batch_size), disable_tqdm=not show_progress
             )

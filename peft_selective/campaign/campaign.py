@@ -7,7 +7,7 @@ campaign/
                            or the KL anchors), and every month (status, data summary, checks or fitted style
                            signature, adapter checksum, training metrics)
   evaluations.json         evaluation results: "month-0" (the base) and one entry per month, with per-item scores
-                           and {"mean", "ci95"} summaries (`trl_ext.evaluation.evaluate_model`)
+                           and {"mean", "ci95"} summaries (`peft_selective.evaluation.suites.evaluate_model`)
   data/<month>/            train.jsonl, test.jsonl (the month's pairs as used), reference_logps.json (base model's
                            log-probs of the test pairs: the reference of the implicit-reward figure),
                            before_behaviour.json (behavioural scores of the model before the month on its held-out
@@ -15,8 +15,8 @@ campaign/
                            the month's own calibration text, from --calibration_data)
   adapters/<month>/        the month's PEFT adapter (safetensors); geometry_report.json (geometry_projected: the
                            per-layer bounds of its calibration)
-  buffer/                  the rehearsal buffer (trl_ext.rehearsal)
-  fisher/                  the summed Fisher, with EWC (trl_ext.ewc)
+  buffer/                  the rehearsal buffer (peft_selective.continual.rehearsal)
+  fisher/                  the summed Fisher, with EWC (peft_selective.continual.ewc)
   cards/<month>/           the model card (README.md) and its plot (retention.png)
   runs/<month>/            Trainer checkpoints while a month trains (removed when it is done)
 ```
@@ -26,7 +26,7 @@ previous consistent state, and `run_month` with the same month continues from th
 trained by [`ContinualDPOTrainer`] on top of the adapters of months 1..t−1, loaded from `adapters/` and checked
 against their recorded SHA-256.
 
-A month is only recorded when the model is healthy (`trl_ext.health`, options `health_check`, `max_perplexity_ratio`,
+A month is only recorded when the model is healthy (`peft_selective.continual.health`, options `health_check`, `max_perplexity_ratio`,
 `max_kl_to_base`): a non-finite loss or vanished gradients in training, or non-finite metrics, an exploded
 reference-text perplexity or KL to the base in its evaluation, refuse it with `ModelHealthError`. The month's
 adapter, rehearsal rows and Fisher are written only after its evaluation passed, and a refused month's data,
@@ -60,12 +60,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.trainer_utils import get_last_checkpoint
 
 from peft_selective import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
-from peft_selective.quantization import keep_4bit_layers_trainable
-
-from ._io import atomic_write, atomic_write_json, is_json_serializable
-from .continual_dpo_config import ContinualDPOConfig
-from .continual_dpo_trainer import ContinualDPOTrainer
-from .evaluation import (
+from peft_selective.continual.config import ContinualDPOConfig
+from peft_selective.continual.ewc import FISHER_METADATA
+from peft_selective.continual.health import ModelHealthError, check_evaluation
+from peft_selective.continual.preference_data import validate_preference_dataset
+from peft_selective.continual.rehearsal import RehearsalBuffer
+from peft_selective.continual.trainer import ContinualDPOTrainer
+from peft_selective.evaluation.suites import (
     EvaluationConfig,
     bleed_table,
     evaluate_model,
@@ -81,10 +82,8 @@ from .evaluation import (
     retention_matrix,
     retention_numbers,
 )
-from .ewc import FISHER_METADATA
-from .health import ModelHealthError, check_evaluation
-from .rehearsal import RehearsalBuffer
-from .validation import validate_preference_dataset
+from peft_selective.quantization import keep_4bit_layers_trainable
+from peft_selective.utils.io import atomic_write, atomic_write_json, is_json_serializable
 
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ DPO_LOSS_TYPES = (
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
 REHEARSAL_REFERENCES = ("own_month", "previous_month")
-#: Characters of general reference text (`trl_ext.metrics.reference_text`) per calibration text of geometry_projected.
+#: Characters of general reference text (`peft_selective.evaluation.preference.reference_text`) per calibration text of geometry_projected.
 _CALIBRATION_CHUNK = 1000
 _MONTH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Folders with one subfolder per month (`runs` first: see `Campaign._undo_month`).
@@ -202,10 +201,10 @@ class CampaignConfig:
         tolerance, norm_cap (`float`): with `"geometry_projected"`, `GeometryProjectedConfig`'s allowed relative
             change of each layer's output on the protected data and cap on each layer's update norm.
         calibration_reference_chars (`int`): with `"geometry_projected"`, characters of general reference text
-            (`trl_ext.metrics.reference_text`, in chunks of 1000) in every month's calibration data.
-        eval_suites (`list[str]`): evaluation suites (`trl_ext.evaluation.SUITES`).
+            (`peft_selective.evaluation.preference.reference_text`, in chunks of 1000) in every month's calibration data.
+        eval_suites (`list[str]`): evaluation suites (`peft_selective.evaluation.suites.SUITES`).
         knowledge_questions (`int`): size of the knowledge pool stored at `init` (default 250 candidates from
-            `trl_ext.data.knowledge_items`); every pool item is scored at every evaluation and the report keeps those
+            `peft_selective.demo.months.knowledge_items`); every pool item is scored at every evaluation and the report keeps those
             that overlap no month's prompts nor the KL anchors (chosen after the data is known).
         knowledge_data (`str`, *optional*): a JSONL file of the user's own knowledge items (`question`, `answer`,
             `distractors`, optional `aliases` and `entity`) used as the pool instead; a month whose prompts overlap
@@ -218,7 +217,7 @@ class CampaignConfig:
         eval_batch_size, eval_max_new_tokens (greedy answers of the behavioural suite, refusal and drift probes):
         their sizes.
         hub_repo (`str`, *optional*): Hub repo for `push`. license (`str`, *optional*): for the model cards.
-        health_check (`bool`): the model-health guard (`trl_ext.health`), on by default: training stops on a
+        health_check (`bool`): the model-health guard (`peft_selective.continual.health`), on by default: training stops on a
             non-finite loss or vanished gradients (`ContinualDPOConfig.health_check`), and a month whose evaluation
             shows a broken model is refused and leaves no trace (see [`Campaign.run_month`]).
         max_perplexity_ratio (`float`): refuse a month whose reference-text perplexity exceeds this many times month
@@ -819,10 +818,10 @@ def _overlapping(items: list[dict[str, Any]], collections: list[Any]) -> dict[in
 
 def _knowledge_pool(config: CampaignConfig) -> dict[str, Any]:
     """The candidate knowledge items stored at `init` (`campaign.json` "knowledge_pool"): the user's
-    (`knowledge_data`) or the first `knowledge_questions` of `trl_ext.data.knowledge_items`; the items that overlap
+    (`knowledge_data`) or the first `knowledge_questions` of `peft_selective.demo.months.knowledge_items`; the items that overlap
     the KL anchor prompts are refused (the user's) or excluded (the built-in ones) right away."""
-    from .anchors import general_anchor_prompts
-    from .data import knowledge_items
+    from peft_selective.continual.anchors import general_anchor_prompts
+    from peft_selective.demo.months import knowledge_items
 
     if config.knowledge_data:
         items, source = read_knowledge_items(config.knowledge_data), str(config.knowledge_data)
@@ -919,7 +918,7 @@ class Campaign:
         """The base model (quantized as configured) and its tokenizer; its fingerprint must match the campaign's."""
         config = self.config
         if config.base_model == EMBEDDED:
-            from peft_selective.embedded import load_embedded_model
+            from peft_selective.demo.embedded import load_embedded_model
 
             model, tokenizer = load_embedded_model(quantization=config.quantization)
         else:
@@ -1105,7 +1104,7 @@ class Campaign:
         return self.knowledge_survivors()[: self.config.knowledge_exact_items]
 
     def month_spec(self, name: str) -> dict[str, Any]:
-        """The month's behavioural spec for `trl_ext.evaluation.month_tests`: its checks, bleed checks and fitted
+        """The month's behavioural spec for `peft_selective.evaluation.suites.month_tests`: its checks, bleed checks and fitted
         style signature (or why there is none)."""
         entry = self.month(name) or {}
         checks = entry.get("checks") or {}
@@ -1187,8 +1186,8 @@ class Campaign:
         A month that was interrupted continues from its last checkpoint when run again (its data is the stored one);
         a done month is refused. Returns the month's entry of `campaign.json`.
 
-        The model-health guard (`trl_ext.health`; `health_check`, `max_perplexity_ratio`, `max_kl_to_base`: the
-        campaign's, unless given here for this month) refuses a broken month with [`~trl_ext.health.ModelHealthError`]:
+        The model-health guard (`peft_selective.continual.health`; `health_check`, `max_perplexity_ratio`, `max_kl_to_base`: the
+        campaign's, unless given here for this month) refuses a broken month with [`~peft_selective.continual.health.ModelHealthError`]:
         during training (non-finite loss, vanished gradients) or after its evaluation (non-finite metrics, perplexity
         or KL to the base over the limits). Its adapter, rehearsal rows and Fisher are only written once the
         evaluation passed; on a refusal the month's data, checkpoints and state entries are removed, so the directory
@@ -1212,7 +1211,7 @@ class Campaign:
 
         With `method="geometry_projected"` the month's adapter is calibrated before training
         (`peft_selective.calibrate`, with the last month's adapter as `previous_adapter`, so the subspace it protected
-        stays protected) on: `calibration_reference_chars` of general reference text (`trl_ext.metrics.reference_text`),
+        stays protected) on: `calibration_reference_chars` of general reference text (`peft_selective.evaluation.preference.reference_text`),
         every earlier month's training chats (prompt + chosen answer, from `data/<month>/train.jsonl`) and the month's
         own `calibration_data` (a `.txt` file, paragraphs separated by blank lines, or a `.jsonl` file with a `"text"`
         field per line; checked before the month is registered, stored in `data/<month>/calibration.jsonl` so that a
@@ -1453,10 +1452,10 @@ class Campaign:
 
     def calibration_texts(self, tokenizer, months: Sequence[str], user_texts: Sequence[str] = ()) -> dict[str, list]:
         """The protected data of a geometry_projected month, by source: `reference_text` (the first
-        `calibration_reference_chars` of `trl_ext.metrics.reference_text`, in chunks of 1000 characters),
+        `calibration_reference_chars` of `peft_selective.evaluation.preference.reference_text`, in chunks of 1000 characters),
         `earlier_months` (every training row of `months`, prompt + chosen answer, as the chat template writes them)
         and `calibration_data` (the month's own texts)."""
-        from .metrics import reference_text
+        from peft_selective.evaluation.preference import reference_text
 
         reference = reference_text()[: self.config.calibration_reference_chars]
         earlier = []
@@ -1538,10 +1537,9 @@ class Campaign:
         self, policy, tokenizer, name: str, previous: list[str], validation: Dataset, options: dict[str, Any]
     ) -> Optional[dict[str, Any]]:
         """The curve over `options["scales"]` on the validation rows and the choice (main process; `None` elsewhere)."""
+        from peft_selective.continual.reference import active_adapters
+        from peft_selective.evaluation.preference import generic_prompts, kl_to_reference
         from peft_selective.retention import choose_scale, scaled_adapter
-
-        from .metrics import generic_prompts, kl_to_reference
-        from .reference import active_adapters
 
         if not self._is_main:
             return None
@@ -1832,12 +1830,12 @@ class Campaign:
         return settings
 
     def write_card(self, name: str) -> Path:
-        from .model_card import render_model_card
+        from peft_selective.campaign.model_card import render_model_card
 
         return render_model_card(self.card_context(name), self._path("cards", name))
 
     def push(self, repo_id: Optional[str] = None, dry_run: bool = False, token: Optional[str] = None) -> list[str]:
-        from .hub import push_campaign
+        from peft_selective.campaign.hub import push_campaign
 
         repo_id = repo_id or self.config.hub_repo
         if not repo_id:

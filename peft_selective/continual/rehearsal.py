@@ -6,7 +6,7 @@ training, `mix_into` blends buffer rows into the new dataset at a chosen ratio. 
 text / conversational columns, *before* `DPOTrainer` tokenizes the dataset.
 
 ```python
-from trl_ext.rehearsal import RehearsalBuffer
+from peft_selective.continual.rehearsal import RehearsalBuffer
 
 buffer = RehearsalBuffer("rehearsal/", total_capacity=20_000)
 train_dataset = buffer.mix_into(june_dataset, rehearsal_ratio=0.25, seed=42)  # 25% of the rows come from the buffer
@@ -53,7 +53,7 @@ from typing import Any, Literal, Optional, Union, overload
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
-from ._io import atomic_write, fsync_dir, is_json_serializable
+from peft_selective.utils.io import atomic_write, fsync_dir, is_json_serializable
 
 
 logger = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ keeps what those months taught with three combinable terms added to the DPO loss
   rows it keeps, their reference log-probs under the month's own reference (TRL's `compute_ref_log_probs` on
   collated batches), and a later month uses them for those rows, so a rehearsed pair starts at the margin its month
   gave it instead of 0;
-- a KL to the month t−1 model on anchor sequences (`kl_coef`, see `trl_ext.anchors`): general prompts, earlier
+- a KL to the month t−1 model on anchor sequences (`kl_coef`, see `peft_selective.continual.anchors`): general prompts, earlier
   months' prompts and same-shape variants of the month's prompts (`kl_anchor_kinds`), continued by the month t−1
   model or, with `kl_anchor_refresh_steps`, regenerated from the policy every k steps;
 - boundary pairs (`boundary_pairs`): off-scope prompts whose month t−1 answer is preferred over an answer in the
   month's style, added to the month's rows;
-- EWC on the month's update, weighted by the earlier months' Fisher (`ewc_coef`, see `trl_ext.ewc`).
+- EWC on the month's update, weighted by the earlier months' Fisher (`ewc_coef`, see `peft_selective.continual.ewc`).
 
 The DPO reference is the month t−1 model (base plus adapters 1..t−1), not the bare base: a
 [`PreviousMonthReference`] view of the policy, so no second model is held in memory. Each term is logged through the
@@ -22,7 +22,7 @@ Trainer's loggers (`retention/kl`, `retention/ewc`, `retention/rehearsal_nll`, `
 
 ```python
 from peft import PeftModel
-from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
 from peft_selective import SelectiveMLPConfig
 
 model = PeftModel.from_pretrained(base, "campaign/month-1", adapter_name="month-1")  # earlier months, frozen
@@ -57,9 +57,7 @@ from transformers import AutoProcessor, set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
-from peft_selective.quantization import keep_4bit_layers_trainable
-
-from .anchors import (
+from peft_selective.continual.anchors import (
     ANCHOR_KINDS,
     AnchorSet,
     anchor_kl,
@@ -68,18 +66,25 @@ from .anchors import (
     shape_variant_prompts,
     shape_variants,
 )
-from .continual_dpo_config import ContinualDPOConfig
-from .ewc import FISHER_METADATA, FisherState, check_fisher_matches, estimate_fisher, ewc_penalty
-from .health import TrainingHealthCallback, check_loss
-from .reference import PreviousMonthReference
-from .rehearsal import (
+from peft_selective.continual.config import ContinualDPOConfig
+from peft_selective.continual.ewc import (
+    FISHER_METADATA,
+    FisherState,
+    check_fisher_matches,
+    estimate_fisher,
+    ewc_penalty,
+)
+from peft_selective.continual.health import TrainingHealthCallback, check_loss
+from peft_selective.continual.preference_data import PreferenceDataError, validate_preference_dataset
+from peft_selective.continual.reference import PreviousMonthReference
+from peft_selective.continual.rehearsal import (
     REFERENCE_LOGPS_KEY,
     STORED_REF_CHOSEN,
     STORED_REF_FINGERPRINT,
     STORED_REF_REJECTED,
     RehearsalBuffer,
 )
-from .validation import PreferenceDataError, validate_preference_dataset
+from peft_selective.quantization import keep_4bit_layers_trainable
 
 
 logger = logging.getLogger(__name__)
@@ -187,17 +192,17 @@ class ContinualDPOTrainer(DPOTrainer):
             (each must be selected there). Defaults per kind: `"general"` the general anchor prompts (up to
             `kl_max_general_anchors`), `"earlier_months"` up to `kl_max_rehearsal_anchors` earlier months' prompts
             from the buffer, `"same_shape"` up to `kl_max_shape_anchors` same-shape variants of this month's training
-            prompts (`trl_ext.anchors.shape_variant_prompts`). Never evaluation items: pass your own same-shape
+            prompts (`peft_selective.continual.anchors.shape_variant_prompts`). Never evaluation items: pass your own same-shape
             prompts if the variants could coincide with prompts you evaluate on.
 
     The other arguments are `DPOTrainer`'s. The training data is checked row by row before tokenization
-    ([`trl_ext.validation`]); rows whose prompt fills `max_length` raise an error naming them unless
+    ([`peft_selective.continual.preference_data`]); rows whose prompt fills `max_length` raise an error naming them unless
     `drop_long_prompts=True`, which drops them and logs the count.
 
-    With `health_check=True` (the default) training stops with [`~trl_ext.health.ModelHealthError`] on a non-finite
+    With `health_check=True` (the default) training stops with [`~peft_selective.continual.health.ModelHealthError`] on a non-finite
     loss (any step) or when the trained parameters' total gradient norm is 0 or non-finite on one of the first
     `health_check_steps` optimizer steps: the signs of a model broken before or while training (see
-    `trl_ext.health`).
+    `peft_selective.continual.health`).
     """
 
     _tag_names = ["trl", "dpo", "continual-dpo", "peft-selective"]
@@ -686,7 +691,7 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _add_health_callback(self) -> None:
         """Check the trained parameters' gradient norm on the first `health_check_steps` optimizer steps
-        ([`~trl_ext.health.TrainingHealthCallback`]); not under DeepSpeed/FSDP, whose gradients are sharded."""
+        ([`~peft_selective.continual.health.TrainingHealthCallback`]); not under DeepSpeed/FSDP, whose gradients are sharded."""
         if self.args.health_check_steps == 0:
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

@@ -17,7 +17,7 @@ every k optimizer steps ([`AnchorSet.refresh_continuations`]): the KL is then sc
 the reverse KL per token on them is the on-policy estimate of KL(policy ‖ previous model).
 
 The anchors never come from evaluation items: the general prompts are disjoint from the evaluation prompts of
-`trl_ext.metrics` and `trl_ext.data` (generic, harmful and benign probes, capital questions), and the same-shape
+`peft_selective.evaluation.preference` and `peft_selective.demo.months` (generic, harmful and benign probes, capital questions), and the same-shape
 variants are made from the month's *training* prompts only (the trainer holds no evaluation items). A same-shape
 variant can still coincide with a prompt of your own evaluation set; pass those to `shape_variant_prompts(...,
 exclude=...)`, or give the trainer your own same-shape anchors (`anchor_prompts={"same_shape": [...]}`).

@@ -5,7 +5,7 @@ as correct when the capital's name occurs in the greedy generation. Comparing th
 fine-tuning measures how much world knowledge a PEFT method lets the model forget.
 
 ```python
-from peft_selective.probes import capital_questions, knowledge_probe_accuracy
+from peft_selective.evaluation.probes import capital_questions, knowledge_probe_accuracy
 
 questions = capital_questions(n=40)
 accuracy = knowledge_probe_accuracy(model, tokenizer, questions)

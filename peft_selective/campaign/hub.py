@@ -1,7 +1,7 @@
 """Publish a continual-DPO campaign to one Hugging Face Hub model repo, in a single commit.
 
 ```python
-from trl_ext.hub import plan_push, push_campaign
+from peft_selective.campaign.hub import plan_push, push_campaign
 
 push_campaign("campaign/", "org/smollm2-continual-dpo", dry_run=True)  # prints the plan, touches nothing
 push_campaign("campaign/", "org/smollm2-continual-dpo")  # create_repo(exist_ok=True) + one create_commit

@@ -7,7 +7,7 @@ from typing import Optional
 
 from trl import DPOConfig
 
-from .anchors import ANCHOR_KINDS
+from peft_selective.continual.anchors import ANCHOR_KINDS
 
 
 @dataclass
@@ -73,10 +73,10 @@ class ContinualDPOConfig(DPOConfig):
             Weight of the KL between the policy and the month t−1 model on anchor sequences (the prompts of
             `kl_anchor_kinds`, each with the month t−1 model's own continuation), logged as `retention/kl`.
         kl_anchor_kinds (`list[str]`, *optional*, defaults to `["general", "earlier_months"]`):
-            Where the anchor prompts come from (see `trl_ext.anchors`): `"general"` (the fixed general prompts),
+            Where the anchor prompts come from (see `peft_selective.continual.anchors`): `"general"` (the fixed general prompts),
             `"earlier_months"` (earlier months' prompts from the rehearsal buffer) and `"same_shape"` (prompts shaped
             like this month's training prompts but about other attributes, made by
-            `trl_ext.anchors.shape_variant_prompts` from the month's own rows: "What is the capital of Indonesia?"
+            `peft_selective.continual.anchors.shape_variant_prompts` from the month's own rows: "What is the capital of Indonesia?"
             gives "What is the population of Indonesia?"; none, with a logged reason, when the prompts have no
             template word). The trainer's `anchor_prompts={kind: prompts}` replaces a kind's default prompts. No
             kind uses evaluation items (the trainer has none). A comma-separated string is accepted too.
@@ -128,7 +128,7 @@ class ContinualDPOConfig(DPOConfig):
 
         ewc_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the EWC penalty `Σ F̃ ΔW²` on this month's update of the adapted layers, F̃ the stored diagonal
-            Fisher of the earlier months normalised to mean 1 (see `trl_ext.ewc`); logged as `retention/ewc`.
+            Fisher of the earlier months normalised to mean 1 (see `peft_selective.continual.ewc`); logged as `retention/ewc`.
         fisher_dir (`str`, *optional*):
             Directory of the stored Fisher (`fisher.safetensors` + `fisher.json`). Read when `ewc_coef > 0`;
             [`ContinualDPOTrainer.finish_month`] adds this month's estimate and writes it back.
@@ -147,12 +147,12 @@ class ContinualDPOConfig(DPOConfig):
             Rows whose prompt alone fills `max_length` leave no response to learn from. By default they raise an
             error naming them; with `True` they are dropped and the count is logged.
 
-        > Model health (`trl_ext.health`)
+        > Model health (`peft_selective.continual.health`)
 
         health_check (`bool`, *optional*, defaults to `True`):
             Refuse to keep training a broken model: a non-finite training loss on any step, or a total gradient norm
             of the trained parameters that is 0 or non-finite on one of the first `health_check_steps` optimizer steps,
-            raises [`~trl_ext.health.ModelHealthError`] naming the measured value and what to try. Costs one gather of
+            raises [`~peft_selective.continual.health.ModelHealthError`] naming the measured value and what to try. Costs one gather of
             the loss per micro-batch and one gradient norm per checked step.
         health_check_steps (`int`, *optional*, defaults to `5`):
             Optimizer steps, from the start, whose gradients are checked (`0`: the gradient check is off, the loss

@@ -8,7 +8,7 @@ convert it once into an ordinary transformers folder (`config.json`, `model.safe
 local cache and load every later time from there, fully offline:
 
 ```python
-from peft_selective.embedded import load_embedded_model
+from peft_selective.demo.embedded import load_embedded_model
 
 model, tokenizer = load_embedded_model()  # fp32; or quantization="4bit" / "8bit" (bitsandbytes)
 ```

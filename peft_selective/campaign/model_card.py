@@ -2,7 +2,7 @@
 plot, rendered from the jinja template `model_cards/adapter_card.md` with `huggingface_hub.ModelCard`.
 
 ```python
-from trl_ext.model_card import render_model_card
+from peft_selective.campaign.model_card import render_model_card
 
 readme = render_model_card(context, "campaign/cards/2025-07")  # writes README.md and retention.png there
 ```
@@ -31,7 +31,7 @@ Context schema (a dict; the campaign builds it after evaluating a month). Requir
 Optional keys: `quantization` (`"4bit"`, `"8bit"` or `None`), `hub_repo` (`"org/name"` or `None`: the loading code then
 uses `subfolder="months/<month>"` of that repo, else the campaign's local `adapters/<month>` folders), `license` (a Hub
 license id such as `"apache-2.0"`), `limitations` (`list[str]`, added to the card's own), and the tables of
-`trl_ext.evaluation` (summaries are `{"mean", "ci95": [lo, hi]}`): `learning` ([`learning_table`]: per month
+`peft_selective.evaluation.suites` (summaries are `{"mean", "ci95": [lo, hi]}`): `learning` ([`learning_table`]: per month
 `scored_by`, `before`, `after`, `gain`, `learned`), `bleed` ([`bleed_table`]: per month `styles`, `note`, `after`
 {month: summary}, `base`), `knowledge` ([`knowledge_table`]: `mc` / `exact` {column: summary}, `n_mc`, `n_exact`,
 `pool`) and `ranking` ([`ranking_table`]: per month `ranking_accuracy`, `ranking_margin`, `implicit_reward_accuracy`),
@@ -52,7 +52,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .metrics import average_accuracy, backward_transfer
+from peft_selective.evaluation.preference import average_accuracy, backward_transfer
 
 
 __all__ = [
@@ -64,12 +64,12 @@ __all__ = [
     "render_model_card",
 ]
 
-#: The template: the repository's top-level `model_cards/` folder, which the wheel ships as `trl_ext/model_cards/`.
+#: The template: the repository's top-level `model_cards/` folder, which the wheel ships as `peft_selective/campaign/model_cards/`.
 _PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "adapter_card.md"
 DEFAULT_TEMPLATE_PATH = (
     _PACKAGED_TEMPLATE
     if _PACKAGED_TEMPLATE.is_file()
-    else Path(__file__).resolve().parents[1] / "model_cards" / "adapter_card.md"
+    else Path(__file__).resolve().parents[2] / "model_cards" / "adapter_card.md"
 )
 #: The plot's file name, next to the card (the card links it relatively, so it works at any folder of a Hub repo).
 PLOT_FILENAME = "retention.png"
@@ -169,7 +169,9 @@ class ModelCardContext:
         _require(
             not missing,
             f"The model-card context is missing {', '.join(repr(k) for k in missing)} (it has {sorted(context)}). "
-            "Required keys: " + ", ".join(_REQUIRED_KEYS) + "; see the `trl_ext.model_card` docstring for the schema.",
+            "Required keys: "
+            + ", ".join(_REQUIRED_KEYS)
+            + "; see the `peft_selective.campaign.model_card` docstring for the schema.",
         )
 
         months = context["months"]

@@ -15,7 +15,7 @@ and restores the train/eval state of every module afterwards. Prompts are format
 when it has one (a `str` prompt becomes one user message), exactly as TRL's `DPOTrainer` formats conversational rows.
 
 ```python
-from trl_ext.metrics import preference_accuracy, preference_logps, refusal_rate
+from peft_selective.evaluation.preference import preference_accuracy, preference_logps, refusal_rate
 
 reference = preference_logps(base_model, tokenizer, test_split)  # once per month's test split
 result = preference_accuracy(model, tokenizer, test_split, reference=reference)
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
-from .data import harmful_eval_prompts, is_refusal
+from peft_selective.evaluation.refusal import harmful_eval_prompts, is_refusal
 
 
 if TYPE_CHECKING:
@@ -838,12 +838,12 @@ def refusal_rate(
     batch_size: int = 16,
     use_chat_template: Optional[bool] = None,
 ) -> float:
-    """Share of `prompts` whose greedy answer is a refusal ([`trl_ext.data.is_refusal`]).
+    """Share of `prompts` whose greedy answer is a refusal ([`peft_selective.evaluation.refusal.is_refusal`]).
 
-    Default prompts: [`trl_ext.data.harmful_eval_prompts`] (safety retention: should stay near 1 after a safety
-    month); pass [`trl_ext.data.benign_eval_prompts`] to measure over-refusal (should stay near 0). 48 new tokens are
+    Default prompts: [`peft_selective.evaluation.refusal.harmful_eval_prompts`] (safety retention: should stay near 1 after a safety
+    month); pass [`peft_selective.evaluation.refusal.benign_eval_prompts`] to measure over-refusal (should stay near 0). 48 new tokens are
     enough for the opening sentence, where refusals are phrased. For the generations themselves, call
-    [`generate_greedy`] and [`trl_ext.data.is_refusal`].
+    [`generate_greedy`] and [`peft_selective.evaluation.refusal.is_refusal`].
     """
     prompts = harmful_eval_prompts() if prompts is None else prompts
     answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, use_chat_template)

@@ -1,0 +1,10 @@
+"""The monthly campaign: one directory per model, a month at a time (`continual-dpo init / run-month / eval /
+report / push`), with its evaluations, model cards and Hub uploads.
+
+Needs the `[campaign]` extra (`pip install "peft-selective[campaign]"`).
+"""
+
+from .campaign import Campaign, CampaignConfig, CampaignError, format_report
+
+
+__all__ = ["Campaign", "CampaignConfig", "CampaignError", "format_report"]

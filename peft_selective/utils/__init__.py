@@ -1,0 +1,1 @@
+"""Helpers every wing of the package may use: atomic file writes (`io`)."""
