@@ -477,7 +477,9 @@ class CampaignConfig:
         self.kl_anchor_kinds = [kind.strip() for item in kinds for kind in str(item).split(",") if kind.strip()]
         with warnings.catch_warnings():  # TrainingArguments' deprecation notices belong to training, not to `init`
             warnings.simplefilter("ignore")
-            args = self.training_args(Path(tempfile.gettempdir()) / "continual-dpo-check", "check", None)
+            scratch = Path(tempfile.gettempdir()) / "continual-dpo-check"
+            # EWC needs a Fisher directory to be configured at all; the check only builds the config, reads nothing
+            args = self.training_args(scratch, "check", scratch / "fisher" if self.ewc_coef > 0 else None)
         self.kl_anchor_kinds = list(args.kl_anchor_kinds)
 
     def retention_options(self, **overrides: Any) -> Optional[dict[str, Any]]:
