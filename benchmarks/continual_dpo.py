@@ -166,7 +166,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, dataset):
 
 
 def load_dataset(args: argparse.Namespace):
-    from peft_selective.continual import data
+    from peft_selective.demo import months as data
 
     builder = getattr(data, MONTHS[args.month])
     return builder(n_train=args.n_train, n_eval=1, seed=args.seed)["train"]

@@ -17,7 +17,7 @@ import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import peft_selective.evaluation.knowledge as K
-from peft_selective.continual import data as D
+from peft_selective.demo import months as D
 from peft_selective.evaluation import (
     Check,
     Estimate,

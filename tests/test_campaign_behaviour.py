@@ -13,7 +13,7 @@ import pytest
 from test_campaign import INIT, cli, write_month
 
 from peft_selective.campaign.campaign import Campaign, CampaignConfig, format_report, normalize_checks
-from peft_selective.continual import evaluation as evaluation_module
+from peft_selective.evaluation import suites as evaluation_module
 from peft_selective.evaluation.suites import (
     bleed_table,
     fit_style_signature,

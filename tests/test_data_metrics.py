@@ -17,8 +17,8 @@ import transformers as T
 from datasets import Dataset, concatenate_datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from peft_selective.continual import data as D
-from peft_selective.continual import metrics as M
+from peft_selective.demo import months as D
+from peft_selective.evaluation import preference as M
 from peft_selective.evaluation.probes import answer_matches, capital_questions, normalize_answer
 
 

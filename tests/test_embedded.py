@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_selective import embedded
+from peft_selective.demo import embedded
 from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
 from peft_selective.evaluation.probes import (
     ProbeResult,

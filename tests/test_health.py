@@ -14,9 +14,9 @@ import trl
 from test_campaign import INIT, cli, copy_of, write_month
 from test_continual_dpo import train_month_1
 
+from peft_selective.campaign import campaign as campaign_module
 from peft_selective.campaign.campaign import Campaign, CampaignConfig
 from peft_selective.continual import ModelHealthError
-from peft_selective.continual import campaign as campaign_module
 from peft_selective.continual.health import check_evaluation
 
 

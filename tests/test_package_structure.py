@@ -120,6 +120,146 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------- wings
+#: Which wings each wing may import (besides itself). Imports run one way: utils <- core <- tuners <- continual <-
+#: campaign; evaluation and demo are leaves that only the campaign (and demo: evaluation's types) builds on.
+WING_MAY_IMPORT = {
+    "utils": set(),
+    "core": {"utils"},  # registration, targets, quantization
+    "tuners": {"core", "utils"},
+    "retention": {"tuners", "core", "utils"},  # the post-training scale dial over the tuners' adapters
+    "root": {"tuners", "core", "utils"},  # peft_selective/__init__.py
+    "evaluation": {"tuners", "core", "utils"},
+    "continual": {"tuners", "core", "utils"},
+    "demo": {"evaluation", "tuners", "core", "utils"},
+    "campaign": {"root", "continual", "evaluation", "demo", "retention", "tuners", "core", "utils"},
+}
+
+
+def wing_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "root"
+    if parts[1] in ("registration", "targets", "quantization"):
+        return "core"
+    assert parts[1] in WING_MAY_IMPORT, f"{module} belongs to no wing: add it to WING_MAY_IMPORT"
+    return parts[1]
+
+
+def package_import_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(module_name(p)) for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_import_graph()
+    assert len(graph) > 40 and "peft_selective.campaign.campaign" in graph
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_imports_run_one_way_between_the_wings():
+    wrong = []
+    for module, imported in package_import_graph().items():
+        wing = wing_of(module)
+        for target in imported:
+            other = wing_of(target)
+            if other != wing and other not in WING_MAY_IMPORT[wing]:
+                wrong.append(f"{module} ({wing}) imports {target} ({other})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_wing_rule_catches_an_upward_import():
+    assert "continual" not in WING_MAY_IMPORT["tuners"] and "campaign" not in WING_MAY_IMPORT["evaluation"]
+    assert wing_of("peft_selective.continual.trainer") == "continual" and wing_of("peft_selective.targets") == "core"
+
+
+def test_importing_the_package_imports_neither_trl_nor_matplotlib():
+    code = (
+        "import sys, peft_selective\n"
+        "heavy = sorted({'trl', 'datasets', 'matplotlib'} & set(sys.modules))\n"
+        "assert not heavy, heavy\nprint('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_adapters_work_without_the_extras():
+    """What `pip install peft-selective` (no extras) gives: with trl, datasets, matplotlib, lm-eval and the demo
+    packages made unimportable, the adapters still build, train a step, save and load."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import importlib.machinery
+
+        class Missing:
+            # our extras' packages look installed to `find_spec` (transformers probes them that way) but cannot be
+            # imported, as if `pip install peft-selective` had left them out
+            blocked = {"trl", "datasets", "matplotlib", "gguf", "countryinfo", "lm_eval"}
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in self.blocked:
+                    return importlib.machinery.ModuleSpec(name, self)
+            def create_module(self, spec):
+                raise ModuleNotFoundError(f"No module named {spec.name!r} (simulated: not installed)")
+            def exec_module(self, module):
+                pass
+        sys.meta_path.insert(0, Missing())
+        import tempfile, torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from peft import PeftModel, get_peft_model
+        from peft_selective import SelectiveMLPConfig
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2)
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config)
+        model = get_peft_model(base, SelectiveMLPConfig(rank=4))
+        ids = torch.randint(0, 64, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+        expected = model(input_ids=ids).logits
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            torch.manual_seed(0)
+            loaded = PeftModel.from_pretrained(LlamaForCausalLM(config), d)
+            assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+        assert not {"trl", "datasets", "matplotlib"} & set(sys.modules)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_core_dependencies_are_the_adapters_only():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {dep.split(">")[0].split("<")[0].split("=")[0].strip() for dep in project["dependencies"]}
+    assert core == {"torch", "transformers", "peft", "safetensors", "huggingface_hub", "tqdm"}
+    extras = project["optional-dependencies"]
+    assert {"trl", "campaign", "demo", "dev"} <= set(extras)
+    assert project["scripts"]["continual-dpo"] == "peft_selective.campaign.cli:main"
+
+
+def test_the_old_trl_ext_name_still_imports_with_a_deprecation_warning():
+    code = textwrap.dedent(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from trl_ext import ContinualDPOTrainer
+            from trl_ext.campaign import Campaign
+            import trl_ext.data
+        import peft_selective.campaign, peft_selective.continual
+        assert ContinualDPOTrainer is peft_selective.continual.ContinualDPOTrainer
+        assert Campaign is peft_selective.campaign.Campaign
+        assert any("trl_ext" in str(w.message) and w.category is FutureWarning for w in caught)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------- import graph
 def test_the_tuners_and_registration_have_no_import_cycle():
     graph = import_graph()
