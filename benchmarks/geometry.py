@@ -3,7 +3,7 @@
 Two measurements, each with the competing variants timed side by side in one process, interleaved (the order
 rotated every round), so that load spikes on a shared machine hit both alike; medians are reported:
 
-1. **Calibration vs one plain forward pass** (issue #3, target <= 2x): `peft_selective.calibrate(...)` on a fresh,
+1. **Calibration vs one plain forward pass** (target <= 2x): `peft_selective.calibrate(...)` on a fresh,
    uncalibrated GeometryProjected adapter, against one forward pass of the plain base model (eval, `no_grad`) over
    exactly the same batches (`calibration.to_batches` with the same batch size / max length). The calibration time
    is broken down by wrapping the functions `calibrate` calls (tokenization, `collect_statistics`, `decompose`,
@@ -66,7 +66,7 @@ from _common import (
 CALIBRATION_TARGET = 2.0
 TRAINING_TARGET = 1.15
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
-# The brief of issue #3 suggests 64 passages x 256 tokens; too slow to *measure* on 2 busy cores, so the measured
+# The original brief suggests 64 passages x 256 tokens; too slow to *measure* on 2 busy cores, so the measured
 # per-token costs are also extrapolated to that size (clearly labelled as such).
 REFERENCE_PASSAGES = 64
 log = prefixed_log("geometry")

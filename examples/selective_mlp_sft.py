@@ -32,7 +32,7 @@ from peft_selective.evaluation.probes import capital_questions, run_knowledge_pr
 
 
 # The selective methods train full-rank matrices, LoRA trains small factors and needs a 10x larger step (the same
-# ratio as DESIGN.md's measurements on this model). The demo's few steps need larger steps than a real run would.
+# ratio as our measurements on this model). The demo's few steps need larger steps than a real run would.
 METHODS = {
     "selective_mlp": (lambda: peft_selective.SelectiveMLPConfig(), "selective_lr"),
     "saproj": (lambda: peft_selective.SAProjConfig(), "selective_lr"),

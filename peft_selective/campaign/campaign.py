@@ -59,14 +59,14 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from peft_selective import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
-from peft_selective.continual.config import ContinualDPOConfig
-from peft_selective.continual.ewc import FISHER_METADATA
-from peft_selective.continual.health import ModelHealthError, check_evaluation
-from peft_selective.continual.preference_data import validate_preference_dataset
-from peft_selective.continual.rehearsal import RehearsalBuffer
-from peft_selective.continual.trainer import ContinualDPOTrainer
-from peft_selective.evaluation.suites import (
+from .. import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
+from ..continual.config import ContinualDPOConfig
+from ..continual.ewc import FISHER_METADATA
+from ..continual.health import ModelHealthError, check_evaluation
+from ..continual.preference_data import validate_preference_dataset
+from ..continual.rehearsal import RehearsalBuffer
+from ..continual.trainer import ContinualDPOTrainer
+from ..evaluation.suites import (
     EvaluationConfig,
     bleed_table,
     evaluate_model,
@@ -82,8 +82,8 @@ from peft_selective.evaluation.suites import (
     retention_matrix,
     retention_numbers,
 )
-from peft_selective.quantization import keep_4bit_layers_trainable
-from peft_selective.utils.io import atomic_write, atomic_write_json, is_json_serializable
+from ..quantization import keep_4bit_layers_trainable
+from ..utils.io import atomic_write, atomic_write_json, is_json_serializable
 
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def normalize_checks(value: Any, what: str = "checks") -> dict[str, list[dict]]:
     of either. Every spec is validated with `peft_selective.evaluation.Check.from_spec`; a bad one raises
     `ValueError` naming it.
     """
-    from peft_selective.evaluation import Check
+    from ..evaluation import Check
 
     if isinstance(value, str):
         value = _load_spec(value, what)
@@ -640,7 +640,7 @@ def _adapter_file_mismatch(model: PeftModel, adapter_name: str, weights: Path) -
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    from peft_selective.tuners.selective.model import rename_legacy_keys
+    from ..tuners.selective.model import rename_legacy_keys
 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     with safe_open(str(weights), framework="pt") as handle:
@@ -800,7 +800,7 @@ def read_knowledge_items(path: Union[str, Path]) -> list[dict[str, Any]]:
 def _overlapping(items: list[dict[str, Any]], collections: list[Any]) -> dict[int, str]:
     """Index -> the `check_no_overlap` message, for the items that overlap one of `collections` (checked in chunks,
     then one by one inside a chunk that overlaps)."""
-    from peft_selective.evaluation import check_no_overlap
+    from ..evaluation import check_no_overlap
 
     found: dict[int, str] = {}
     chunk = 32
@@ -822,8 +822,8 @@ def _knowledge_pool(config: CampaignConfig) -> dict[str, Any]:
     """The candidate knowledge items stored at `init` (`campaign.json` "knowledge_pool"): the user's
     (`knowledge_data`) or the first `knowledge_questions` of `peft_selective.demo.months.knowledge_items`; the items that overlap
     the KL anchor prompts are refused (the user's) or excluded (the built-in ones) right away."""
-    from peft_selective.continual.anchors import general_anchor_prompts
-    from peft_selective.demo.months import knowledge_items
+    from ..continual.anchors import general_anchor_prompts
+    from ..demo.months import knowledge_items
 
     if config.knowledge_data:
         items, source = read_knowledge_items(config.knowledge_data), str(config.knowledge_data)
@@ -920,7 +920,7 @@ class Campaign:
         """The base model (quantized as configured) and its tokenizer; its fingerprint must match the campaign's."""
         config = self.config
         if config.base_model == EMBEDDED:
-            from peft_selective.demo.embedded import load_embedded_model
+            from ..demo.embedded import load_embedded_model
 
             model, tokenizer = load_embedded_model(quantization=config.quantization)
         else:
@@ -1457,7 +1457,7 @@ class Campaign:
         `calibration_reference_chars` of `peft_selective.evaluation.preference.reference_text`, in chunks of 1000 characters),
         `earlier_months` (every training row of `months`, prompt + chosen answer, as the chat template writes them)
         and `calibration_data` (the month's own texts)."""
-        from peft_selective.evaluation.preference import reference_text
+        from ..evaluation.preference import reference_text
 
         reference = reference_text()[: self.config.calibration_reference_chars]
         earlier = []
@@ -1473,7 +1473,7 @@ class Campaign:
     def _calibrate(self, model, tokenizer, name: str, previous: list[str], user_texts: list[str]):
         """Calibrate the month's GeometryProjected adapter (every process, the same data). Returns the report and the
         month's `calibration` record."""
-        from peft_selective import calibrate
+        from .. import calibrate
 
         sources = self.calibration_texts(tokenizer, previous, user_texts)
         texts = [text for group in sources.values() for text in group]
@@ -1524,7 +1524,7 @@ class Campaign:
     ) -> dict[str, Any]:
         """Bake the month's retention scale into its adapter (every process), the fixed one or, for `"auto"`, the one
         the main process chooses on the validation rows (see [`run_month`]). Returns the month's `retention` record."""
-        from peft_selective.retention import scale_adapter
+        from ..retention import scale_adapter
 
         if options["scale"] == "auto":
             record = self._choose_retention(policy, tokenizer, name, previous, splits["validation"], options)
@@ -1539,9 +1539,9 @@ class Campaign:
         self, policy, tokenizer, name: str, previous: list[str], validation: Dataset, options: dict[str, Any]
     ) -> Optional[dict[str, Any]]:
         """The curve over `options["scales"]` on the validation rows and the choice (main process; `None` elsewhere)."""
-        from peft_selective.continual.reference import active_adapters
-        from peft_selective.evaluation.preference import generic_prompts, kl_to_reference
-        from peft_selective.retention import choose_scale, scaled_adapter
+        from ..continual.reference import active_adapters
+        from ..evaluation.preference import generic_prompts, kl_to_reference
+        from ..retention import choose_scale, scaled_adapter
 
         if not self._is_main:
             return None
@@ -1693,7 +1693,7 @@ class Campaign:
         months = done[: done.index(month) + 1]
         evaluation = self._evaluate(model, tokenizer, months)
         if lm_eval_tasks:
-            from peft_selective.evaluation import run_lm_eval
+            from ..evaluation import run_lm_eval
 
             evaluation["lm_eval"] = run_lm_eval(
                 model, tokenizer, list(lm_eval_tasks), include_path=lm_eval_include_path, limit=lm_eval_limit
@@ -1832,12 +1832,12 @@ class Campaign:
         return settings
 
     def write_card(self, name: str) -> Path:
-        from peft_selective.campaign.model_card import render_model_card
+        from .model_card import render_model_card
 
         return render_model_card(self.card_context(name), self._path("cards", name))
 
     def push(self, repo_id: Optional[str] = None, dry_run: bool = False, token: Optional[str] = None) -> list[str]:
-        from peft_selective.campaign.hub import push_campaign
+        from .hub import push_campaign
 
         repo_id = repo_id or self.config.hub_repo
         if not repo_id:

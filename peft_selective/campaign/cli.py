@@ -23,9 +23,9 @@ from typing import Optional, Union
 
 from trl import TrlParser
 
-from peft_selective.campaign.campaign import Campaign, CampaignConfig, CampaignError, format_report
-from peft_selective.continual.health import ModelHealthError
-from peft_selective.continual.preference_data import PreferenceDataError
+from ..continual.health import ModelHealthError
+from ..continual.preference_data import PreferenceDataError
+from .campaign import Campaign, CampaignConfig, CampaignError, format_report
 
 
 @dataclass

@@ -52,7 +52,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from peft_selective.evaluation.preference import average_accuracy, backward_transfer
+from ..evaluation.preference import average_accuracy, backward_transfer
 
 
 __all__ = [

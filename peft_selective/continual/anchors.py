@@ -3,7 +3,7 @@
 The KL term keeps the policy's next-token distributions close to the previous month's model on *anchor* sequences,
 and the KL is averaged over the continuation's positions (and the last prompt position, where the answer's first
 token is chosen): that is where a new month's style bleeds onto unrelated prompts, the forgetting that perplexity
-misses (DESIGN.md). The anchor prompts come in three kinds (`ContinualDPOConfig.kl_anchor_kinds`, see `ANCHOR_KINDS`):
+misses. The anchor prompts come in three kinds (`ContinualDPOConfig.kl_anchor_kinds`, see `ANCHOR_KINDS`):
 
 - `"general"`: the fixed general prompts below ([`general_anchor_prompts`]);
 - `"earlier_months"`: earlier months' prompts, from the rehearsal buffer;

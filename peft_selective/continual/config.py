@@ -7,7 +7,7 @@ from typing import Optional
 
 from trl import DPOConfig
 
-from peft_selective.continual.anchors import ANCHOR_KINDS
+from .anchors import ANCHOR_KINDS
 
 
 @dataclass

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from peft_selective.utils.io import atomic_write, atomic_write_json
+from ..utils.io import atomic_write, atomic_write_json
 
 
 logger = logging.getLogger(__name__)

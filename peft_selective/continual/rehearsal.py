@@ -53,7 +53,7 @@ from typing import Any, Literal, Optional, Union, overload
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
-from peft_selective.utils.io import atomic_write, fsync_dir, is_json_serializable
+from ..utils.io import atomic_write, fsync_dir, is_json_serializable
 
 
 logger = logging.getLogger(__name__)

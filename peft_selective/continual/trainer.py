@@ -57,7 +57,8 @@ from transformers import AutoProcessor, set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
-from peft_selective.continual.anchors import (
+from ..quantization import keep_4bit_layers_trainable
+from .anchors import (
     ANCHOR_KINDS,
     AnchorSet,
     anchor_kl,
@@ -66,25 +67,24 @@ from peft_selective.continual.anchors import (
     shape_variant_prompts,
     shape_variants,
 )
-from peft_selective.continual.config import ContinualDPOConfig
-from peft_selective.continual.ewc import (
+from .config import ContinualDPOConfig
+from .ewc import (
     FISHER_METADATA,
     FisherState,
     check_fisher_matches,
     estimate_fisher,
     ewc_penalty,
 )
-from peft_selective.continual.health import TrainingHealthCallback, check_loss
-from peft_selective.continual.preference_data import PreferenceDataError, validate_preference_dataset
-from peft_selective.continual.reference import PreviousMonthReference
-from peft_selective.continual.rehearsal import (
+from .health import TrainingHealthCallback, check_loss
+from .preference_data import PreferenceDataError, validate_preference_dataset
+from .reference import PreviousMonthReference
+from .rehearsal import (
     REFERENCE_LOGPS_KEY,
     STORED_REF_CHOSEN,
     STORED_REF_FINGERPRINT,
     STORED_REF_REJECTED,
     RehearsalBuffer,
 )
-from peft_selective.quantization import keep_4bit_layers_trainable
 
 
 logger = logging.getLogger(__name__)

@@ -48,8 +48,8 @@ from typing import Any, Optional, Union
 
 from datasets import Dataset, Features, List, Value
 
-from peft_selective.evaluation.probes import capital_questions, normalize_answer
-from peft_selective.evaluation.refusal import benign_eval_prompts, harmful_eval_prompts, is_refusal
+from ..evaluation.probes import capital_questions, normalize_answer
+from ..evaluation.refusal import benign_eval_prompts, harmful_eval_prompts, is_refusal
 
 
 logger = logging.getLogger(__name__)
@@ -1264,7 +1264,7 @@ def knowledge_items(n: Optional[int] = 200, seed: int = 0, exclude_countries: It
     Raises:
         `ValueError`: on an unknown country name, or when fewer than `n` items are left after the exclusions.
     """
-    from peft_selective.evaluation.knowledge import KnowledgeItem
+    from ..evaluation.knowledge import KnowledgeItem
 
     excluded = _normalized_exclusions(exclude_countries)
     records = [r for r in _country_records() if normalize_answer(r["country"]) not in excluded]

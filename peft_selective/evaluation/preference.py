@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
-from peft_selective.evaluation.refusal import harmful_eval_prompts, is_refusal
+from .refusal import harmful_eval_prompts, is_refusal
 
 
 if TYPE_CHECKING:
@@ -822,7 +822,7 @@ def generate_greedy(
     """Greedy answers to `prompts` (strings as one user message each, or lists of messages), chat template applied
     when the tokenizer has one, left-padded batches; the text after the prompt up to the first EOS, stripped. The one
     generation routine of the package: [`peft_selective.evaluation.generate_answers`], without a progress bar."""
-    from peft_selective.evaluation import generate_answers
+    from . import generate_answers
 
     return generate_answers(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

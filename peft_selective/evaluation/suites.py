@@ -34,15 +34,14 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
-from datasets import Dataset
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peft_selective.evaluation import (
+from . import (
     Check,
     Estimate,
     KnowledgeItem,
@@ -56,7 +55,7 @@ from peft_selective.evaluation import (
     paired_difference,
     style_scores,
 )
-from peft_selective.evaluation.preference import (
+from .preference import (
     drift_probes,
     generic_prompts,
     kl_to_reference,
@@ -65,7 +64,11 @@ from peft_selective.evaluation.preference import (
     preference_logps,
     refusal_rate,
 )
-from peft_selective.evaluation.refusal import benign_eval_prompts, harmful_eval_prompts
+from .refusal import benign_eval_prompts, harmful_eval_prompts
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 logger = logging.getLogger(__name__)
