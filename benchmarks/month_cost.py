@@ -11,7 +11,8 @@ adapter and <= 1.2x its memory. One *month* is measured end to end, as a user ru
   answers, tokenization) + `train()` + `finish_month("m2")` (the month's rehearsal sample and its own-reference
   log-probs). Month 1 (`ContinualDPOTrainer`, adapter `m1`, no retention terms, then `finish_month("m1")`) is trained
   first, untimed, so that the rehearsal buffer and the earlier-month anchor prompts exist and the month-1 adapter is
-  stacked (frozen, active) under month 2's.
+  stacked (frozen, active) under month 2's. Month 1 runs `--month1-steps` (6) steps in both arms: it only creates
+  the state month 2 starts from (and warms the runtime alike in both arms), so its length is not measured.
 * With `--terms`: `ours_none` (the same campaign, every retention term off: the stacked-adapter trainer alone) and
   `only_<term>` (one term of the recipe at a time: `rehearsal`, `kl`, `sft`, `boundary`, `ewc`), to show which term
   costs what.
@@ -205,12 +206,12 @@ def adapter_config(args: argparse.Namespace):
     return SelectiveMLPConfig(rank=args.rank, alpha=args.alpha)
 
 
-def dpo_options(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def dpo_options(args: argparse.Namespace, out: Path, steps: int) -> dict[str, Any]:
     """The `DPOConfig` options of every arm (ours adds only the retention options and the adapter's name)."""
     cuda = args.device.startswith("cuda")
     return dict(
         output_dir=str(out),
-        max_steps=args.steps,
+        max_steps=steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
         lr_scheduler_type="constant",
@@ -298,7 +299,7 @@ def run_worker(args: argparse.Namespace) -> None:
     if key == "plain":
         trainer = DPOTrainer(
             model,
-            args=DPOConfig(**dpo_options(args, work / "m1")),
+            args=DPOConfig(**dpo_options(args, work / "m1", args.month1_steps)),
             train_dataset=month1,
             processing_class=tokenizer,
             peft_config=adapter_config(args),
@@ -310,7 +311,9 @@ def run_worker(args: argparse.Namespace) -> None:
     else:
         buffer = RehearsalBuffer(work / "buffer")
         config = ContinualDPOConfig(
-            **dpo_options(args, work / "m1"), adapter_name="m1", fisher_dir=str(work / "fisher") if ewc else None
+            **dpo_options(args, work / "m1", args.month1_steps),
+            adapter_name="m1",
+            fisher_dir=str(work / "fisher") if ewc else None,
         )
         trainer = ContinualDPOTrainer(
             model,
@@ -343,7 +346,7 @@ def run_worker(args: argparse.Namespace) -> None:
         start = clock.now()
         trainer = DPOTrainer(
             model,
-            args=DPOConfig(**dpo_options(args, work / "m2")),
+            args=DPOConfig(**dpo_options(args, work / "m2", args.steps)),
             train_dataset=month2,
             processing_class=tokenizer,
             peft_config=adapter_config(args),
@@ -364,7 +367,7 @@ def run_worker(args: argparse.Namespace) -> None:
         cdt.anchor_kl = clock.timed("anchor_kl_forward", cdt.anchor_kl)  # the KL's two forwards, inside train
         fisher_dir = str(work / "fisher") if options.get("ewc_coef", 0) > 0 else None
         config = ContinualDPOConfig(
-            **dpo_options(args, work / "m2"), adapter_name="m2", fisher_dir=fisher_dir, **options
+            **dpo_options(args, work / "m2", args.steps), adapter_name="m2", fisher_dir=fisher_dir, **options
         )
         start = clock.now()
         trainer = TimedContinualDPOTrainer(
@@ -583,6 +586,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=["embedded", "tiny"], default="embedded", help="tiny: smoke tests only")
     parser.add_argument("--steps", type=int, default=18, help="optimizer steps per month (max_steps)")
     parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size (pairs)")
+    parser.add_argument(
+        "--month1-steps",
+        type=int,
+        default=6,
+        help="steps of the untimed month 1 (it only creates the state month 2 starts from: the stacked month-1 "
+        "adapter, the rehearsal buffer with its reference log-probs, a warm runtime; its length changes only the "
+        "month-1 adapter's values, not what month 2 runs)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs every arm once in a fresh process")
     parser.add_argument("--terms", action="store_true", help="also ours_none and every term of the recipe alone")
     parser.add_argument(
@@ -605,8 +616,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_output_args(parser, "month_cost")
     parser.add_argument("--_memory-worker", default=None, help=argparse.SUPPRESS)  # one (arm, round) in a subprocess
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.repeats < 1:
-        parser.error("--steps, --batch-size and --repeats must be >= 1")
+    if min(args.steps, args.month1_steps, args.batch_size, args.repeats) < 1:
+        parser.error("--steps, --month1-steps, --batch-size and --repeats must be >= 1")
     if args.threads == 0:
         args.threads = None
     elif args.threads is None and not args.device.startswith("cuda"):
@@ -686,6 +697,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "months": list(MONTHS),
             "rows_per_month": args.steps * args.batch_size,
             "steps": args.steps,
+            "month1_steps": args.month1_steps,
             "batch_size": args.batch_size,
             "adapter": f"SelectiveMLPConfig(rank={args.rank}, alpha={args.alpha:g})",
             "lr": args.lr,
@@ -715,8 +727,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     v = main_verdict
     header = (
-        f"Model: {report['model']}; adapter {report['settings']['adapter']}; months {MONTHS[0]} (untimed month 1) "
-        f"then {MONTHS[1]} (the timed month), {args.steps} steps x batch {args.batch_size}, device {args.device}, "
+        f"Model: {report['model']}; adapter {report['settings']['adapter']}; months {MONTHS[0]} (month 1, "
+        f"{args.month1_steps} steps, untimed) then {MONTHS[1]} (the timed month), {args.steps} steps x batch "
+        f"{args.batch_size}, device {args.device}, "
         f"{args.threads or torch.get_num_threads()} torch thread(s); {args.repeats} round(s), each arm in a fresh "
         f"process per round, order rotated every round. Recipe of `ours`: `{json.dumps(args.recipe)}`."
     )
