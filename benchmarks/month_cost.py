@@ -18,7 +18,7 @@ adapter and <= 1.2x its memory. One *month* is measured end to end, as a user ru
   costs what.
 
 Same base model, adapter config, data, seed, steps, batch size and `DPOConfig` options in every arm. Data: the built-in
-months of `trl_ext.data` (`capitals`, then `currency`), `--steps x --batch-size` rows each (one epoch).
+months of `peft_selective.demo.months` (`capitals`, then `currency`), `--steps x --batch-size` rows each (one epoch).
 
 Measured, per arm, in a fresh subprocess per (arm, round), the arms interleaved over `--repeats` rounds with the order
 alternated (rotated) every round: wall time (`time.perf_counter`) and process CPU time (`time.process_time`, all
@@ -156,7 +156,7 @@ def parse_recipe(text: str | None) -> dict[str, Any]:
 
     from trl import DPOConfig
 
-    from trl_ext import ContinualDPOConfig
+    from peft_selective.continual import ContinualDPOConfig
 
     dpo = {f.name for f in fields(DPOConfig)}
     ours = {f.name for f in fields(ContinualDPOConfig)} - dpo - NOT_IN_RECIPE
@@ -194,7 +194,7 @@ def load_base(args: argparse.Namespace):
 
 def month_data(args: argparse.Namespace):
     """The two built-in months, `--steps x --batch-size` training rows each (one epoch of the month)."""
-    from trl_ext.data import monthly_sequence
+    from peft_selective.demo.months import monthly_sequence
 
     rows = args.steps * args.batch_size
     return [splits["train"] for _name, splits in monthly_sequence(MONTHS, n_train=rows, n_eval=0, seed=0)]
@@ -273,8 +273,8 @@ def run_worker(args: argparse.Namespace) -> None:
     from trl import DPOConfig, DPOTrainer
 
     import peft_selective  # noqa: F401 - imported before the baseline, like everything the arms use
-    import trl_ext.continual_dpo_trainer as cdt
-    from trl_ext import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
+    import peft_selective.continual.trainer as cdt
+    from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
 
     transformers.logging.set_verbosity_error()
     key = args._memory_worker
@@ -685,8 +685,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     )
     machine = machine_info(torch_threads=args.threads or torch.get_num_threads(), device=args.device)
     sources = [REPO_ROOT / "benchmarks" / "month_cost.py"]
-    sources += [REPO_ROOT / "trl_ext" / f for f in ("continual_dpo_trainer.py", "continual_dpo_config.py")]
-    sources += [REPO_ROOT / "trl_ext" / f for f in ("anchors.py", "rehearsal.py", "reference.py")]
+    continual = REPO_ROOT / "peft_selective" / "continual"
+    sources += [continual / f for f in ("trainer.py", "config.py", "anchors.py", "rehearsal.py", "reference.py")]
     sources += [REPO_ROOT / "peft_selective" / "tuners" / "selective" / f for f in ("layer.py", "model.py")]
     report = {
         **report_header("month_cost", sources, machine, load_start, load_end),
