@@ -39,6 +39,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..utils.chat import encode_prompt
+
 
 logger = logging.getLogger(__name__)
 
@@ -303,16 +305,6 @@ def shape_variant_prompts(
     return [variant.prompt for variant in variants]
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
-    if isinstance(prompt, str):
-        if getattr(tokenizer, "chat_template", None):
-            prompt = [{"role": "user", "content": prompt}]
-        else:
-            return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
 @dataclass
 class AnchorBatch:
     input_ids: torch.Tensor
@@ -402,7 +394,7 @@ class AnchorSet:
         self.prompts = list(prompts)
         self.kinds = list(kinds) if kinds is not None else ["custom"] * len(self.prompts)
         #: The prompts' token ids; kept when the continuations are dropped ([`drop_continuations`]).
-        self.prompt_ids = [_prompt_ids(tokenizer, prompt) for prompt in self.prompts]
+        self.prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in self.prompts]
         self.sequences = [list(ids) for ids in self.prompt_ids]
         # index of the first position whose next-token distribution is scored (the last prompt token)
         self.score_from = [len(ids) - 1 for ids in self.sequences]

@@ -58,6 +58,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from ..quantization import keep_4bit_layers_trainable
+from ..utils.chat import encode_prompt
 from .anchors import (
     ANCHOR_KINDS,
     AnchorSet,
@@ -146,15 +147,6 @@ def reference_fingerprint(prompt_ids, chosen_ids, rejected_ids, args: DPOConfig)
         mask = [0] * len(prompt_ids) + [1] * len(completion)
         payload += [(prompt_ids + completion)[cut], mask[cut]]
     return hashlib.blake2b(json.dumps(payload).encode("utf-8"), digest_size=12).hexdigest()
-
-
-def _row_prompt_ids(tokenizer, prompt) -> list[int]:
-    """A row's prompt tokenized as TRL's `DPOTrainer` tokenizes it: a conversation through the chat template (with the
-    generation prompt), a string as plain text."""
-    if isinstance(prompt, str):
-        return list(tokenizer(text=prompt)["input_ids"])
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(ids["input_ids"])
 
 
 class _RehearsalFlagCollator:
@@ -469,7 +461,8 @@ class ContinualDPOTrainer(DPOTrainer):
             picked.append(
                 ([{"role": "user", "content": prompt}] if conversational else prompt, rng.randrange(len(month)))
             )
-        ids = [_row_prompt_ids(tokenizer, prompt) for prompt, _ in picked]
+        # tokenized as TRL tokenizes a row: a string prompt as plain text, a conversation through the chat template
+        ids = [encode_prompt(tokenizer, prompt, use_chat_template=False) for prompt, _ in picked]
         answers = greedy_continuations(
             reference,
             tokenizer,

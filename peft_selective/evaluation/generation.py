@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.chat import format_prompt
+
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,39 +23,6 @@ def _model_device(model: Any) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
-
-
-def format_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: Union[str, list], use_chat_template: Optional[bool] = None
-) -> tuple[str, bool]:
-    """The text a prompt is fed as, and whether it already holds the special tokens.
-
-    A conversation (list of messages, TRL's conversational `prompt`) goes through the chat template with the assistant
-    header; a string becomes one user message when the chat template is used, and is fed as is otherwise.
-
-    Args:
-        tokenizer: the tokenizer.
-        prompt (`str` or `list[dict]`): the prompt.
-        use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
-
-    Returns:
-        `tuple[str, bool]`: the text, and `True` when it came from the chat template (tokenize it with
-        `add_special_tokens=False`, the template has them).
-    """
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template and not has_template:
-        raise ValueError("`use_chat_template=True` but the tokenizer has no chat template.")
-    template = has_template if use_chat_template is None else use_chat_template
-    if isinstance(prompt, str):
-        if not template:
-            return prompt, False
-        prompt = [{"role": "user", "content": prompt}]
-    elif not template:
-        raise ValueError(
-            "Conversational prompts (lists of messages) need the tokenizer's chat template; set "
-            "`tokenizer.chat_template` or pass plain strings."
-        )
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True), True
 
 
 def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:

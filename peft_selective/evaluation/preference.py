@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
+from ..utils.chat import chat_ids, encode_prompt, resolve_chat_template
 from .refusal import harmful_eval_prompts, is_refusal
 
 
@@ -137,35 +138,6 @@ def _pad_token(tokenizer: PreTrainedTokenizerBase) -> Iterator[int]:
         tokenizer.pad_token = None
 
 
-def _use_chat_template(tokenizer: PreTrainedTokenizerBase, use_chat_template: Optional[bool]) -> bool:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template is None:
-        return has_template
-    if use_chat_template and not has_template:
-        raise ValueError("`use_chat_template=True` but the tokenizer has no chat template.")
-    return use_chat_template
-
-
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list, add_generation_prompt: bool = False) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )["input_ids"]
-    if ids and isinstance(ids[0], list):  # some tokenizers keep a batch dimension
-        ids = ids[0]
-    return list(ids)
-
-
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Union[str, list], use_chat_template: bool) -> list[int]:
-    """Token ids of one prompt: a user turn plus the generation prompt with a chat template, else the raw text."""
-    if isinstance(prompt, str):
-        if use_chat_template:
-            return _chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return list(tokenizer(text=prompt)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("Conversational prompts (lists of messages) need a tokenizer with a chat template.")
-    return _chat_ids(tokenizer, list(prompt), add_generation_prompt=True)
-
-
 def _pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -223,11 +195,9 @@ def _tokenize_pair(tokenizer: PreTrainedTokenizerBase, row: dict) -> tuple[list[
         chosen_ids = list(tokenizer(text=prompt + chosen)["input_ids"])
         rejected_ids = list(tokenizer(text=prompt + rejected)["input_ids"])
     else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("Conversational rows need a tokenizer with a chat template.")
-        prompt_ids = _chat_ids(tokenizer, list(prompt), add_generation_prompt=True)
-        chosen_ids = _chat_ids(tokenizer, list(prompt) + list(chosen))
-        rejected_ids = _chat_ids(tokenizer, list(prompt) + list(rejected))
+        prompt_ids = chat_ids(tokenizer, list(prompt), add_generation_prompt=True)
+        chosen_ids = chat_ids(tokenizer, list(prompt) + list(chosen))
+        rejected_ids = chat_ids(tokenizer, list(prompt) + list(rejected))
     # The completion starts where prompt and prompt+completion diverge (TRL does the same).
     n = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
     return prompt_ids[:n], chosen_ids[n:], rejected_ids[n:]
@@ -658,9 +628,9 @@ def _prompt_batches(
         raise TypeError("`prompts` must be a list of prompts, not a single string.")
     if len(prompts) == 0:
         raise ValueError("`prompts` is empty.")
-    template = _use_chat_template(tokenizer, use_chat_template)
+    template = resolve_chat_template(tokenizer, use_chat_template)
     for start in range(0, len(prompts), batch_size):
-        batch = [_prompt_ids(tokenizer, prompt, template) for prompt in prompts[start : start + batch_size]]
+        batch = [encode_prompt(tokenizer, prompt, template) for prompt in prompts[start : start + batch_size]]
         if max_length is not None:
             batch = [ids[-max_length:] for ids in batch]  # keep the end: the generation prompt matters most
         yield batch

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.chat import format_prompt
+
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -221,12 +223,7 @@ def run_knowledge_probe(
         with torch.no_grad(), tqdm(total=len(questions), desc="Knowledge probe", disable=disable_tqdm) as progress:
             for start in range(0, len(questions), batch_size):
                 batch = questions[start : start + batch_size]
-                prompts = [
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": item["question"]}], tokenize=False, add_generation_prompt=True
-                    )
-                    for item in batch
-                ]
+                prompts = [format_prompt(tokenizer, item["question"], use_chat_template=True)[0] for item in batch]
                 # The chat template already contains the special tokens.
                 inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 output_ids = model.generate(
