@@ -1,15 +1,14 @@
 """The launch configs of examples/accelerate/ parse and say what their README says (they are not run on GPUs in CI)."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
+from testing_utils import EXAMPLES_DIR
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+CONFIG_DIR = EXAMPLES_DIR / "accelerate"
 CONFIGS = ("ddp.yaml", "fsdp.yaml", "deepspeed_zero3.yaml")
 
 

@@ -15,7 +15,7 @@ from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, Re
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import word_chat_tokenizer  # noqa: E402
+from testing_utils import word_chat_tokenizer  # noqa: E402
 
 
 def month(chosen: str, rejected: str, n: int = 16) -> Dataset:

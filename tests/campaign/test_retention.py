@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_campaign import INIT, cli, write_month
+from testing_utils import CAMPAIGN_INIT, cli, write_month
 from transformers import TrainerCallback
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
@@ -267,7 +267,7 @@ def _prompts(path) -> list[str]:
 def test_campaign_auto_chooses_records_and_shows_the_scale(tiny_chat_base, tmp_path):
     data = write_month(tmp_path / "m1.jsonl", "yes", "no")
     directory = tmp_path / "c"
-    init = [*INIT, "--retention_scale", "auto", "--retention_scales", "0", "0.5"]
+    init = [*CAMPAIGN_INIT, "--retention_scale", "auto", "--retention_scales", "0", "0.5"]
     assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *init) == 0
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", data) == 0
     campaign = Campaign(directory)
@@ -307,7 +307,7 @@ class CaptureTrained(TrainerCallback):
 def test_campaign_fixed_scale_is_baked_into_the_saved_adapter(tiny_chat_base, tmp_path):
     data = write_month(tmp_path / "m1.jsonl", "yes", "no")
     directory = tmp_path / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
     capture = CaptureTrained()
     entry = Campaign(directory).run_month("m1", data, callbacks=[capture], retention_scale=0.5)
     assert entry["retention"] == {"scale": 0.5, "rule": "fixed", "curve": []}

@@ -7,10 +7,9 @@ import logging
 
 import pytest
 import torch
-from conftest import word_chat_tokenizer
 from datasets import Dataset
 from peft import PeftModel
-from test_continual_dpo import config, month, tiny_llama
+from testing_utils import continual_config, preference_month, tiny_chat_llama, word_chat_tokenizer
 
 from peft_selective import SelectiveMLPConfig
 from peft_selective.continual import AnchorSet, ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
@@ -114,15 +113,18 @@ def test_excluded_and_month_prompts_are_never_produced():
 )
 def test_bad_anchor_options_are_clear_errors(tmp_path, options, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        config(tmp_path, "m1", **options)
+        continual_config(tmp_path, "m1", **options)
 
 
 def test_anchor_option_defaults_keep_todays_behaviour(tmp_path):
-    args = config(tmp_path, "m1")
+    args = continual_config(tmp_path, "m1")
     assert args.kl_anchor_kinds == ["general", "earlier_months"]
     assert (args.kl_max_shape_anchors, args.kl_anchor_refresh_steps, args.boundary_pairs) == (64, 0, 0)
     assert args.boundary_max_new_tokens == 48
-    assert config(tmp_path, "m1", kl_anchor_kinds="general, same_shape").kl_anchor_kinds == ["general", "same_shape"]
+    assert continual_config(tmp_path, "m1", kl_anchor_kinds="general, same_shape").kl_anchor_kinds == [
+        "general",
+        "same_shape",
+    ]
     assert ContinualDPOConfig(**{**args.to_dict(), "kl_anchor_kinds": ["same_shape"]}).kl_anchor_kinds == [
         "same_shape"
     ]
@@ -145,14 +147,14 @@ def capital_month(chosen: str, rejected: str) -> Dataset:
 
 def buffer_with_a_month(tmp_path) -> RehearsalBuffer:
     buffer = RehearsalBuffer(tmp_path / "buffer")
-    buffer.add_month("m0", month("yes", "no", offset=3), capacity_per_month=12)
+    buffer.add_month("m0", preference_month("yes", "no", offset=3), capacity_per_month=12)
     return buffer
 
 
 def trainer(tmp_path, train_dataset=None, buffer=None, anchor_prompts=None, **options) -> ContinualDPOTrainer:
     return ContinualDPOTrainer(
-        tiny_llama(),
-        args=config(tmp_path, "m1", **options),
+        tiny_chat_llama(),
+        args=continual_config(tmp_path, "m1", **options),
         train_dataset=train_dataset if train_dataset is not None else capital_month("good", "bad"),
         processing_class=word_chat_tokenizer(),
         peft_config=SelectiveMLPConfig(rank=4),
@@ -306,7 +308,9 @@ def test_boundary_rows_top_up_with_general_prompts_and_work_with_own_month_rehea
     first.finish_month("m1")
     second = ContinualDPOTrainer(
         first.model,
-        args=config(tmp_path, "m2", rehearsal_ratio=0.25, boundary_pairs=40, boundary_max_new_tokens=3, max_steps=2),
+        args=continual_config(
+            tmp_path, "m2", rehearsal_ratio=0.25, boundary_pairs=40, boundary_max_new_tokens=3, max_steps=2
+        ),
         train_dataset=capital_month("good", "bad"),
         processing_class=word_chat_tokenizer(),
         peft_config=SelectiveMLPConfig(rank=4),

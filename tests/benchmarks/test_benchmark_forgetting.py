@@ -1,25 +1,18 @@
 """benchmarks/forgetting.py (protocol 2): matched learning, shares and the bar on synthetic per-item values, the month
 spec's errors, and one real run of the whole harness on a tiny model with the bundled tokenizer."""
 
-import importlib.util
+import importlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "forgetting.py"
+from testing_utils import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def forgetting():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("forgetting_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO_ROOT))  # the `benchmarks` package of this checkout
+    return importlib.import_module("benchmarks.forgetting")
 
 
 def values(learning, retention=0.0, bleed=0.0, mc=0.5, exact=0.5, kl=0.0, n=40):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_campaign import INIT, cli, write_month
+from testing_utils import CAMPAIGN_INIT, cli, write_month
 
 from peft_selective.campaign.campaign import Campaign, CampaignConfig, format_report, normalize_checks
 from peft_selective.evaluation import suites as evaluation_module
@@ -57,7 +57,7 @@ def campaign_yes(tmp_path_factory, tiny_chat_base, months) -> Path:
     monkeypatch.setattr(evaluation_module, "generate_answers", answer_yes_with("m1"))
     try:
         directory = tmp_path_factory.mktemp("campaign") / "c"
-        assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
+        assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
         checks = json.dumps(SAYS_YES)
         assert cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"], "--checks", checks) == 0
         m2_checks = tmp_path_factory.mktemp("checks") / "m2.yaml"
@@ -164,7 +164,17 @@ def test_overlapping_knowledge_items_of_the_user_are_refused(tiny_chat_base, mon
     items.write_text("".join(json.dumps(row) + "\n" for row in rows))
     directory = tmp_path / "c"
     assert (
-        cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT, "--knowledge_data", items) == 0
+        cli(
+            "init",
+            "--campaign_dir",
+            directory,
+            "--base_model",
+            tiny_chat_base,
+            *CAMPAIGN_INIT,
+            "--knowledge_data",
+            items,
+        )
+        == 0
     )
     assert Campaign(directory).knowledge_pool["source"] == str(items)
     before = snapshot(directory)

@@ -16,7 +16,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from peft import (
     LoraConfig,
     PeftConfig,
@@ -28,6 +27,7 @@ from peft import (
 )
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors.torch import load_file, save_file
+from testing_utils import build_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 import transformers
 import trl
-from test_campaign import INIT, cli, copy_of, write_month
-from test_continual_dpo import train_month_1
+from testing_utils import CAMPAIGN_INIT, cli, copy_of, train_month_1, write_month
 
 from peft_selective.campaign import campaign as campaign_module
 from peft_selective.campaign.campaign import Campaign, CampaignConfig
@@ -30,7 +29,7 @@ def months(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def campaign_m1(tmp_path_factory, tiny_chat_base, months) -> Path:
     directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"]) == 0
     return directory
 
@@ -176,7 +175,7 @@ def test_a_broken_month_is_refused_and_leaves_no_trace(campaign_m1, months, tmp_
 def test_a_broken_first_month_leaves_only_the_initial_campaign(tiny_chat_base, months, tmp_path, monkeypatch):
     """The first month also evaluates the base (month 0) and creates the buffer and Fisher: all of it is undone."""
     directory = tmp_path / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
     before = snapshot(directory)
     assert set(before) == {"campaign.json"}
     _poison_month_adapter(monkeypatch, "m1")

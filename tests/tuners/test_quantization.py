@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import word_chat_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from testing_utils import word_chat_tokenizer
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer

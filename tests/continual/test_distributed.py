@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from testing_utils import SCRIPTS_DIR
 
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+SCRIPT = SCRIPTS_DIR / "ddp_train.py"
 
 
 @pytest.mark.skipif(

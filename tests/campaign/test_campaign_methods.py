@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_campaign import cli, write_month
+from testing_utils import SCRIPTS_DIR, cli, write_month
 from transformers import TrainerCallback
 
 from peft_selective.campaign.campaign import Campaign, CampaignConfig
@@ -266,7 +266,7 @@ def test_a_geometry_month_killed_mid_way_resumes_to_the_same_adapter(tiny_chat_b
     shutil.copytree(first, straight)
     shutil.copytree(first, killed)
     assert cli("run-month", "m2", "--data", months["m2"], "--campaign_dir", straight) == 0
-    script = Path(__file__).parent / "scripts" / "campaign_kill.py"
+    script = SCRIPTS_DIR / "campaign_kill.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(
         [sys.executable, str(script), str(killed), "m2", months["m2"], "3"], env=env, capture_output=True, text=True

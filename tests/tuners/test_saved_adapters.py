@@ -9,18 +9,18 @@ they were trained on and the logits they gave (unmerged and merged). See `genera
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from testing_utils import FIXTURES_DIR
 
 import peft_selective
 from peft_selective.tuners.selective import SelectiveLayer
 
 
-FIXTURES = Path(__file__).parent / "fixtures" / "adapters_v0_2"
+FIXTURES = FIXTURES_DIR / "adapters_v0_2"
 ADAPTERS = ("geometry_lowrank", "geometry_full", "selective_mlp_full")
 PROTECTED_KEYS = ("selective_protected_basis", "selective_protected_weights", "selective_protected_values")
 

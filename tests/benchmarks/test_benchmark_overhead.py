@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from testing_utils import REPO_ROOT
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared `_common` as a top-level module
-import overhead  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT))  # the `benchmarks` package of this checkout
+from benchmarks import overhead  # noqa: E402
 
 
 TINY = ["--config", "tiny", "--batch-size", "1", "--seq-len", "32", "--rank", "4", "--warmup", "0", "--repeats", "2"]

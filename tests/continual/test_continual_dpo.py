@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import word_chat_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
+from testing_utils import (
+    SCRIPTS_DIR,
+    WORDS,
+    continual_config,
+    preference_month,
+    tiny_chat_llama,
+    train_month_1,
+    word_chat_tokenizer,
+)
 
 from peft_selective import SelectiveMLPConfig
 from peft_selective.continual import (
@@ -35,73 +43,12 @@ from peft_selective.continual import (
 from peft_selective.continual.ewc import estimate_fisher
 
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-WORDS = "red blue green one two three four five six seven".split()
-
-
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
-
-
-def month(chosen: str, rejected: str, n: int = 12, offset: int = 0) -> Dataset:
-    prompts = [f"question {WORDS[(i + offset) % 10]} {WORDS[(i // 10 + offset) % 10]}" for i in range(n)]
-    return Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": p}] for p in prompts],
-            "chosen": [[{"role": "assistant", "content": chosen}]] * n,
-            "rejected": [[{"role": "assistant", "content": rejected}]] * n,
-        }
-    )
-
-
-def config(tmp_path: Path, name: str, **kwargs) -> ContinualDPOConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / name),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        adapter_name=name,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return ContinualDPOConfig(**{**defaults, **kwargs})
-
-
-def train_month_1(tmp_path, peft_config=None, base=None, **kwargs) -> ContinualDPOTrainer:
-    trainer = ContinualDPOTrainer(
-        base if base is not None else tiny_llama(),
-        args=config(tmp_path, "m1", **kwargs),
-        train_dataset=month("yes", "no"),
-        processing_class=word_chat_tokenizer(),
-        peft_config=peft_config or SelectiveMLPConfig(rank=4),
-        rehearsal_buffer=RehearsalBuffer(tmp_path / "buffer"),
-    )
-    trainer.train()
-    return trainer
-
-
 def month_2(model, tmp_path, peft_config=None, buffer=None, callbacks=(), **kwargs) -> ContinualDPOTrainer:
     """Month "m2" ("good" over "bad") on top of `model` (which holds m1)."""
     return ContinualDPOTrainer(
         model,
-        args=config(tmp_path, "m2", **kwargs),
-        train_dataset=month("good", "bad"),
+        args=continual_config(tmp_path, "m2", **kwargs),
+        train_dataset=preference_month("good", "bad"),
         processing_class=word_chat_tokenizer(),
         peft_config=peft_config or SelectiveMLPConfig(rank=4),
         rehearsal_buffer=buffer,
@@ -153,11 +100,11 @@ def test_month_2_logs_every_retention_term(tmp_path):
 
 def test_mixed_dataset_holds_the_requested_fraction_of_buffer_rows(tmp_path):
     buffer = RehearsalBuffer(tmp_path / "buffer")
-    buffer.add_month("m1", month("yes", "no", n=40), capacity_per_month=40)
+    buffer.add_month("m1", preference_month("yes", "no", n=40), capacity_per_month=40)
     trainer = ContinualDPOTrainer(
-        tiny_llama(),
-        args=config(tmp_path, "m2", rehearsal_ratio=0.2),
-        train_dataset=month("good", "bad", n=40, offset=3),
+        tiny_chat_llama(),
+        args=continual_config(tmp_path, "m2", rehearsal_ratio=0.2),
+        train_dataset=preference_month("good", "bad", n=40, offset=3),
         processing_class=word_chat_tokenizer(),
         peft_config=SelectiveMLPConfig(rank=4),
         rehearsal_buffer=buffer,
@@ -172,9 +119,9 @@ def test_mixed_dataset_holds_the_requested_fraction_of_buffer_rows(tmp_path):
 def test_rehearsal_ratio_without_a_buffer_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="rehearsal_buffer"):
         ContinualDPOTrainer(
-            tiny_llama(),
-            args=config(tmp_path, "m1", rehearsal_ratio=0.3),
-            train_dataset=month("yes", "no"),
+            tiny_chat_llama(),
+            args=continual_config(tmp_path, "m1", rehearsal_ratio=0.3),
+            train_dataset=preference_month("yes", "no"),
             processing_class=word_chat_tokenizer(),
             peft_config=SelectiveMLPConfig(rank=4),
         )
@@ -200,8 +147,10 @@ def test_reference_log_probs_are_those_of_the_previous_month_model(tmp_path, pef
     # The month-1 model on its own: m1 saved, loaded onto a fresh base and merged into a plain model. (Not a deepcopy:
     # TRL's fused-head patch closes over the original model's forward, so a deepcopy would still run the original.)
     first.model.save_pretrained(tmp_path / "adapters")
-    month_1_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
-    bare_base = tiny_llama().eval()
+    month_1_model = (
+        PeftModel.from_pretrained(tiny_chat_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
+    )
+    bare_base = tiny_chat_llama().eval()
     second = month_2(first.model, tmp_path, copy.deepcopy(peft_config), precompute_ref_log_probs=precompute)
     assert second.previous_adapters == ["m1"]
     # give the new adapter a non-zero update, so "policy" and "reference" differ
@@ -244,11 +193,13 @@ def test_continuing_a_trained_adapter_uses_it_as_it_was_at_the_start_as_referenc
     first = train_month_1(tmp_path, peft_config=copy.deepcopy(peft_config))
     first.model.save_pretrained(tmp_path / "adapters")
     # an adapter trained elsewhere (e.g. SFT), passed in a PeftModel with no new `peft_config`: keep training it
-    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1", adapter_name="m1", is_trainable=True)
+    model = PeftModel.from_pretrained(
+        tiny_chat_llama(), tmp_path / "adapters" / "m1", adapter_name="m1", is_trainable=True
+    )
     trainer = ContinualDPOTrainer(
         model,
-        args=config(tmp_path, "m1", max_steps=2),
-        train_dataset=month("good", "bad"),
+        args=continual_config(tmp_path, "m1", max_steps=2),
+        train_dataset=preference_month("good", "bad"),
         processing_class=word_chat_tokenizer(),
     )
     assert trainer.reference_adapters == ["ref"]
@@ -261,7 +212,9 @@ def test_continuing_a_trained_adapter_uses_it_as_it_was_at_the_start_as_referenc
     torch.testing.assert_close(
         torch.cat([chosen, rejected]), _sequence_logps(trainer.model, batch), rtol=1e-5, atol=1e-5
     )
-    assert not torch.allclose(_sequence_logps(tiny_llama().eval(), batch), torch.cat([chosen, rejected]), atol=1e-3)
+    assert not torch.allclose(
+        _sequence_logps(tiny_chat_llama().eval(), batch), torch.cat([chosen, rejected]), atol=1e-3
+    )
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
     torch.testing.assert_close(loss, torch.tensor(0.6931472), rtol=1e-5, atol=1e-5)
@@ -307,8 +260,8 @@ def test_month_adapter_name_clash_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="already has an adapter named 'm1'"):
         ContinualDPOTrainer(
             first.model,
-            args=config(tmp_path, "m1"),
-            train_dataset=month("good", "bad"),
+            args=continual_config(tmp_path, "m1"),
+            train_dataset=preference_month("good", "bad"),
             processing_class=word_chat_tokenizer(),
             peft_config=SelectiveMLPConfig(rank=4),
         )
@@ -318,7 +271,7 @@ def test_month_2_after_a_save_and_reload(tmp_path):
     """The campaign path: month 1's adapter saved, reloaded under its name onto a fresh base, month 2 on top."""
     first = train_month_1(tmp_path)
     first.model.save_pretrained(tmp_path / "adapters")
-    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1", adapter_name="m1")
+    reloaded = PeftModel.from_pretrained(tiny_chat_llama(), tmp_path / "adapters" / "m1", adapter_name="m1")
     second = month_2(reloaded, tmp_path)
     second.train()
     assert second.previous_adapters == ["m1"]
@@ -412,7 +365,7 @@ def test_the_trainer_holds_the_fisher_normalised_in_the_configured_dtype(tmp_pat
     second.train()
     assert FisherState.load(tmp_path / "fisher").fisher[next(iter(second.fisher.fisher))].dtype == torch.float32
     with pytest.raises(ValueError, match="ewc_fisher_dtype"):
-        config(tmp_path, "m2", ewc_fisher_dtype="int8")
+        continual_config(tmp_path, "m2", ewc_fisher_dtype="int8")
 
 
 def test_ewc_with_a_fisher_of_another_model_is_a_clear_error(tmp_path):
@@ -468,8 +421,8 @@ def test_anchor_kl_is_zero_before_training_and_positive_after(tmp_path):
 def test_malformed_preference_data_names_the_row(tmp_path, rows, message):
     with pytest.raises(PreferenceDataError, match=message):
         ContinualDPOTrainer(
-            tiny_llama(),
-            args=config(tmp_path, "m1"),
+            tiny_chat_llama(),
+            args=continual_config(tmp_path, "m1"),
             train_dataset=Dataset.from_dict(rows),
             processing_class=word_chat_tokenizer(),
             peft_config=SelectiveMLPConfig(rank=4),
@@ -482,7 +435,7 @@ def test_missing_values_and_empty_messages_name_the_row():
     plain = Dataset.from_dict({"prompt": ["q", "q", "q"], "chosen": ["a", "b", "c"], "rejected": ["x", "y", None]})
     with pytest.raises(PreferenceDataError, match=r"row 2: 'rejected' is missing \(None\)"):
         validate_preference_dataset(plain)
-    chats = month("yes", "no", n=3).to_list()
+    chats = preference_month("yes", "no", n=3).to_list()
     chats[1]["chosen"] = [{"role": "assistant", "content": ""}]
     with pytest.raises(PreferenceDataError, match="row 1: 'chosen' has a 'assistant' message with empty content"):
         validate_preference_dataset(Dataset.from_list(chats), "eval")
@@ -530,10 +483,12 @@ def test_tool_call_preference_data_is_accepted_as_trl_accepts_it(tmp_path):
     plain_args = DPOConfig(
         output_dir=str(tmp_path / "plain"), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True
     )
-    DPOTrainer(tiny_llama(), tiny_llama(), args=plain_args, train_dataset=data, processing_class=tokenizer).train()
+    DPOTrainer(
+        tiny_chat_llama(), tiny_chat_llama(), args=plain_args, train_dataset=data, processing_class=tokenizer
+    ).train()
     trainer = ContinualDPOTrainer(
-        tiny_llama(),
-        args=config(tmp_path, "m1", max_steps=1),
+        tiny_chat_llama(),
+        args=continual_config(tmp_path, "m1", max_steps=1),
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=SelectiveMLPConfig(rank=4),
@@ -549,15 +504,15 @@ def test_tool_call_preference_data_is_accepted_as_trl_accepts_it(tmp_path):
 
 
 def test_prompts_longer_than_max_length_are_an_error_or_a_logged_drop(tmp_path, caplog):
-    data = month("yes", "no", n=8)
+    data = preference_month("yes", "no", n=8)
     long_prompt = [{"role": "user", "content": " ".join(["red"] * 40)}]
     data = Dataset.from_list([row if i != 5 else {**row, "prompt": long_prompt} for i, row in enumerate(data)])
     kwargs = dict(train_dataset=data, processing_class=word_chat_tokenizer(), peft_config=SelectiveMLPConfig(rank=4))
     with pytest.raises(PreferenceDataError, match="rows 5. Raise `max_length`"):
-        ContinualDPOTrainer(tiny_llama(), args=config(tmp_path, "m1", max_length=20), **kwargs)
+        ContinualDPOTrainer(tiny_chat_llama(), args=continual_config(tmp_path, "m1", max_length=20), **kwargs)
     with caplog.at_level(logging.WARNING, logger="peft_selective.continual.trainer"):
         trainer = ContinualDPOTrainer(
-            tiny_llama(), args=config(tmp_path, "m1", max_length=20, drop_long_prompts=True), **kwargs
+            tiny_chat_llama(), args=continual_config(tmp_path, "m1", max_length=20, drop_long_prompts=True), **kwargs
         )
     assert len(trainer.train_dataset) == 7
     assert "Dropped 1 of 8 rows" in caplog.text
@@ -570,10 +525,7 @@ def test_two_months_on_a_4bit_base(tmp_path):
     # Shapes bitsandbytes' CPU repacking accepts (out_features % 32 == 0, in_features % 64 == 0; k/v_proj: 2 heads of
     # 16): on an AVX512-BF16 CPU, were the repacking back (see test_quantization.py), month 2 would stop learning
     # after its anchor generation instead of failing with a shape error inside bitsandbytes.
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 128})
-    ).save_pretrained(path)
+    tiny_chat_llama(seed=0, hidden_size=64, intermediate_size=128).save_pretrained(path)
     quantization = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
@@ -597,29 +549,29 @@ def test_two_months_on_a_4bit_base(tmp_path):
 
 
 def test_full_fine_tuning_with_kl_uses_the_given_reference(tmp_path):
-    model = tiny_llama()
+    model = tiny_chat_llama()
     trainer = ContinualDPOTrainer(
         model,
-        ref_model=tiny_llama(),
-        args=config(tmp_path, "full", kl_coef=0.5, kl_anchor_max_new_tokens=2, max_steps=2),
-        train_dataset=month("yes", "no"),
+        ref_model=tiny_chat_llama(),
+        args=continual_config(tmp_path, "full", kl_coef=0.5, kl_anchor_max_new_tokens=2, max_steps=2),
+        train_dataset=preference_month("yes", "no"),
         processing_class=word_chat_tokenizer(),
     )
     trainer.train()
     assert "retention/kl" in logged_keys(trainer)
     with pytest.raises(ValueError, match="EWC applies to a month's adapter"):
         ContinualDPOTrainer(
-            tiny_llama(),
-            ref_model=tiny_llama(),
-            args=config(tmp_path, "full", ewc_coef=1.0, fisher_dir=str(tmp_path / "f")),
-            train_dataset=month("yes", "no"),
+            tiny_chat_llama(),
+            ref_model=tiny_chat_llama(),
+            args=continual_config(tmp_path, "full", ewc_coef=1.0, fisher_dir=str(tmp_path / "f")),
+            train_dataset=preference_month("yes", "no"),
             processing_class=word_chat_tokenizer(),
         )
 
 
 # ------------------------------------------------------------------------------------------------ DDP
 def test_two_process_ddp_run_agrees_on_the_loss(tmp_path):
-    script = Path(__file__).parent / "scripts" / "continual_dpo_ddp.py"
+    script = SCRIPTS_DIR / "continual_dpo_ddp.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
@@ -676,7 +628,7 @@ def test_resuming_month_2_from_a_checkpoint_matches_an_uninterrupted_run(tmp_pat
 def _buffer_with_month_1(directory: Path) -> RehearsalBuffer:
     buffer = RehearsalBuffer(directory / "buffer")
     if "m1" not in buffer:
-        buffer.add_month("m1", month("yes", "no"), capacity_per_month=12)
+        buffer.add_month("m1", preference_month("yes", "no"), capacity_per_month=12)
     return buffer
 
 
@@ -688,8 +640,10 @@ def _month_1_with_stored_reference(tmp_path):
     summary = first.finish_month("m1")
     assert summary["rehearsal_rows"] == 12 and summary["rehearsal_reference_rows"] == 12
     first.model.save_pretrained(tmp_path / "adapters")
-    month_1_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
-    return first, month_1_model, tiny_llama().eval()
+    month_1_model = (
+        PeftModel.from_pretrained(tiny_chat_llama(), tmp_path / "adapters" / "m1").merge_and_unload().eval()
+    )
+    return first, month_1_model, tiny_chat_llama().eval()
 
 
 def _rows_where(trainer, rehearsed: bool) -> list[dict]:
@@ -837,20 +791,23 @@ def test_rows_that_tokenize_differently_fall_back_with_a_warning(tmp_path, caplo
 
 
 def test_sft_weight_adds_trls_sft_term(tmp_path):
-    args = config(tmp_path, "m1", sft_weight=0.5)
+    args = continual_config(tmp_path, "m1", sft_weight=0.5)
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert ContinualDPOConfig(**{**args.to_dict(), "output_dir": str(tmp_path)}).loss_type == ["sigmoid", "sft"]
-    assert config(tmp_path, "m1", sft_weight=0.5, loss_type=["ipo"], loss_weights=[2.0]).loss_weights == [2.0, 0.5]
+    assert continual_config(tmp_path, "m1", sft_weight=0.5, loss_type=["ipo"], loss_weights=[2.0]).loss_weights == [
+        2.0,
+        0.5,
+    ]
     with pytest.raises(ValueError, match="already has it"):
-        config(tmp_path, "m1", sft_weight=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
+        continual_config(tmp_path, "m1", sft_weight=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
     with pytest.raises(ValueError, match="sft_weight"):
-        config(tmp_path, "m1", sft_weight=-1.0)
+        continual_config(tmp_path, "m1", sft_weight=-1.0)
 
     def trainer(**kwargs):
         return ContinualDPOTrainer(
-            tiny_llama(),
-            args=config(tmp_path, "m1", max_steps=2, **kwargs),
-            train_dataset=month("yes", "no"),
+            tiny_chat_llama(),
+            args=continual_config(tmp_path, "m1", max_steps=2, **kwargs),
+            train_dataset=preference_month("yes", "no"),
             processing_class=word_chat_tokenizer(),
             peft_config=SelectiveMLPConfig(rank=4),
         )

@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import word_chat_tokenizer
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
+from testing_utils import word_chat_tokenizer
 
 import peft_selective
 from peft_selective import SAProjConfig, SelectiveMLPConfig

@@ -12,39 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CHAT_LLAMA
 from safetensors.torch import load_file
+from testing_utils import CAMPAIGN_INIT, SCRIPTS_DIR, WORDS, cli, copy_of, write_month
 
 from peft_selective.campaign.campaign import Campaign, CampaignError
 from peft_selective.campaign.cli import main
-
-
-WORDS = "red blue green one two three four five six seven".split()
-TINY = TINY_CHAT_LLAMA
-# Small everything: the evaluation runs on a tiny random model, only the plumbing is under test here.
-INIT = [
-    "--method", "selective_mlp", "--rank", "4", "--learning_rate", "0.01", "--max_steps", "4", "--save_steps", "2",
-    "--per_device_train_batch_size", "4", "--max_length", "64", "--rehearsal_ratio", "0.25", "--kl_coef", "0.5",
-    "--kl_anchor_max_new_tokens", "2", "--ewc_coef", "1.0", "--knowledge_questions", "3",
-    "--perplexity_max_tokens", "128", "--refusal_prompts", "2", "--drift_prompts", "2", "--eval_batch_size", "4",
-]  # fmt: skip
-
-
-def write_month(path: Path, chosen: str, rejected: str, n: int = 15) -> str:
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": f"question {WORDS[i % 10]} {WORDS[(i // 10) % 10]}"}],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def cli(*argv: str) -> int:
-    return main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +29,9 @@ def month_files(tmp_path_factory) -> dict[str, str]:
 def one_month_campaign(tmp_path_factory, tiny_chat_base, month_files) -> Path:
     """A campaign with month m1 done (copied by the tests that change it)."""
     directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *INIT) == 0
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
     assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 0
     return directory
-
-
-def copy_of(campaign: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "campaign"
-    shutil.copytree(campaign, target)
-    return target
 
 
 def test_two_month_campaign_through_the_cli(one_month_campaign, month_files, tmp_path, capsys):
@@ -103,7 +69,7 @@ def test_a_month_killed_mid_way_resumes_to_the_same_result(one_month_campaign, m
     straight = copy_of(one_month_campaign, tmp_path / "straight")
     assert cli("run-month", "m2", "--campaign_dir", straight, "--data", month_files["m2"]) == 0
     killed = copy_of(one_month_campaign, tmp_path / "killed")
-    script = Path(__file__).parent / "scripts" / "campaign_kill.py"
+    script = SCRIPTS_DIR / "campaign_kill.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(
         [sys.executable, str(script), str(killed), "m2", month_files["m2"], "3"],
@@ -243,7 +209,7 @@ def test_help_and_unknown_command(capsys):
 def test_a_month_under_two_processes(one_month_campaign, month_files, tmp_path):
     """`accelerate launch` with 2 processes (gloo on CPU): both train month 2 in step, the main one writes."""
     directory = copy_of(one_month_campaign, tmp_path)
-    script = Path(__file__).parent / "scripts" / "campaign_ddp.py"
+    script = SCRIPTS_DIR / "campaign_ddp.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from testing_utils import REPO_ROOT
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared `_common` as a top-level module
-import month_cost  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT))  # the `benchmarks` package of this checkout
+from benchmarks import month_cost  # noqa: E402
 
 
 @pytest.mark.slow  # two fresh worker processes, each training two tiny months: about a minute on a shared CPU
