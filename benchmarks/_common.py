@@ -128,20 +128,6 @@ def adapted_module_names(peft_model) -> list[str]:
     )
 
 
-def lora_config(rank: int, alpha: float, modules: list[str]):
-    """PEFT LoRA as our adapters' match: the same rank and scale (`lora_alpha` = our alpha), no dropout, no bias."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=list(modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
 # ------------------------------------------------------------------------------------------------------ run set-up
 def prefixed_log(benchmark: str) -> Callable[[str], None]:
     """`print` tagged with the benchmark's name and flushed, so that progress shows while a step runs."""

@@ -44,7 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import (
+
+if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benchmarks` package of this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
     TINY_LLAMA,
     adapted_module_names,
@@ -72,6 +76,7 @@ from _common import (
     start_peak_window,
     warm_up_runtime,
 )
+from benchmarks.methods import selective_mlp_config  # noqa: E402
 
 
 TIME_TARGET = 1.3
@@ -173,11 +178,8 @@ def load_dataset(args: argparse.Namespace):
 
 
 def peft_config(args: argparse.Namespace):
-    from peft_selective import SelectiveMLPConfig
-
-    if args.rank is None:
-        return SelectiveMLPConfig(rank=None)
-    return SelectiveMLPConfig(rank=args.rank, alpha=args.alpha)
+    """SelectiveMLP at `--rank` / `--alpha`, or at full rank without `--rank`."""
+    return selective_mlp_config(args.rank, args.alpha)
 
 
 def write_synthetic_fisher(base, directory: Path, seed: int) -> int:

@@ -61,8 +61,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benchmarks` package of this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
     TINY_LLAMA,
@@ -74,6 +76,7 @@ from _common import (  # noqa: E402
     runtime_note,
     write_results,
 )
+from benchmarks.methods import peft_config  # noqa: E402
 
 
 log = prefixed_log("forgetting")
@@ -158,18 +161,13 @@ def needs_buffer(arm: Arm) -> bool:
 
 
 def peft_config_for(arm: Arm, args: argparse.Namespace):
+    """The arm's adapter from the registry (`benchmarks.methods`), as the cached runs were trained: LoRA all-linear with
+    `lora_alpha` = 2 x rank and no task type, GeometryProjected at its default alpha, SelectiveMLP with alpha = 2 x rank."""
     if arm.key == "lora_all":
-        from peft import LoraConfig
-
-        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        return LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=modules)
+        return peft_config("lora_all", args.rank, 2 * args.rank, task_type=None)
     if arm.key == "geometry":
-        from peft_selective import GeometryProjectedConfig
-
-        return GeometryProjectedConfig(rank=args.rank)
-    from peft_selective import SelectiveMLPConfig
-
-    return SelectiveMLPConfig(rank=args.rank, alpha=2 * args.rank)
+        return peft_config("geometry", args.rank)
+    return peft_config("selective_mlp_lowrank", args.rank, 2 * args.rank)
 
 
 # --------------------------------------------------------------------------------------------------- the months

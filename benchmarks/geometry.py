@@ -45,12 +45,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import (
+
+if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benchmarks` package of this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
     adapted_module_names,
     add_output_args,
     load_average,
-    lora_config,
     losses_differ,
     machine_info,
     markdown_table,
@@ -61,11 +64,12 @@ from _common import (
     setup_torch,
     write_results,
 )
+from benchmarks.methods import ATTN_MLP_MODULES, peft_config  # noqa: E402
 
 
 CALIBRATION_TARGET = 2.0
 TRAINING_TARGET = 1.15
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+TARGET_MODULES = list(ATTN_MLP_MODULES)
 # The original brief suggests 64 passages x 256 tokens; too slow to *measure* on 2 busy cores, so the measured
 # per-token costs are also extrapolated to that size (clearly labelled as such).
 REFERENCE_PASSAGES = 64
@@ -129,20 +133,18 @@ def training_batch(tokenizer, passages: list[str], batch_size: int, seq_len: int
 
 # --------------------------------------------------------------------------------------------------- models
 def geometry_config(args: argparse.Namespace):
-    import peft_selective
-
-    return peft_selective.GeometryProjectedConfig(
-        rank=args.rank, alpha=args.alpha, tolerance=args.tolerance, norm_cap=args.norm_cap
-    )
+    # GeometryProjected on its default targets (TARGET_MODULES)
+    return peft_config("geometry", args.rank, args.alpha, tolerance=args.tolerance, norm_cap=args.norm_cap)
 
 
 def selective_config(args: argparse.Namespace):
-    import peft_selective
-
     # the plain low-rank delta layer on exactly the modules GeometryProjected adapts
-    return peft_selective.SelectiveMLPConfig(
-        rank=args.rank, alpha=args.alpha, target_modules=list(TARGET_MODULES), train_bias=False
-    )
+    options = {"target_modules": list(TARGET_MODULES), "train_bias": False}
+    return peft_config("selective_mlp_lowrank", args.rank, args.alpha, **options)
+
+
+def lora_config(args: argparse.Namespace):
+    return peft_config("lora_attn_mlp", args.rank, args.alpha)
 
 
 def wrap(base, config, seed: int):
@@ -710,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 2. training steps
     batch = training_batch(tokenizer, train_passages, args.train_batch_size, args.train_seq_len)
     models = {
-        "lora": wrap(base, lora_config(args.rank, args.alpha, TARGET_MODULES), args.seed),
+        "lora": wrap(base, lora_config(args), args.seed),
         "geometry": cal["model"],
     }
     if not args.no_selective:

@@ -50,8 +50,10 @@ from pathlib import Path
 from typing import Any
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benchmarks` package of this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
     TINY_LLAMA,
     add_output_args,
@@ -74,6 +76,7 @@ from _common import (  # noqa: E402
     setup_torch,
     start_peak_window,
 )
+from benchmarks.methods import peft_config  # noqa: E402
 
 
 #: The recommended retention terms (`ContinualDPOConfig` fields), measured by the `ours` arm. `--recipe` overrides.
@@ -175,7 +178,7 @@ def load_base(args: argparse.Namespace):
     benchmarks/forgetting.py `load_base`)."""
     import torch
 
-    from peft_selective.embedded import embedded_model_path, load_embedded_model
+    from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
 
     if args.model == "embedded":
         model, tokenizer = load_embedded_model()
@@ -201,9 +204,7 @@ def month_data(args: argparse.Namespace):
 
 
 def adapter_config(args: argparse.Namespace):
-    from peft_selective import SelectiveMLPConfig
-
-    return SelectiveMLPConfig(rank=args.rank, alpha=args.alpha)
+    return peft_config("selective_mlp_lowrank", args.rank, args.alpha)
 
 
 def dpo_options(args: argparse.Namespace, out: Path, steps: int) -> dict[str, Any]:
@@ -690,7 +691,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     sources += [REPO_ROOT / "peft_selective" / "tuners" / "selective" / f for f in ("layer.py", "model.py")]
     report = {
         **report_header("month_cost", sources, machine, load_start, load_end),
-        "model": "bundled SmolLM2-135M-Instruct (peft_selective.embedded), fp32"
+        "model": "bundled SmolLM2-135M-Instruct (peft_selective.demo.embedded), fp32"
         if args.model == "embedded"
         else "tiny random-init 2-layer Llama (smoke test; numbers mean nothing)",
         "settings": {

@@ -46,12 +46,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import (
+
+if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benchmarks` package of this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
     TINY_LLAMA,
     adapted_module_names,
@@ -63,7 +66,6 @@ from _common import (
     fmt_mib,
     fmt_ratio,
     load_average,
-    lora_config,
     losses_differ,
     machine_info,
     markdown_table,
@@ -81,6 +83,7 @@ from _common import (
     start_peak_window,
     warm_up_runtime,
 )
+from benchmarks.methods import METHODS, peft_config  # noqa: E402
 
 
 TARGET_THRESHOLD = 1.1
@@ -138,88 +141,55 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "tiny": {"vocab_size": 1024, **TINY_LLAMA},
 }
 
-MLP_MODULES = ["gate_proj", "up_proj"]
-ATTN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_LINEAR_MODULES = ATTN_MODULES + MLP_MODULES + ["down_proj"]
 PENALTY_KEYS = ["penalty_kl", "penalty_ewc", "penalty_all"]
 
 
 # --------------------------------------------------------------------------------------------------- the methods
 @dataclass(frozen=True)
 class Method:
+    """A row: an adapter method of the registry (`benchmarks.methods`), maybe with trainer penalties on top."""
+
     key: str
     label: str
     group: str  # rows of one group are compared with that group's reference row
     baseline: str  # key of the row this row is compared with
-    rank: int | None  # marker: None = full rank, 0 = "--rank" (the real rank comes from the command line)
-    make_config: Callable[[argparse.Namespace], Any] | None  # None: full fine-tuning, no PEFT
+    adapter: str  # key of `benchmarks.methods.METHODS` ("full_ft": full fine-tuning, no PEFT)
     penalties: tuple[str, ...] = ()  # trainer penalties added to every step: "kl", "ewc"
     same_targets: bool = True  # adapts exactly the modules of its baseline (checked)
 
     @property
     def full_finetuning(self) -> bool:
-        return self.make_config is None
+        return METHODS[self.adapter].full_finetuning
 
+    @property
+    def rank(self) -> int | None:
+        """None: full rank; 0: `--rank` (the real rank comes from the command line)."""
+        adapter = METHODS[self.adapter]
+        return None if adapter.full_rank or adapter.full_finetuning else 0
 
-def _selective(config_name: str, rank: int | None) -> Callable[[argparse.Namespace], Any]:
-    """`peft_selective.<config_name>` at full rank (no alpha) or at `--rank` / `--alpha`."""
-
-    def make(args: argparse.Namespace) -> Any:
-        import peft_selective
-
-        config_class = getattr(peft_selective, config_name)
-        if rank is None:
-            return config_class(rank=None)
-        return config_class(rank=args.rank, alpha=args.alpha)
-
-    return make
-
-
-def _selective_mlp(rank: int | None) -> Callable[[argparse.Namespace], Any]:
-    return _selective("SelectiveMLPConfig", rank)
-
-
-def _saproj(rank: int | None) -> Callable[[argparse.Namespace], Any]:
-    return _selective("SAProjConfig", rank)
-
-
-def _geometry(args: argparse.Namespace) -> Any:
-    """GeometryProjected on gate/up at `--rank` / `--alpha` (the scale of the other low-rank rows); tolerance, norm cap
-    and everything else at the config's defaults."""
-    import peft_selective
-
-    return peft_selective.GeometryProjectedConfig(rank=args.rank, alpha=args.alpha, target_modules=list(MLP_MODULES))
-
-
-def _lora(modules: list[str]) -> Callable[[argparse.Namespace], Any]:
-    def make(args: argparse.Namespace) -> Any:
-        return lora_config(args.rank, args.alpha, modules)
-
-    return make
+    def make_config(self, args: argparse.Namespace) -> Any:
+        """The PEFT config at `--rank` / `--alpha` (full-rank methods take neither); None for full fine-tuning."""
+        return peft_config(self.adapter, args.rank, args.alpha)
 
 
 def all_methods() -> list[Method]:
-    low = _selective_mlp(0)
+    low = "selective_mlp_lowrank"
     return [
-        Method("lora_mlp", "LoRA gate/up", "mlp", "lora_mlp", 0, _lora(MLP_MODULES)),
-        Method("selective_mlp_lowrank", "SelectiveMLP low-rank", "mlp", "lora_mlp", 0, low),
-        Method("selective_mlp_full", "SelectiveMLP full-rank", "mlp", "lora_mlp", None, _selective_mlp(None)),
-        Method("geometry", "GeometryProjected gate/up", "mlp", "lora_mlp", 0, _geometry),
-        Method("lora_attn", "LoRA q/k/v/o", "attn", "lora_attn", 0, _lora(ATTN_MODULES)),
-        Method("saproj_lowrank", "SAProj low-rank", "attn", "lora_attn", 0, _saproj(0)),
-        Method("saproj_full", "SAProj full-rank", "attn", "lora_attn", None, _saproj(None)),
-        Method("lora_all", "LoRA all-linear", "all", "lora_all", 0, _lora(ALL_LINEAR_MODULES)),
-        Method("full_ft", "Full fine-tuning", "all", "lora_all", None, None, same_targets=False),
-        Method("penalty_kl", "SelectiveMLP low-rank + KL", "penalty", "selective_mlp_lowrank", 0, low, ("kl",)),
-        Method("penalty_ewc", "SelectiveMLP low-rank + EWC", "penalty", "selective_mlp_lowrank", 0, low, ("ewc",)),
+        Method("lora_mlp", "LoRA gate/up", "mlp", "lora_mlp", "lora_mlp"),
+        Method("selective_mlp_lowrank", "SelectiveMLP low-rank", "mlp", "lora_mlp", low),
+        Method("selective_mlp_full", "SelectiveMLP full-rank", "mlp", "lora_mlp", "selective_mlp_full"),
+        # GeometryProjected on gate/up at `--rank` / `--alpha` (the scale of the other low-rank rows); tolerance, norm
+        # cap and everything else at the config's defaults
+        Method("geometry", "GeometryProjected gate/up", "mlp", "lora_mlp", "geometry_mlp"),
+        Method("lora_attn", "LoRA q/k/v/o", "attn", "lora_attn", "lora_attn"),
+        Method("saproj_lowrank", "SAProj low-rank", "attn", "lora_attn", "saproj_lowrank"),
+        Method("saproj_full", "SAProj full-rank", "attn", "lora_attn", "saproj_full"),
+        Method("lora_all", "LoRA all-linear", "all", "lora_all", "lora_all"),
+        Method("full_ft", "Full fine-tuning", "all", "lora_all", "full_ft", same_targets=False),
+        Method("penalty_kl", "SelectiveMLP low-rank + KL", "penalty", "selective_mlp_lowrank", low, ("kl",)),
+        Method("penalty_ewc", "SelectiveMLP low-rank + EWC", "penalty", "selective_mlp_lowrank", low, ("ewc",)),
         Method(
-            "penalty_all",
-            "SelectiveMLP low-rank + KL + EWC",
-            "penalty",
-            "selective_mlp_lowrank",
-            0,
-            low,
-            ("kl", "ewc"),
+            "penalty_all", "SelectiveMLP low-rank + KL + EWC", "penalty", "selective_mlp_lowrank", low, ("kl", "ewc")
         ),
     ]
 

