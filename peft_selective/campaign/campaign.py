@@ -1339,6 +1339,7 @@ class Campaign:
             model,
             args=self.config.training_args(run_dir, name, fisher_dir),
             train_dataset=splits["train"],
+            train_dataset_validated=True,  # checked by `_split` when the month was registered
             processing_class=tokenizer,
             peft_config=self.config.peft_config(),
             rehearsal_buffer=RehearsalBuffer(self._path("buffer")),

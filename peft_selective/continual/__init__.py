@@ -9,7 +9,7 @@ from .anchors import AnchorSet, anchor_kl, general_anchor_prompts, shape_variant
 from .config import ContinualDPOConfig
 from .ewc import FisherState, estimate_fisher, ewc_penalty
 from .health import ModelHealthError
-from .preference_data import PreferenceDataError, validate_preference_dataset
+from .preference_data import PreferenceDataError, check_preference_row, validate_preference_dataset
 from .reference import PreviousMonthReference, active_adapters
 from .rehearsal import RehearsalBuffer, RehearsalBufferError
 from .trainer import ContinualDPOTrainer
@@ -27,6 +27,7 @@ __all__ = [
     "RehearsalBufferError",
     "active_adapters",
     "anchor_kl",
+    "check_preference_row",
     "estimate_fisher",
     "ewc_penalty",
     "general_anchor_prompts",

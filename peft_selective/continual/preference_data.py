@@ -10,11 +10,15 @@ TRL's own tool-calling datasets, an assistant message may carry `tool_calls` and
 and `content` may be a list of parts (`[{"type": "text", "text": ...}]`, vision-language data). Extra keys
 (`tool_call_id`, `name`, `reasoning_content`, ...) and extra columns (`tools`, `chat_template_kwargs`, `images`) are
 passed through untouched.
+
+This is the one preference-row schema of the package: [`validate_preference_dataset`] checks a whole dataset (the
+trainer runs it once, unless the caller passes a dataset it already validated), [`preference_row_problem`] /
+[`check_preference_row`] one row (the rehearsal buffer checks the rows it stores, and reloads, with them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from datasets import Dataset, IterableDataset
@@ -26,6 +30,9 @@ class PreferenceDataError(ValueError):
 
 #: How many offending rows an error message lists.
 _SHOWN = 5
+#: The DPO columns of TRL: `prompt` is optional (the implicit-prompt format keeps it inside `chosen` / `rejected`).
+_FIELDS = ("prompt", "chosen", "rejected")
+_REQUIRED = ("chosen", "rejected")
 
 
 def _describe(value: Any) -> str:
@@ -62,19 +69,55 @@ def _is_empty_content(content: Any) -> bool:
     return False
 
 
-def _field_problem(value: Any, conversational: bool) -> str | None:
+def _field_problem(value: Any, conversational: bool, basis: str = "the dataset is {kind} (first row)") -> str | None:
     if value is None:
         return "is missing (None)"
     if conversational:
         if not isinstance(value, list):
-            return f"is a {type(value).__name__}, but the dataset is conversational (first row): expected a list of messages"
+            reason = basis.format(kind="conversational")
+            return f"is a {type(value).__name__}, but {reason}: expected a list of messages"
         return _check_messages(value)
     if not isinstance(value, str):
         kind = "a list of messages" if isinstance(value, list) else f"a {type(value).__name__}"
-        return f"is {kind}, but the dataset is plain text (first row): expected a string"
+        return f"is {kind}, but {basis.format(kind='plain text')}: expected a string"
     if not value.strip():
         return "is an empty string"
     return None
+
+
+def preference_row_problem(row: Any, conversational: bool | None = None) -> str | None:
+    """Why `row` is not a valid preference row, or `None` when it is.
+
+    Args:
+        row: a row dict with `chosen`, `rejected` and usually `prompt`.
+        conversational (`bool`, *optional*): the format the row must have (that of the dataset's first row); `None`
+            takes the row's own (`chosen` a list of messages or not).
+    """
+    if not isinstance(row, Mapping):
+        return f"is a {type(row).__name__}, not a row dict"
+    missing = [column for column in _REQUIRED if column not in row]
+    if missing:
+        return f"is missing the DPO columns {missing} (the row has {list(row)})"
+    basis = "the dataset is {kind} (first row)"
+    if conversational is None:
+        conversational = isinstance(row.get("chosen"), list)
+        basis = "the row's 'chosen' is {kind}"
+    for field in _FIELDS:
+        if field in row:
+            problem = _field_problem(row[field], conversational, basis)
+            if problem:
+                return f"{field!r} {problem}"
+    if row["chosen"] == row["rejected"]:
+        return f"'chosen' and 'rejected' are identical ({_describe(row['chosen'])})"
+    return None
+
+
+def check_preference_row(row: Any, where: str, conversational: bool | None = None) -> None:
+    """Raise [`PreferenceDataError`] (`"<where>: <problem>"`) when `row` is not a valid preference row (see
+    [`preference_row_problem`])."""
+    problem = preference_row_problem(row, conversational)
+    if problem is not None:
+        raise PreferenceDataError(f"{where}: {problem}.")
 
 
 def validate_preference_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> int:
@@ -116,15 +159,9 @@ def _check_rows(rows: Any, name: str) -> None:
     for index, row in enumerate(rows):
         if conversational is None:
             conversational = isinstance(row.get("chosen"), list)
-        fields = [f for f in ("prompt", "chosen", "rejected") if f in row]
-        for field in fields:
-            problem = _field_problem(row[field], conversational)
-            if problem:
-                problems.append(f"row {index}: {field!r} {problem}")
-                break
-        else:
-            if row["chosen"] == row["rejected"]:
-                problems.append(f"row {index}: 'chosen' and 'rejected' are identical ({_describe(row['chosen'])})")
+        problem = preference_row_problem(row, conversational)
+        if problem:
+            problems.append(f"row {index}: {problem}")
         if len(problems) > _SHOWN:
             break
     if problems:

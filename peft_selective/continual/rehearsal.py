@@ -54,6 +54,7 @@ from typing import Any, Literal, Optional, Union, overload
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
 from ..utils.io import atomic_write, fsync_dir, is_json_serializable
+from .preference_data import PreferenceDataError, check_preference_row, preference_row_problem
 
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,7 @@ _STORED_REF_COLUMNS = (STORED_REF_CHOSEN, STORED_REF_REJECTED, STORED_REF_FINGER
 
 SamplingMethod = Literal["reservoir", "stratified"]
 _SAMPLING_METHODS = ("reservoir", "stratified")
-# The DPO columns of TRL. `prompt` is optional: TRL also accepts the implicit-prompt format (prompt inside chosen).
-_DPO_COLUMNS = ("prompt", "chosen", "rejected")
+# The DPO columns of TRL (the row schema itself is `preference_data`'s): `prompt` is optional.
 _REQUIRED_COLUMNS = ("chosen", "rejected")
 # Month names end up in file names: keep them portable (no separators, no leading dot).
 _MONTH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -84,7 +84,11 @@ _TOKENIZED_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "
 
 
 class RehearsalBufferError(RuntimeError):
-    """The on-disk buffer is corrupted or inconsistent (bad manifest, missing / truncated / edited month file)."""
+    """The on-disk buffer is corrupted or inconsistent (bad manifest, missing / truncated / edited month file).
+
+    A malformed row handed to the buffer raises [`~peft_selective.continual.preference_data.PreferenceDataError`]
+    instead, from the package's one preference-row schema (a stored row that fails that schema on load is a
+    corrupted file, and raises this error naming the file and line)."""
 
 
 @dataclass(frozen=True)
@@ -298,10 +302,6 @@ def _row_key(row: Mapping[str, Any]) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
-
-
 def _row_format(row: Mapping[str, Any]) -> tuple[bool, bool]:
     """(has an explicit prompt, is conversational): rows of one buffer must agree on both, as TRL needs them to."""
     return "prompt" in row, isinstance(row["chosen"], list)
@@ -376,7 +376,9 @@ class RehearsalBuffer:
 
     Rows are dicts with the DPO columns of TRL: `chosen` and `rejected`, and `prompt` unless the rows use TRL's
     implicit-prompt format. Values are either plain strings or conversational lists of `{"role", "content"}` messages,
-    and all rows of a buffer must use the same format. Extra columns are kept; every row gets a `month` column with
+    and all rows of a buffer must use the same format. Rows are checked with the trainer's own schema
+    (`peft_selective.continual.preference_data`); a malformed one raises `PreferenceDataError` naming the month and
+    the row. Extra columns are kept; every row gets a `month` column with
     the name of the month it was added with.
 
     The buffer is small by design (a sample), so it is held in memory and every change rewrites the manifest. Any
@@ -807,7 +809,7 @@ class RehearsalBuffer:
                 if fmt is None:
                     fmt = row_fmt
                 elif row_fmt != fmt:
-                    raise ValueError(
+                    raise PreferenceDataError(
                         f"Month {name!r}, row {index}: {_describe_format(row_fmt)}, but the buffer holds "
                         f"{_describe_format(fmt)}. All rows of a buffer must share one format (TRL needs it); convert "
                         "them first."
@@ -975,22 +977,11 @@ class RehearsalBuffer:
 
     @staticmethod
     def _validate_row(raw: Any, month: str, index: int, stratify_by: Optional[str]) -> dict[str, Any]:
+        """A copy of `raw`, checked against the package's one preference-row schema
+        ([`~peft_selective.continual.preference_data.check_preference_row`], which raises `PreferenceDataError`)."""
         where = f"Month {month!r}, row {index}"
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"{where}: rows must be dicts, got {type(raw).__name__}.")
+        check_preference_row(raw, where)
         row = dict(raw)  # a copy: the `month` column is set on it, never on the caller's dict
-        missing = [column for column in _REQUIRED_COLUMNS if column not in row]
-        if missing:
-            raise ValueError(f"{where}: missing the DPO columns {missing} (the row has {list(row)}).")
-        for column in _DPO_COLUMNS:
-            if column in row and not (isinstance(row[column], str) or _is_messages(row[column])):
-                raise ValueError(
-                    f"{where}: {column!r} must be a string or a list of {{'role', 'content'}} messages, got "
-                    f"{type(row[column]).__name__}."
-                )
-        kinds = {isinstance(row[column], str) for column in _DPO_COLUMNS if column in row}
-        if len(kinds) > 1:
-            raise ValueError(f"{where}: mixes plain-text and conversational DPO columns; TRL needs one or the other.")
         if stratify_by is not None and stratify_by not in row:
             raise ValueError(f"{where}: no {stratify_by!r} column to stratify by (the row has {list(row)}).")
         return row
@@ -1161,8 +1152,9 @@ class RehearsalBuffer:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise RehearsalBufferError(f"{path}, line {number}: invalid JSON ({err}). {hint}") from err
-            if not isinstance(row, dict) or any(column not in row for column in _REQUIRED_COLUMNS):
-                raise RehearsalBufferError(f"{path}, line {number}: not a preference row with chosen / rejected.")
+            problem = preference_row_problem(row)  # the same schema the rows were checked against when added
+            if problem is not None:
+                raise RehearsalBufferError(f"{path}, line {number}: not a valid preference row: {problem}. {hint}")
             if _has_reference_logps(row):
                 problem = _check_reference_logps(row[REFERENCE_LOGPS_KEY])
                 if problem is not None:

@@ -187,9 +187,14 @@ class ContinualDPOTrainer(DPOTrainer):
             prompts (`peft_selective.continual.anchors.shape_variant_prompts`). Never evaluation items: pass your own same-shape
             prompts if the variants could coincide with prompts you evaluate on.
 
-    The other arguments are `DPOTrainer`'s. The training data is checked row by row before tokenization
-    ([`peft_selective.continual.preference_data`]); rows whose prompt fills `max_length` raise an error naming them unless
-    `drop_long_prompts=True`, which drops them and logs the count.
+        train_dataset_validated (`bool`, *optional*): `True` when the caller already ran
+            [`~peft_selective.continual.preference_data.validate_preference_dataset`] on `train_dataset` (or on the
+            dataset it was split from): the row check is then not repeated. Default `False`.
+
+    The other arguments are `DPOTrainer`'s. The training data is checked row by row before tokenization, once
+    ([`peft_selective.continual.preference_data`], the package's one row schema; see `train_dataset_validated`);
+    rows whose prompt fills `max_length` raise an error naming them unless `drop_long_prompts=True`, which drops them
+    and logs the count.
 
     With `health_check=True` (the default) training stops with [`~peft_selective.continual.health.ModelHealthError`] on a non-finite
     loss (any step) or when the trained parameters' total gradient norm is 0 or non-finite on one of the first
@@ -216,11 +221,13 @@ class ContinualDPOTrainer(DPOTrainer):
         peft_config: Optional[PeftConfig] = None,
         rehearsal_buffer: Optional[RehearsalBuffer] = None,
         anchor_prompts: Optional[Union[Sequence[Union[str, list]], Mapping[str, Sequence[Union[str, list]]]]] = None,
+        train_dataset_validated: bool = False,
     ):
         args = self._continual_args(model, args)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
-        validate_preference_dataset(train_dataset, "train")
+        if not train_dataset_validated:  # the caller may have run the same check already (the campaign does)
+            validate_preference_dataset(train_dataset, "train")
         if isinstance(eval_dataset, dict):
             for name, dataset in eval_dataset.items():
                 validate_preference_dataset(dataset, name)
