@@ -66,6 +66,7 @@ from ..continual.health import ModelHealthError, check_evaluation
 from ..continual.preference_data import validate_preference_dataset
 from ..continual.rehearsal import RehearsalBuffer
 from ..continual.trainer import ContinualDPOTrainer
+from ..evaluation.preference import retention_cells
 from ..evaluation.suites import (
     EvaluationConfig,
     bleed_table,
@@ -1901,12 +1902,8 @@ def format_report(
         "|---|" + "---:|" * len(months),
     ]
     intervals = retention_intervals(evaluations, months)
-    for t, (month, row) in enumerate(zip(months, retention_matrix(evaluations, months))):
-        cells = []
-        for i, value in enumerate(row):
-            ci = intervals[t][i]
-            cells.append("" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
-        lines.append(f"| {month} | " + " | ".join(cells) + " |")
+    cells = retention_cells(retention_matrix(evaluations, months), intervals, bold_diagonal=False, missing="")
+    lines += [f"| {month} | " + " | ".join(row) + " |" for month, row in zip(months, cells)]
     numbers = retention_numbers(evaluations, months)
     bwt = _ci(numbers["bwt_interval"], signed=True)
     bwt = f"{bwt} (paired, same items)" if bwt else "n/a (a single month)"

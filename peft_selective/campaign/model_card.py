@@ -52,7 +52,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..evaluation.preference import average_accuracy, backward_transfer
+from ..evaluation.preference import average_accuracy, backward_transfer, retention_cells
 
 
 __all__ = [
@@ -395,20 +395,8 @@ def _interval(summary: Optional[Mapping[str, Any]], signed: bool = False) -> str
 
 
 def _retention_rows(ctx: ModelCardContext) -> list[tuple[str, list[str]]]:
-    rows = []
-    for t, row in enumerate(ctx.R):
-        cells = []
-        for i, value in enumerate(row):
-            ci = ctx.ci95[t][i] if ctx.ci95 is not None else None
-            suffix = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None and value is not None else ""
-            if i > t:
-                cells.append("")
-            elif i == t and value is not None:
-                cells.append(f"**{_accuracy(value)}**{suffix}")
-            else:
-                cells.append(_accuracy(value) + suffix)
-        rows.append((ctx.months[t], cells))
-    return rows
+    cells = retention_cells(ctx.R, ctx.ci95, missing=_accuracy(None), unreached="")
+    return list(zip(ctx.months, cells))
 
 
 def _summary(ctx: ModelCardContext) -> tuple[str, str]:

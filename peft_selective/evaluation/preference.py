@@ -4,7 +4,7 @@
 |---|---|
 | [`preference_logps`] | per-row summed / per-token-mean log-probs of the chosen and rejected completions |
 | [`preference_accuracy`] | length-fair preference accuracy and margins on held-out pairs (DPO implicit reward) |
-| [`average_accuracy`], [`backward_transfer`], [`forward_learning`], [`forgetting`], [`retention_summary`], [`retention_table`] | the R[t][i] retention matrix |
+| [`average_accuracy`], [`backward_transfer`], [`forward_learning`], [`forgetting`], [`retention_summary`], [`retention_table`], [`retention_cells`] | the R[t][i] retention matrix |
 | [`perplexity`] | sliding-window perplexity on reference text (default: the standard library's `pydoc_data.topics`) |
 | [`kl_to_reference`] | mean per-token KL(model ‖ reference) on prompts' next-token distributions |
 | [`generate_greedy`], [`refusal_rate`] | greedy answers; share of refusals (safety retention / over-refusal) |
@@ -55,6 +55,7 @@ __all__ = [
     "preference_logps",
     "reference_text",
     "refusal_rate",
+    "retention_cells",
     "retention_summary",
     "retention_table",
     "token_class_mask",
@@ -495,6 +496,54 @@ def retention_summary(R: Any, baseline: Any = None) -> dict[str, Any]:
     }
 
 
+def _retention_cell(
+    value: Optional[float],
+    ci: Optional[Sequence[float]] = None,
+    bold: bool = False,
+    digits: int = 3,
+    missing: str = "–",
+) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    text = f"{value:.{digits}f}"
+    text = f"**{text}**" if bold else text
+    return text if ci is None else f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def retention_cells(
+    R: Sequence[Sequence[Optional[float]]],
+    ci95: Optional[Sequence[Sequence[Optional[Sequence[float]]]]] = None,
+    digits: int = 3,
+    bold_diagonal: bool = True,
+    missing: str = "–",
+    unreached: Optional[str] = None,
+) -> list[list[str]]:
+    """The cells of a retention matrix as text, row t (after month t) by column i (month i): the one renderer of
+    R[t][i] behind [`retention_table`], the campaign's report and the model card.
+
+    Args:
+        R: the matrix as a list of rows (`None` or NaN for a cell not measured).
+        ci95 (*optional*): the cells' 95% intervals `[lo, hi]` (same shape, `None` where there is none), written
+            after a measured value as ` [lo, hi]`.
+        digits (`int`, defaults to 3): decimals.
+        bold_diagonal (`bool`, defaults to `True`): the month just trained (i == t) in bold.
+        missing (`str`, defaults to `"–"`): the text of a cell not measured.
+        unreached (`str`, *optional*): the text of every cell i > t (a month not trained yet), measured or not;
+            default: such cells are rendered like the others (a score before the month trained is shown).
+    """
+    rows = []
+    for t, row in enumerate(R):
+        cells = []
+        for i, value in enumerate(row):
+            if i > t and unreached is not None:
+                cells.append(unreached)
+                continue
+            ci = ci95[t][i] if ci95 is not None else None
+            cells.append(_retention_cell(value, ci, bold=bold_diagonal and i == t, digits=digits, missing=missing))
+        rows.append(cells)
+    return rows
+
+
 def retention_table(R: Any, names: Optional[Sequence[str]] = None, baseline: Any = None, digits: int = 3) -> str:
     """Render R as a markdown table (rows: after month t; columns: evaluated on month i; diagonal in bold), followed
     by a line with the average accuracy, BWT, forward learning and forgetting.
@@ -513,11 +562,8 @@ def retention_table(R: Any, names: Optional[Sequence[str]] = None, baseline: Any
     if len(names) < len(default_names):
         raise ValueError(f"{len(names)} names for {len(default_names)} months.")
 
-    def cell(value: float, bold: bool = False) -> str:
-        if math.isnan(value):
-            return "–"
-        text = f"{value:.{digits}f}"
-        return f"**{text}**" if bold else text
+    def cell(value: float) -> str:
+        return _retention_cell(value, digits=digits, missing="–")
 
     lines = [
         "| after \\ on | " + " | ".join(names[: len(default_names)]) + " |",
@@ -525,8 +571,8 @@ def retention_table(R: Any, names: Optional[Sequence[str]] = None, baseline: Any
     ]
     if baseline is not None:
         lines.append("| before training | " + " | ".join(cell(v) for v in _baseline(baseline, default_names)) + " |")
-    for t, row in enumerate(matrix):
-        lines.append(f"| {names[t]} | " + " | ".join(cell(v, bold=(i == t)) for i, v in enumerate(row)) + " |")
+    for t, cells in enumerate(retention_cells(matrix, digits=digits, missing="–")):
+        lines.append(f"| {names[t]} | " + " | ".join(cells) + " |")
     summary = retention_summary(matrix, baseline=_baseline(baseline, default_names))
 
     def signed(value: float) -> str:
