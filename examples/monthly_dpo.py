@@ -23,12 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-from peft_selective.campaign.campaign import Campaign, CampaignConfig, format_report
+from peft_selective.campaign import Campaign, CampaignConfig, format_report
 from peft_selective.demo.months import MONTH_CHECKS, countries_in, monthly_sequence
 
 
@@ -130,10 +134,37 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_results(path: Path, args, campaign: Campaign, report: str, elapsed: float, countries: list[str]) -> None:
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from _common import git_commit, machine_info
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
+
+def machine_info() -> dict:
+    """Versions and the CPU: on a CPU, bitsandbytes' 4-bit path (and so the wall time) depends on its features."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        info["cpu_model"] = names[0] if names else None
+        info["cpu_flags"] = sorted(flag for flag in flags if flag.startswith(("avx512", "amx", "avx2")))
+    return info
+
+
+def write_results(path: Path, args, campaign: Campaign, report: str, elapsed: float, countries: list[str]) -> None:
     command = "python examples/monthly_dpo.py " + " ".join(sys.argv[1:])
     payload = {
         "command": command,
