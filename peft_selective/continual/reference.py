@@ -70,6 +70,9 @@ class PreviousMonthReference(nn.Module):
     (`trl.trainer.utils.add_fused_lm_head`), which looks up `config`, `base_model` (the backbone) and
     `get_output_embeddings()` on every call: the view answers with the policy's, the backbone run under
     [`active_adapters`]. Called plainly, it returns the policy's ordinary output (logits) under the same adapters.
+    This imitation is a private TRL seam (`fused_lm_head_reference` in
+    `peft_selective.continual.trainer.TRL_SEAMS`), checked against the installed TRL by
+    `tests/continual/test_trl_seams.py`.
 
     Args:
         policy (`PeftModel`): the model being trained, holding the earlier months' adapters and the new one.

@@ -20,6 +20,10 @@ The DPO reference is the month t−1 model (base plus adapters 1..t−1), not th
 [`PreviousMonthReference`] view of the policy, so no second model is held in memory. Each term is logged through the
 Trainer's loggers (`retention/kl`, `retention/ewc`, `retention/rehearsal_nll`, `rehearsal/fraction`).
 
+Where no public TRL / transformers API does what a term needs, the trainer relies on private code; every such seam is
+listed in [`TRL_SEAMS`] (what we rely on and why), and `tests/continual/test_trl_seams.py` checks each against the
+installed releases.
+
 ```python
 from peft import PeftModel
 from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
@@ -43,13 +47,14 @@ import json
 import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import trl
 from datasets import Dataset, Value, concatenate_datasets
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -96,6 +101,92 @@ REHEARSAL_FLAG = "is_rehearsal"
 BOUNDARY_FLAG = "is_boundary"
 _ROW_INDEX = "__row_index__"
 _BUFFER_ROW = "__buffer_row__"
+
+
+@dataclass(frozen=True)
+class TrlSeam:
+    """One place where [`ContinualDPOTrainer`] (or the [`PreviousMonthReference`] it hands TRL) relies on private or
+    undocumented TRL / transformers code. `tests/continual/test_trl_seams.py` checks each against the installed
+    releases and names the seam and the version when one moved."""
+
+    name: str
+    #: the class / function it lives on
+    owner: str
+    #: what we override, read or imitate, and the shape we rely on
+    relies_on: str
+    #: why no public API does it
+    why: str
+
+
+#: Every private TRL / transformers seam of this package (the rest goes through public API: `processing_class`, not
+#: TRL's `_tokenizer`; our own metric store merged in `log`, not TRL's `_metrics`). Keep it in sync with the code; the
+#: seam test fails for a seam it has no check for.
+TRL_SEAMS: tuple[TrlSeam, ...] = (
+    TrlSeam(
+        "prepare_dataset",
+        "trl.DPOTrainer._prepare_dataset",
+        "overridden and called as `_prepare_dataset(dataset, processing_class, args, dataset_name)`; it keeps extra "
+        "columns and drops rows whose `prompt_ids` reach `max_length` (we add a row index to name them)",
+        "the only hook between TRL's tokenization and its silent filter of too-long prompts; without it they vanish",
+    ),
+    TrlSeam(
+        "signature_columns",
+        "transformers.Trainer._set_signature_columns_if_needed / _signature_columns",
+        "overridden to add the flag and stored-reference columns to `_signature_columns` (a list of names)",
+        "with `remove_unused_columns=True` the Trainer drops every other column before the collator sees it",
+    ),
+    TrlSeam(
+        "fused_lm_head_forward",
+        "trl.DPOTrainer._compute_loss / trl.trainer.utils.add_fused_lm_head",
+        "the policy's DPO forward is `model(..., fused_lm_head=True)` returning `.log_probs` [2B, T-1] (chosen rows "
+        "first); a forward hook keyed on that kwarg keeps the output for the rehearsal NLL (a missing capture raises)",
+        "TRL's `sft` loss weighs every row; the rehearsal NLL is on rehearsed rows only, and a second forward costs",
+    ),
+    TrlSeam(
+        "fused_lm_head_reference",
+        "trl.trainer.utils.add_fused_lm_head",
+        "patches `ref_model.forward` and reads `config.get_text_config()`, the backbone `base_model` and "
+        "`get_output_embeddings()`, which `PreviousMonthReference` provides",
+        "TRL patches whatever `ref_model` it is given; the month t-1 view must behave as a causal LM to it",
+    ),
+    TrlSeam(
+        "precompute_ref_logps",
+        "trl.DPOTrainer.precompute_ref_logps / _compute_loss",
+        "set to True for one `compute_loss`, TRL reads `inputs['ref_chosen_logps'/'ref_rejected_logps']` instead "
+        "of running the reference",
+        "the only way to hand TRL per-row reference log-probs (the rehearsed rows' own month's)",
+    ),
+    TrlSeam(
+        "compute_ref_log_probs",
+        "trl.DPOTrainer.compute_ref_log_probs",
+        "overridden and called as `compute_ref_log_probs(model, inputs) -> (chosen, rejected)` on a collated batch",
+        "the reference log-probs exactly as TRL's precompute computes them, for the buffer's stored values",
+    ),
+    TrlSeam(
+        "load_from_checkpoint",
+        "transformers.Trainer._load_from_checkpoint",
+        "overridden as `_load_from_checkpoint(resume_from_checkpoint, model=None)` to resume this month's adapter",
+        "the Trainer reloads every adapter of the checkpoint and leaves the first (a frozen month) active",
+    ),
+    TrlSeam(
+        "loss_types",
+        "trl.DPOTrainer.loss_types",
+        "a list of the configured loss names (read for `'sft'`)",
+        "the normalised form of `DPOConfig.loss_type` (a string or a list)",
+    ),
+    TrlSeam(
+        "model_card_tags",
+        "trl.DPOTrainer._tag_names / _name",
+        "class attributes TRL's model card and hub tags read",
+        "how a TRL trainer subclass names itself on the Hub",
+    ),
+    TrlSeam(
+        "trainer_utils",
+        "trl.trainer.utils.create_model_from_path / get_config_model_id",
+        "`create_model_from_path(model_id, **model_init_kwargs)` and `get_config_model_id(config)`",
+        "a model id loaded exactly as `DPOTrainer` loads it (we add the adapter before TRL sees the model)",
+    ),
+)
 
 
 #: Name of the frozen copy of an adapter that already holds an update when its month starts (TRL's name for it too).
@@ -309,6 +400,12 @@ class ContinualDPOTrainer(DPOTrainer):
         if args.health_check:  # the gradient half of the health guard (the loss half is in `compute_loss`)
             self._add_health_callback()
         self._rehearsal_logged = False
+        # This trainer's own metrics (`retention/*`, `rehearsal/fraction`, ...), averaged and logged by `log` next to
+        # TRL's, but kept apart from TRL's private store of them.
+        self._retention_metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self._captured_policy_output = None
         self._capture_policy_output = False
         # The policy's own DPO forward is read back for the rehearsal NLL and for the logged SFT term.
@@ -405,7 +502,8 @@ class ContinualDPOTrainer(DPOTrainer):
                     f"The retention KL has no anchor prompt: the kinds {args.kl_anchor_kinds} gave none (see the log); "
                     "add a kind to `kl_anchor_kinds` or pass `anchor_prompts`."
                 )
-        anchors = AnchorSet(prompts, self._tokenizer, max_length=args.kl_max_anchor_length, kinds=kinds)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
+        anchors = AnchorSet(prompts, tokenizer, max_length=args.kl_max_anchor_length, kinds=kinds)
         anchors.add_continuations(
             self._reference_model(),
             args.kl_anchor_max_new_tokens,
@@ -638,18 +736,27 @@ class ContinualDPOTrainer(DPOTrainer):
             self._capture_policy_output = False
         loss, outputs = result if return_outputs else (result, None)
         output, self._captured_policy_output = self._captured_policy_output, None
+        if self._needs_policy_output and mode == "train" and output is None:
+            raise RuntimeError(
+                "The policy's DPO forward was not captured (the `fused_lm_head` forward-hook seam, see `TRL_SEAMS` in "
+                f"peft_selective.continual.trainer): TRL {trl.__version__} no longer calls the model with "
+                "`fused_lm_head=True`, so the rehearsal NLL / logged SFT term cannot be computed. Pin a TRL release the "
+                "seam tests pass on (tests/continual/test_trl_seams.py)."
+            )
 
         if is_rehearsal is not None:
-            self._metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
+            self._retention_metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
         if is_boundary is not None:
-            self._metrics[mode]["boundary/fraction"].append(self._gathered_mean(is_boundary.float()))
+            self._retention_metrics[mode]["boundary/fraction"].append(self._gathered_mean(is_boundary.float()))
         if output is not None and "sft" in self.loss_types:
-            self._metrics[mode]["loss/sft"].append(self._gathered_mean(self._chosen_nll(output, inputs).detach()))
+            self._retention_metrics[mode]["loss/sft"].append(
+                self._gathered_mean(self._chosen_nll(output, inputs).detach())
+            )
         if output is not None and is_rehearsal is not None and args.rehearsal_nll_coef > 0:
             nll = self._rehearsal_nll(output, inputs, is_rehearsal)
             if nll is not None:
                 loss = loss + args.rehearsal_nll_coef * nll
-                self._metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
+                self._retention_metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
         if self.anchors is not None and mode == "train" and self.state.global_step % args.kl_every == 0:
             batch_size = args.kl_batch_size or max(1, args.per_device_train_batch_size // 2)
             batch = self.anchors.sample(batch_size, self._anchor_rng(), self.accelerator.device)
@@ -657,12 +764,12 @@ class ContinualDPOTrainer(DPOTrainer):
             # hooks fire either way.
             kl = anchor_kl(self.accelerator.unwrap_model(model), self._reference_model(), batch, args.kl_direction)
             loss = loss + args.kl_coef * kl
-            self._metrics[mode]["retention/kl"].append(self._gathered_mean(kl.detach()))
+            self._retention_metrics[mode]["retention/kl"].append(self._gathered_mean(kl.detach()))
         if self.fisher is not None:
             with torch.set_grad_enabled(mode == "train"):
                 penalty = ewc_penalty(model, args.adapter_name, self.fisher, fisher_mean=1.0)
             loss = loss + args.ewc_coef * penalty
-            self._metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
+            self._retention_metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
         if args.health_check and mode == "train":
             # Gathered, so that every process refuses together (a NaN on one rank reaches all through the gradients).
             losses = self.accelerator.gather(loss.detach().float().reshape(1))
@@ -737,6 +844,11 @@ class ContinualDPOTrainer(DPOTrainer):
             logs["rehearsal/mixed_ratio"] = logs["rehearsal/rows"] / max(total, 1)
             logs["rehearsal/own_reference_rows"] = float(self.own_reference_rows)
             self._rehearsal_logged = True
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""  # as TRL prefixes its own evaluation metrics
+        metrics = self._retention_metrics[mode]
+        logs.update({f"{prefix}{key}": sum(values) / len(values) for key, values in metrics.items() if values})
+        metrics.clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------- resume

@@ -817,8 +817,8 @@ def test_sft_weight_adds_trls_sft_term(tmp_path):
     plain.model.train(), with_sft.model.train()
     loss = plain.compute_loss(plain.model, batch)
     loss_sft = with_sft.compute_loss(with_sft.model, batch)
-    nll = with_sft._metrics["train"]["loss/sft"][-1]
-    assert nll > 0 and "loss/sft" not in plain._metrics["train"]
+    nll = with_sft._retention_metrics["train"]["loss/sft"][-1]
+    assert nll > 0 and "loss/sft" not in plain._retention_metrics["train"]
     torch.testing.assert_close(loss_sft.detach(), loss.detach() + 0.5 * nll, rtol=1e-5, atol=1e-5)
     with_sft.train()
     assert "loss/sft" in logged_keys(with_sft)
