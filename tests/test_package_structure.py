@@ -7,6 +7,8 @@
   and `tuners/selective` never imports `tuners/geometry`.
 - The saved `selective_protected_stats` tensor is a `ProtectedStats` record; the bound formula is written once.
 - "Full rank" is `rank=None` everywhere; `rank=0` is refused.
+- The test suite: no test module (or script) imports another test module or conftest; shared helpers are in
+  `tests/testing_utils.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils.peft_types import PeftType
+from testing_utils import TESTS_DIR
 
 import peft_selective
 from peft_selective import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
@@ -171,6 +174,42 @@ def test_imports_run_one_way_between_the_wings():
 def test_the_wing_rule_catches_an_upward_import():
     assert "continual" not in WING_MAY_IMPORT["tuners"] and "campaign" not in WING_MAY_IMPORT["evaluation"]
     assert wing_of("peft_selective.continual.trainer") == "continual" and wing_of("peft_selective.targets") == "core"
+
+
+# ------------------------------------------------------------------------------------------------ the test suite
+def forbidden_test_imports(source: str) -> list[str]:
+    """The imports of a test module (or script) that reach into another test module or conftest: every shared helper
+    lives in `testing_utils`, and conftest only holds fixtures."""
+    wrong = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if node.level == 0 else [f"{'.' * node.level}{node.module or ''}"]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if name.startswith(".") or top == "conftest" or top.startswith("test_") or top == "tests":
+                wrong.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return wrong
+
+
+def test_no_test_imports_another_test_module_or_conftest():
+    files = sorted(TESTS_DIR.rglob("*.py"))
+    assert len(files) > 30 and TESTS_DIR / "testing_utils.py" in files
+    wrong = [
+        f"{path.relative_to(TESTS_DIR)} {problem}"
+        for path in files
+        for problem in forbidden_test_imports(path.read_text(encoding="utf-8"))
+    ]
+    assert not wrong, "import shared helpers from testing_utils:\n" + "\n".join(wrong)
+
+
+def test_the_test_import_rule_catches_conftest_and_test_modules():
+    source = "import conftest\nfrom test_campaign import cli\nimport test_health as h\nfrom . import x\n"
+    assert len(forbidden_test_imports(source)) == 4
+    assert forbidden_test_imports("from testing_utils import cli\nimport pytest\nfrom peft_selective import x") == []
 
 
 def test_importing_the_package_imports_neither_trl_nor_matplotlib():

@@ -32,7 +32,7 @@ tokenizer), but they normalise differently:
   the first of tied options; [`write_knowledge_task`] shuffles the options so a tie does not favour the answer).
 
 They agree item by item when an item's options have the same number of tokens (`acc`); the per-option
-log-likelihoods themselves are the same numbers (see `tests/test_lm_eval_harness.py`).
+log-likelihoods themselves are the same numbers (see `tests/evaluation/test_lm_eval_harness.py`).
 """
 
 from __future__ import annotations

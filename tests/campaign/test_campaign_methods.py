@@ -24,7 +24,7 @@ from peft_selective.campaign.campaign import Campaign, CampaignConfig
 from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer
 
 
-# Small everything, as in test_campaign.py; no KL anchors or EWC (not under test here).
+# Small everything, as in campaign/test_campaign.py; no KL anchors or EWC (not under test here).
 SMALL = [
     "--rank", "4", "--learning_rate", "0.01", "--max_steps", "2", "--save_steps", "2",
     "--per_device_train_batch_size", "4", "--max_length", "64", "--rehearsal_ratio", "0.25", "--kl_coef", "0",

@@ -19,7 +19,7 @@ from peft_selective.continual import ModelHealthError
 from peft_selective.continual.health import check_evaluation
 
 
-# The tiny-model campaign of tests/test_campaign.py: its base, its two months, month "m1" done.
+# The tiny-model campaign of tests/campaign/test_campaign.py: its base, its two months, month "m1" done.
 @pytest.fixture(scope="module")
 def months(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("data")

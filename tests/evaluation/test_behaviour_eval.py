@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
+from testing_utils import tiny_chat_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import peft_selective.evaluation.knowledge as K
@@ -110,20 +111,7 @@ def tokenizer(items):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return T.LlamaForCausalLM(config).eval()
+    return tiny_chat_llama(0, vocab_size=len(tokenizer), max_position_embeddings=256).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers as T
 from datasets import Dataset, concatenate_datasets
+from testing_utils import tiny_chat_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from peft_selective.demo import months as D
@@ -61,20 +62,8 @@ def tokenizer():
 
 
 def _tiny_llama(vocab_size: int, seed: int = 0) -> T.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return T.LlamaForCausalLM(config).eval()
+    """The tiny chat Llama over the trained BPE tokenizer's vocabulary."""
+    return tiny_chat_llama(seed, vocab_size=vocab_size, max_position_embeddings=1024).eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from testing_utils import tiny_chat_llama  # noqa: E402
 
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -34,25 +35,22 @@ TASK = "peft_selective_knowledge"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from peft_selective.demo.embedded import embedded_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    # the tiny chat Llama, wider and with tied embeddings, over the bundled model's tokenizer
+    model = tiny_chat_llama(
+        0,
         hidden_size=64,
         intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
     return model, tokenizer
 
 

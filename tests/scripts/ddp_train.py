@@ -2,6 +2,7 @@
 transformers Trainer (DDP) and writes each rank's adapter weights, so the test can check the ranks agree."""
 
 import sys
+from pathlib import Path
 
 import torch
 import transformers
@@ -12,12 +13,12 @@ from safetensors.torch import save_file
 from peft_selective import SelectiveMLPConfig
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testing_utils import tiny_chat_llama  # noqa: E402
+
+
 def main(out_dir: str) -> None:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, pad_token_id=0
-    )
-    model = get_peft_model(transformers.LlamaForCausalLM(config), SelectiveMLPConfig(rank=4))
+    model = get_peft_model(tiny_chat_llama(seed=0), SelectiveMLPConfig(rank=4))
     ids = torch.randint(1, 64, (16, 8), generator=torch.Generator().manual_seed(1)).tolist()
     args = transformers.TrainingArguments(
         output_dir=out_dir,

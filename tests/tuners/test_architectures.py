@@ -1,4 +1,4 @@
-"""The selective presets on every supported architecture family (tiny random-init models, see conftest.py).
+"""The selective presets on every supported architecture family (tiny random-init models, see testing_utils.py).
 
 For each family, preset (SelectiveMLPConfig = Gate&Up, SAProjConfig = self-attention) and update kind (full-rank,
 rank 4) we check: exactly the expected parameters are trainable, gradients reach only them, disabling the adapter

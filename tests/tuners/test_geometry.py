@@ -9,21 +9,15 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
+from testing_utils import tiny_chat_llama
 
 import peft_selective
 from peft_selective import GeometryProjectedConfig, calibrate, measure_guarantees, report_from_model
 from peft_selective.tuners.geometry.statistics import collect_statistics
 
 
-CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    pad_token_id=0,
-)
+#: The tiny chat Llama, wider (hidden 64) and over 128 tokens.
+CONFIG = dict(hidden_size=64, intermediate_size=128, vocab_size=128)
 # Protected data uses a narrow slice of the vocabulary, the new data another: the inputs they produce overlap only
 # partly, which is the situation the method is for (old and new behaviour on different prompts).
 PROTECTED_TOKENS, MONTH1_TOKENS, MONTH2_TOKENS = (3, 13), (64, 96), (96, 128)
@@ -31,8 +25,7 @@ PROTECTED_TOKENS, MONTH1_TOKENS, MONTH2_TOKENS = (3, 13), (64, 96), (96, 128)
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    return tiny_chat_llama(0, **CONFIG).eval()
 
 
 def batches(token_range, n, seed, batch=8, length=16, pad_last=0):

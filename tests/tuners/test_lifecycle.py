@@ -17,28 +17,18 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
-from testing_utils import word_chat_tokenizer
+from testing_utils import TINY_CHAT_LLAMA, tiny_chat_llama, word_chat_tokenizer
 
 import peft_selective
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 
 
-TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+#: The tiny chat Llama, wider (hidden 64) and over 128 tokens.
+TINY_LLAMA = {**TINY_CHAT_LLAMA, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 128}
 
 
 def tiny_llama(seed: int = 0) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
+    return tiny_chat_llama(seed, **TINY_LLAMA).eval()
 
 
 @pytest.fixture(scope="module")

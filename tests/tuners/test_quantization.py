@@ -15,7 +15,7 @@ import transformers
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from testing_utils import word_chat_tokenizer
+from testing_utils import tiny_chat_llama, word_chat_tokenizer
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer
@@ -29,17 +29,8 @@ functional = pytest.importorskip("bitsandbytes.functional")
 # The shapes the packing accepts: out_features a multiple of its block (32), in_features a multiple of the 4-bit
 # quantization blocksize (64). With head_dim 16, the 2 key-value heads give k_proj / v_proj 32 outputs; lm_head stays
 # in full precision.
-TINY_4BIT = dict(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+#: The tiny chat Llama with shapes bitsandbytes' CPU repacking accepts (hidden 64).
+TINY_4BIT = dict(hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture
@@ -59,8 +50,7 @@ def packing_calls(monkeypatch):
 
 def tiny_4bit_llama(tmp_path, double_quant: bool = False):
     path = tmp_path / "base"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_4BIT)).save_pretrained(path)
+    tiny_chat_llama(0, **TINY_4BIT).save_pretrained(path)
     quantization = transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
