@@ -133,6 +133,8 @@ ARMS: dict[str, Arm] = {
         Arm("ours_sft", "ours_plain + SFT term on the month's chosen answers", True, "continual", ("sft",)),
         Arm("ours_boundary", "ours_plain + boundary pairs (previous model's answer chosen off-scope)", True,
             "continual", ("boundary",)),
+        Arm("ours_v1", "0.1.x defaults: rehearsal against the month t-1 model + KL (general, earlier months)", True,
+            "continual", ("rehearsal_previous_month", "kl")),
         Arm("geometry", "ContinualDPOTrainer + GeometryProjected r16, rehearsal + KL", True, "continual",
             ("rehearsal", "kl"), calibrate=True),
     )
@@ -143,7 +145,10 @@ DEFAULT_LRS = {arm: [1e-4, 3e-4, 1e-3] for arm in ARMS}
 def continual_options(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     """`ContinualDPOConfig` fields of an arm's retention mechanisms (all off for `ours_plain`)."""
     mechanisms = set(arm.mechanisms)
-    options: dict[str, Any] = {"rehearsal_ratio": args.rehearsal_ratio if "rehearsal" in mechanisms else 0.0}
+    rehearsal = {"rehearsal", "rehearsal_previous_month"} & mechanisms
+    options: dict[str, Any] = {"rehearsal_ratio": args.rehearsal_ratio if rehearsal else 0.0}
+    if "rehearsal_previous_month" in mechanisms:  # what 0.1.x did: rehearsed pairs restart at margin 0
+        options["rehearsal_reference"] = "previous_month"
     if "kl" in mechanisms:
         options["kl_coef"] = args.kl_coef
         if "shape_anchors" in mechanisms:
@@ -157,7 +162,7 @@ def continual_options(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
 
 def needs_buffer(arm: Arm) -> bool:
     """Rehearsal draws from the buffer, and the KL's earlier-month anchors are the buffer's prompts."""
-    return bool({"rehearsal", "kl"} & set(arm.mechanisms))
+    return bool({"rehearsal", "rehearsal_previous_month", "kl"} & set(arm.mechanisms))
 
 
 def peft_config_for(arm: Arm, args: argparse.Namespace):
