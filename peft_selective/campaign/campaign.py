@@ -1,25 +1,8 @@
 """A monthly continual-DPO campaign kept in one directory, the single source of truth.
 
-```
-campaign/
-  campaign.json            format version, the fixed config, the base model's fingerprint, the knowledge pool
-                           (candidate items stored at init, and those excluded so far: they overlap a month's prompts
-                           or the KL anchors), and every month (status, data summary, checks or fitted style
-                           signature, adapter checksum, training metrics)
-  evaluations.json         evaluation results: "month-0" (the base) and one entry per month, with per-item scores
-                           and {"mean", "ci95"} summaries (`peft_selective.evaluation.suites.evaluate_model`)
-  data/<month>/            train.jsonl, test.jsonl (the month's pairs as used), reference_logps.json (base model's
-                           log-probs of the test pairs: the reference of the implicit-reward figure),
-                           before_behaviour.json (behavioural scores of the model before the month on its held-out
-                           prompts: the paired baseline of what it learned), calibration.jsonl (geometry_projected:
-                           the month's own calibration text, from --calibration_data)
-  adapters/<month>/        the month's PEFT adapter (safetensors); geometry_report.json (geometry_projected: the
-                           per-layer bounds of its calibration)
-  buffer/                  the rehearsal buffer (peft_selective.continual.rehearsal)
-  fisher/                  the summed Fisher, with EWC (peft_selective.continual.ewc)
-  cards/<month>/           the model card (README.md) and its plot (retention.png)
-  runs/<month>/            Trainer checkpoints while a month trains (removed when it is done)
-```
+The directory's paths (`campaign.json`, `evaluations.json`, `data/<month>/`, `adapters/<month>/`, `buffer/`,
+`fisher/`, `cards/<month>/`, `runs/<month>/`) are named in `peft_selective.campaign.layout`, which describes each;
+the config is `peft_selective.campaign.config.CampaignConfig`.
 
 Every file is written atomically (temp file + rename) and `campaign.json` last: a run killed at any point leaves the
 previous consistent state, and `run_month` with the same month continues from the last checkpoint. Month t is
@@ -45,9 +28,7 @@ import math
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -55,12 +36,10 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_dataset
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .. import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
-from ..continual.config import ContinualDPOConfig
 from ..continual.ewc import FISHER_METADATA
 from ..continual.health import ModelHealthError, check_evaluation
 from ..continual.preference_data import validate_preference_dataset
@@ -68,7 +47,6 @@ from ..continual.rehearsal import RehearsalBuffer
 from ..continual.trainer import ContinualDPOTrainer
 from ..evaluation.preference import retention_cells
 from ..evaluation.suites import (
-    EvaluationConfig,
     bleed_table,
     evaluate_model,
     fit_style_signature,
@@ -85,537 +63,26 @@ from ..evaluation.suites import (
 )
 from ..quantization import keep_4bit_layers_trainable
 from ..utils.io import atomic_write, atomic_write_json, is_json_serializable
+from . import layout
+from .config import EMBEDDED, FLAT_OPTIONS, CampaignConfig, normalize_checks
+from .layout import CampaignLayout, check_month_name
 
 
 logger = logging.getLogger(__name__)
 
-CAMPAIGN_FILE = "campaign.json"
-EVALUATIONS_FILE = "evaluations.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BASELINE = "month-0"
-EMBEDDED = "embedded"
-METHODS = ("selective_mlp", "saproj", "lora", "geometry_projected")
-#: TRL's `DPOConfig.loss_type` values (`trl.DPOTrainer` refuses others, but only once training starts).
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
-REHEARSAL_REFERENCES = ("own_month", "previous_month")
 #: Characters of general reference text (`peft_selective.evaluation.preference.reference_text`) per calibration text of geometry_projected.
 _CALIBRATION_CHUNK = 1000
-_MONTH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: Folders with one subfolder per month (`runs` first: see `Campaign._undo_month`).
-_MONTH_FOLDERS = ("runs", "data", "adapters", "cards")
 
 
 class CampaignError(RuntimeError):
     """The campaign directory is missing, corrupted, or asked to do something out of order."""
 
 
-def _load_spec(value: str, what: str) -> Any:
-    """A JSON / YAML value given as a path to a `.json` / `.yaml` / `.yml` file or as a JSON / YAML string."""
-    import yaml
-
-    path = Path(value)
-    text = value
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"The {what} file {path} does not exist.")
-        text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ValueError(f"Cannot read the {what} {value!r} as JSON or YAML: {error}") from error
-
-
-def normalize_checks(value: Any, what: str = "checks") -> dict[str, list[dict]]:
-    """A month's checks as stored in its entry: `{"checks": [spec, ...], "bleed_checks": [spec, ...]}`.
-
-    `value` is a list of check specs, a dict `{"checks": [...], "bleed_checks": [...]}`, or a path / JSON / YAML string
-    of either. Every spec is validated with `peft_selective.evaluation.Check.from_spec`; a bad one raises
-    `ValueError` naming it.
-    """
-    from ..evaluation import Check
-
-    if isinstance(value, str):
-        value = _load_spec(value, what)
-    if isinstance(value, dict) and set(value) <= {"checks", "bleed_checks"}:
-        groups = {"checks": value.get("checks") or [], "bleed_checks": value.get("bleed_checks") or []}
-    elif isinstance(value, (list, tuple)):
-        groups = {"checks": list(value), "bleed_checks": []}
-    elif isinstance(value, dict):  # a single spec
-        groups = {"checks": [value], "bleed_checks": []}
-    else:
-        raise ValueError(
-            f"The {what} must be a list of check specs or {{'checks': [...], 'bleed_checks': [...]}}, got {value!r}."
-        )
-    for group, specs in groups.items():
-        if not isinstance(specs, (list, tuple)):
-            raise ValueError(f"The {what}: {group!r} must be a list of check specs, got {specs!r}.")
-        for spec in specs:
-            try:
-                Check.from_spec(spec)
-            except (ValueError, TypeError, ImportError, AttributeError) as error:
-                raise ValueError(f"Invalid check spec {spec!r} in the {what} ({group}): {error}") from error
-    return {group: [dict(spec) for spec in specs] for group, specs in groups.items()}
-
-
-@dataclass
-class CampaignConfig:
-    """Everything fixed for a campaign's life, written by `init` to `campaign.json`.
-
-    Attributes:
-        base_model (`str`): model id or local path, or `"embedded"` for the bundled SmolLM2-135M-Instruct.
-        quantization (`str`, *optional*): `"4bit"` (bitsandbytes NF4) or `"8bit"`; `None` loads in full precision.
-        method (`str`): `"selective_mlp"` (Gate&Up), `"saproj"` (self-attention projections), `"lora"` (PEFT LoRA
-            on all linear layers) or `"geometry_projected"` (`peft_selective.GeometryProjectedConfig`: the selective
-            update projected away from a protected subspace of each layer's inputs, calibrated before each month on
-            general reference text, the earlier months' training chats and the month's `calibration_data`, see
-            [`Campaign.run_month`]).
-        rank (`int`): adapter rank; `0` trains the selective methods at full rank (the paper's recipe).
-        alpha (`float`, *optional*): scaling numerator (`alpha / rank`); default: the rank (scale 1).
-        seed (`int`): seed of training, data splits and sampling.
-        learning_rate, max_steps, per_device_train_batch_size, gradient_accumulation_steps, beta, max_length,
-        gradient_checkpointing: the DPO training of each month (`ContinualDPOConfig`).
-        save_steps (`int`): checkpoint interval; an interrupted month resumes from the last checkpoint.
-        rehearsal_ratio, rehearsal_samples_per_month, rehearsal_nll_coef, kl_coef, kl_every, kl_anchor_max_new_tokens,
-        kl_anchors, ewc_coef: the retention terms (see `ContinualDPOConfig`); EWC stores a Fisher in `fisher/` when > 0.
-        kl_direction, kl_anchor_kinds, kl_max_shape_anchors, kl_anchor_refresh_steps (`ContinualDPOConfig`'s, same
-            defaults): the KL's direction (`"forward"` or `"reverse"`), where its anchor prompts come from
-            (`"general"`, `"same_shape"`: variants of the month's prompts about other attributes, `"earlier_months"`),
-            at most how many same-shape anchors, and every how many steps the anchors' continuations are regenerated
-            from the policy (0: never).
-        boundary_pairs, boundary_max_new_tokens (`ContinualDPOConfig`'s, same defaults): extra rows per month with
-            an off-scope prompt whose month t−1 answer (of at most that many tokens) is preferred over a month answer.
-        rehearsal_reference (`str`): the DPO reference of rehearsed pairs, `"own_month"` (default: the stored
-            log-probs of the month that taught them) or `"previous_month"` (the month t−1 model), see
-            `ContinualDPOConfig`.
-        loss_type (`list[str]`), loss_weights (`list[float]`, *optional*), label_smoothing (`float`): TRL's
-            `DPOConfig` options of the same names: the DPO loss(es) (default `["sigmoid"]`; one or more of
-            `DPO_LOSS_TYPES`), their weights (default 1.0 each) and the label smoothing (`"exo_pair"` needs it > 0).
-        sft_weight (`float`): weight of TRL's `"sft"` term (NLL of the chosen responses) appended to `loss_type` (see
-            `ContinualDPOConfig.sft_weight`); 0 (default): off.
-        tolerance, norm_cap (`float`): with `"geometry_projected"`, `GeometryProjectedConfig`'s allowed relative
-            change of each layer's output on the protected data and cap on each layer's update norm.
-        calibration_reference_chars (`int`): with `"geometry_projected"`, characters of general reference text
-            (`peft_selective.evaluation.preference.reference_text`, in chunks of 1000) in every month's calibration data.
-        eval_suites (`list[str]`): evaluation suites (`peft_selective.evaluation.suites.SUITES`).
-        knowledge_questions (`int`): size of the knowledge pool stored at `init` (default 250 candidates from
-            `peft_selective.demo.months.knowledge_items`); every pool item is scored at every evaluation and the report keeps those
-            that overlap no month's prompts nor the KL anchors (chosen after the data is known).
-        knowledge_data (`str`, *optional*): a JSONL file of the user's own knowledge items (`question`, `answer`,
-            `distractors`, optional `aliases` and `entity`) used as the pool instead; a month whose prompts overlap
-            one of them is refused at `run-month` before anything is registered.
-        knowledge_exact_items (`int`): surviving pool items also answered by greedy generation (exact match).
-        checks (`dict`, *optional*): month name -> its checks (a list of check specs, or `{"checks": [...],
-            "bleed_checks": [...]}`, see `peft_selective.evaluation.Check`), for YAML configs; `run-month --checks`
-            takes precedence.
-        perplexity_max_tokens, refusal_prompts, drift_prompts (also the generic prompts of the bleed),
-        eval_batch_size, eval_max_new_tokens (greedy answers of the behavioural suite, refusal and drift probes):
-        their sizes.
-        hub_repo (`str`, *optional*): Hub repo for `push`. license (`str`, *optional*): for the model cards.
-        health_check (`bool`): the model-health guard (`peft_selective.continual.health`), on by default: training stops on a
-            non-finite loss or vanished gradients (`ContinualDPOConfig.health_check`), and a month whose evaluation
-            shows a broken model is refused and leaves no trace (see [`Campaign.run_month`]).
-        max_perplexity_ratio (`float`): refuse a month whose reference-text perplexity exceeds this many times month
-            0's (default 1.5). Healthy months move it by about 1 % (21.87 → 21.91 after three months of the bundled
-            example; at most +1.2 % in the stress benchmark), a broken model by orders of magnitude (21.8 →
-            105,554,497 with the bitsandbytes CPU bug); 1.5 leaves a wide margin for a deliberate shift of domain.
-        max_kl_to_base (`float`): refuse a month whose mean KL to the base (nats per token on the generic prompts)
-            exceeds this (default 10.0). Healthy months measure 0.002-1.4 in the benchmarks and at most 4.9 in the
-            stress benchmark (high learning rates, many months); 10 nats means the base's likely tokens became
-            e^-10 times less likely.
-        retention_scale (`str`): the retention dial (`peft_selective.retention`): after training, the month's update is
-            multiplied by a scale `s`, which interpolates in weight space between the month t−1 model (`s = 0`) and the
-            trained one (`s = 1`) (WiSE-FT; weight interpolation gives the best alignment-vs-forgetting front in Lin
-            et al. 2024). `"1.0"` (default): off; a number: that scale; `"auto"`: chosen on held-out rows of the
-            month's training data, see [`Campaign.run_month`]. The scale is baked into the saved adapter.
-        retention_keep_learning (`float`): with `"auto"`, the least forgetting that keeps at least this share of the
-            learning gain of the full update (default 0.9).
-        retention_budget (`float`, *optional*): with `"auto"`, the most learning whose forgetting (KL to the month t−1
-            model, nats per token) is at most this; takes precedence over `retention_keep_learning` when set.
-        retention_scales (`list[float]`): the scales measured with `"auto"` (scale 1 is always measured too).
-        validation_fraction (`float`): with `"auto"`, the share of the month's training rows held out to choose the
-            scale (at least 4 rows; never the test rows, never trained on).
-    """
-
-    base_model: str = field(
-        default=EMBEDDED,
-        metadata={"help": "Model id or local path, or 'embedded' for the bundled SmolLM2-135M-Instruct."},
-    )
-    quantization: Optional[str] = field(
-        default=None, metadata={"help": "'4bit' (bitsandbytes NF4), '8bit', or unset for full precision."}
-    )
-    method: str = field(
-        default="selective_mlp",
-        metadata={
-            "help": "'selective_mlp' (Gate&Up), 'saproj' (attention projections), 'lora' or 'geometry_projected' "
-            "(calibrated each month)."
-        },
-    )
-    rank: int = field(default=16, metadata={"help": "Adapter rank; 0 trains the selective methods at full rank."})
-    alpha: Optional[float] = field(
-        default=None, metadata={"help": "Scaling numerator (alpha / rank); default: the rank."}
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of training, data splits and sampling."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of every month."})
-    max_steps: int = field(default=20, metadata={"help": "Optimizer steps per month."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Preference pairs per device and step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta."})
-    max_length: int = field(default=256, metadata={"help": "Prompt + response tokens kept."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    save_steps: int = field(
-        default=5, metadata={"help": "Checkpoint interval (an interrupted month resumes from the last one)."}
-    )
-    rehearsal_ratio: float = field(
-        default=0.2, metadata={"help": "Share of each month's training rows drawn from earlier months."}
-    )
-    rehearsal_samples_per_month: int = field(default=200, metadata={"help": "Rows of each month kept for rehearsal."})
-    rehearsal_nll_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the NLL on rehearsed chosen responses."}
-    )
-    kl_coef: float = field(default=0.1, metadata={"help": "Weight of the KL to last month's model on anchor prompts."})
-    kl_every: int = field(default=1, metadata={"help": "Compute the KL term every k steps."})
-    kl_anchor_max_new_tokens: int = field(
-        default=16, metadata={"help": "Length of last month's continuation of each anchor."}
-    )
-    kl_anchors: int = field(
-        default=32,
-        metadata={"help": "General anchor prompts (and at most as many earlier months' prompts) for the KL."},
-    )
-    kl_direction: str = field(
-        default="forward", metadata={"help": "'forward' KL(month t-1 || policy) or 'reverse' KL(policy || month t-1)."}
-    )
-    kl_anchor_kinds: list[str] = field(
-        default_factory=lambda: ["general", "earlier_months"],
-        metadata={"help": "Anchor prompt kinds of the KL: general same_shape earlier_months (or comma-separated)."},
-    )
-    kl_max_shape_anchors: int = field(
-        default=64, metadata={"help": "Same-shape anchor prompts (variants of the month's prompts) for the KL."}
-    )
-    kl_anchor_refresh_steps: int = field(
-        default=0,
-        metadata={"help": "Regenerate the anchors' continuations from the policy every k steps (0: never)."},
-    )
-    boundary_pairs: int = field(
-        default=0,
-        metadata={"help": "Extra rows per month: off-scope prompt, last month's answer preferred over the month's."},
-    )
-    boundary_max_new_tokens: int = field(
-        default=48, metadata={"help": "Length of last month's answers used as the boundary rows' chosen answers."}
-    )
-    ewc_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the EWC penalty (> 0 stores a Fisher each month)."}
-    )
-    rehearsal_reference: str = field(
-        default="own_month",
-        metadata={
-            "help": "DPO reference of rehearsed pairs: 'own_month' (stored log-probs of the month that taught them) "
-            "or 'previous_month' (the month t-1 model)."
-        },
-    )
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
-        metadata={"help": "TRL's DPO loss type(s): " + " ".join(DPO_LOSS_TYPES) + "."},
-    )
-    loss_weights: Optional[list[float]] = field(
-        default=None, metadata={"help": "TRL's weights of the loss types (default: 1.0 each)."}
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "TRL's label smoothing (in [0, 0.5]; 'exo_pair' needs > 0)."}
-    )
-    sft_weight: float = field(
-        default=0.0, metadata={"help": "Weight of TRL's 'sft' term (NLL of the chosen responses) added to the loss."}
-    )
-    tolerance: float = field(
-        default=0.05,
-        metadata={"help": "geometry_projected: allowed relative change of each layer's output on protected data."},
-    )
-    norm_cap: float = field(
-        default=1.0, metadata={"help": "geometry_projected: cap on the Frobenius norm of each layer's update."}
-    )
-    calibration_reference_chars: int = field(
-        default=32000,
-        metadata={"help": "geometry_projected: characters of general reference text in each month's calibration."},
-    )
-    eval_suites: list[str] = field(
-        default_factory=lambda: ["preference", "behaviour", "knowledge", "perplexity", "kl", "refusal", "drift"],
-        metadata={"help": "Evaluation suites: preference behaviour knowledge perplexity kl refusal drift."},
-    )
-    knowledge_questions: int = field(
-        default=250,
-        metadata={"help": "Candidate knowledge items stored at init (scored by multiple choice at every evaluation)."},
-    )
-    knowledge_data: Optional[str] = field(
-        default=None,
-        metadata={"help": "JSONL of your own knowledge items {question, answer, distractors, aliases?, entity?}."},
-    )
-    knowledge_exact_items: int = field(
-        default=40, metadata={"help": "Surviving knowledge items answered by greedy generation (exact match)."}
-    )
-    checks: Optional[Union[dict, str]] = field(
-        default=None,
-        metadata={"help": "Month name -> its checks (list of specs or {checks, bleed_checks}), JSON or YAML."},
-    )
-    perplexity_max_tokens: int = field(default=4096, metadata={"help": "Reference-text tokens scored for perplexity."})
-    refusal_prompts: int = field(default=20, metadata={"help": "Harmful (and benign) prompts for the refusal rates."})
-    drift_prompts: int = field(
-        default=12, metadata={"help": "Generic prompts for the drift probe, the KL to the base and the bleed."}
-    )
-    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the evaluation."})
-    eval_max_new_tokens: int = field(
-        default=24,
-        metadata={
-            "help": "Generation length of the behavioural suite, knowledge (at most 16), refusal and drift probes."
-        },
-    )
-    hub_repo: Optional[str] = field(default=None, metadata={"help": "Hub repo for `push`."})
-    license: Optional[str] = field(default=None, metadata={"help": "License in the model cards' metadata."})
-    health_check: bool = field(
-        default=True, metadata={"help": "Refuse a month whose training or evaluation shows a broken model."}
-    )
-    max_perplexity_ratio: float = field(
-        default=1.5, metadata={"help": "Refuse a month whose reference-text perplexity exceeds this x month 0's."}
-    )
-    max_kl_to_base: float = field(
-        default=10.0, metadata={"help": "Refuse a month whose KL to the base exceeds this (nats per token)."}
-    )
-    retention_scale: str = field(
-        default="1.0",
-        metadata={
-            "help": "Retention dial: scale of each month's update after training, toward the month t-1 model. '1.0' = "
-            "off, a number = that scale, 'auto' = chosen on held-out training rows."
-        },
-    )
-    retention_keep_learning: float = field(
-        default=0.9, metadata={"help": "'auto': least forgetting keeping this share of the full update's learning."}
-    )
-    retention_budget: Optional[float] = field(
-        default=None,
-        metadata={"help": "'auto': most learning with KL to the month t-1 model <= this (precedence when set)."},
-    )
-    retention_scales: list[float] = field(
-        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "'auto': the scales measured."}
-    )
-    validation_fraction: float = field(
-        default=0.2, metadata={"help": "'auto': share of the month's training rows held out to choose the scale."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose from {list(METHODS)}.")
-        if self.quantization not in (None, "4bit", "8bit"):
-            raise ValueError(f"`quantization` must be '4bit', '8bit' or None, got {self.quantization!r}.")
-        if self.rank < 0 or (self.rank == 0 and self.method == "lora"):
-            raise ValueError(f"`rank` must be > 0 (or 0 = full rank for the selective methods), got {self.rank}.")
-        self._check_loss_options()
-        self._check_trainer_options()
-        self.evaluation_config()  # checks the suites
-        if self.checks is not None:
-            mapping = _load_spec(self.checks, "checks") if isinstance(self.checks, str) else self.checks
-            if not isinstance(mapping, dict):
-                raise ValueError(f"`checks` must map month names to their checks, got {mapping!r}.")
-            self.checks = {
-                str(month): normalize_checks(value, f"checks of month {month!r}") for month, value in mapping.items()
-            }
-        if not self.max_perplexity_ratio >= 1.0:
-            raise ValueError(f"`max_perplexity_ratio` must be >= 1, got {self.max_perplexity_ratio}.")
-        if not self.max_kl_to_base > 0:
-            raise ValueError(f"`max_kl_to_base` must be > 0, got {self.max_kl_to_base}.")
-        self.retention_scale = str(self.retention_scale).strip()
-        self.retention_options()  # checks the retention options
-        self.retention_scales = [float(s) for s in self.retention_scales]
-
-    def _check_loss_options(self) -> None:
-        """Validate (and normalise) the loss and method options, so that a bad value fails at `init`, before anything
-        is written, rather than when a month starts training."""
-        if self.rehearsal_reference not in REHEARSAL_REFERENCES:
-            raise ValueError(
-                f"`rehearsal_reference` must be one of {list(REHEARSAL_REFERENCES)}, got {self.rehearsal_reference!r}."
-            )
-        loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type or [])
-        unknown = [t for t in loss_types if t not in DPO_LOSS_TYPES]
-        if not loss_types or unknown:
-            raise ValueError(
-                f"`loss_type` must be one or more of {list(DPO_LOSS_TYPES)} (TRL's DPOConfig.loss_type), got "
-                f"{self.loss_type!r}."
-            )
-        self.loss_type = loss_types
-        if self.loss_weights is not None:
-            weights = [self.loss_weights] if isinstance(self.loss_weights, (int, float)) else list(self.loss_weights)
-            self.loss_weights = [_finite(w, "loss_weights") for w in weights]
-            if len(self.loss_weights) != len(loss_types):
-                raise ValueError(
-                    f"`loss_weights` needs one weight per loss type: {len(self.loss_weights)} weights for "
-                    f"`loss_type={loss_types}`."
-                )
-        self.label_smoothing = _finite(self.label_smoothing, "label_smoothing", 0.0, 0.5)
-        if "exo_pair" in loss_types and self.label_smoothing == 0:
-            raise ValueError("`loss_type` 'exo_pair' needs `label_smoothing` > 0 (the EXO paper recommends 1e-3).")
-        self.sft_weight = _finite(self.sft_weight, "sft_weight")
-        if self.sft_weight > 0 and "sft" in loss_types:
-            raise ValueError(
-                f"`sft_weight={self.sft_weight}` appends TRL's 'sft' term itself, but `loss_type={loss_types}` already "
-                "has it: drop 'sft' from `loss_type` (and its `loss_weights` entry), or set `sft_weight` to 0."
-            )
-        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
-            raise ValueError(f"`tolerance` must be a finite number > 0, got {self.tolerance!r}.")
-        if not (math.isfinite(self.norm_cap) and self.norm_cap > 0):
-            raise ValueError(f"`norm_cap` must be a finite number > 0, got {self.norm_cap!r}.")
-        if self.calibration_reference_chars < 0:
-            raise ValueError(f"`calibration_reference_chars` must be >= 0, got {self.calibration_reference_chars}.")
-
-    def _check_trainer_options(self) -> None:
-        """Validate the options passed on to the trainer with `ContinualDPOConfig`'s own checks (the same errors, at
-        `init` rather than when a month starts training), and keep their normalised values (`kl_anchor_kinds`: a
-        list, from a comma-separated string or items too)."""
-        kinds = [self.kl_anchor_kinds] if isinstance(self.kl_anchor_kinds, str) else list(self.kl_anchor_kinds or [])
-        self.kl_anchor_kinds = [kind.strip() for item in kinds for kind in str(item).split(",") if kind.strip()]
-        with warnings.catch_warnings():  # TrainingArguments' deprecation notices belong to training, not to `init`
-            warnings.simplefilter("ignore")
-            scratch = Path(tempfile.gettempdir()) / "continual-dpo-check"
-            # EWC needs a Fisher directory to be configured at all; the check only builds the config, reads nothing
-            args = self.training_args(scratch, "check", scratch / "fisher" if self.ewc_coef > 0 else None)
-        self.kl_anchor_kinds = list(args.kl_anchor_kinds)
-
-    def retention_options(self, **overrides: Any) -> Optional[dict[str, Any]]:
-        """The retention dial's options, the campaign's unless given in `overrides` (the keys of its fields without
-        `retention_`: `scale`, `keep_learning`, `budget`, `scales`, `validation_fraction`): `None` when off (scale
-        1), `{"scale": s}` for a fixed scale, and for `"auto"` `{"scale": "auto", "keep_learning", "budget",
-        "scales" (sorted, 1 included), "validation_fraction"}`. Raises `ValueError` on a bad value."""
-        names = {
-            "scale": "retention_scale",
-            "keep_learning": "retention_keep_learning",
-            "budget": "retention_budget",
-            "scales": "retention_scales",
-            "validation_fraction": "validation_fraction",
-        }
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(f"Unknown retention options {unknown}; known: {sorted(names)}.")
-        values = {
-            key: getattr(self, name) if overrides.get(key) is None else overrides[key] for key, name in names.items()
-        }
-        return _retention_options(**values)
-
-    def evaluation_config(self) -> EvaluationConfig:
-        return EvaluationConfig(
-            suites=list(self.eval_suites),
-            behaviour_max_new_tokens=self.eval_max_new_tokens,
-            knowledge_exact_items=self.knowledge_exact_items,
-            knowledge_max_new_tokens=min(16, self.eval_max_new_tokens),
-            seed=self.seed,
-            refusal_max_new_tokens=self.eval_max_new_tokens,
-            drift_max_new_tokens=self.eval_max_new_tokens,
-            perplexity_max_tokens=self.perplexity_max_tokens,
-            refusal_prompts=self.refusal_prompts,
-            drift_prompts=self.drift_prompts,
-            max_length=self.max_length,
-            batch_size=self.eval_batch_size,
-        )
-
-    def peft_config(self):
-        rank = self.rank or None
-        if self.method == "lora":
-            return LoraConfig(
-                r=self.rank, lora_alpha=self.alpha or self.rank, target_modules="all-linear", task_type="CAUSAL_LM"
-            )
-        if self.method == "geometry_projected":
-            return GeometryProjectedConfig(
-                rank=rank, alpha=self.alpha, tolerance=self.tolerance, norm_cap=self.norm_cap
-            )
-        preset = SelectiveMLPConfig if self.method == "selective_mlp" else SAProjConfig
-        return preset(rank=rank, alpha=self.alpha)
-
-    def training_args(self, output_dir: Path, adapter_name: str, fisher_dir: Optional[Path]) -> ContinualDPOConfig:
-        return ContinualDPOConfig(
-            output_dir=str(output_dir),
-            adapter_name=adapter_name,
-            seed=self.seed,
-            learning_rate=self.learning_rate,
-            max_steps=self.max_steps,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            per_device_eval_batch_size=self.eval_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            beta=self.beta,
-            max_length=self.max_length,
-            gradient_checkpointing=self.gradient_checkpointing,
-            save_strategy="steps",
-            save_steps=self.save_steps,
-            logging_steps=1,
-            rehearsal_ratio=self.rehearsal_ratio,
-            rehearsal_samples_per_month=self.rehearsal_samples_per_month,
-            rehearsal_nll_coef=self.rehearsal_nll_coef,
-            kl_coef=self.kl_coef,
-            kl_every=self.kl_every,
-            kl_anchor_max_new_tokens=self.kl_anchor_max_new_tokens,
-            kl_max_general_anchors=self.kl_anchors,
-            kl_max_rehearsal_anchors=self.kl_anchors,
-            kl_direction=self.kl_direction,
-            kl_anchor_kinds=list(self.kl_anchor_kinds),
-            kl_max_shape_anchors=self.kl_max_shape_anchors,
-            kl_anchor_refresh_steps=self.kl_anchor_refresh_steps,
-            boundary_pairs=self.boundary_pairs,
-            boundary_max_new_tokens=self.boundary_max_new_tokens,
-            ewc_coef=self.ewc_coef,
-            rehearsal_reference=self.rehearsal_reference,
-            loss_type=list(self.loss_type),
-            loss_weights=list(self.loss_weights) if self.loss_weights is not None else None,
-            label_smoothing=self.label_smoothing,
-            sft_weight=self.sft_weight,
-            fisher_dir=str(fisher_dir) if fisher_dir is not None else None,
-            health_check=self.health_check,
-            report_to=[],
-            bf16=False,
-            use_cpu=not torch.cuda.is_available(),
-        )
-
-
 # ------------------------------------------------------------------------------------------------- retention dial
 #: Fewest training rows held out to choose the retention scale ("auto").
 MIN_VALIDATION_ROWS = 4
-
-
-def _finite(value: Any, what: str, low: float = 0.0, high: float = math.inf) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{what}` must be a number, got {value!r}.") from None
-    if not (math.isfinite(number) and low <= number <= high):
-        raise ValueError(f"`{what}` must be a finite number in [{low}, {high}], got {value!r}.")
-    return number
-
-
-def _retention_options(
-    scale: Any, keep_learning: Any, budget: Any, scales: Any, validation_fraction: Any
-) -> Optional[dict[str, Any]]:
-    """See [`CampaignConfig.retention_options`]."""
-    text = str(scale).strip().lower()
-    if text != "auto":
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"`retention_scale` must be 'auto' or a number >= 0, got {scale!r}.") from None
-        value = _finite(value, "retention_scale")
-        return None if value == 1.0 else {"scale": value}
-    if isinstance(scales, (int, float, str)):
-        scales = [scales]
-    grid = sorted({_finite(s, "retention_scales") for s in scales or []} | {1.0})
-    fraction = float(validation_fraction)
-    if not 0 < fraction < 1:
-        raise ValueError(f"`validation_fraction` must be in (0, 1), got {validation_fraction!r}.")
-    return {
-        "scale": "auto",
-        "keep_learning": _finite(keep_learning, "retention_keep_learning", 0.0, 1.0),
-        "budget": None if budget is None else _finite(budget, "retention_budget"),
-        "scales": grid,
-        "validation_fraction": fraction,
-    }
 
 
 def _mean(values: list[float]) -> float:
@@ -714,6 +181,19 @@ def _read_json(path: Path, what: str) -> Any:
             f"{path} is corrupted ({error}); it is the campaign's {what}. Restore it from a backup, or start a new "
             "campaign with `continual-dpo init`."
         ) from error
+
+
+def _load_config(path: Path, stored: Any) -> CampaignConfig:
+    """The config stored in `path` (campaign.json): the nested form, or the flat one written by peft-selective 0.1/0.2
+    (`learning_rate`, `eval_batch_size`, ... at the top, `rank: 0` for full rank), migrated by
+    [`CampaignConfig.from_dict`]; keys missing from an older file take their defaults."""
+    if not isinstance(stored, dict):
+        raise CampaignError(f"{path} has no config mapping (got {stored!r:.100}).")
+    known = {f.name for f in dataclasses.fields(CampaignConfig)} | set(FLAT_OPTIONS)
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise CampaignError(f"{path} has unknown config keys {unknown}: was it written by another version?")
+    return CampaignConfig.from_dict(stored)
 
 
 def _write_jsonl(path: Path, dataset: Dataset) -> None:
@@ -845,9 +325,12 @@ class Campaign:
 
     def __init__(self, directory: Union[str, Path]) -> None:
         self.directory = Path(directory)
-        path = self.directory / CAMPAIGN_FILE
+        self.layout = CampaignLayout(self.directory)
+        path = self.layout.campaign_file
         if not path.is_file():
-            raise CampaignError(f"No campaign in {self.directory} ({CAMPAIGN_FILE} missing): create one with `init`.")
+            raise CampaignError(
+                f"No campaign in {self.directory} ({layout.CAMPAIGN_FILE} missing): create one with `init`."
+            )
         state = _read_json(path, "state")
         if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
             raise CampaignError(f"{path} is not a campaign state file (no format_version / config).")
@@ -856,13 +339,14 @@ class Campaign:
                 f"{path} has format {state['format_version']}; this peft-selective reads up to {FORMAT_VERSION}: "
                 "upgrade the library."
             )
-        known = {f.name for f in dataclasses.fields(CampaignConfig)}
-        unknown = sorted(set(state["config"]) - known)
-        if unknown:
-            raise CampaignError(f"{path} has unknown config keys {unknown}: was it written by another version?")
+        self.config = _load_config(path, state["config"])
+        for month in state.get("months", []):
+            try:  # month names become folder names: a crafted one could point outside the campaign directory
+                check_month_name(month.get("name") if isinstance(month, dict) else month, f" in {path}")
+            except ValueError as error:
+                raise CampaignError(f"{error} Was the file edited by hand? Restore it from a backup.") from None
         self.state = state
-        self.config = CampaignConfig(**state["config"])
-        evaluations = self.directory / EVALUATIONS_FILE
+        evaluations = self.layout.evaluations_file
         self.evaluations: dict[str, Any] = (
             _read_json(evaluations, "evaluation history") if evaluations.exists() else {}
         )
@@ -870,19 +354,19 @@ class Campaign:
     @classmethod
     def init(cls, directory: Union[str, Path], config: CampaignConfig, overwrite: bool = False) -> Campaign:
         directory = Path(directory)
-        if (directory / CAMPAIGN_FILE).exists() and not overwrite:
+        if CampaignLayout(directory).campaign_file.exists() and not overwrite:
             raise CampaignError(f"{directory} already holds a campaign; pick another directory.")
         pool = _knowledge_pool(config)  # before anything is written: a bad --knowledge_data file leaves no trace
         directory.mkdir(parents=True, exist_ok=True)
         state = {
             "format_version": FORMAT_VERSION,
             "created_at": _now(),
-            "config": asdict(config),
+            "config": config.to_dict(),
             "base_fingerprint": None,
             "knowledge_pool": pool,
             "months": [],
         }
-        atomic_write_json(directory / CAMPAIGN_FILE, state)
+        atomic_write_json(CampaignLayout(directory).campaign_file, state)
         return cls(directory)
 
     # ---------------------------------------------------------------------------------------------- state
@@ -907,14 +391,13 @@ class Campaign:
 
     def _save_state(self) -> None:
         if self._is_main:
-            atomic_write_json(self.directory / CAMPAIGN_FILE, self.state)
+            if self.state["format_version"] < FORMAT_VERSION:  # an older campaign.json: written in today's form
+                self.state.update(format_version=FORMAT_VERSION, config=self.config.to_dict())
+            atomic_write_json(self.layout.campaign_file, self.state)
 
     def _save_evaluations(self) -> None:
         if self._is_main:
-            atomic_write_json(self.directory / EVALUATIONS_FILE, self.evaluations)
-
-    def _path(self, *parts: str) -> Path:
-        return self.directory.joinpath(*parts)
+            atomic_write_json(self.layout.evaluations_file, self.evaluations)
 
     # ---------------------------------------------------------------------------------------------- models
     def load_base(self):
@@ -959,8 +442,8 @@ class Campaign:
             done = done[: done.index(upto) + 1]
         model, tokenizer = self.load_base()
         for index, name in enumerate(done):
-            folder = self._path("adapters", name)
-            weights = folder / "adapter_model.safetensors"
+            folder = self.layout.adapter(name)
+            weights = self.layout.adapter_weights(name)
             if not weights.is_file():
                 raise CampaignError(f"The adapter of month {name!r} is missing ({weights}).")
             recorded = self.month(name).get("adapter_sha256")
@@ -1004,11 +487,12 @@ class Campaign:
     ) -> dict[str, Dataset]:
         """The month's `train` and `test` splits (and `validation`, held out of the training rows with
         `validation_fraction`, for the retention dial): split and written for a new month, read back when resuming."""
-        folder = self._path("data", name)
+        folder = self.layout.data(name)
         entry = self.month(name)
         if entry is not None:  # resuming: the month's data is the stored one
-            names = ("train", "test", "validation") if (folder / "validation.jsonl").is_file() else ("train", "test")
-            splits = {split: Dataset.from_json(str(folder / f"{split}.jsonl")) for split in names}
+            has_validation = self.layout.split(name, "validation").is_file()
+            names = ("train", "test", "validation") if has_validation else ("train", "test")
+            splits = {split: Dataset.from_json(str(self.layout.split(name, split))) for split in names}
             if data is not None:
                 new = self._split(data, test_data, test_fraction)
                 if "validation" in splits:  # the same rows held out again (seeded)
@@ -1037,7 +521,7 @@ class Campaign:
         if self._is_main:
             folder.mkdir(parents=True, exist_ok=True)
             for split, dataset in splits.items():
-                _write_jsonl(folder / f"{split}.jsonl", dataset)
+                _write_jsonl(self.layout.split(name, split), dataset)
         self._barrier()
         return splits
 
@@ -1080,9 +564,8 @@ class Campaign:
         if "knowledge_pool" not in self.state:  # a campaign from before the pool: built now, the done months excluded
             pool = _knowledge_pool(self.config)
             for month in self.months:
-                folder = self._path("data", month["name"])
-                if (folder / "train.jsonl").is_file():
-                    rows = [Dataset.from_json(str(folder / f"{split}.jsonl")) for split in ("train", "test")]
+                if self.layout.split(month["name"], "train").is_file():
+                    rows = [Dataset.from_json(str(self.layout.split(month["name"], s))) for s in ("train", "test")]
                     self._exclude(pool, month["name"], [list(rows[0]), list(rows[1])])
             self.state["knowledge_pool"] = pool
             self.state.pop("knowledge_questions", None)
@@ -1104,7 +587,7 @@ class Campaign:
         return [i for i in range(len(pool["items"])) if str(i) not in pool["excluded"]]
 
     def _exact_indices(self) -> list[int]:
-        return self.knowledge_survivors()[: self.config.knowledge_exact_items]
+        return self.knowledge_survivors()[: self.config.evaluation.knowledge_exact_items]
 
     def month_spec(self, name: str) -> dict[str, Any]:
         """The month's behavioural spec for `peft_selective.evaluation.suites.month_tests`: its checks, bleed checks and fitted
@@ -1122,7 +605,7 @@ class Campaign:
         """Per month, the behavioural scores of the model before it on its held-out prompts (`before_behaviour.json`)."""
         found = {}
         for name in months:
-            path = self._path("data", name, "before_behaviour.json")
+            path = self.layout.before_behaviour(name)
             if path.is_file():
                 found[name] = _read_json(path, "behaviour before the month")
         return found
@@ -1152,10 +635,10 @@ class Campaign:
         )
 
     def test_sets(self, months: list[str]) -> dict[str, Dataset]:
-        return {name: Dataset.from_json(str(self._path("data", name, "test.jsonl"))) for name in months}
+        return {name: Dataset.from_json(str(self.layout.split(name, "test"))) for name in months}
 
     def _reference_logps(self, months: list[str]) -> dict[str, Any]:
-        return {name: _read_json(self._path("data", name, "reference_logps.json"), "reference") for name in months}
+        return {name: _read_json(self.layout.reference_logps(name), "reference") for name in months}
 
     # ---------------------------------------------------------------------------------------------- a month
     def run_month(
@@ -1223,8 +706,7 @@ class Campaign:
         the protected data); the full per-layer report is `adapters/<month>/geometry_report.json`. A calibration that
         fails (too little protected text for a layer) leaves no trace of the month, as a health refusal.
         """
-        if not _MONTH_NAME.match(name):
-            raise ValueError(f"Invalid month name {name!r}: use letters, digits, '.', '_' and '-' (e.g. 2025-07).")
+        check_month_name(name)
         entry = self.month(name)
         if entry is not None and entry["status"] == "done":
             raise CampaignError(f"Month {name!r} is already done; evaluate it with `eval`, or pick a new name.")
@@ -1268,7 +750,7 @@ class Campaign:
         before = self._before_month(entry is None)
         holdout = retention["validation_fraction"] if retention and retention["scale"] == "auto" else None
         splits = self._month_data(name, data, test_data, test_fraction, holdout)
-        calibration_path = self._path("data", name, "calibration.jsonl")
+        calibration_path = self.layout.calibration(name)
         if entry is None and user_calibration and self._is_main:
             atomic_write(calibration_path, "".join(json.dumps({"text": t}) + "\n" for t in user_calibration).encode())
         previous = self.done_months
@@ -1318,14 +800,14 @@ class Campaign:
                 keep_offscope=True,  # the base's rate of every later month's style on the same off-scope prompts
             )
             self._save_evaluations()
-        reference_path = self._path("data", name, "reference_logps.json")
+        reference_path = self.layout.reference_logps(name)
         if not reference_path.exists() and self._is_main:  # the base's log-probs: R[t][name] is measured against them
             context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
             with context:
                 atomic_write_json(
                     reference_path, reference_logps_for(model, tokenizer, splits["test"], evaluation_config)
                 )
-        before_path = self._path("data", name, "before_behaviour.json")
+        before_path = self.layout.before_behaviour(name)
         if "behaviour" in evaluation_config.suites and not before_path.exists() and self._is_main:
             # The model before the month on the month's held-out prompts: the paired baseline of what it learned.
             atomic_write_json(
@@ -1334,8 +816,8 @@ class Campaign:
             )
 
         self._barrier()
-        run_dir = self._path("runs", name)
-        fisher_dir = self._path("fisher") if self.config.ewc_coef > 0 else None
+        run_dir = self.layout.runs(name)
+        fisher_dir = self.layout.fisher if self.config.training["ewc_coef"] > 0 else None
         trainer = ContinualDPOTrainer(
             model,
             args=self.config.training_args(run_dir, name, fisher_dir),
@@ -1343,7 +825,7 @@ class Campaign:
             train_dataset_validated=True,  # checked by `_split` when the month was registered
             processing_class=tokenizer,
             peft_config=self.config.peft_config(),
-            rehearsal_buffer=RehearsalBuffer(self._path("buffer")),
+            rehearsal_buffer=RehearsalBuffer(self.layout.buffer),
             callbacks=callbacks,
         )
         calibration = None
@@ -1398,7 +880,7 @@ class Campaign:
         if self._is_main:
             self._save_adapter(trainer.model, name)
             if calibration is not None:
-                calibration[0].save(self._path("adapters", name))  # geometry_report.json: the per-layer bounds
+                calibration[0].save(self.layout.adapter(name))  # geometry_report.json: the per-layer bounds
         finish = trainer.finish_month(name, overwrite=True)
         entry["data"]["rehearsal_rows"] = sum(v for k, v in trainer.rehearsal_summary.items() if k != "new")
         if not self._is_main:
@@ -1409,7 +891,7 @@ class Campaign:
         entry.update(
             status="done",
             finished_at=_now(),
-            adapter_sha256=_sha256(self._path("adapters", name, "adapter_model.safetensors")),
+            adapter_sha256=_sha256(self.layout.adapter_weights(name)),
             training={"train_loss": result.training_loss, "steps": result.global_step, **finish},
         )
         if health is not None:
@@ -1445,7 +927,7 @@ class Campaign:
                 raise CampaignError(f"Month {name!r} was not registered: {error}") from error
         if entry is None:
             return texts or []
-        stored_path = self._path("data", name, "calibration.jsonl")
+        stored_path = self.layout.calibration(name)
         stored = read_calibration_texts(stored_path) if stored_path.is_file() else []
         if texts is not None and texts != stored:
             raise CampaignError(
@@ -1464,7 +946,7 @@ class Campaign:
         reference = reference_text()[: self.config.calibration_reference_chars]
         earlier = []
         for month in months:
-            rows = Dataset.from_json(str(self._path("data", month, "train.jsonl")))
+            rows = Dataset.from_json(str(self.layout.split(month, "train")))
             earlier += [_chat_text(tokenizer, row) for row in rows]
         return {
             "reference_text": _chunks(reference),
@@ -1489,8 +971,8 @@ class Campaign:
             tokenizer,
             adapter_name=name,
             previous_adapter=previous[-1] if previous else None,
-            batch_size=self.config.eval_batch_size,
-            max_length=self.config.max_length,
+            batch_size=self.config.evaluation.batch_size,
+            max_length=self.config.training["max_length"],
             show_progress=False,
         )
         layers = report.layers.values()
@@ -1508,7 +990,7 @@ class Campaign:
             },
             "free_dim": {"min": min(g.free_dim for g in layers), "max": max(g.free_dim for g in layers)},
             "soft_projector_layers": sum(g.soft_projector for g in layers),
-            "report": f"adapters/{name}/geometry_report.json",
+            "report": layout.relative_path(layout.ADAPTERS_DIR, name, layout.GEOMETRY_REPORT_FILE),
         }
         logger.info(
             "Month %r calibrated on %d protected tokens: %d layers, largest bound %.4f (tolerance %g).",
@@ -1605,9 +1087,12 @@ class Campaign:
 
         return {
             "new": new,
-            "state": content(self.directory / CAMPAIGN_FILE) if new else None,
-            "evaluations": content(self.directory / EVALUATIONS_FILE) if new else None,
-            "folders": {folder: self._path(folder).is_dir() for folder in (*_MONTH_FOLDERS, "buffer", "fisher")},
+            "state": content(self.layout.campaign_file) if new else None,
+            "evaluations": content(self.layout.evaluations_file) if new else None,
+            "folders": {
+                folder: self.layout.folder(folder).is_dir()
+                for folder in (*layout.MONTH_FOLDERS, *layout.SHARED_FOLDERS)
+            },
         }
 
     def _undo_month(self, name: str, before: dict[str, Any]) -> str:
@@ -1616,27 +1101,29 @@ class Campaign:
         campaign). Returns the sentence for the error message."""
         if not self._is_main:
             return ""
-        for folder in _MONTH_FOLDERS:  # runs/ first: a rerun must never resume from the broken checkpoints
-            shutil.rmtree(self._path(folder, name), ignore_errors=True)
+        for folder in layout.MONTH_FOLDERS:  # runs/ first: a rerun must never resume from the broken checkpoints
+            shutil.rmtree(self.layout.folder(folder) / name, ignore_errors=True)
         kept = []
-        buffer_dir, fisher_dir = self._path("buffer"), self._path("fisher")
-        if not before["folders"]["buffer"]:
+        buffer_dir, fisher_dir = self.layout.buffer, self.layout.fisher
+        if not before["folders"][layout.BUFFER_DIR]:
             shutil.rmtree(buffer_dir, ignore_errors=True)
         elif (buffer_dir / "manifest.json").is_file():  # only a resumed month can have reached the buffer
             buffer = RehearsalBuffer(buffer_dir)
             if name in buffer:
                 buffer.remove_month(name)
-        if not before["folders"]["fisher"]:
+        if not before["folders"][layout.FISHER_DIR]:
             shutil.rmtree(fisher_dir, ignore_errors=True)
         elif (fisher_dir / FISHER_METADATA).is_file() and name in _read_json(
             fisher_dir / FISHER_METADATA, "Fisher metadata"
         ).get("months", []):
-            kept.append(f"fisher/ (it already sums month {name!r}: restore it from a backup before the rerun)")
-        for folder in _MONTH_FOLDERS:
-            path = self._path(folder)
+            kept.append(
+                f"{layout.FISHER_DIR}/ (it already sums month {name!r}: restore it from a backup before the rerun)"
+            )
+        for folder in layout.MONTH_FOLDERS:
+            path = self.layout.folder(folder)
             if not before["folders"][folder] and path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
-        state_path, evaluations_path = self.directory / CAMPAIGN_FILE, self.directory / EVALUATIONS_FILE
+        state_path, evaluations_path = self.layout.campaign_file, self.layout.evaluations_file
         if before["new"]:
             atomic_write(state_path, before["state"])
             if before["evaluations"] is None:
@@ -1652,7 +1139,7 @@ class Campaign:
         self.evaluations = _read_json(evaluations_path, "evaluation history") if evaluations_path.exists() else {}
         last = self.done_months[-1] if self.done_months else None
         sentence = (
-            f"Nothing of month {name!r} was kept: campaign.json still ends at "
+            f"Nothing of month {name!r} was kept: {layout.CAMPAIGN_FILE} still ends at "
             + (f"month {last!r}" if last else "no done month")
             + "; no evaluation, card, adapter, rehearsal rows or Fisher of it were written, and its data and "
             "checkpoints were removed. Fix the cause and run the month again with its data."
@@ -1663,7 +1150,7 @@ class Campaign:
 
     def _save_adapter(self, model, name: str) -> None:
         policy = model.module if hasattr(model, "module") else model
-        target = self._path("adapters", name)
+        target = self.layout.adapter(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as staging:
             policy.save_pretrained(staging, selected_adapters=[name])
@@ -1768,35 +1255,7 @@ class Campaign:
                 for key, value in self.config.peft_config().to_dict().items()
                 if is_json_serializable(getattr(value, "value", value))
             },
-            "training": {
-                k: getattr(config, k)
-                for k in (
-                    "learning_rate",
-                    "max_steps",
-                    "per_device_train_batch_size",
-                    "gradient_accumulation_steps",
-                    "beta",
-                    "max_length",
-                    "rehearsal_ratio",
-                    "rehearsal_nll_coef",
-                    "kl_coef",
-                    "kl_every",
-                    "kl_direction",
-                    "kl_anchor_kinds",
-                    "kl_max_shape_anchors",
-                    "kl_anchor_refresh_steps",
-                    "boundary_pairs",
-                    "boundary_max_new_tokens",
-                    "ewc_coef",
-                    "rehearsal_reference",
-                    "loss_type",
-                    "loss_weights",
-                    "label_smoothing",
-                    "sft_weight",
-                    "seed",
-                )
-            }  # fmt: skip
-            | self._geometry_settings(name),
+            "training": {**config.training, "seed": config.seed} | self._geometry_settings(name),
             "data": {m: self.month(m)["data"] for m in months},
             "retention": {
                 "months": months,
@@ -1836,7 +1295,7 @@ class Campaign:
     def write_card(self, name: str) -> Path:
         from .model_card import render_model_card
 
-        return render_model_card(self.card_context(name), self._path("cards", name))
+        return render_model_card(self.card_context(name), self.layout.card(name))
 
     def push(self, repo_id: Optional[str] = None, dry_run: bool = False, token: Optional[str] = None) -> list[str]:
         from .hub import push_campaign

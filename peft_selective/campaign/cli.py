@@ -10,7 +10,11 @@ continual-dpo report --campaign_dir campaign                                    
 continual-dpo push --campaign_dir campaign --repo_id me/my-adapters --dry_run   # what would be uploaded
 ```
 
-Every command takes `--config file.yaml` (keys: the command's options, as in TRL's CLI) and `--help`.
+Every command takes `--config file.yaml` (keys: the command's options, as in TRL's CLI) and `--help`. The `init`
+options are `CampaignConfig`'s flat options (`peft_selective.campaign.config.FLAT_OPTIONS`): the config's own fields
+and the trainer's and the evaluation's under their names (`--learning_rate`, `--kl_coef`, `--eval_batch_size`, ...),
+generated from those configs' fields; `--rank full` trains the selective methods at full rank. Month names follow
+`peft_selective.campaign.layout.check_month_name`.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional, Union
 
 from trl import TrlParser
 
 from ..continual.health import ModelHealthError
 from ..continual.preference_data import PreferenceDataError
-from .campaign import Campaign, CampaignConfig, CampaignError, format_report
+from .campaign import Campaign, CampaignError, format_report
+from .config import CampaignConfig
+from .layout import check_month_name
 
 
 @dataclass
@@ -33,9 +39,15 @@ class CampaignDirArguments:
     campaign_dir: str = field(default="campaign", metadata={"help": "The campaign directory."})
 
 
-@dataclass
-class InitArguments(CampaignDirArguments, CampaignConfig):
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing campaign.json."})
+#: `init`'s options: the campaign directory, `--overwrite` and every flat option of `CampaignConfig`.
+InitArguments = make_dataclass(
+    "InitArguments",
+    [
+        ("overwrite", bool, field(default=False, metadata={"help": "Replace an existing campaign.json."})),
+        *CampaignConfig.flag_fields(),
+    ],
+    bases=(CampaignDirArguments,),
+)
 
 
 @dataclass
@@ -137,13 +149,16 @@ def _run(command: str, argv: list[str]) -> int:
     (args,) = parser.parse_args_and_config(argv)
     if command == "init":
         values = {key: value for key, value in vars(args).items() if key not in ("campaign_dir", "overwrite")}
-        campaign = Campaign.init(args.campaign_dir, CampaignConfig(**values), overwrite=args.overwrite)
+        campaign = Campaign.init(args.campaign_dir, CampaignConfig.from_dict(values), overwrite=args.overwrite)
         print(f"Campaign created in {campaign.directory}.")
         return 0
+    if command == "run-month" and not args.name:
+        raise CampaignError("Name the month: `continual-dpo run-month NAME --data FILE`.")
+    month = getattr(args, "name" if command == "run-month" else "month", None)
+    if month is not None:
+        check_month_name(month)
     campaign = Campaign(args.campaign_dir)
     if command == "run-month":
-        if not args.name:
-            raise CampaignError("Name the month: `continual-dpo run-month NAME --data FILE`.")
         entry = campaign.run_month(
             args.name,
             args.data,

@@ -7,7 +7,7 @@ push_campaign("campaign/", "org/smollm2-continual-dpo", dry_run=True)  # prints 
 push_campaign("campaign/", "org/smollm2-continual-dpo")  # create_repo(exist_ok=True) + one create_commit
 ```
 
-Campaign directory (what is read):
+Campaign directory (what is read; every path is named in `peft_selective.campaign.layout`):
 
 - `campaign.json`: `{"months": [{"name": "2025-06", "status": "done", ...}, ...]}`; only months with status `"done"`
   are pushed, in that order;
@@ -35,18 +35,24 @@ from typing import Optional, Union
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .layout import (
+    ADAPTER_FILES,
+    CAMPAIGN_FILE,
+    CARD_FILES,
+    CARDS_DIR,
+    PICKLED_WEIGHTS,
+    CampaignLayout,
+    hub_month,
+    hub_path,
+    is_month_name,
+)
+
 
 __all__ = ["CampaignPushError", "done_months", "plan_push", "push_campaign"]
 
 logger = logging.getLogger(__name__)
 
-CAMPAIGN_FILENAME = "campaign.json"
-#: Files of a month's adapter folder that are uploaded.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-#: Files of a month's card folder that are uploaded.
-CARD_FILES = ("README.md", "retention.png")
-#: PEFT's pickled weight file names (`safe_serialization=False`); their presence makes the push refuse the month.
-PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
+CAMPAIGN_FILENAME = CAMPAIGN_FILE
 DONE = "done"
 
 
@@ -55,7 +61,7 @@ class CampaignPushError(ValueError):
 
 
 def _read_campaign(campaign_dir: Path) -> list[dict]:
-    path = campaign_dir / CAMPAIGN_FILENAME
+    path = CampaignLayout(campaign_dir).campaign_file
     if not path.is_file():
         raise CampaignPushError(
             f"No {CAMPAIGN_FILENAME} in {campaign_dir}: is this a campaign directory? Start one with "
@@ -78,8 +84,8 @@ def done_months(campaign_dir: Union[str, Path]) -> list[str]:
     campaign_dir = Path(campaign_dir)
     names = [m["name"] for m in _read_campaign(campaign_dir) if m.get("status") == DONE]
     for name in names:
-        # Month names become folders of the repo: one plain path segment each.
-        if not name or name in (".", "..") or "/" in name or "\\" in name:
+        # Month names become folders of the repo: the campaign's month-name rule (one plain path segment each).
+        if not is_month_name(name):
             raise CampaignPushError(f"Month name {name!r} in {CAMPAIGN_FILENAME} cannot be a repo folder name.")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -88,7 +94,7 @@ def done_months(campaign_dir: Union[str, Path]) -> list[str]:
 
 
 def _adapter_files(campaign_dir: Path, month: str) -> list[Path]:
-    folder = campaign_dir / "adapters" / month
+    folder = CampaignLayout(campaign_dir).adapter(month)
     if not folder.is_dir():
         raise CampaignPushError(
             f"Month {month!r} is done but its adapter folder {folder} is missing. Re-run `continual-dpo run-month` "
@@ -117,12 +123,12 @@ def _adapter_files(campaign_dir: Path, month: str) -> list[Path]:
 
 
 def _card_files(campaign_dir: Path, month: str) -> list[Path]:
-    folder = campaign_dir / "cards" / month
+    folder = CampaignLayout(campaign_dir).card(month)
     missing = [name for name in CARD_FILES if not (folder / name).is_file()]
     if missing:
         raise CampaignPushError(
             f"Month {month!r} has no model card: {', '.join(str(folder / n) for n in missing)} missing. Write the "
-            f"cards with `continual-dpo report` (it renders {'/'.join(CARD_FILES)} into cards/<month>/), then push "
+            f"cards with `continual-dpo report` (it renders {'/'.join(CARD_FILES)} into {CARDS_DIR}/<month>/), then push "
             "again."
         )
     return [folder / name for name in CARD_FILES]
@@ -152,9 +158,9 @@ def plan_push(campaign_dir: Union[str, Path], repo_id: str) -> list[tuple[Path, 
     # Check every month before returning anything: a push is all or nothing.
     for month in months:
         files = _adapter_files(campaign_dir, month) + _card_files(campaign_dir, month)
-        plan += [(path, f"months/{month}/{path.name}") for path in files]
+        plan += [(path, hub_path(month, path.name)) for path in files]
         latest = files
-    plan += [(path, path.name) for path in latest]
+    plan += [(path, hub_path(None, path.name)) for path in latest]
     return plan
 
 
@@ -181,7 +187,7 @@ def push_campaign(
     """
     plan = plan_push(campaign_dir, repo_id)
     paths = [path_in_repo for _, path_in_repo in plan]
-    months = list(dict.fromkeys(p.split("/")[1] for p in paths if p.startswith("months/")))
+    months = list(dict.fromkeys(month for month in map(hub_month, paths) if month is not None))
     if dry_run:
         # A dry run exists to be read: print, so it shows without logging configured.
         print(

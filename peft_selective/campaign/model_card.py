@@ -53,6 +53,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..evaluation.preference import average_accuracy, backward_transfer, retention_cells
+from . import layout
 
 
 __all__ = [
@@ -72,7 +73,7 @@ DEFAULT_TEMPLATE_PATH = (
     else Path(__file__).resolve().parents[2] / "model_cards" / "adapter_card.md"
 )
 #: The plot's file name, next to the card (the card links it relatively, so it works at any folder of a Hub repo).
-PLOT_FILENAME = "retention.png"
+PLOT_FILENAME = layout.PLOT_FILE
 
 _REQUIRED_KEYS = (
     "month",
@@ -567,7 +568,9 @@ def _loading_code(ctx: ModelCardContext) -> str:
         )
 
     def source(m: str) -> str:
-        return f'"{ctx.hub_repo}", subfolder="months/{m}"' if ctx.hub_repo else f'"adapters/{m}"'
+        if ctx.hub_repo:
+            return f'"{ctx.hub_repo}", subfolder="{layout.hub_path(m)}"'
+        return f'"{layout.relative_path(layout.ADAPTERS_DIR, m)}"'
 
     if not ctx.hub_repo:
         lines.append("# paths relative to the campaign directory")
@@ -844,9 +847,10 @@ def render_model_card(
         general_columns=general_columns,
         general_rows=general_rows,
         plot_filename=PLOT_FILENAME,
+        hub_months_dir=layout.HUB_MONTHS_DIR,
         loading_code=_loading_code(ctx),
         limitations=_limitations(ctx),
     )
-    readme = output_dir / "README.md"
+    readme = output_dir / layout.CARD_FILE
     card.save(readme)
     return readme

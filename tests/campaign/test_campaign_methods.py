@@ -105,7 +105,7 @@ def test_loss_options_reach_the_trainer_and_the_records(tiny_chat_base, months, 
         "--sft_weight", "0.3", "--rehearsal_reference", "previous_month",
     ]  # fmt: skip
     assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *SMALL, *options) == 0
-    stored = json.loads((directory / "campaign.json").read_text())["config"]
+    stored = json.loads((directory / "campaign.json").read_text())["config"]["training"]
     assert stored["loss_type"] == ["sigmoid", "ipo"] and stored["loss_weights"] == [1.0, 0.5]
     assert stored["sft_weight"] == 0.3 and stored["rehearsal_reference"] == "previous_month"
     campaign = Campaign(directory)
@@ -177,10 +177,10 @@ def test_anchor_and_boundary_options_reach_the_trainer_and_the_records(tiny_chat
         "boundary_pairs": 2,
         "boundary_max_new_tokens": 6,
     }
-    stored = json.loads((directory / "campaign.json").read_text())["config"]
+    stored = json.loads((directory / "campaign.json").read_text())["config"]["training"]
     assert {key: stored[key] for key in ANCHOR_OPTIONS} == expected
     campaign = Campaign(directory)
-    assert {key: getattr(campaign.config, key) for key in ANCHOR_OPTIONS} == expected  # reloaded as stored
+    assert {key: campaign.config.training[key] for key in ANCHOR_OPTIONS} == expected  # reloaded as stored
     trainers = []
     original_init = ContinualDPOTrainer.__init__
 
@@ -211,16 +211,16 @@ def test_anchor_options_default_to_the_trainers_and_older_campaigns_load_with_th
     trainer_defaults = ContinualDPOConfig(str(tmp_path / "run"), bf16=False, use_cpu=True)
     campaign_defaults = CampaignConfig()
     for key in ANCHOR_OPTIONS:
-        assert getattr(campaign_defaults, key) == getattr(trainer_defaults, key), key
+        assert campaign_defaults.training[key] == getattr(trainer_defaults, key), key
     # a comma-separated list is accepted, stored as a list
     directory = tmp_path / "c"
     assert cli("init", "--campaign_dir", directory, "--kl_anchor_kinds", "general,same_shape", "--kl_coef", "0") == 0
-    assert Campaign(directory).config.kl_anchor_kinds == ["general", "same_shape"]
+    assert Campaign(directory).config.training["kl_anchor_kinds"] == ["general", "same_shape"]
     # a campaign.json written before these options existed loads with the trainer's defaults
     path = directory / "campaign.json"
     state = json.loads(path.read_text())
     for key in ANCHOR_OPTIONS:
-        del state["config"][key]
+        del state["config"]["training"][key]
     path.write_text(json.dumps(state))
     args = Campaign(directory).config.training_args(tmp_path / "run", "m", None)
     for key in ANCHOR_OPTIONS:
