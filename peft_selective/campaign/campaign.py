@@ -193,6 +193,8 @@ def _load_config(path: Path, stored: Any) -> CampaignConfig:
     unknown = sorted(set(stored) - known)
     if unknown:
         raise CampaignError(f"{path} has unknown config keys {unknown}: was it written by another version?")
+    if stored.get("rank") == 0:  # peft-selective 0.1/0.2 wrote full rank as 0
+        stored = {**stored, "rank": None}
     return CampaignConfig.from_dict(stored)
 
 

@@ -127,9 +127,9 @@ def evaluation_defaults() -> dict[str, Any]:
 
 
 def parse_rank(value: Any) -> Optional[int]:
-    """A campaign rank: a positive int, or `None` for full rank (written `"full"`; `0` and `"0"`, the full rank of
-    campaign.json files written by peft-selective 0.1/0.2, are read as `None` too)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in (FULL_RANK, "none", "0")):
+    """A campaign rank: a positive int, or `None` for full rank (written `"full"`). `0` is refused, as by the tuners'
+    configs; the loader maps the `0` of campaign.json files written by peft-selective 0.1/0.2 to `None`."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in (FULL_RANK, "none")):
         return None
     if isinstance(value, bool):
         raise ValueError(f"`rank` must be a positive integer or {FULL_RANK!r}, got {value!r}.")
@@ -137,9 +137,9 @@ def parse_rank(value: Any) -> Optional[int]:
         rank = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"`rank` must be a positive integer or {FULL_RANK!r}, got {value!r}.") from None
-    if rank != value and not isinstance(value, str) or rank < 0:
-        raise ValueError(f"`rank` must be a positive integer or {FULL_RANK!r}, got {value!r}.")
-    return rank or None
+    if rank != value and not isinstance(value, str) or rank <= 0:
+        raise ValueError(f"`rank` must be a positive integer or {FULL_RANK!r} (None) for full rank, got {value!r}.")
+    return rank
 
 
 def _load_spec(value: str, what: str) -> Any:
@@ -210,7 +210,8 @@ class CampaignConfig:
             general reference text, the earlier months' training chats and the month's `calibration_data`, see
             [`Campaign.run_month`]).
         rank (`int`, *optional*): adapter rank; `None` (the CLI word `"full"`) trains the selective methods at full
-            rank (the paper's recipe); `lora` needs a rank. A stored `0` (older campaigns) reads as `None`.
+            rank (the paper's recipe); `lora` needs a rank. `0` is refused (a `0` stored by an older campaign.json
+            is read as `None` by the loader).
         alpha (`float`, *optional*): scaling numerator (`alpha / rank`); default: the rank (scale 1).
         seed (`int`): seed of training, data splits, sampling and the evaluation's bootstrap.
         training (`dict`): the DPO training of each month: `ContinualDPOConfig` fields by name, over the campaign's
