@@ -39,6 +39,10 @@ from peft_selective.demo.months import MONTH_CHECKS, countries_in, monthly_seque
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _rank(value: str):
+    return None if value == "full" else int(value)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -51,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="Optimizer steps per month.")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=16, help="SelectiveMLP rank (0: full rank).")
+    parser.add_argument("--rank", type=_rank, default=16, help="SelectiveMLP rank ('full': full rank).")
     parser.add_argument("--quantization", default="4bit", choices=["4bit", "8bit", "none"])
     parser.add_argument("--rehearsal-ratio", type=float, default=0.25)
     parser.add_argument("--kl-coef", type=float, default=0.5)
@@ -64,28 +68,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 def campaign_config(args: argparse.Namespace) -> CampaignConfig:
     # Sized for 2 CPU cores and a 15-minute budget. On a CPU, bitsandbytes de-quantizes every 4-bit weight on every
     # forward pass (seconds per pass for this model), so generation dominates: short generations, one batch each.
-    return CampaignConfig(
-        base_model="embedded",
-        quantization=None if args.quantization == "none" else args.quantization,
-        method="selective_mlp",
-        rank=args.rank,
-        seed=args.seed,
-        learning_rate=args.learning_rate,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        max_length=96,
-        save_steps=2,
-        rehearsal_ratio=args.rehearsal_ratio,
-        kl_coef=args.kl_coef,
-        kl_anchor_max_new_tokens=4,
-        kl_anchors=4,
-        # No safety month here (the base refuses nothing), so no refusal suite.
-        eval_suites=["preference", "behaviour", "knowledge", "perplexity", "kl", "drift"],
-        knowledge_questions=args.knowledge_questions,
-        perplexity_max_tokens=256,
-        drift_prompts=4,
-        eval_batch_size=24,
-        eval_max_new_tokens=12,
+    # The flat option names of `continual-dpo init`; `from_dict` nests them into the training and evaluation configs.
+    return CampaignConfig.from_dict(
+        dict(
+            base_model="embedded",
+            quantization=None if args.quantization == "none" else args.quantization,
+            method="selective_mlp",
+            rank=args.rank,
+            seed=args.seed,
+            learning_rate=args.learning_rate,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            max_length=96,
+            save_steps=2,
+            rehearsal_ratio=args.rehearsal_ratio,
+            kl_coef=args.kl_coef,
+            kl_anchor_max_new_tokens=4,
+            kl_anchors=4,
+            # No safety month here (the base refuses nothing), so no refusal suite.
+            eval_suites=["preference", "behaviour", "knowledge", "perplexity", "kl", "drift"],
+            knowledge_questions=args.knowledge_questions,
+            perplexity_max_tokens=256,
+            drift_prompts=4,
+            eval_batch_size=24,
+            eval_max_new_tokens=12,
+        )
     )
 
 

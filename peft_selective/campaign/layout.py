@@ -20,39 +20,17 @@ campaign/
 Hub repository (`hub_path`): every done month under `months/<month>/` (its adapter files, card and plot), the latest
 done month's files again at the root.
 
-Month names (`check_month_name`) become folder names here and in the Hub repository: a letter or digit, then up to
+Month names (`check_month_name`, the rule of `peft_selective.utils.names`, shared with the rehearsal buffer) become folder names here and in the Hub repository: a letter or digit, then up to
 63 letters, digits, `.`, `_` or `-` (`MONTH_NAME_MAX_LENGTH` characters in all).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
 from ..tuners.geometry.calibration import REPORT_FILENAME as GEOMETRY_REPORT_FILENAME
-
-
-# ------------------------------------------------------------------------------------------------- month names
-#: Longest month name.
-MONTH_NAME_MAX_LENGTH = 64
-#: The month-name rule: one plain path segment, safe as a folder name locally and in a Hub repository.
-MONTH_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MONTH_NAME_MAX_LENGTH - 1}}}$")
-
-
-def is_month_name(name: object) -> bool:
-    """Whether `name` follows the month-name rule (see the module docstring)."""
-    return isinstance(name, str) and MONTH_NAME_PATTERN.match(name) is not None
-
-
-def check_month_name(name: object, where: str = "") -> str:
-    """`name` if it follows the month-name rule, else `ValueError` saying the rule (`where`: e.g. " in campaign.json")."""
-    if not is_month_name(name):
-        raise ValueError(
-            f"Invalid month name {name!r}{where}: use a letter or digit, then letters, digits, '.', '_' and '-', at "
-            f"most {MONTH_NAME_MAX_LENGTH} characters in all (e.g. 2025-07)."
-        )
-    return name
+from ..utils.names import MONTH_NAME_MAX_LENGTH, MONTH_NAME_PATTERN, check_month_name, is_month_name  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------- file names

@@ -54,6 +54,7 @@ from typing import Any, Literal, Optional, Union, overload
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
 from ..utils.io import atomic_write, fsync_dir, is_json_serializable
+from ..utils.names import MONTH_NAME_BODY, is_month_name
 from .preference_data import PreferenceDataError, check_preference_row, preference_row_problem
 
 
@@ -77,8 +78,7 @@ _SAMPLING_METHODS = ("reservoir", "stratified")
 # The DPO columns of TRL (the row schema itself is `preference_data`'s): `prompt` is optional.
 _REQUIRED_COLUMNS = ("chosen", "rejected")
 # Month names end up in file names: keep them portable (no separators, no leading dot).
-_MONTH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_MONTH_FILE_RE = re.compile(r"^month=[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.[0-9a-f]{12}\.jsonl$")
+_MONTH_FILE_RE = re.compile(rf"^month={MONTH_NAME_BODY}\.[0-9a-f]{{12}}\.jsonl$")
 # Columns that only exist after tokenization: mixing must happen before it.
 _TOKENIZED_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_input_ids", "chosen_input_ids")
 
@@ -161,7 +161,7 @@ class MonthInfo:
                 "is corrupted; restore the buffer directory from a backup."
             )
         info = cls(**{name: entry[name] for name in fields})
-        if not isinstance(info.name, str) or not _MONTH_NAME_RE.match(info.name):
+        if not isinstance(info.name, str) or not is_month_name(info.name):
             raise RehearsalBufferError(f"{manifest_path}: invalid month name {info.name!r}.")
         # The file name comes from disk: never let it point outside the buffer directory.
         if not isinstance(info.file, str) or not _MONTH_FILE_RE.match(info.file):
@@ -955,7 +955,7 @@ class RehearsalBuffer:
 
     @staticmethod
     def _check_month_name(name: Any) -> None:
-        if not isinstance(name, str) or not _MONTH_NAME_RE.match(name):
+        if not isinstance(name, str) or not is_month_name(name):
             raise ValueError(
                 f"Invalid month name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter "
                 "or digit (e.g. '2025-06'); the name is part of a file name."
