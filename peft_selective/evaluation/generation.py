@@ -25,7 +25,8 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end a generation: the model's generation config's and the tokenizer's EOS."""
     ids = set()
     for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(value, int):
@@ -83,7 +84,7 @@ def generate_answers(
         encoded.append(list(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
 
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     device = _model_device(model)
     modes = {module: module.training for module in model.modules()}
     set_pad_token = tokenizer.pad_token is None

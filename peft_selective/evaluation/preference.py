@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..utils.chat import chat_ids, encode_prompt, resolve_chat_template
+from .generation import eos_token_ids
 from .refusal import harmful_eval_prompts, is_refusal
 
 
@@ -767,17 +768,6 @@ def kl_to_reference(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(v) for v in value)
-    return ids
-
-
 def _generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -791,7 +781,7 @@ def _generate(
 
     A generated position is valid up to and including the first EOS token of its row.
     """
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     device = _model_device(model)
     with _eval_mode(model), _pad_token(tokenizer) as pad_id:
         for batch in _prompt_batches(tokenizer, prompts, batch_size, use_chat_template):
