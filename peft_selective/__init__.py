@@ -5,6 +5,15 @@ works): each tuner package registers its own when imported, as PEFT's tuners do 
 `register()` is kept for compatibility and is harmless to call. Once the package is installed, a start-up hook also
 imports it as soon as any program imports `peft`, so plain PEFT code can load saved adapters (see
 `_peft_selective_autoload.py`).
+
+The package is in wings whose imports run one way (`tests/test_package_structure.py` checks it):
+
+- `peft_selective` (this module), `tuners`, `registration`, `targets`, `quantization`, `retention`, `utils`: the
+  PEFT methods; needs only torch, transformers and peft;
+- `peft_selective.continual` (extra `[trl]`): `ContinualDPOTrainer`, monthly continual DPO on TRL;
+- `peft_selective.evaluation`: behavioural evaluation (learning, bleed, knowledge, intervals);
+- `peft_selective.campaign` (extra `[campaign]`): the monthly campaign and the `continual-dpo` command;
+- `peft_selective.demo` (extra `[demo]`): the bundled SmolLM2 model and synthetic months.
 """
 
 from .registration import register
