@@ -857,7 +857,8 @@ def _ci(stat: Optional[dict], digits: int = 3) -> str:
 
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [
+    lines = [f"Provenance: {report['provenance_note']}", ""] if report.get("provenance_note") else []
+    lines += [
         f"Protocol {report['protocol']}: months {', '.join(s['months'])}; orders {', '.join(s['orders'])}; seeds "
         f"{s['seeds']}; {s['steps']} steps of {s['batch_size']} pairs a month; alphas {s['alphas']}; model "
         f"{s['model']} ({s['device']}). Mean [95% bootstrap interval] over items (and runs).",
