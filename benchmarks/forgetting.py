@@ -947,6 +947,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("bleed_rate", "bleed (share off-scope)"), ("knowledge_mc", "knowledge MC accuracy"),
+              ("knowledge_exact", "knowledge exact match (greedy)"),
               ("retention_behaviour", "earlier months kept (Δ)"), ("kl_to_base", "KL to base")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for ax, (metric, title) in zip(axes, panels):
