@@ -119,6 +119,28 @@ TINY_LLAMA: dict[str, Any] = {
 }
 
 
+def load_frozen_base(kind: str, device: str):
+    """`kind` "embedded": the bundled SmolLM2-135M-Instruct (fp32); "tiny": a random 2-layer Llama (`TINY_LLAMA`, seed
+    0) with the bundled tokenizer. Moved to `device`, every weight frozen. Returns (model, tokenizer)."""
+    import torch
+
+    from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
+
+    if kind == "embedded":
+        model, tokenizer = load_embedded_model()
+    else:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+        torch.manual_seed(0)
+        config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+    model = model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
 def adapted_module_names(peft_model) -> list[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -67,8 +67,8 @@ if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benc
 from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
-    TINY_LLAMA,
     load_average,
+    load_frozen_base,
     machine_info,
     markdown_table,
     prefixed_log,
@@ -289,23 +289,8 @@ def general_prompts(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------------------------------- models
 def load_base(args: argparse.Namespace):
     """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random 2-layer Llama with its tokenizer."""
-    import torch
-
-    from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
-
-    if args.model == "embedded":
-        model, tokenizer = load_embedded_model()
-    else:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-        torch.manual_seed(0)
-        config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        model = LlamaForCausalLM(config)
-    model = model.to(args.device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tokenizer
+    model, tokenizer = load_frozen_base(args.model, args.device)
+    return model.eval(), tokenizer
 
 
 def weight_delta(model, base_state: dict) -> dict:

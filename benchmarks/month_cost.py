@@ -55,12 +55,12 @@ if __package__ in (None, ""):  # `python benchmarks/<name>.py`: import the `benc
 
 from benchmarks._common import (  # noqa: E402
     REPO_ROOT,
-    TINY_LLAMA,
     add_output_args,
     emit_memory_result,
     fmt_mib,
     fmt_ratio,
     load_average,
+    load_frozen_base,
     machine_info,
     markdown_table,
     peak_rss_bytes,
@@ -176,22 +176,7 @@ def parse_recipe(text: str | None) -> dict[str, Any]:
 def load_base(args: argparse.Namespace):
     """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random 2-layer Llama with its tokenizer (as
     benchmarks/forgetting.py `load_base`)."""
-    import torch
-
-    from peft_selective.demo.embedded import embedded_model_path, load_embedded_model
-
-    if args.model == "embedded":
-        model, tokenizer = load_embedded_model()
-    else:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-        torch.manual_seed(0)
-        config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        model = LlamaForCausalLM(config)
-    model = model.to(args.device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model, tokenizer = load_frozen_base(args.model, args.device)
     return model, tokenizer
 
 
