@@ -141,6 +141,36 @@ def load_frozen_base(kind: str, device: str):
     return model, tokenizer
 
 
+def short_month_dpo_options(
+    out: Path, steps: int, batch_size: int, lr: float, beta: float, max_length: int, device: str, seed: int
+) -> dict[str, Any]:
+    """`DPOConfig` options of a benchmark month: a few steps at a constant rate (every step at the full rate, no
+    warm-up step at lr 0), fp32 on CPU (bf16 autocast there is far slower), no checkpoints, no reporting."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    return dict(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        beta=beta,
+        max_length=max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=False,
+        use_cpu=not cuda,
+        tf32=cuda and torch.cuda.is_available(),
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+    )
+
+
 def adapted_module_names(peft_model) -> list[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -74,6 +74,7 @@ from benchmarks._common import (  # noqa: E402
     prefixed_log,
     report_header,
     runtime_note,
+    short_month_dpo_options,
     write_results,
 )
 from benchmarks.methods import peft_config  # noqa: E402
@@ -331,31 +332,12 @@ def apply_delta(target, base_state: dict, delta: dict, alpha: float) -> None:
 
 # --------------------------------------------------------------------------------------------------- training
 def dpo_args(args: argparse.Namespace, out: Path, lr: float, seed: int, config_class=None, **extra):
-    import torch
     from trl import DPOConfig
 
-    config_class = config_class or DPOConfig
-    return config_class(
-        output_dir=str(out),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        beta=args.beta,
-        max_length=args.max_length,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        use_cpu=not args.device.startswith("cuda"),
-        tf32=args.device.startswith("cuda") and torch.cuda.is_available(),
-        disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
-        **extra,
+    options = short_month_dpo_options(
+        out, args.steps, args.batch_size, lr, args.beta, args.max_length, args.device, seed
     )
+    return (config_class or DPOConfig)(**options, **extra)
 
 
 def calibration_texts(tokenizer, months: dict[str, Month], earlier: Sequence[str]) -> list[str]:

@@ -74,6 +74,7 @@ from benchmarks._common import (  # noqa: E402
     runtime_note,
     safe_ratio,
     setup_torch,
+    short_month_dpo_options,
     start_peak_window,
 )
 from benchmarks.methods import peft_config  # noqa: E402
@@ -194,25 +195,8 @@ def adapter_config(args: argparse.Namespace):
 
 def dpo_options(args: argparse.Namespace, out: Path, steps: int) -> dict[str, Any]:
     """The `DPOConfig` options of every arm (ours adds only the retention options and the adapter's name)."""
-    cuda = args.device.startswith("cuda")
-    return dict(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        beta=args.beta,
-        max_length=args.max_length,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        use_cpu=not cuda,
-        disable_tqdm=True,
-        seed=args.seed,
-        data_seed=args.seed,
+    return short_month_dpo_options(
+        out, steps, args.batch_size, args.lr, args.beta, args.max_length, args.device, args.seed
     )
 
 

@@ -55,7 +55,7 @@ TRAINING_OPTIONS = (
 TRAINING_DEFAULTS: dict[str, Any] = {
     # Chosen by measurement: on the bundled model (SelectiveMLP r16 with rehearsal and KL, the capitals month, 18 steps
     # of 4 pairs) 1e-4 put 1 of 12 validation answers in the month's style (the DPO loss fell all the same) and 3e-4
-    # all 12 (benchmarks/results/forgetting.md, learning-rate selection).
+    # all 12 (the learning-rate selection of the protocol-2 run committed in 7a40296, benchmarks/results/forgetting.md).
     "learning_rate": 3e-4,
     "max_steps": 20,
     "per_device_train_batch_size": 4,
