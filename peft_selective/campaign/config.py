@@ -54,8 +54,8 @@ TRAINING_OPTIONS = (
 #: The campaign's training defaults where they differ from `ContinualDPOConfig`'s (every other option: the trainer's).
 TRAINING_DEFAULTS: dict[str, Any] = {
     # Chosen by measurement: on the bundled model (SelectiveMLP r16 with rehearsal and KL, the capitals month, 18 steps
-    # of 4 pairs) 1e-4 put 1 of 12 validation answers in the month's style (the DPO loss fell all the same) and 3e-4
-    # all 12 (the learning-rate selection of the protocol-2 run committed in 7a40296, benchmarks/results/forgetting.md).
+    # of 4 pairs) 1e-4 put 1 of 12 validation answers in the month's style and 3e-4 all 12 (the learning-rate selection
+    # of the protocol-2 run committed in 7a40296, benchmarks/results/forgetting.md).
     "learning_rate": 3e-4,
     "max_steps": 20,
     "per_device_train_batch_size": 4,
