@@ -12,13 +12,22 @@ where ΔW is the new adapter's update of the layer: with the earlier months' ada
 effective weight change since the month t−1 optimum, so the penalty is zero there and grows quadratically away from
 it. The Fisher is normalised by its mean over all entries so that `ewc_coef` has the same scale whatever the model
 and the data (`ewc_coef · penalty` is an importance-weighted squared norm of the update).
+
+On disk (`FisherState.save`), a store is a folder with `fisher.<hash>.safetensors`, the summed tensors in a file
+named after its SHA-256, and `fisher.json`, which names that file, records its SHA-256, the months it covers and the
+layers' shapes. `fisher.json` is replaced last, atomically: it is the one commit point, so a month is counted in the
+store exactly when `fisher.json` lists it, whatever moment a kill or a full disk interrupts a save. Version-1 stores
+(a fixed `fisher.safetensors`, its metadata beside it) still load; the next save writes version 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +41,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..utils.io import atomic_write, atomic_write_json
+from ..utils.io import atomic_write, atomic_write_json, fsync_dir
+from ..utils.lock import DirectoryLock
 
 
 logger = logging.getLogger(__name__)
 
-FISHER_WEIGHTS = "fisher.safetensors"
 FISHER_METADATA = "fisher.json"
-FORMAT_VERSION = 1
+#: The weights file of a version-1 store (version 2 names it after its content: `fisher.<hash>.safetensors`).
+FISHER_WEIGHTS = "fisher.safetensors"
+_WEIGHTS_RE = re.compile(r"^fisher\.[0-9a-f]{12}\.safetensors$")
+#: 1: `fisher.safetensors` + `fisher.json`, written one after the other. 2: content-named weights, `fisher.json` last.
+FORMAT_VERSION = 2
 
 
 def adapted_layers(model: PeftModel, adapter_name: str) -> dict[str, BaseTunerLayer]:
@@ -133,34 +146,49 @@ class FisherState:
         )
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write `fisher.safetensors` and `fisher.json` into `directory`, each atomically (temp file + rename), the
-        metadata last."""
+        """Commit this state to `directory` in one step (see the module docstring): the tensors to a new
+        `fisher.<hash>.safetensors`, then `fisher.json`, which names it, atomically; the files of earlier commits are
+        deleted after it. Holds the store's lock (`peft_selective.utils.lock`): another process changing the store
+        meanwhile is refused, not interleaved."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in self.fisher.items()}
-        atomic_write(directory / FISHER_WEIGHTS, save(tensors))
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "months": self.months,
-            "num_examples": self.num_examples,
-            "base_model": self.base_model,
-            "layers": {name: list(tensor.shape) for name, tensor in tensors.items()},
-        }
-        atomic_write_json(directory / FISHER_METADATA, metadata)
+        with DirectoryLock(directory, what="Fisher store"):
+            tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.fisher.items()}
+            data = save(tensors)
+            sha256 = hashlib.sha256(data).hexdigest()
+            weights = f"fisher.{sha256[:12]}.safetensors"
+            atomic_write(directory / weights, data)  # a new name: the committed weights stay intact until the commit
+            fsync_dir(directory)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "weights": weights,
+                "sha256": sha256,
+                "months": self.months,
+                "num_examples": self.num_examples,
+                "base_model": self.base_model,
+                "layers": {name: list(tensor.shape) for name, tensor in tensors.items()},
+            }
+            atomic_write_json(directory / FISHER_METADATA, metadata)  # the commit point
+            fsync_dir(directory)
+            for path in directory.iterdir():  # best effort: what an interrupted save left, the replaced weights
+                stale_weights = (_WEIGHTS_RE.match(path.name) or path.name == FISHER_WEIGHTS) and path.name != weights
+                if stale_weights or (path.name.startswith(".fisher.") and path.name.endswith(".tmp")):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> FisherState:
+        """The state committed in `directory`; a clear error for a missing, corrupted or changed store."""
         directory = Path(directory)
-        meta_path, weights_path = directory / FISHER_METADATA, directory / FISHER_WEIGHTS
-        if not meta_path.is_file() or not weights_path.is_file():
+        meta_path = directory / FISHER_METADATA
+        if not meta_path.is_file():
             raise FileNotFoundError(
-                f"No Fisher state in {directory}: expected {FISHER_METADATA} and {FISHER_WEIGHTS} (written by "
-                "`FisherState.save` / `ContinualDPOTrainer.finish_month`)."
+                f"No Fisher state in {directory}: expected {FISHER_METADATA} (written by `FisherState.save` / "
+                "`ContinualDPOTrainer.finish_month`)."
             )
         try:
             metadata = json.loads(meta_path.read_text())
             version = metadata["format_version"]
-            fisher = load_file(str(weights_path))
+            weights = metadata["weights"] if version >= 2 else FISHER_WEIGHTS
         except Exception as error:  # noqa: BLE001 - any parse failure means a corrupted state
             raise ValueError(
                 f"The Fisher state in {directory} is corrupted ({type(error).__name__}: {error})."
@@ -169,13 +197,41 @@ class FisherState:
             raise ValueError(
                 f"The Fisher state in {directory} has format {version}; this version reads up to {FORMAT_VERSION}."
             )
+        if not isinstance(weights, str) or not (weights == FISHER_WEIGHTS or _WEIGHTS_RE.match(weights)):
+            raise ValueError(f"The Fisher state in {directory} is corrupted: {meta_path} names no weights file.")
+        weights_path = directory / weights
+        if not weights_path.is_file():
+            raise FileNotFoundError(
+                f"The Fisher state in {directory} is incomplete: {meta_path} names {weights}, which is missing. "
+                "Restore the folder from a backup."
+            )
+        if version >= 2 and _sha256(weights_path) != metadata.get("sha256"):
+            raise ValueError(
+                f"The Fisher state in {directory} is corrupted: {weights} does not match the SHA-256 recorded in "
+                f"{FISHER_METADATA} (it was changed or replaced after its commit). Restore the folder from a backup."
+            )
+        try:
+            fisher = load_file(str(weights_path))
+        except Exception as error:  # noqa: BLE001 - any parse failure means a corrupted state
+            raise ValueError(
+                f"The Fisher state in {directory} is corrupted ({type(error).__name__}: {error})."
+            ) from error
         expected = {name: tuple(shape) for name, shape in metadata.get("layers", {}).items()}
         found = {name: tuple(tensor.shape) for name, tensor in fisher.items()}
         if expected != found:
             raise ValueError(
-                f"The Fisher state in {directory} is inconsistent: {FISHER_METADATA} lists other layers or shapes than {FISHER_WEIGHTS}."
+                f"The Fisher state in {directory} is inconsistent: {FISHER_METADATA} lists other layers or shapes "
+                f"than {weights}."
             )
         return cls(fisher, list(metadata["months"]), int(metadata["num_examples"]), metadata.get("base_model"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def estimate_fisher(

@@ -23,6 +23,8 @@ On-disk layout (`buffer_dir/`):
   row count, SHA-256, sampling method, seed and dedup statistics, and how many of its rows carry stored reference
   log-probs (with a description of the model they come from). It is written last, atomically: it is the commit
   point of every change, and a crash at any moment leaves the previous consistent state loadable.
+- `.lock` while a change is being made (`peft_selective.utils.lock`): each change holds it, and is made on the buffer
+  as it is on disk at that moment, so two handles or processes never drop each other's months.
 
 Reference log-probs (format version 2): a row may carry `reference_logps = {"chosen": float, "rejected": float,
 "fingerprint": str}`, the summed log-probs of its chosen and rejected completions under the DPO reference of the month
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -54,6 +57,7 @@ from typing import Any, Literal, Optional, Union, overload
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
 from ..utils.io import atomic_write, fsync_dir, is_json_serializable
+from ..utils.lock import DirectoryLock
 from ..utils.names import MONTH_NAME_BODY, is_month_name
 from .preference_data import PreferenceDataError, check_preference_row, preference_row_problem
 
@@ -346,6 +350,19 @@ def _has_reference_logps(row: Mapping[str, Any]) -> bool:
     return row.get(REFERENCE_LOGPS_KEY) is not None
 
 
+def _locked_change(method):
+    """Make `method` a change of the buffer under its lock, applied to the buffer as it is on disk now: a change
+    prepared on this handle's copy would drop whatever another handle or process committed since it loaded."""
+
+    @functools.wraps(method)
+    def change(self, *args, **kwargs):
+        with DirectoryLock(self.buffer_dir, f"RehearsalBuffer.{method.__name__}", "rehearsal buffer"):
+            self.reload()
+            return method(self, *args, **kwargs)
+
+    return change
+
+
 def _month_filename(name: str, sha256: str) -> str:
     return f"month={name}.{sha256[:12]}.jsonl"
 
@@ -382,7 +399,9 @@ class RehearsalBuffer:
     the name of the month it was added with.
 
     The buffer is small by design (a sample), so it is held in memory and every change rewrites the manifest. Any
-    number of processes may read a buffer, but only one may change it at a time (with several ranks, call
+    number of processes may read a buffer; a change holds the buffer's lock and is applied to the buffer as it is on
+    disk (re-read first), so a second process changing it meanwhile is refused with
+    [`~peft_selective.utils.lock.DirectoryLockedError`], never interleaved (with several ranks, call
     [`~RehearsalBuffer.add_month`] on the main process only).
 
     Args:
@@ -721,6 +740,7 @@ class RehearsalBuffer:
     # Changes
     # ---------------------------------------------------------------------------------------------------------------
 
+    @_locked_change
     def add_month(
         self,
         name: str,
@@ -893,6 +913,7 @@ class RehearsalBuffer:
         self._commit(state)
         return self._infos[name]
 
+    @_locked_change
     def set_reference_logps(
         self, month: str, values: Sequence[Optional[Mapping[str, Any]]], reference: Optional[str] = None
     ) -> MonthInfo:
@@ -932,6 +953,7 @@ class RehearsalBuffer:
         self._commit(state)
         return self._infos[month]
 
+    @_locked_change
     def remove_month(self, name: str) -> None:
         """Remove a month from the buffer (e.g. to honour a data deletion request)."""
         self._check_known(name)

@@ -41,12 +41,15 @@ trainer.finish_month("month-2")  # keep a sample for rehearsal, add this month's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
+import os
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -59,11 +62,13 @@ from datasets import Dataset, Value, concatenate_datasets
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoProcessor, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from ..quantization import keep_4bit_layers_trainable
 from ..utils.chat import encode_prompt
+from ..utils.lock import DirectoryLock
 from .anchors import (
     ANCHOR_KINDS,
     AnchorSet,
@@ -101,6 +106,9 @@ REHEARSAL_FLAG = "is_rehearsal"
 BOUNDARY_FLAG = "is_boundary"
 _ROW_INDEX = "__row_index__"
 _BUFFER_ROW = "__buffer_row__"
+#: The file transformers writes last in a checkpoint (`Trainer._save_checkpoint`): its presence marks a complete one.
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,22 @@ TRL_SEAMS: tuple[TrlSeam, ...] = (
         "the Trainer reloads every adapter of the checkpoint and leaves the first (a frozen month) active",
     ),
     TrlSeam(
+        "init_training_state",
+        "transformers.Trainer._init_training_state / _inner_training_loop",
+        "overridden as `_init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs, "
+        "resume_from_checkpoint, trial) -> (epochs_trained, steps_trained_in_current_epoch)`, after which the loop runs "
+        "`range(epochs_trained, num_train_epochs)`",
+        "resumed from a checkpoint at max_steps, the loop runs one optimizer step more before it checks max_steps (a "
+        "constant learning rate then moves the weights): returning `num_train_epochs` runs none",
+    ),
+    TrlSeam(
+        "checkpoint_state_last",
+        "transformers.Trainer._save_checkpoint",
+        f"writes `{TRAINER_STATE}` after the weights, optimizer, scheduler and RNG states, so a checkpoint without a "
+        "readable one was interrupted while being written ([`checkpoint_problem`])",
+        "transformers does not mark a checkpoint complete; `get_last_checkpoint` returns a half-written one",
+    ),
+    TrlSeam(
         "loss_types",
         "trl.DPOTrainer.loss_types",
         "a list of the configured loss names (read for `'sft'`)",
@@ -191,6 +215,47 @@ TRL_SEAMS: tuple[TrlSeam, ...] = (
 
 #: Name of the frozen copy of an adapter that already holds an update when its month starts (TRL's name for it too).
 REFERENCE_COPY = "ref"
+
+
+def checkpoint_problem(folder: Union[str, os.PathLike]) -> Optional[str]:
+    """Why the Trainer checkpoint `folder` cannot be resumed from, or None when it is complete. transformers writes
+    `trainer_state.json` last (seam `checkpoint_state_last`): a checkpoint without a readable one was interrupted
+    (a kill, a full disk) while being written."""
+    path = Path(folder) / TRAINER_STATE
+    if not path.is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE} is unreadable: {error}"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE} records no global_step"
+    return None
+
+
+def last_complete_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[str]:
+    """The highest-step complete checkpoint (`checkpoint-<step>`) in `output_dir`, or None. Incomplete ones are
+    skipped with a warning naming them: `transformers.trainer_utils.get_last_checkpoint` would return a half-written
+    checkpoint, and every resume from it would fail."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = {}
+    for path in folder.iterdir():
+        match = _CHECKPOINT_RE.fullmatch(path.name)
+        if match and path.is_dir():
+            steps[int(match.group(1))] = path
+    for step in sorted(steps, reverse=True):
+        problem = checkpoint_problem(steps[step])
+        if problem is None:
+            return str(steps[step])
+        logger.warning(
+            "Skipping the incomplete checkpoint %s (%s): it was interrupted while being written. Resuming from the "
+            "checkpoint before it, if any.",
+            steps[step],
+            problem,
+        )
+    return None
 
 
 def _starts_as_zero_update(peft_config: PeftConfig) -> bool:
@@ -419,6 +484,11 @@ class ContinualDPOTrainer(DPOTrainer):
             logger.warning("`kl_anchor_refresh_steps` has no effect without the retention KL (`kl_coef > 0`).")
         # (global step, draws in it): the anchor batches depend on the step only, so a resumed run draws the same ones
         self._anchor_draws = (-1, 0)
+        # What `finish_month` checks: a month is finished once, by name, after its training.
+        self._trained = False
+        self._finished_month: Optional[str] = None
+        # Set by `_init_training_state`: the resumed checkpoint had already reached max_steps.
+        self._resumed_at_end = False
         # Normalised (and cast) once, in place: the penalty then weighs the update with it as it is, with no copy.
         fisher = self._load_fisher() if args.ewc_coef > 0 else None
         dtype = getattr(torch, args.ewc_fisher_dtype)
@@ -852,6 +922,47 @@ class ContinualDPOTrainer(DPOTrainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------- resume
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, resuming safely. `resume_from_checkpoint=True` takes the last *complete* checkpoint of
+        `output_dir` (an incomplete one, interrupted while being written, is skipped with a warning); a named one
+        must be complete. A run resumed from a checkpoint that already reached `max_steps` runs no further step (so it
+        ends exactly as the uninterrupted run), and its `training_loss` is the mean of the losses the run logged."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(
+                    f"Checkpoint {resume_from_checkpoint} is incomplete ({problem}): the run that wrote it was "
+                    "interrupted. Resume from the last complete checkpoint with `resume_from_checkpoint=True`, or "
+                    "delete it."
+                )
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        self._trained = True
+        if self._resumed_at_end:
+            losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+            loss = sum(losses) / len(losses) if losses else math.nan
+            output = TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
+        return output
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        self._resumed_at_end = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self._resumed_at_end:
+            # transformers checks max_steps after a step only: resumed at it, it would run one more (seam
+            # `init_training_state`). No epoch left: the loop runs none.
+            logger.info(
+                "Checkpoint %s already reached max_steps=%d: nothing left to train.", resume_from_checkpoint, max_steps
+            )
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume this month's adapter only. `Trainer` would reload every adapter of the checkpoint and leave just the
         first active one (an earlier, frozen month); the earlier months are already loaded and never change."""
@@ -892,6 +1003,19 @@ class ContinualDPOTrainer(DPOTrainer):
         Returns a summary (`rehearsal_rows`, `rehearsal_reference_rows`, `fisher_examples`, `fisher_months`). Every
         process computes; only the main process writes.
         """
+        if not self._trained:
+            raise RuntimeError(
+                f"finish_month({month!r}) was called before `train()` (or after a `train()` that failed): it records "
+                "the month's trained adapter (its Fisher, its rehearsal rows' reference), which does not exist yet. "
+                "Call `train()` first."
+            )
+        if self._finished_month not in (None, month):
+            raise ValueError(
+                f"This trainer already finished month {self._finished_month!r}: finishing its training again as "
+                f"{month!r} would count it twice (rehearsal rows, Fisher). One trainer trains one month; to redo its "
+                f"bookkeeping, call `finish_month({self._finished_month!r}, overwrite=True)`."
+            )
+        self._finished_month = month
         args = self.args
         summary: dict[str, Any] = {}
         if self.rehearsal_buffer is not None:
@@ -911,30 +1035,34 @@ class ContinualDPOTrainer(DPOTrainer):
                 self.rehearsal_buffer.reload()
                 summary["rehearsal_rows"] = self.rehearsal_buffer.month_info(month).count
             summary["rehearsal_reference_rows"] = self._store_reference_logps(month)
-        stored = Path(args.fisher_dir) if args.fisher_dir else None
-        if stored is not None and (stored / FISHER_METADATA).exists():
-            existing = FisherState.load(stored)
-            if month in existing.months:
+        if args.fisher_dir:
+            summary.update(self._add_month_fisher(month, Path(args.fisher_dir), overwrite))
+        return summary
+
+    def _add_month_fisher(self, month: str, stored: Path, overwrite: bool) -> dict[str, Any]:
+        """Estimate this month's Fisher and add it to the store `stored` (`fisher_examples`, `fisher_months`). The
+        main process holds the store's lock from reading it to committing the sum, so no other process's month can
+        slip in between (and be lost), and the month is counted once: a store that lists it is left as is."""
+        main = self.accelerator.is_main_process
+        lock = DirectoryLock(stored, f"finish_month {month}", "Fisher store") if main else contextlib.nullcontext()
+        with lock:
+            existing = FisherState.load(stored) if (stored / FISHER_METADATA).exists() else None
+            self.accelerator.wait_for_everyone()  # every process has read the store before the main one changes it
+            if existing is not None and month in existing.months:
                 if not overwrite:
                     raise ValueError(f"The Fisher in {stored} already covers month {month!r}; pass `overwrite=True`.")
-                summary.update(fisher_examples=existing.num_examples, fisher_months=existing.months)
-                return summary
-        if stored is not None and isinstance(self._policy(), PeftModel):
+                return {"fisher_examples": existing.num_examples, "fisher_months": existing.months}
+            if not isinstance(self._policy(), PeftModel):
+                return {}
             state = estimate_fisher(
-                self._policy(),
-                self._fisher_batches(),
-                args.adapter_name,
-                month,
-                show_progress=not args.disable_tqdm,
+                self._policy(), self._fisher_batches(), self.args.adapter_name, month, not self.args.disable_tqdm
             )
-            if (stored / FISHER_METADATA).exists():
-                state = FisherState.load(stored).merged(state, decay=args.fisher_decay)
-            if self.accelerator.is_main_process:
+            if existing is not None:
+                state = existing.merged(state, decay=self.args.fisher_decay)
+            if main:
                 state.save(stored)
-            self.accelerator.wait_for_everyone()
-            summary["fisher_examples"] = state.num_examples
-            summary["fisher_months"] = state.months
-        return summary
+        self.accelerator.wait_for_everyone()
+        return {"fisher_examples": state.num_examples, "fisher_months": state.months}
 
     def _policy(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)

@@ -322,7 +322,8 @@ def test_fisher_state_round_trip_and_corruption(tmp_path):
         merged.fisher["model.layers.0.mlp.up_proj"], 0.5 * state.fisher["model.layers.0.mlp.up_proj"] + 1
     )
     assert merged.months == ["m1", "m2"] and merged.num_examples == 12
-    (tmp_path / "fisher" / "fisher.safetensors").write_bytes(b"not a safetensors file")
+    weights = json.loads((tmp_path / "fisher" / "fisher.json").read_text())["weights"]
+    (tmp_path / "fisher" / weights).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupted"):
         FisherState.load(tmp_path / "fisher")
     with pytest.raises(FileNotFoundError, match="No Fisher state"):

@@ -155,6 +155,36 @@ def check_load_from_checkpoint() -> None:
     )
 
 
+def check_init_training_state() -> None:
+    method = getattr(Trainer, "_init_training_state", None)
+    _require("init_training_state", method is not None, "Trainer._init_training_state is gone")
+    expected = ["self", "max_steps", "num_update_steps_per_epoch", "num_train_epochs", "resume_from_checkpoint"]
+    expected.append("trial")
+    _require("init_training_state", _params(method) == expected, f"its signature is {_params(method)}")
+    loop = _source(Trainer._inner_training_loop)
+    _require(
+        "init_training_state",
+        "= self._init_training_state(" in loop and "for epoch in range(epochs_trained, num_train_epochs)" in loop,
+        "the training loop no longer runs `range(epochs_trained, num_train_epochs)` after `_init_training_state`",
+    )
+
+
+def check_checkpoint_state_last() -> None:
+    source = _source(Trainer._save_checkpoint)
+    state = source.find("TRAINER_STATE_NAME")
+    _require("checkpoint_state_last", state >= 0, "_save_checkpoint no longer writes TRAINER_STATE_NAME")
+    _require(
+        "checkpoint_state_last",
+        all(0 <= source.find(call) < state for call in ("self.save_model(", "self._save_optimizer_and_scheduler(")),
+        "_save_checkpoint writes the trainer state before the weights or the optimizer",
+    )
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    from peft_selective.continual.trainer import TRAINER_STATE
+
+    _require("checkpoint_state_last", TRAINER_STATE_NAME == TRAINER_STATE, f"the file is now {TRAINER_STATE_NAME}")
+
+
 def check_loss_types() -> None:
     _require(
         "loss_types", "self.loss_types =" in _source(DPOTrainer.__init__), "DPOTrainer no longer sets `loss_types`"
@@ -186,6 +216,8 @@ CHECKS = {
     "precompute_ref_logps": check_precompute_ref_logps,
     "compute_ref_log_probs": check_compute_ref_log_probs,
     "load_from_checkpoint": check_load_from_checkpoint,
+    "init_training_state": check_init_training_state,
+    "checkpoint_state_last": check_checkpoint_state_last,
     "loss_types": check_loss_types,
     "model_card_tags": check_model_card_tags,
     "trainer_utils": check_trainer_utils,
