@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
 import torch
@@ -62,16 +62,17 @@ from ..evaluation.suites import (
     retention_numbers,
 )
 from ..quantization import keep_4bit_layers_trainable
-from ..utils.io import atomic_write, atomic_write_json, is_json_serializable
+from ..utils.io import atomic_write, atomic_write_json, is_json_serializable, sha256_file
 from . import layout
 from .config import EMBEDDED, FLAT_OPTIONS, CampaignConfig, normalize_checks
-from .layout import CampaignLayout, check_month_name
+from .layout import BASELINE, CampaignLayout, check_month_name
 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-BASELINE = "month-0"
+#: 3: checksums of every state file (`"files"` per month, `"config_sha256"`, `"evaluations_sha256"`,
+#: `"shared_files"`) and the base model's weights in its fingerprint. Format 2 is read (and written as 3).
+FORMAT_VERSION = 3
 #: Characters of general reference text (`peft_selective.evaluation.preference.reference_text`) per calibration text of geometry_projected.
 _CALIBRATION_CHUNK = 1000
 
@@ -94,12 +95,13 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = sha256_file
+
+
+def _json_digest(value: Any) -> str:
+    """The SHA-256 of a JSON value as stored (a JSON round trip first: tuples, int keys), keys sorted."""
+    stored = json.loads(json.dumps(value, allow_nan=True))
+    return hashlib.sha256(json.dumps(stored, sort_keys=True, allow_nan=True).encode("utf-8")).hexdigest()
 
 
 def _adapter_file_mismatch(model: PeftModel, adapter_name: str, weights: Path) -> list[str]:
@@ -203,26 +205,137 @@ def _write_jsonl(path: Path, dataset: Dataset) -> None:
     atomic_write(path, lines.encode("utf-8"))
 
 
+#: Column added while a month's data is checked: where each row comes from (`"june.jsonl, line 4"`), so that an error
+#: names the user's line, not a row of a shuffled split. Removed before anything is written or trained.
+_SOURCE = "__source__"
+
+
+def _read_jsonl(path: Path) -> Dataset:
+    """A JSONL file's rows, each with its `_SOURCE` line; a clear error names an empty file or the first line that is
+    not UTF-8, not JSON or not an object."""
+    rows, lines = [], []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path}, line {number}: not UTF-8 ({error.reason} at byte {error.start} of the line): save the file "
+                "as UTF-8."
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error}): {line[:200]}") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON object with 'chosen' and 'rejected': {line[:200]}"
+            )
+        rows.append(row)
+        lines.append(f"{path}, line {number}")
+    if not rows:
+        raise ValueError(f"{path} holds no rows: a month needs preference pairs, one JSON object per line.")
+    try:
+        dataset = Dataset.from_list(rows)
+    except Exception as error:  # noqa: BLE001 - pyarrow raises many kinds on rows of different shapes
+        raise ValueError(
+            f"{path}: the rows do not share one schema ({error}); give every line the same fields."
+        ) from error
+    return dataset.add_column(_SOURCE, lines)
+
+
 def load_preference_data(source: Union[str, Path], split: str = "train") -> Dataset:
     """A preference dataset from a local `.jsonl` / `.json` / `.parquet` / `.csv` file or a Hub dataset name."""
+    return _without_source(_load_with_source(source, split))
+
+
+def _load_with_source(source: Union[str, Path, Dataset], split: str = "train") -> Dataset:
+    """`load_preference_data` with the `_SOURCE` column: `file, line N` for JSONL, `file, record N` otherwise."""
+    if isinstance(source, Dataset):
+        return source.add_column(_SOURCE, [f"row {i} of the given Dataset" for i in range(len(source))])
     path = Path(source)
     formats = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if path.suffix in formats:
         if not path.is_file():
             raise FileNotFoundError(f"Preference data file {path} does not exist.")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
         try:
-            return load_dataset(formats[path.suffix], data_files=str(path), split="train")
+            dataset = load_dataset(formats[path.suffix], data_files=str(path), split="train")
         except Exception as error:  # noqa: BLE001 - datasets raises many kinds on a malformed file
             raise ValueError(f"Could not read {path} as {formats[path.suffix]}: {error}") from error
-    if path.exists():
+    elif path.exists():
         raise ValueError(f"Unsupported data file {path}: use .jsonl, .json, .parquet or .csv.")
-    return load_dataset(str(source), split=split)
+    else:
+        dataset = load_dataset(str(source), split=split)
+    if len(dataset) == 0:
+        raise ValueError(f"{source} holds no rows: a month needs preference pairs.")
+    return dataset.add_column(_SOURCE, [f"{source}, record {i + 1}" for i in range(len(dataset))])
+
+
+def _without_source(dataset: Dataset) -> Dataset:
+    return dataset.remove_columns(_SOURCE) if _SOURCE in dataset.column_names else dataset
+
+
+def _prompt_tokens(tokenizer, row: dict[str, Any]) -> Optional[int]:
+    """The tokens of a row's prompt as TRL's DPO tokenization counts them (the prompt's tokens shared with prompt +
+    chosen and prompt + rejected), or None for an implicit-prompt row."""
+    prompt = row.get("prompt")
+    if prompt is None:
+        return None
+
+    def ids(value, **kwargs) -> list[int]:
+        if isinstance(row["chosen"], list):  # conversational
+            out = tokenizer.apply_chat_template(value, tokenize=True, **kwargs)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(tokenizer(value)["input_ids"])
+
+    prompt_ids = ids(prompt, add_generation_prompt=True)
+    shared = len(prompt_ids)
+    for answer in (row["chosen"], row["rejected"]):
+        full = ids(prompt + answer)
+        shared = min(
+            shared,
+            next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full))),
+        )
+    return shared
 
 
 def _base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     config = model.config.get_text_config()
     keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     return {key: getattr(config, key, None) for key in keys}
+
+
+#: Elements of every base-model tensor hashed by its fingerprint (evenly spaced, the first and the last included).
+FINGERPRINT_ELEMENTS = 64
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of the base model's weights: SHA-256 over every tensor's name, shape, dtype and
+    `FINGERPRINT_ELEMENTS` evenly spaced elements. Other weights (another checkpoint, a fine-tune written over the
+    files) change nearly every element, so the digest; an edit confined to elements that are not sampled is not seen."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            continue
+        flat = tensor.detach().reshape(-1)
+        count = flat.numel()
+        index = torch.linspace(0, max(count - 1, 0), steps=min(count, FINGERPRINT_ELEMENTS)).round().long()
+        sample = flat[index.to(flat.device)].cpu()
+        if sample.is_floating_point():
+            sample = sample.to(torch.float64)  # bfloat16 has no numpy type; float64 holds every float exactly
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """The base model's shapes (from its config) and `weights_sha256` (`_weights_digest`)."""
+    config = model.config.get_text_config()
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return {**{key: getattr(config, key, None) for key in keys}, "weights_sha256": _weights_digest(model)}
 
 
 # ------------------------------------------------------------------------------------------------- knowledge pool
@@ -341,6 +454,13 @@ class Campaign:
                 f"{path} has format {state['format_version']}; this peft-selective reads up to {FORMAT_VERSION}: "
                 "upgrade the library."
             )
+        recorded = state.get("config_sha256")
+        if recorded is not None and recorded != _json_digest(state["config"]):
+            raise CampaignError(
+                f"The config in {path} changed since the campaign wrote it (SHA-256 mismatch): a campaign's options "
+                "are fixed at `init`, its months were trained with them. Restore the file from a backup, or start a new "
+                "campaign with the options you want."
+            )
         self.config = _load_config(path, state["config"])
         for month in state.get("months", []):
             try:  # month names become folder names: a crafted one could point outside the campaign directory
@@ -356,9 +476,21 @@ class Campaign:
     @classmethod
     def init(cls, directory: Union[str, Path], config: CampaignConfig, overwrite: bool = False) -> Campaign:
         directory = Path(directory)
-        if CampaignLayout(directory).campaign_file.exists() and not overwrite:
-            raise CampaignError(f"{directory} already holds a campaign; pick another directory.")
+        paths = CampaignLayout(directory)
+        if paths.campaign_file.exists() and not overwrite:
+            raise CampaignError(
+                f"{directory} already holds a campaign; pick another directory, or pass --overwrite to start over "
+                "(its months, evaluations, adapters, cards, rehearsal buffer and Fisher are deleted)."
+            )
         pool = _knowledge_pool(config)  # before anything is written: a bad --knowledge_data file leaves no trace
+        if overwrite:  # the old state must not leak into the new campaign (its base evaluation, Fisher, buffer...)
+            for path in [paths.evaluations_file] + [
+                paths.folder(name) for name in (*layout.MONTH_FOLDERS, *layout.SHARED_FOLDERS)
+            ]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
         directory.mkdir(parents=True, exist_ok=True)
         state = {
             "format_version": FORMAT_VERSION,
@@ -395,13 +527,114 @@ class Campaign:
         if self._is_main:
             if self.state["format_version"] < FORMAT_VERSION:  # an older campaign.json: written in today's form
                 self.state.update(format_version=FORMAT_VERSION, config=self.config.to_dict())
+            self.state["config_sha256"] = _json_digest(self.state["config"])
             atomic_write_json(self.layout.campaign_file, self.state)
 
     def _save_evaluations(self) -> None:
         if self._is_main:
             atomic_write_json(self.layout.evaluations_file, self.evaluations)
 
+    # ---------------------------------------------------------------------------------------------- checksums
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.directory).as_posix()
+
+    def _record(self, entry: dict[str, Any], *paths: Path) -> None:
+        """Record the SHA-256 of `paths` (those that exist) in the month's `"files"`."""
+        files = entry.setdefault("files", {})
+        for path in paths:
+            if path.is_file():
+                files[self._relative(path)] = _sha256(path)
+
+    def _check_file(self, relative: str, recorded: str, owner: str) -> None:
+        path = self.directory / relative
+        where = self.directory
+        for part in PurePosixPath(relative).parts:  # a link would make the campaign read (or write) elsewhere
+            where = where / part
+            if where.is_symlink():
+                raise CampaignError(
+                    f"{relative} ({owner}) is a symbolic link: the campaign only trusts regular files inside its "
+                    "directory. Put the file itself there (restore it from a backup)."
+                )
+        if not path.is_file():
+            raise CampaignError(
+                f"{relative} ({owner}) is missing. Restore it from a backup; without one, rerun the campaign from "
+                "that month in a new directory."
+            )
+        if _sha256(path) != recorded:
+            raise CampaignError(
+                f"{relative} ({owner}) changed since the campaign wrote it (SHA-256 mismatch): the file is corrupted "
+                "or was edited, and results built on it would silently differ. Restore it from a backup; without "
+                "one, rerun the campaign from that month in a new directory."
+            )
+
+    def _verify_month(self, name: str, folders: Sequence[str] = (layout.DATA_DIR, layout.ADAPTERS_DIR)) -> None:
+        """Check the month's recorded files in `folders` (cards are outputs: `report` rewrites them, `push` checks
+        them). A format-2 month only recorded its adapter weights (`adapter_sha256`)."""
+        entry = self.month(name)
+        files = entry.get("files")
+        if files is None:
+            weights = self.layout.adapter_weights(name)
+            if entry.get("adapter_sha256") and layout.ADAPTERS_DIR in folders and weights.is_file():
+                self._check_file(self._relative(weights), entry["adapter_sha256"], f"month {name!r}'s adapter")
+            return
+        for relative, recorded in files.items():
+            if PurePosixPath(relative).parts[0] in folders:
+                self._check_file(relative, recorded, f"month {name!r}")
+
+    def verify(self, skip_evaluations: Sequence[str] = ()) -> None:
+        """Check every recorded checksum the commands rely on: each done month's data and adapter files and the
+        evaluations (but `skip_evaluations`, about to be measured again). Raises `CampaignError` naming the file."""
+        for name in self.done_months:
+            self._verify_month(name)
+        recorded = {k: v for k, v in self.state.get("evaluations_sha256", {}).items() if k not in skip_evaluations}
+        file = layout.EVALUATIONS_FILE
+        if recorded and not self.layout.evaluations_file.is_file():
+            raise CampaignError(
+                f"{file} is missing: the evaluations of {', '.join(recorded)} are lost. Restore it from a backup; "
+                "`continual-dpo eval --month NAME` measures a done month again, but the base's (month-0, measured "
+                "before the first month) cannot be: without a backup, start over with `init --overwrite`."
+            )
+        for key, digest in recorded.items():
+            if key not in self.evaluations:
+                raise CampaignError(
+                    f"{file} has no entry {key!r} (recorded in {layout.CAMPAIGN_FILE}): restore the file from a "
+                    "backup, or measure the month again with `continual-dpo eval --month NAME`."
+                )
+            if _json_digest(self.evaluations[key]) != digest:
+                raise CampaignError(
+                    f"{file}: the entry {key!r} changed since the campaign wrote it (SHA-256 mismatch). Restore the "
+                    "file from a backup, or measure the month again with `continual-dpo eval --month NAME`."
+                )
+
+    def _record_evaluation(self, key: str) -> None:
+        self.state.setdefault("evaluations_sha256", {})[key] = _json_digest(self.evaluations[key])
+
+    def _shared_files(self) -> dict[str, str]:
+        """SHA-256 of every file of the rehearsal buffer and the Fisher store (temp files, named `.*`, left out)."""
+        found = {}
+        for folder in (self.layout.buffer, self.layout.fisher):
+            if folder.is_dir():
+                for path in sorted(folder.rglob("*")):
+                    if path.is_file() and not path.name.startswith("."):
+                        found[self._relative(path)] = _sha256(path)
+        return found
+
+    def _verify_shared(self) -> None:
+        """The buffer and the Fisher as the last done month left them (checked before a new month trains on them)."""
+        for relative, recorded in self.state.get("shared_files", {}).items():
+            self._check_file(
+                relative, recorded, f"written by month {self.done_months[-1]!r}" if self.done_months else ""
+            )
+
     # ---------------------------------------------------------------------------------------------- models
+    def load_tokenizer(self):
+        """The base model's tokenizer alone (to check a month's data before anything is loaded or written)."""
+        if self.config.base_model == EMBEDDED:
+            from ..demo.embedded import embedded_model_path
+
+            return AutoTokenizer.from_pretrained(embedded_model_path(), local_files_only=True)
+        return AutoTokenizer.from_pretrained(self.config.base_model)
+
     def load_base(self):
         """The base model (quantized as configured) and its tokenizer; its fingerprint must match the campaign's."""
         config = self.config
@@ -423,12 +656,23 @@ class Campaign:
             model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         fingerprint = _base_fingerprint(model)
+        self._loaded_fingerprint = fingerprint
         recorded = self.state.get("base_fingerprint")
-        if recorded is not None and recorded != fingerprint:
+        shapes = {key: value for key, value in fingerprint.items() if key != "weights_sha256"}
+        if recorded is not None and {k: v for k, v in recorded.items() if k != "weights_sha256"} != shapes:
             raise CampaignError(
                 f"The base model {config.base_model!r} does not match the one this campaign was trained on "
                 f"(recorded {recorded}, loaded {fingerprint})."
             )
+        if recorded is not None and recorded.get("weights_sha256") not in (None, fingerprint["weights_sha256"]):
+            raise CampaignError(
+                f"The weights of the base model {config.base_model!r} differ from those this campaign was trained on "
+                f"(same shapes, but a sample of {FINGERPRINT_ELEMENTS} elements per tensor hashes differently): were "
+                "they replaced or fine-tuned in place? Load the original weights, or start a new campaign."
+            )
+        if recorded is not None and "weights_sha256" not in recorded:  # format 2: from now on, the weights too
+            logger.info("Recording the base model's weights fingerprint (campaign.json of format 2 had none).")
+            recorded["weights_sha256"] = fingerprint["weights_sha256"]
         # Before the month-0 (or any) evaluation: on AVX512-BF16 CPUs bitsandbytes would repack the 4-bit weights,
         # cutting the next month's gradient and changing the evaluation's kernels (see `peft_selective.quantization`).
         keep_4bit_layers_trainable(model)
@@ -454,6 +698,7 @@ class Campaign:
                     f"The adapter of month {name!r} ({weights}) changed since it was trained (SHA-256 mismatch): the "
                     "file is corrupted or was replaced. Restore it, or rerun the campaign from that month."
                 )
+            self._verify_month(name, (layout.ADAPTERS_DIR,))  # adapter_config.json too: its alpha scales the update
             try:
                 if index == 0:
                     model = PeftModel.from_pretrained(model, folder, adapter_name=name, is_trainable=False)
@@ -486,30 +731,38 @@ class Campaign:
         test_data,
         test_fraction: float,
         validation_fraction: Optional[float] = None,
-    ) -> dict[str, Dataset]:
+    ) -> tuple[dict[str, Dataset], dict[str, Any]]:
         """The month's `train` and `test` splits (and `validation`, held out of the training rows with
-        `validation_fraction`, for the retention dial): split and written for a new month, read back when resuming."""
+        `validation_fraction`, for the retention dial): split, checked and written for a new month, read back when
+        resuming. Also returns what the month's `data` record says of the test split's cap."""
         folder = self.layout.data(name)
         entry = self.month(name)
         if entry is not None:  # resuming: the month's data is the stored one
+            self._verify_month(name, (layout.DATA_DIR,))
             has_validation = self.layout.split(name, "validation").is_file()
             names = ("train", "test", "validation") if has_validation else ("train", "test")
             splits = {split: Dataset.from_json(str(self.layout.split(name, split))) for split in names}
             if data is not None:
-                new = self._split(data, test_data, test_fraction)
+                new, _ = self._split(data, test_data, test_fraction)
                 if "validation" in splits:  # the same rows held out again (seeded)
                     new.update(self._hold_out(name, new["train"], rows=len(splits["validation"])))
+                new = {split: _without_source(dataset) for split, dataset in new.items()}
                 if _digest(new["train"]) != entry["data"]["train_sha256"]:
                     raise CampaignError(
                         f"Month {name!r} was started with other training data ({entry['data']['source']}); rerun it "
                         "without --data (or with the same data) to resume."
                     )
-            return splits
+            return splits, {}
         if data is None:
             raise CampaignError(f"Month {name!r} is new: pass its preference data (--data).")
-        splits = self._split(data, test_data, test_fraction)
+        try:
+            splits, sampling = self._split(data, test_data, test_fraction)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"Month {name!r} was not registered: {error}") from error
         if validation_fraction is not None:
             splits.update(self._hold_out(name, splits["train"], fraction=validation_fraction))
+        self._check_prompt_lengths(name, splits)
+        splits = {split: _without_source(dataset) for split, dataset in splits.items()}
         pool = self.knowledge_pool
         if pool["source"] != "builtin":  # the user's own items must not be about what the month trains on
             found = _overlapping(pool["items"], [list(splits["train"]), list(splits["test"])])
@@ -525,13 +778,15 @@ class Campaign:
             for split, dataset in splits.items():
                 _write_jsonl(self.layout.split(name, split), dataset)
         self._barrier()
-        return splits
+        return splits, sampling
 
-    def _split(self, data, test_data, test_fraction: float) -> dict[str, Dataset]:
-        train = data if isinstance(data, Dataset) else load_preference_data(data)
+    def _split(self, data, test_data, test_fraction: float) -> tuple[dict[str, Dataset], dict[str, Any]]:
+        """The train and test splits, with their `_SOURCE` column, every row checked; the test split capped at
+        `max_test_rows` (a seeded sample: every evaluation of every later month scores it, by generation)."""
+        train = _load_with_source(data)
         validate_preference_dataset(train, "train")
         if test_data is not None:
-            test = test_data if isinstance(test_data, Dataset) else load_preference_data(test_data)
+            test = _load_with_source(test_data)
         else:
             if not 0 < test_fraction < 1 or len(train) < 2:
                 raise ValueError(
@@ -540,7 +795,47 @@ class Campaign:
             parts = train.train_test_split(test_size=test_fraction, seed=self.config.seed)
             train, test = parts["train"], parts["test"]
         validate_preference_dataset(test, "test")
-        return {"train": train, "test": test}
+        sampling: dict[str, Any] = {}
+        cap = self.config.max_test_rows
+        if cap is not None and len(test) > cap:
+            sampling = {
+                "test_rows_given": len(test),
+                "test_sampled": f"{cap} of {len(test)} rows, sampled with seed {self.config.seed} (max_test_rows)",
+            }
+            logger.warning(
+                "The test split has %d rows: %d are kept, sampled with seed %d (max_test_rows; every later evaluation "
+                "scores them).",
+                len(test),
+                cap,
+                self.config.seed,
+            )
+            test = test.shuffle(seed=self.config.seed).select(range(cap))
+        return {"train": train, "test": test}, sampling
+
+    def _check_prompt_lengths(self, name: str, splits: dict[str, Dataset]) -> None:
+        """Refuse the month (before it is registered) when a prompt fills `max_length`: a training row would leave no
+        answer to train on, a test row would be scored as wrong forever. Names the rows by their line in the user's
+        file. Training rows may be dropped instead with the campaign's `drop_long_prompts` (the trainer logs them)."""
+        training = self.config.training
+        max_length = training.get("max_length")
+        if max_length is None or training.get("truncation_mode", "keep_start") != "keep_start":
+            return
+        tokenizer = self.load_tokenizer()
+        long = []
+        for split, dataset in splits.items():
+            if split != "test" and training.get("drop_long_prompts"):
+                continue
+            for row in dataset:
+                tokens = _prompt_tokens(tokenizer, row)
+                if tokens is not None and tokens >= max_length:
+                    long.append(f"{row[_SOURCE]} ({split}, {tokens} tokens)")
+        if long:
+            shown = "; ".join(long[:10]) + (f"; and {len(long) - 10} more" if len(long) > 10 else "")
+            raise CampaignError(
+                f"Month {name!r} was not registered: {len(long)} row(s) have a prompt of at least max_length="
+                f"{max_length} tokens (the campaign's, set at `init`), leaving no answer to train on or to score: "
+                f"{shown}. Shorten or remove these rows, then run the month again."
+            )
 
     def _hold_out(
         self, name: str, train: Dataset, fraction: Optional[float] = None, rows: Optional[int] = None
@@ -714,7 +1009,13 @@ class Campaign:
             raise CampaignError(f"Month {name!r} is already done; evaluate it with `eval`, or pick a new name.")
         pending = [month["name"] for month in self.months if month["status"] != "done" and month["name"] != name]
         if pending:
-            raise CampaignError(f"Month {pending[0]!r} was interrupted: run it again to finish it first.")
+            raise CampaignError(
+                f"Month {pending[0]!r} was interrupted: run it again to finish it first, or drop it with "
+                f"`continual-dpo abandon {pending[0]}`."
+            )
+        self.verify()
+        if entry is None:  # a resumed month may have updated them already (its Fisher, its rehearsal rows)
+            self._verify_shared()
         overrides = dict(
             health_check=health_check, max_perplexity_ratio=max_perplexity_ratio, max_kl_to_base=max_kl_to_base
         )
@@ -751,14 +1052,14 @@ class Campaign:
         user_calibration = self._user_calibration(name, entry, calibration_data)
         before = self._before_month(entry is None)
         holdout = retention["validation_fraction"] if retention and retention["scale"] == "auto" else None
-        splits = self._month_data(name, data, test_data, test_fraction, holdout)
+        splits, sampling = self._month_data(name, data, test_data, test_fraction, holdout)
         calibration_path = self.layout.calibration(name)
         if entry is None and user_calibration and self._is_main:
             atomic_write(calibration_path, "".join(json.dumps({"text": t}) + "\n" for t in user_calibration).encode())
         previous = self.done_months
         model, tokenizer = self.load_model()
         if self.state["base_fingerprint"] is None:
-            self.state["base_fingerprint"] = _base_fingerprint(model)
+            self.state["base_fingerprint"] = self._loaded_fingerprint
         if entry is None:
             source = data if isinstance(data, (str, Path)) else "in-memory Dataset"
             entry = {
@@ -770,8 +1071,10 @@ class Campaign:
                     "train_rows": len(splits["train"]),
                     "test_rows": len(splits["test"]),
                     "train_sha256": _digest(splits["train"]),
+                    **sampling,
                 },
             }
+            self._record(entry, *(self.layout.split(name, split) for split in splits), calibration_path)
             if "validation" in splits:
                 entry["data"]["validation_rows"] = len(splits["validation"])
             if retention is not None:
@@ -802,6 +1105,7 @@ class Campaign:
                 keep_offscope=True,  # the base's rate of every later month's style on the same off-scope prompts
             )
             self._save_evaluations()
+            self._record_evaluation(BASELINE)
         reference_path = self.layout.reference_logps(name)
         if not reference_path.exists() and self._is_main:  # the base's log-probs: R[t][name] is measured against them
             context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
@@ -816,6 +1120,10 @@ class Campaign:
                 before_path,
                 month_behaviour(model, tokenizer, splits["test"], self.month_spec(name), evaluation_config),
             )
+        if self._is_main:  # what was measured before the month, checked from now on (written atomically above)
+            recorded = entry.get("files", {})
+            self._record(entry, *(p for p in (reference_path, before_path) if self._relative(p) not in recorded))
+            self._save_state()
 
         self._barrier()
         run_dir = self.layout.runs(name)
@@ -890,12 +1198,16 @@ class Campaign:
             return entry
         self.evaluations[name] = evaluation
         self._save_evaluations()
+        self._record_evaluation(name)
         entry.update(
             status="done",
             finished_at=_now(),
             adapter_sha256=_sha256(self.layout.adapter_weights(name)),
             training={"train_loss": result.training_loss, "steps": result.global_step, **finish},
         )
+        adapter = self.layout.adapter(name)
+        self._record(entry, *(adapter / f for f in (*layout.ADAPTER_FILES, layout.GEOMETRY_REPORT_FILE)))
+        self.state["shared_files"] = self._shared_files()
         if health is not None:
             entry["health"] = health
         if dial is not None:
@@ -1097,6 +1409,25 @@ class Campaign:
             },
         }
 
+    def abandon(self, name: str) -> str:
+        """Drop the interrupted (or refused) month `name`: its checkpoints, data, adapter, card, rehearsal rows and
+        state entries, as a refused month's; the done months, the base's evaluation and fingerprint stay. Returns
+        what was done, in words."""
+        check_month_name(name)
+        entry = self.month(name)
+        if entry is None:
+            raise CampaignError(
+                f"There is no interrupted month {name!r} (months: {[m['name'] for m in self.months]})."
+            )
+        if entry["status"] == "done":
+            raise CampaignError(
+                f"Month {name!r} is done: only an interrupted month can be abandoned (a done month's adapter is "
+                "built on by the later ones)."
+            )
+        folders = dict.fromkeys((*layout.MONTH_FOLDERS, *layout.SHARED_FOLDERS), True)  # kept, even if empty
+        sentence = self._undo_month(name, {"new": False, "state": None, "evaluations": None, "folders": folders})
+        return sentence.replace("Fix the cause and run the month again with its data.", "").strip()
+
     def _undo_month(self, name: str, before: dict[str, Any]) -> str:
         """Remove every trace of the refused month `name` (main process): its checkpoints, data, adapter, card,
         buffer rows and Fisher, folders it created, then its entries in the state files (last, as every write of the
@@ -1134,6 +1465,7 @@ class Campaign:
                 atomic_write(evaluations_path, before["evaluations"])
         else:  # a resumed month: the campaign without it
             self.state["months"] = [month for month in self.months if month["name"] != name]
+            self.state.get("evaluations_sha256", {}).pop(name, None)
             self._save_state()
             if self.evaluations.pop(name, None) is not None:
                 self._save_evaluations()
@@ -1180,6 +1512,9 @@ class Campaign:
         if not done:
             raise CampaignError("No month is done yet: run one with `run-month`.")
         month = month or done[-1]
+        if month not in done:
+            raise CampaignError(f"Month {month!r} is not done (done: {done}).")
+        self.verify(skip_evaluations=[month])  # the month's evaluation is measured again
         model, tokenizer = self.load_model(upto=month)
         months = done[: done.index(month) + 1]
         evaluation = self._evaluate(model, tokenizer, months)
@@ -1191,6 +1526,8 @@ class Campaign:
             )
         self.evaluations[month] = evaluation
         self._save_evaluations()
+        self._record_evaluation(month)
+        self._save_state()
         return self.evaluations[month]
 
     def retention(self) -> dict[str, Any]:
@@ -1232,8 +1569,10 @@ class Campaign:
         months = self.done_months
         if not months:
             raise CampaignError("No month is done yet: nothing to report.")
+        self.verify()
         for name in months:
             self.write_card(name)
+        self._save_state()  # the cards' checksums
         return format_report(self.evaluations, months, **self.report_inputs(months))
 
     # ---------------------------------------------------------------------------------------------- cards & hub
@@ -1297,7 +1636,9 @@ class Campaign:
     def write_card(self, name: str) -> Path:
         from .model_card import render_model_card
 
-        return render_model_card(self.card_context(name), self.layout.card(name))
+        readme = render_model_card(self.card_context(name), self.layout.card(name))
+        self._record(self.month(name), *(self.layout.card(name) / f for f in layout.CARD_FILES))  # checked by `push`
+        return readme
 
     def push(self, repo_id: Optional[str] = None, dry_run: bool = False, token: Optional[str] = None) -> list[str]:
         from .hub import push_campaign
@@ -1305,6 +1646,7 @@ class Campaign:
         repo_id = repo_id or self.config.hub_repo
         if not repo_id:
             raise CampaignError("No Hub repo: pass one, or set `hub_repo` at `init`.")
+        self.verify()
         return push_campaign(self.directory, repo_id, dry_run=dry_run, token=token)
 
 

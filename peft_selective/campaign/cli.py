@@ -8,6 +8,7 @@ continual-dpo run-month 2025-07 --campaign_dir campaign --data july.parquet     
 continual-dpo eval --campaign_dir campaign                                      # re-evaluate the latest month
 continual-dpo report --campaign_dir campaign                                    # retention tables, cards
 continual-dpo push --campaign_dir campaign --repo_id me/my-adapters --dry_run   # what would be uploaded
+continual-dpo abandon 2025-07 --campaign_dir campaign                           # drop an interrupted month
 ```
 
 Every command takes `--config file.yaml` (keys: the command's options, as in TRL's CLI) and `--help`. The `init`
@@ -102,6 +103,11 @@ class RunMonthArguments(CampaignDirArguments):
 
 
 @dataclass
+class AbandonArguments(CampaignDirArguments):
+    name: Optional[str] = field(default=None, metadata={"help": "The month's name (also accepted as first argument)."})
+
+
+@dataclass
 class EvalArguments(CampaignDirArguments):
     month: Optional[str] = field(
         default=None, metadata={"help": "Evaluate the model after this month (default: last)."}
@@ -129,6 +135,7 @@ class PushArguments(CampaignDirArguments):
 COMMANDS = {
     "init": (InitArguments, "create a campaign directory"),
     "run-month": (RunMonthArguments, "train, evaluate and document one month (resumes an interrupted one)"),
+    "abandon": (AbandonArguments, "drop an interrupted month (its data, checkpoints and state entries)"),
     "eval": (EvalArguments, "evaluate the model after a month"),
     "report": (CampaignDirArguments, "print the retention tables and rewrite the model cards"),
     "push": (PushArguments, "upload every month's adapter and card to the Hub"),
@@ -143,7 +150,7 @@ def _usage() -> str:
 
 def _run(command: str, argv: list[str]) -> int:
     arguments_class, help_ = COMMANDS[command]
-    if command == "run-month" and argv and not argv[0].startswith("-"):
+    if command in ("run-month", "abandon") and argv and not argv[0].startswith("-"):
         argv = ["--name", *argv]
     parser = TrlParser((arguments_class,), prog=f"continual-dpo {command}", description=help_)
     (args,) = parser.parse_args_and_config(argv)
@@ -152,9 +159,9 @@ def _run(command: str, argv: list[str]) -> int:
         campaign = Campaign.init(args.campaign_dir, CampaignConfig.from_dict(values), overwrite=args.overwrite)
         print(f"Campaign created in {campaign.directory}.")
         return 0
-    if command == "run-month" and not args.name:
-        raise CampaignError("Name the month: `continual-dpo run-month NAME --data FILE`.")
-    month = getattr(args, "name" if command == "run-month" else "month", None)
+    if command in ("run-month", "abandon") and not args.name:
+        raise CampaignError(f"Name the month: `continual-dpo {command} NAME ...`.")
+    month = getattr(args, "name" if command in ("run-month", "abandon") else "month", None)
     if month is not None:
         check_month_name(month)
     campaign = Campaign(args.campaign_dir)
@@ -178,6 +185,8 @@ def _run(command: str, argv: list[str]) -> int:
         )
         print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
         print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))
+    elif command == "abandon":
+        print(campaign.abandon(args.name))
     elif command == "eval":
         tasks = [task for task in (args.lm_eval_tasks or "").split(",") if task.strip()]
         result = campaign.evaluate(

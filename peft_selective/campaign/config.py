@@ -314,6 +314,13 @@ class CampaignConfig:
         default=None,
         metadata={"help": "Month name -> its checks (list of specs or {checks, bleed_checks}), JSON or YAML."},
     )
+    max_test_rows: Optional[int] = field(
+        default=500,
+        metadata={
+            "help": "Most held-out pairs kept per month: a larger test split is sampled down (seeded, recorded with "
+            "the month), since every later evaluation generates an answer for each. None keeps them all."
+        },
+    )
     hub_repo: Optional[str] = field(default=None, metadata={"help": "Hub repo for `push`."})
     license: Optional[str] = field(default=None, metadata={"help": "License in the model cards' metadata."})
     health_check: bool = field(
@@ -369,6 +376,10 @@ class CampaignConfig:
             raise ValueError(f"`max_perplexity_ratio` must be >= 1, got {self.max_perplexity_ratio}.")
         if not self.max_kl_to_base > 0:
             raise ValueError(f"`max_kl_to_base` must be > 0, got {self.max_kl_to_base}.")
+        if self.max_test_rows is not None and not (isinstance(self.max_test_rows, int) and self.max_test_rows > 0):
+            raise ValueError(
+                f"`max_test_rows` must be a positive number of rows (or None), got {self.max_test_rows!r}."
+            )
         self.retention_scale = str(self.retention_scale).strip()
         self.retention_options()  # checks the retention options
         self.retention_scales = [float(s) for s in self.retention_scales]

@@ -22,19 +22,25 @@ Repo layout (what is written):
 
 Only the files above are uploaded (an allowlist): other files in the folders (PEFT's own adapter README, trainer state,
 `training_args.bin`, ...) stay local. Weights go up as safetensors only: an adapter folder holding a pickled
-`adapter_model.bin` is refused, since loading a pickle from the Hub can run arbitrary code.
+`adapter_model.bin` is refused, since loading a pickle from the Hub can run arbitrary code. Every uploaded file must be
+a regular file inside the campaign directory (no symbolic link on its way: a planted link would upload a file from
+elsewhere) whose SHA-256 matches the one the month recorded (`"files"` of its entry; a campaign.json of format 2 only
+recorded the adapter weights', `"adapter_sha256"`, which is then the one checked).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Optional, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..utils.io import sha256_file
 from .layout import (
     ADAPTER_FILES,
     CAMPAIGN_FILE,
@@ -42,9 +48,9 @@ from .layout import (
     CARDS_DIR,
     PICKLED_WEIGHTS,
     CampaignLayout,
+    check_month_name,
     hub_month,
     hub_path,
-    is_month_name,
 )
 
 
@@ -79,21 +85,64 @@ def _read_campaign(campaign_dir: Path) -> list[dict]:
     return months
 
 
-def done_months(campaign_dir: Union[str, Path]) -> list[str]:
-    """Names of the campaign's months with status `"done"`, in campaign order."""
-    campaign_dir = Path(campaign_dir)
-    names = [m["name"] for m in _read_campaign(campaign_dir) if m.get("status") == DONE]
+def _done_entries(campaign_dir: Path) -> list[dict]:
+    """The entries of the campaign's months with status `"done"`, in campaign order, their names checked."""
+    entries = [m for m in _read_campaign(campaign_dir) if m.get("status") == DONE]
+    names = [m["name"] for m in entries]
     for name in names:
         # Month names become folders of the repo: the campaign's month-name rule (one plain path segment each).
-        if not is_month_name(name):
-            raise CampaignPushError(f"Month name {name!r} in {CAMPAIGN_FILENAME} cannot be a repo folder name.")
+        try:
+            check_month_name(name, f" in {CAMPAIGN_FILENAME}")
+        except ValueError as error:
+            raise CampaignPushError(
+                f"{error} It cannot be a repo folder name: restore the file from a backup."
+            ) from None
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise CampaignPushError(f"{CAMPAIGN_FILENAME} lists the done month(s) {duplicates} more than once.")
-    return names
+    return entries
 
 
-def _adapter_files(campaign_dir: Path, month: str) -> list[Path]:
+def done_months(campaign_dir: Union[str, Path]) -> list[str]:
+    """Names of the campaign's months with status `"done"`, in campaign order."""
+    return [m["name"] for m in _done_entries(Path(campaign_dir))]
+
+
+def _checked(campaign_dir: Path, path: Path, entry: dict) -> Path:
+    """`path` if it is a regular file reached without a symbolic link from `campaign_dir`, whose SHA-256 is the one
+    the month recorded; else `CampaignPushError` naming the file."""
+    relative = path.relative_to(campaign_dir)
+    where = campaign_dir
+    for part in relative.parts:
+        where = where / part
+        if where.is_symlink():
+            raise CampaignPushError(
+                f"{where} is a symbolic link (to {os.readlink(where)}): push uploads only regular files inside the "
+                "campaign directory. Replace the link with the files themselves (or remove it), then push again."
+            )
+    if not stat.S_ISREG(path.lstat().st_mode):
+        raise CampaignPushError(f"{path} is not a regular file: push uploads only regular files.")
+    files = entry.get("files")
+    if files is None:  # campaign.json format 2: only the adapter weights were checksummed
+        recorded = entry.get("adapter_sha256") if path.name == ADAPTER_FILES[1] else None
+    else:
+        recorded = files.get(relative.as_posix())
+        if recorded is None:
+            raise CampaignPushError(
+                f"{relative.as_posix()} has no recorded SHA-256 in {CAMPAIGN_FILENAME}: it was not written by the "
+                "campaign. Write the cards with `continual-dpo report`, or rerun the month."
+            )
+    if recorded is not None and sha256_file(path) != recorded:
+        raise CampaignPushError(
+            f"{relative.as_posix()} changed since the campaign wrote it (SHA-256 mismatch): it is corrupted or was "
+            "edited, and `eval` would refuse it too. Restore it from a backup (or, for a card, run `continual-dpo "
+            "report`), then push again."
+        )
+    return path
+
+
+def _adapter_files(campaign_dir: Path, entry: dict) -> list[Path]:
+    month = entry["name"]
     folder = CampaignLayout(campaign_dir).adapter(month)
     if not folder.is_dir():
         raise CampaignPushError(
@@ -119,10 +168,11 @@ def _adapter_files(campaign_dir: Path, month: str) -> list[Path]:
                 f"files up into {folder}."
             )
         raise CampaignPushError(f"The {month} adapter folder {folder} has no {', '.join(missing)}.{hint}")
-    return [folder / name for name in ADAPTER_FILES]
+    return [_checked(campaign_dir, folder / name, entry) for name in ADAPTER_FILES]
 
 
-def _card_files(campaign_dir: Path, month: str) -> list[Path]:
+def _card_files(campaign_dir: Path, entry: dict) -> list[Path]:
+    month = entry["name"]
     folder = CampaignLayout(campaign_dir).card(month)
     missing = [name for name in CARD_FILES if not (folder / name).is_file()]
     if missing:
@@ -131,7 +181,7 @@ def _card_files(campaign_dir: Path, month: str) -> list[Path]:
             f"cards with `continual-dpo report` (it renders {'/'.join(CARD_FILES)} into {CARDS_DIR}/<month>/), then push "
             "again."
         )
-    return [folder / name for name in CARD_FILES]
+    return [_checked(campaign_dir, folder / name, entry) for name in CARD_FILES]
 
 
 def plan_push(campaign_dir: Union[str, Path], repo_id: str) -> list[tuple[Path, str]]:
@@ -139,7 +189,8 @@ def plan_push(campaign_dir: Union[str, Path], repo_id: str) -> list[tuple[Path, 
     latest done month again at the root. Reads nothing from the Hub.
 
     Raises:
-        `CampaignPushError`: no done month, or a done month's adapter or card is missing or pickled.
+        `CampaignPushError`: no done month, or a done month's adapter or card is missing, pickled, a symbolic link (or
+            behind one), or not the file the campaign recorded (SHA-256).
         `ValueError`: `repo_id` is not a valid Hub repo id.
     """
     try:
@@ -147,7 +198,7 @@ def plan_push(campaign_dir: Union[str, Path], repo_id: str) -> list[tuple[Path, 
     except HFValidationError as error:
         raise ValueError(f"{repo_id!r} is not a valid Hub repo id (expected 'name' or 'org/name'): {error}") from None
     campaign_dir = Path(campaign_dir)
-    months = done_months(campaign_dir)
+    months = _done_entries(campaign_dir)
     if not months:
         raise CampaignPushError(
             f"No month of {campaign_dir / CAMPAIGN_FILENAME} has status 'done': nothing to push. Train one with "
@@ -156,9 +207,9 @@ def plan_push(campaign_dir: Union[str, Path], repo_id: str) -> list[tuple[Path, 
     plan: list[tuple[Path, str]] = []
     latest: list[Path] = []
     # Check every month before returning anything: a push is all or nothing.
-    for month in months:
-        files = _adapter_files(campaign_dir, month) + _card_files(campaign_dir, month)
-        plan += [(path, hub_path(month, path.name)) for path in files]
+    for entry in months:
+        files = _adapter_files(campaign_dir, entry) + _card_files(campaign_dir, entry)
+        plan += [(path, hub_path(entry["name"], path.name)) for path in files]
         latest = files
     plan += [(path, hub_path(None, path.name)) for path in latest]
     return plan

@@ -20,8 +20,10 @@ campaign/
 Hub repository (`hub_path`): every done month under `months/<month>/` (its adapter files, card and plot), the latest
 done month's files again at the root.
 
-Month names (`check_month_name`, the rule of `peft_selective.utils.names`, shared with the rehearsal buffer) become folder names here and in the Hub repository: a letter or digit, then up to
-63 letters, digits, `.`, `_` or `-` (`MONTH_NAME_MAX_LENGTH` characters in all).
+Month names (`check_month_name`, the rule of `peft_selective.utils.names`, shared with the rehearsal buffer) become
+folder names here and in the Hub repository: a letter or digit, then up to 63 letters, digits, `.`, `_` or `-`
+(`MONTH_NAME_MAX_LENGTH` characters in all), and none of `RESERVED_MONTH_NAMES`. Every name read back from the state
+files is checked by the same rule, so a hand-edited file cannot point outside the directory.
 """
 
 from __future__ import annotations
@@ -30,7 +32,23 @@ from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
 from ..tuners.geometry.calibration import REPORT_FILENAME as GEOMETRY_REPORT_FILENAME
-from ..utils.names import MONTH_NAME_MAX_LENGTH, MONTH_NAME_PATTERN, check_month_name, is_month_name  # noqa: F401
+from ..utils.names import MONTH_NAME_MAX_LENGTH, MONTH_NAME_PATTERN, is_month_name  # noqa: F401
+from ..utils.names import check_month_name as check_name_rule
+
+
+#: Names a month cannot take: `month-0` is the base's entry of evaluations.json, `ref` TRL's reference adapter.
+BASELINE = "month-0"
+RESERVED_MONTH_NAMES = (BASELINE, "ref")
+
+
+def check_month_name(name: object, where: str = "") -> str:
+    """`name` if it follows the month-name rule and is not reserved (`RESERVED_MONTH_NAMES`), else `ValueError`."""
+    check_name_rule(name, where)
+    if name in RESERVED_MONTH_NAMES:
+        raise ValueError(
+            f"The month name {name!r} is reserved{where} (reserved: {list(RESERVED_MONTH_NAMES)}): pick another."
+        )
+    return name
 
 
 # ------------------------------------------------------------------------------------------------- file names

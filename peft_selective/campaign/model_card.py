@@ -43,6 +43,7 @@ Every problem with the context raises [`ModelCardContextError`] naming the key a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..evaluation.preference import average_accuracy, backward_transfer, retention_cells
+from ..utils.io import atomic_write
 from . import layout
 
 
@@ -712,7 +714,9 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    atomic_write(path, png.getvalue())  # replaces a link planted at `path` instead of writing through it
     return path
 
 
@@ -852,5 +856,5 @@ def render_model_card(
         limitations=_limitations(ctx),
     )
     readme = output_dir / layout.CARD_FILE
-    card.save(readme)
+    atomic_write(readme, str(card).encode("utf-8"))  # what `card.save` writes, never through a planted link
     return readme

@@ -159,6 +159,7 @@ def test_partial_or_mismatched_adapter_gives_a_clear_error(one_month_campaign, t
         state = json.loads((directory / "campaign.json").read_text())
         (month,) = [m for m in state["months"] if m["name"] == "m1"]
         month["adapter_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        month["files"]["adapters/m1/adapter_model.safetensors"] = month["adapter_sha256"]  # every checksum agrees
         (directory / "campaign.json").write_text(json.dumps(state))
 
     write({k: v for k, v in tensors.items() if k != first})

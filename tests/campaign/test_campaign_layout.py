@@ -158,7 +158,7 @@ def test_a_flat_campaign_json_loads_into_the_nested_config(tmp_path):
     # the next write stores the nested form, which reads back to the same config
     campaign._save_state()
     stored = json.loads(path.read_text())
-    assert stored["format_version"] == 2 and stored["config"]["training"]["kl_coef"] == 0.5
+    assert stored["format_version"] == 3 and stored["config"]["training"]["kl_coef"] == 0.5
     assert "learning_rate" not in stored["config"] and stored["config"]["rank"] is None
     assert Campaign(directory).config == config
     # the flat form and the nested one are the same config
