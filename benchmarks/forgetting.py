@@ -78,6 +78,7 @@ from benchmarks._common import (  # noqa: E402
     write_results,
 )
 from benchmarks.methods import peft_config  # noqa: E402
+from peft_selective.continual.config import RECOMMENDED_RETENTION  # noqa: E402
 
 
 log = prefixed_log("forgetting")
@@ -153,7 +154,7 @@ def continual_options(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     if "kl" in mechanisms:
         options["kl_coef"] = args.kl_coef
         if "shape_anchors" in mechanisms:
-            options["kl_anchor_kinds"] = ["general", "same_shape", "earlier_months"]
+            options["kl_anchor_kinds"] = list(RECOMMENDED_RETENTION["kl_anchor_kinds"])
     if "sft" in mechanisms:
         options["sft_weight"] = args.sft_weight
     if "boundary" in mechanisms:
@@ -964,10 +965,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--rehearsal-ratio", type=float, default=0.2, help="`ours`: the campaign default.")
-    p.add_argument("--kl-coef", type=float, default=0.1, help="`ours`: the campaign default.")
-    p.add_argument("--sft-weight", type=float, default=1.0, help="Weight of the SFT term (arms with 'sft').")
-    p.add_argument("--boundary-pairs", type=int, default=8, help="Boundary pairs a month (arms with 'boundary').")
+    recommended = RECOMMENDED_RETENTION
+    p.add_argument(
+        "--rehearsal-ratio",
+        type=float,
+        default=recommended["rehearsal_ratio"],
+        help="Share of rehearsed rows (arms with 'rehearsal').",
+    )
+    p.add_argument("--kl-coef", type=float, default=recommended["kl_coef"], help="Weight of the KL (arms with 'kl').")
+    p.add_argument(
+        "--sft-weight", type=float, default=recommended["sft_weight"], help="Weight of the SFT term (arms with 'sft')."
+    )
+    p.add_argument(
+        "--boundary-pairs",
+        type=int,
+        default=recommended["boundary_pairs"],
+        help="Boundary pairs a month (arms with 'boundary').",
+    )
     p.add_argument(
         "--fixed-lr",
         type=float,

@@ -40,6 +40,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import statistics
@@ -78,16 +79,11 @@ from benchmarks._common import (  # noqa: E402
     start_peak_window,
 )
 from benchmarks.methods import peft_config  # noqa: E402
+from peft_selective.continual.config import RECOMMENDED_RETENTION  # noqa: E402
 
 
 #: The recommended retention terms (`ContinualDPOConfig` fields), measured by the `ours` arm. `--recipe` overrides.
-RECOMMENDED: dict[str, Any] = {
-    "rehearsal_ratio": 0.2,
-    "kl_coef": 0.1,
-    "kl_anchor_kinds": ["general", "same_shape", "earlier_months"],
-    "sft_weight": 1.0,
-    "boundary_pairs": 8,
-}
+RECOMMENDED: dict[str, Any] = copy.deepcopy(RECOMMENDED_RETENTION)
 #: The bars of the requirement: ours / plain.
 TIME_BAR = 1.5
 MEMORY_BAR = 1.2

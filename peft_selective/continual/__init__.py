@@ -6,7 +6,7 @@ Needs the `[trl]` extra (`pip install "peft-selective[trl]"`).
 """
 
 from .anchors import AnchorSet, anchor_kl, general_anchor_prompts, shape_variant_prompts
-from .config import ContinualDPOConfig
+from .config import RECOMMENDED_RETENTION, ContinualDPOConfig
 from .ewc import FisherState, estimate_fisher, ewc_penalty
 from .health import ModelHealthError
 from .preference_data import PreferenceDataError, check_preference_row, validate_preference_dataset
@@ -16,6 +16,7 @@ from .trainer import ContinualDPOTrainer
 
 
 __all__ = [
+    "RECOMMENDED_RETENTION",
     "AnchorSet",
     "ContinualDPOConfig",
     "ContinualDPOTrainer",

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from trl import DPOConfig
 
 from .anchors import ANCHOR_KINDS
+
+
+#: The retention terms we recommend (`ContinualDPOConfig` fields): rehearsal scored against each pair's own month, the
+#: KL to the month t−1 model on general, same-shape and earlier-month anchors, an SFT term on the chosen answers and
+#: boundary pairs. The protocol-2 benchmark's `ours` arm (`benchmarks/forgetting.py`, results in
+#: `benchmarks/results/forgetting.md`) measures this set; `ContinualDPOConfig(**RECOMMENDED_RETENTION, ...)` uses it.
+RECOMMENDED_RETENTION: dict[str, Any] = {
+    "rehearsal_ratio": 0.2,
+    "rehearsal_reference": "own_month",
+    "kl_coef": 0.1,
+    "kl_anchor_kinds": ["general", "same_shape", "earlier_months"],
+    "sft_weight": 1.0,
+    "boundary_pairs": 8,
+}
 
 
 @dataclass
