@@ -571,12 +571,10 @@ class Campaign:
         """Check the month's recorded files in `folders` (cards are outputs: `report` rewrites them, `push` checks
         them). A format-2 month only recorded its adapter weights (`adapter_sha256`)."""
         entry = self.month(name)
-        files = entry.get("files")
-        if files is None:
-            weights = self.layout.adapter_weights(name)
-            if entry.get("adapter_sha256") and layout.ADAPTERS_DIR in folders and weights.is_file():
-                self._check_file(self._relative(weights), entry["adapter_sha256"], f"month {name!r}'s adapter")
-            return
+        files = entry.get("files") or {}
+        weights = self._relative(self.layout.adapter_weights(name))
+        if weights not in files and entry.get("adapter_sha256") and layout.ADAPTERS_DIR in folders:
+            self._check_file(weights, entry["adapter_sha256"], f"month {name!r}'s adapter")  # a format-2 month
         for relative, recorded in files.items():
             if PurePosixPath(relative).parts[0] in folders:
                 self._check_file(relative, recorded, f"month {name!r}")
@@ -1425,8 +1423,9 @@ class Campaign:
                 "built on by the later ones)."
             )
         folders = dict.fromkeys((*layout.MONTH_FOLDERS, *layout.SHARED_FOLDERS), True)  # kept, even if empty
-        sentence = self._undo_month(name, {"new": False, "state": None, "evaluations": None, "folders": folders})
-        return sentence.replace("Fix the cause and run the month again with its data.", "").strip()
+        return f"Month {name!r} abandoned. " + self._undo_month(
+            name, {"new": False, "state": None, "evaluations": None, "folders": folders}
+        )
 
     def _undo_month(self, name: str, before: dict[str, Any]) -> str:
         """Remove every trace of the refused month `name` (main process): its checkpoints, data, adapter, card,

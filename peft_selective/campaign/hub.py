@@ -122,16 +122,17 @@ def _checked(campaign_dir: Path, path: Path, entry: dict) -> Path:
             )
     if not stat.S_ISREG(path.lstat().st_mode):
         raise CampaignPushError(f"{path} is not a regular file: push uploads only regular files.")
-    files = entry.get("files")
-    if files is None:  # campaign.json format 2: only the adapter weights were checksummed
-        recorded = entry.get("adapter_sha256") if path.name == ADAPTER_FILES[1] else None
-    else:
-        recorded = files.get(relative.as_posix())
-        if recorded is None:
-            raise CampaignPushError(
-                f"{relative.as_posix()} has no recorded SHA-256 in {CAMPAIGN_FILENAME}: it was not written by the "
-                "campaign. Write the cards with `continual-dpo report`, or rerun the month."
-            )
+    files = entry.get("files") or {}
+    # A month done under campaign.json format 2 recorded only its adapter weights' checksum (`adapter_sha256`).
+    legacy = CampaignLayout(Path()).adapter_weights(entry["name"]).as_posix() not in files
+    recorded = files.get(relative.as_posix())
+    if recorded is None and path.name == ADAPTER_FILES[1]:
+        recorded = entry.get("adapter_sha256")
+    if recorded is None and not legacy:
+        raise CampaignPushError(
+            f"{relative.as_posix()} has no recorded SHA-256 in {CAMPAIGN_FILENAME}: it was not written by the "
+            "campaign. Write the cards with `continual-dpo report`, or rerun the month."
+        )
     if recorded is not None and sha256_file(path) != recorded:
         raise CampaignPushError(
             f"{relative.as_posix()} changed since the campaign wrote it (SHA-256 mismatch): it is corrupted or was "

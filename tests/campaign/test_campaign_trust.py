@@ -282,3 +282,32 @@ def test_state_files_follow_the_umask(tmp_path, base_dir):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((directory / "campaign.json").stat().st_mode) == 0o644
+
+
+def test_a_format_2_campaign_is_read_and_upgraded(done, tmp_path, capsys):
+    """campaign.json of format 2 recorded only the adapter weights' checksum and the base's shapes: it still reports
+    and pushes (its weights still checked), and the next write records the rest."""
+    directory = copy_of(done, tmp_path)
+    state = json.loads((directory / "campaign.json").read_text())
+    for key in ("config_sha256", "evaluations_sha256", "shared_files"):
+        state.pop(key)
+    state["format_version"] = 2
+    state["base_fingerprint"].pop("weights_sha256")
+    for month in state["months"]:
+        month.pop("files")
+    (directory / "campaign.json").write_text(json.dumps(state))
+    assert cli("report", "--campaign_dir", directory) == 0
+    assert cli("push", "--campaign_dir", directory, "--repo_id", "me/adapters", "--dry_run") == 0
+    capsys.readouterr()
+    weights = directory / "adapters" / "m1" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original + b" ")
+    assert cli("push", "--campaign_dir", directory, "--repo_id", "me/adapters", "--dry_run") == 2
+    assert "SHA-256" in capsys.readouterr().err
+    weights.write_bytes(original)
+    campaign = Campaign(directory)
+    campaign.load_base()
+    campaign._save_state()
+    upgraded = json.loads((directory / "campaign.json").read_text())
+    assert upgraded["format_version"] == 3 and "config_sha256" in upgraded
+    assert "weights_sha256" in upgraded["base_fingerprint"]
