@@ -9,6 +9,14 @@ previous consistent state, and `run_month` with the same month continues from th
 trained by [`ContinualDPOTrainer`] on top of the adapters of months 1..t−1, loaded from `adapters/` and checked
 against their recorded SHA-256.
 
+What the directory is trusted with (`Campaign.verify`): campaign.json records the SHA-256 of every file the campaign
+relies on (each month's splits, reference log-probs, behaviour before it, calibration text, adapter config and
+weights, geometry report and card; each evaluations.json entry; the config; the rehearsal buffer's and the Fisher's
+files as the last done month left them) and a fingerprint of the base model (its shapes, and a hash of
+`FINGERPRINT_ELEMENTS` evenly spaced elements of every tensor). A command refuses a file that changed, is missing or
+is reached through a symbolic link, naming it. campaign.json itself is not checksummed: an edit of it that keeps it
+consistent is not detected (its month names and config are still checked).
+
 A month is only recorded when the model is healthy (`peft_selective.continual.health`, options `health_check`, `max_perplexity_ratio`,
 `max_kl_to_base`): a non-finite loss or vanished gradients in training, or non-finite metrics, an exploded
 reference-text perplexity or KL to the base in its evaluation, refuse it with `ModelHealthError`. The month's
