@@ -50,7 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..continual.ewc import FISHER_METADATA
 from ..continual.health import ModelHealthError, check_evaluation
-from ..continual.preference_data import validate_preference_dataset
+from ..continual.preference_data import PreferenceDataError, preference_row_problem, validate_preference_dataset
 from ..continual.rehearsal import RehearsalBuffer
 from ..continual.trainer import ContinualDPOTrainer
 from ..evaluation.preference import retention_cells
@@ -220,7 +220,8 @@ _SOURCE = "__source__"
 
 def _read_jsonl(path: Path) -> Dataset:
     """A JSONL file's rows, each with its `_SOURCE` line; a clear error names an empty file or the first line that is
-    not UTF-8, not JSON or not an object."""
+    not UTF-8, not JSON or not an object (or, when the rows cannot share one schema, the first malformed row's line).
+    Every row's keys are columns, a row without one holding None there."""
     rows, lines = [], []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
@@ -244,9 +245,15 @@ def _read_jsonl(path: Path) -> Dataset:
         lines.append(f"{path}, line {number}")
     if not rows:
         raise ValueError(f"{path} holds no rows: a month needs preference pairs, one JSON object per line.")
+    columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys (`from_list` keeps the first's)
     try:
-        dataset = Dataset.from_list(rows)
+        dataset = Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
     except Exception as error:  # noqa: BLE001 - pyarrow raises many kinds on rows of different shapes
+        chosen = next((row["chosen"] for row in rows if row.get("chosen") is not None), None)
+        for row, where in zip(rows, lines):  # a DPO field of another type or format than the first row's: its line
+            problem = preference_row_problem(row, isinstance(chosen, list))
+            if problem:
+                raise PreferenceDataError(f"{where}: {problem}. Fix or remove this row.") from None
         raise ValueError(
             f"{path}: the rows do not share one schema ({error}); give every line the same fields."
         ) from error
@@ -790,7 +797,7 @@ class Campaign:
         """The train and test splits, with their `_SOURCE` column, every row checked; the test split capped at
         `max_test_rows` (a seeded sample: every evaluation of every later month scores it, by generation)."""
         train = _load_with_source(data)
-        validate_preference_dataset(train, "train")
+        validate_preference_dataset(train, "train", row_names=train[_SOURCE])
         if test_data is not None:
             test = _load_with_source(test_data)
         else:
@@ -800,7 +807,7 @@ class Campaign:
                 )
             parts = train.train_test_split(test_size=test_fraction, seed=self.config.seed)
             train, test = parts["train"], parts["test"]
-        validate_preference_dataset(test, "test")
+        validate_preference_dataset(test, "test", row_names=test[_SOURCE])
         sampling: dict[str, Any] = {}
         cap = self.config.max_test_rows
         if cap is not None and len(test) > cap:

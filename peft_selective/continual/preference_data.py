@@ -120,9 +120,18 @@ def check_preference_row(row: Any, where: str, conversational: bool | None = Non
         raise PreferenceDataError(f"{where}: {problem}.")
 
 
-def validate_preference_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> int:
+def validate_preference_dataset(
+    dataset: Dataset | IterableDataset, name: str = "train", row_names: Sequence[str] | None = None
+) -> int:
     """Check every row of a map-style dataset (an `IterableDataset` only has its first row checked, since reading it
-    would consume it); raise [`PreferenceDataError`] naming the offending rows. Returns the number of rows."""
+    would consume it); raise [`PreferenceDataError`] naming the offending rows. Returns the number of rows.
+
+    Args:
+        dataset: the preference dataset.
+        name (`str`): how the error names the dataset (`"The train dataset ..."`).
+        row_names (`Sequence[str]`, *optional*): how the error names each row of a map-style dataset, e.g.
+            `"june.jsonl, line 4"` for rows read from a file (the campaign does); default `"row <index>"`.
+    """
     if isinstance(dataset, IterableDataset):
         first = next(iter(dataset), None)
         if first is None:
@@ -137,7 +146,7 @@ def validate_preference_dataset(dataset: Dataset | IterableDataset, name: str = 
     _check_columns(dataset.column_names, name)
     if "input_ids" in dataset.column_names or "chosen_ids" in dataset.column_names:
         return len(dataset)  # already tokenized: TRL leaves it as it is
-    _check_rows(dataset, name)
+    _check_rows(dataset, name, row_names)
     return len(dataset)
 
 
@@ -153,21 +162,25 @@ def _check_columns(columns: Sequence[str], name: str) -> None:
         )
 
 
-def _check_rows(rows: Any, name: str) -> None:
+def _check_rows(rows: Any, name: str, row_names: Sequence[str] | None = None) -> None:
     problems: list[str] = []
     conversational = None
     for index, row in enumerate(rows):
-        if conversational is None:
-            conversational = isinstance(row.get("chosen"), list)
+        if conversational is None and row.get("chosen") is not None:  # the first row that has a 'chosen' sets it
+            conversational = isinstance(row["chosen"], list)
         problem = preference_row_problem(row, conversational)
         if problem:
-            problems.append(f"row {index}: {problem}")
+            problems.append(f"{row_names[index] if row_names is not None else f'row {index}'}: {problem}")
         if len(problems) > _SHOWN:
             break
     if problems:
         shown = "\n  ".join(problems[:_SHOWN])
         more = " (and more)" if len(problems) > _SHOWN else ""
+        fix = (
+            "Fix or remove these rows"
+            if row_names is not None
+            else "Fix or filter these rows, e.g. `dataset.filter(lambda row: row['chosen'] and row['rejected'])`"
+        )
         raise PreferenceDataError(
-            f"The {name} dataset has malformed preference rows{more}:\n  {shown}\nFix or filter these rows, e.g. "
-            "`dataset.filter(lambda row: row['chosen'] and row['rejected'])`; nothing was dropped."
+            f"The {name} dataset has malformed preference rows{more}:\n  {shown}\n{fix}; nothing was dropped."
         )

@@ -311,3 +311,69 @@ def test_a_format_2_campaign_is_read_and_upgraded(done, tmp_path, capsys):
     upgraded = json.loads((directory / "campaign.json").read_text())
     assert upgraded["format_version"] == 3 and "config_sha256" in upgraded
     assert "weights_sha256" in upgraded["base_fingerprint"]
+
+
+def _write_lines(path: Path, items: list) -> Path:
+    """A JSONL file of `items`: a row dict is written as JSON, a string as it is (blank lines)."""
+    path.write_text("".join((json.dumps(item) if isinstance(item, dict) else item) + "\n" for item in items))
+    return path
+
+
+def _malformed(row: dict, kind: str) -> dict:
+    row = json.loads(json.dumps(row))
+    if kind == "empty chosen":
+        row["chosen"][0]["content"] = ""
+    elif kind == "identical":
+        row["rejected"] = row["chosen"]
+    elif kind == "missing rejected":
+        del row["rejected"]
+    elif kind == "plain text in a conversational file":
+        row["chosen"] = "yes"
+    elif kind == "wrong type":
+        row["prompt"] = 5
+    return row
+
+
+_PROBLEMS = {
+    "empty chosen": "'chosen' has a 'assistant' message with empty content",
+    "identical": "'chosen' and 'rejected' are identical",
+    "missing rejected": "'rejected' is missing",
+    "plain text in a conversational file": "'chosen' is a str, but the dataset is conversational",
+    "wrong type": "'prompt' is a int, but the dataset is conversational",
+}
+
+
+@pytest.mark.parametrize("kind", list(_PROBLEMS))
+def test_malformed_train_rows_are_named_by_their_line_before_registration(tmp_path, base_dir, data_dir, capsys, kind):
+    """Issue #16 item 4: a malformed row is named by its line in the user's file (blank lines count, as an editor
+    counts them), not by a row index, and the month is not registered."""
+    directory = _fresh(tmp_path, base_dir)
+    state = (directory / "campaign.json").read_bytes()
+    rows = _rows(data_dir / "m1.jsonl")
+    items = ["", rows[0], "  ", "", rows[1], rows[2], _malformed(rows[3], kind), *rows[4:]]  # the bad row: line 7
+    train = _write_lines(tmp_path / "train.jsonl", items)
+    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", train) == 2
+    err = capsys.readouterr().err
+    assert f"{train}, line 7: {_PROBLEMS[kind]}" in err and "was not registered" in err, err
+    assert "row 3" not in err and "row 4" not in err, err
+    assert (directory / "campaign.json").read_bytes() == state
+    assert not (directory / "data" / "m1").exists()
+
+
+def test_malformed_test_rows_are_named_by_their_line_before_registration(tmp_path, base_dir, data_dir, capsys):
+    """The same for the test file (`--test_data`), the bad row in the middle or first after blank lines."""
+    directory = _fresh(tmp_path, base_dir)
+    state = (directory / "campaign.json").read_bytes()
+    rows = _rows(data_dir / "m1.jsonl")
+    for kind, before, after in (
+        ("identical", [rows[0], "", "", rows[1]], [rows[3]]),
+        ("plain text in a conversational file", ["", rows[0], " "], [rows[3]]),
+        ("missing rejected", ["", ""], [rows[3], rows[4]]),  # the file's first row
+    ):
+        test = _write_lines(tmp_path / "test.jsonl", [*before, _malformed(rows[2], kind), *after])
+        args = ("--data", data_dir / "m1.jsonl", "--test_data", test)
+        assert cli("run-month", "m1", "--campaign_dir", directory, *args) == 2
+        err = capsys.readouterr().err
+        assert f"{test}, line {len(before) + 1}: {_PROBLEMS[kind]}" in err and "was not registered" in err, err
+        assert (directory / "campaign.json").read_bytes() == state
+        assert not (directory / "data" / "m1").exists()
