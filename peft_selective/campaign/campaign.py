@@ -22,6 +22,13 @@ A month is only recorded when the model is healthy (`peft_selective.continual.he
 reference-text perplexity or KL to the base in its evaluation, refuse it with `ModelHealthError`. The month's
 adapter, rehearsal rows and Fisher are written only after its evaluation passed, and a refused month's data,
 checkpoints and state entries are removed: the directory is left as before the month.
+
+One command at a time (`Campaign.lock`): every command that changes the directory (`init`, `run_month`, `evaluate`,
+`report`, `push`, `abandon`) holds its exclusive lock, `.lock` (`peft_selective.utils.lock`), from start to end, and
+reads the state under it; a second command is refused, naming the holder (pid, host, start time, command). A lock
+left by a crashed process on this host is taken over; one whose holder cannot be proven gone (another host, a
+filesystem without `flock`) is broken with `continual-dpo unlock`. A resumed month continues from its last complete
+checkpoint (`peft_selective.continual.trainer.last_complete_checkpoint`: one cut by a kill or a full disk is skipped).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -46,13 +54,12 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..continual.ewc import FISHER_METADATA
 from ..continual.health import ModelHealthError, check_evaluation
 from ..continual.preference_data import PreferenceDataError, preference_row_problem, validate_preference_dataset
 from ..continual.rehearsal import RehearsalBuffer
-from ..continual.trainer import ContinualDPOTrainer
+from ..continual.trainer import ContinualDPOTrainer, last_complete_checkpoint
 from ..evaluation.preference import retention_cells
 from ..evaluation.suites import (
     bleed_table,
@@ -71,6 +78,7 @@ from ..evaluation.suites import (
 )
 from ..quantization import keep_4bit_layers_trainable
 from ..utils.io import atomic_write, atomic_write_json, is_json_serializable, sha256_file
+from ..utils.lock import DirectoryLock, DirectoryLockedError
 from . import layout
 from .config import EMBEDDED, FLAT_OPTIONS, CampaignConfig, normalize_checks
 from .layout import BASELINE, CampaignLayout, check_month_name
@@ -449,6 +457,18 @@ def _knowledge_pool(config: CampaignConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- the campaign
+def _exclusive(method):
+    """Make `method` a command of the campaign that holds its lock from start to end ([`Campaign.lock`])."""
+
+    @functools.wraps(method)
+    def command(self, *args, **kwargs):
+        month = f" {args[0]}" if args and isinstance(args[0], str) else ""
+        with self.lock(f"{method.__name__}{month}"):
+            return method(self, *args, **kwargs)
+
+    return command
+
+
 class Campaign:
     """A campaign directory (see the module docstring). Open one with `Campaign(dir)`, create one with
     [`Campaign.init`]."""
@@ -498,24 +518,28 @@ class Campaign:
                 "(its months, evaluations, adapters, cards, rehearsal buffer and Fisher are deleted)."
             )
         pool = _knowledge_pool(config)  # before anything is written: a bad --knowledge_data file leaves no trace
-        if overwrite:  # the old state must not leak into the new campaign (its base evaluation, Fisher, buffer...)
-            for path in [paths.evaluations_file] + [
-                paths.folder(name) for name in (*layout.MONTH_FOLDERS, *layout.SHARED_FOLDERS)
-            ]:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            "format_version": FORMAT_VERSION,
-            "created_at": _now(),
-            "config": config.to_dict(),
-            "base_fingerprint": None,
-            "knowledge_pool": pool,
-            "months": [],
-        }
-        atomic_write_json(CampaignLayout(directory).campaign_file, state)
+        with DirectoryLock(directory, "init", "campaign directory"):  # not while a command runs, nor two inits
+            if paths.campaign_file.exists() and not overwrite:
+                raise CampaignError(
+                    f"{directory} already holds a campaign (created meanwhile); pick another directory."
+                )
+            if overwrite:  # the old state must not leak into the new campaign (its base evaluation, Fisher, buffer...)
+                for path in [paths.evaluations_file] + [
+                    paths.folder(name) for name in (*layout.MONTH_FOLDERS, *layout.SHARED_FOLDERS)
+                ]:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    elif path.exists() or path.is_symlink():
+                        path.unlink()
+            state = {
+                "format_version": FORMAT_VERSION,
+                "created_at": _now(),
+                "config": config.to_dict(),
+                "base_fingerprint": None,
+                "knowledge_pool": pool,
+                "months": [],
+            }
+            atomic_write_json(CampaignLayout(directory).campaign_file, state)
         return cls(directory)
 
     # ---------------------------------------------------------------------------------------------- state
@@ -537,6 +561,32 @@ class Campaign:
 
     def _barrier(self) -> None:
         PartialState().wait_for_everyone()
+
+    @contextlib.contextmanager
+    def lock(self, command: str):
+        """Hold the campaign directory's exclusive lock (`peft_selective.utils.lock`) for `command`, and re-read the
+        state under it, so that nothing another command committed before is overwritten. The main process takes it;
+        when another command holds it, every process raises `DirectoryLockedError` naming the holder. Reentrant."""
+        depth = getattr(self, "_lock_depth", 0)
+        lock = DirectoryLock(self.directory, command, "campaign directory")
+        refusal = None
+        if self._is_main:
+            try:
+                lock.acquire()
+            except DirectoryLockedError as error:
+                refusal = str(error)
+        (refusal,) = broadcast_object_list([refusal])  # every process goes on, or stops, together
+        if refusal is not None:
+            raise DirectoryLockedError(refusal)
+        try:
+            if depth == 0:  # the outermost command: the state as the last command left it
+                vars(self).update(vars(type(self)(self.directory)))
+            self._lock_depth = depth + 1
+            yield self
+        finally:
+            self._lock_depth = depth
+            if self._is_main:
+                lock.release()
 
     def _save_state(self) -> None:
         if self._is_main:
@@ -951,6 +1001,7 @@ class Campaign:
         return {name: _read_json(self.layout.reference_logps(name), "reference") for name in months}
 
     # ---------------------------------------------------------------------------------------------- a month
+    @_exclusive
     def run_month(
         self,
         name: str,
@@ -1163,7 +1214,7 @@ class Campaign:
                         f"text with --calibration_data). {self._undo_month(name, before)}"
                     ) from error
                 raise
-        checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        checkpoint = last_complete_checkpoint(run_dir)  # one cut by a kill or a full disk is skipped, with a warning
         if checkpoint:
             logger.info("Month %r resumes from %s.", name, checkpoint)
         try:
@@ -1422,6 +1473,7 @@ class Campaign:
             },
         }
 
+    @_exclusive
     def abandon(self, name: str) -> str:
         """Drop the interrupted (or refused) month `name`: its checkpoints, data, adapter, card, rehearsal rows and
         state entries, as a refused month's; the done months, the base's evaluation and fingerprint stay. Returns
@@ -1508,6 +1560,7 @@ class Campaign:
             saved.rename(target)
 
     # ---------------------------------------------------------------------------------------------- evaluation
+    @_exclusive
     def evaluate(
         self,
         month: Optional[str] = None,
@@ -1578,6 +1631,7 @@ class Campaign:
                 notes.append(f"Month {name}: bleed not measured ({spec['style_note'] or 'no style test'}).")
         return {"surviving": survivors, "before": self._before_behaviour(months), "notes": notes}
 
+    @_exclusive
     def report(self) -> str:
         """The retention matrix and the general-ability table as markdown (and every month's card rewritten)."""
         months = self.done_months
@@ -1654,6 +1708,7 @@ class Campaign:
         self._record(self.month(name), *(self.layout.card(name) / f for f in layout.CARD_FILES))  # checked by `push`
         return readme
 
+    @_exclusive
     def push(self, repo_id: Optional[str] = None, dry_run: bool = False, token: Optional[str] = None) -> list[str]:
         from .hub import push_campaign
 

@@ -9,7 +9,13 @@ continual-dpo eval --campaign_dir campaign                                      
 continual-dpo report --campaign_dir campaign                                    # retention tables, cards
 continual-dpo push --campaign_dir campaign --repo_id me/my-adapters --dry_run   # what would be uploaded
 continual-dpo abandon 2025-07 --campaign_dir campaign                           # drop an interrupted month
+continual-dpo unlock --campaign_dir campaign                                    # break a stale lock
 ```
+
+One command runs on a campaign at a time: each holds the directory's lock (`peft_selective.utils.lock`) and a
+second one is refused, naming the holder. A lock left by a crashed process on this machine is taken over by the next
+command; one recorded by another host (or on a filesystem without `flock`) stays until `unlock` breaks it: run it
+only once you know that holder is gone. `unlock` refuses while a live process on this machine holds the lock.
 
 Every command takes `--config file.yaml` (keys: the command's options, as in TRL's CLI) and `--help`. The `init`
 options are `CampaignConfig`'s flat options (`peft_selective.campaign.config.FLAT_OPTIONS`): the config's own fields
@@ -30,9 +36,10 @@ from trl import TrlParser
 
 from ..continual.health import ModelHealthError
 from ..continual.preference_data import PreferenceDataError
+from ..utils.lock import LOCK_FILE, DirectoryLock, DirectoryLockedError, describe_holder
 from .campaign import Campaign, CampaignError, format_report
 from .config import CampaignConfig
-from .layout import check_month_name
+from .layout import CampaignLayout, check_month_name
 
 
 @dataclass
@@ -132,6 +139,13 @@ class PushArguments(CampaignDirArguments):
     token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the cached login)."})
 
 
+@dataclass
+class UnlockArguments(CampaignDirArguments):
+    force: bool = field(
+        default=False, metadata={"help": "Break the lock even while a process on this machine holds it."}
+    )
+
+
 COMMANDS = {
     "init": (InitArguments, "create a campaign directory"),
     "run-month": (RunMonthArguments, "train, evaluate and document one month (resumes an interrupted one)"),
@@ -139,6 +153,7 @@ COMMANDS = {
     "eval": (EvalArguments, "evaluate the model after a month"),
     "report": (CampaignDirArguments, "print the retention tables and rewrite the model cards"),
     "push": (PushArguments, "upload every month's adapter and card to the Hub"),
+    "unlock": (UnlockArguments, "break the stale lock a crashed command left (campaign, buffer, Fisher)"),
 }
 
 
@@ -146,6 +161,17 @@ def _usage() -> str:
     lines = ["usage: continual-dpo <command> [--help] [--config file.yaml] [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _unlock(directory: str, force: bool) -> str:
+    """Break the locks of the campaign directory and of its rehearsal buffer and Fisher store; says what it broke."""
+    paths = CampaignLayout(directory)
+    broken = []
+    for folder in (paths.root, paths.buffer, paths.fisher):
+        holder = DirectoryLock.break_lock(folder, force=force)
+        if holder is not None:
+            broken.append(f"Removed the lock {folder / LOCK_FILE} of {describe_holder(holder)}.")
+    return "\n".join(broken) or f"No lock in {paths.root}: nothing to break."
 
 
 def _run(command: str, argv: list[str]) -> int:
@@ -158,6 +184,9 @@ def _run(command: str, argv: list[str]) -> int:
         values = {key: value for key, value in vars(args).items() if key not in ("campaign_dir", "overwrite")}
         campaign = Campaign.init(args.campaign_dir, CampaignConfig.from_dict(values), overwrite=args.overwrite)
         print(f"Campaign created in {campaign.directory}.")
+        return 0
+    if command == "unlock":
+        print(_unlock(args.campaign_dir, args.force))
         return 0
     if command in ("run-month", "abandon") and not args.name:
         raise CampaignError(f"Name the month: `continual-dpo {command} NAME ...`.")
@@ -218,7 +247,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         return _run(argv[0], argv[1:])
-    except (CampaignError, PreferenceDataError, ModelHealthError, FileNotFoundError, ValueError) as error:
+    except (
+        CampaignError,
+        DirectoryLockedError,
+        PreferenceDataError,
+        ModelHealthError,
+        FileNotFoundError,
+        ValueError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -44,7 +44,7 @@ class DirectoryLockedError(RuntimeError):
     """Another process holds the lock of the directory (or held it and cannot be proven gone)."""
 
 
-def _describe(holder: Optional[dict[str, Any]]) -> str:
+def describe_holder(holder: Optional[dict[str, Any]]) -> str:
     if not holder:
         return "a process that left no record (it died while taking the lock, or the file was emptied)"
     command = f" running `{holder['command']}`" if holder.get("command") else ""
@@ -161,14 +161,14 @@ class DirectoryLock:
             holder = _read_holder(path)
             if _try_flock(fd) is False and not force:
                 raise DirectoryLockedError(
-                    f"{path} is held by a live process: {_describe(holder)}. Stop that process (or let it finish) "
+                    f"{path} is held by a live process: {describe_holder(holder)}. Stop that process (or let it finish) "
                     "instead of breaking its lock."
                 )
             if _same_file(fd, path):
                 os.unlink(path)
         finally:
             os.close(fd)
-        logger.warning("Broke the lock %s of %s.", path, _describe(holder))
+        logger.warning("Broke the lock %s of %s.", path, describe_holder(holder))
         return holder or {}
 
     # ---------------------------------------------------------------------------------------------------- internals
@@ -219,13 +219,13 @@ class DirectoryLock:
         logger.warning(
             "Took over the stale lock %s of %s: that process is gone (it crashed or was killed).",
             self.path,
-            _describe(holder),
+            describe_holder(holder),
         )
 
     def _held_error(self, holder: Optional[dict[str, Any]], reason: Optional[str] = None) -> DirectoryLockedError:
         why = f" ({reason})" if reason else ""
         return DirectoryLockedError(
-            f"The {self.what} {self.directory} is in use by {_describe(holder)}{why}. Wait for that command to end. "
+            f"The {self.what} {self.directory} is in use by {describe_holder(holder)}{why}. Wait for that command to end. "
             f"If its process is gone (a crashed machine, a job killed on another host), break the stale lock with "
             f"`continual-dpo unlock --campaign_dir DIR` for a campaign, or delete {self.path}."
         )
