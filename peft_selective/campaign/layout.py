@@ -15,6 +15,8 @@ campaign/
   fisher/                  the summed Fisher, with EWC (`peft_selective.continual.ewc`)
   cards/<month>/           README.md (the model card) and retention.png (its plot)
   runs/<month>/            Trainer checkpoints while a month trains (removed when it is done)
+  .lock                    while a command runs: its holder (pid, host, start, command), `peft_selective.utils.lock`;
+                           buffer/ and fisher/ hold their own while they change
 ```
 
 Hub repository (`hub_path`): every done month under `months/<month>/` (its adapter files, card and plot), the latest

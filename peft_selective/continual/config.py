@@ -144,8 +144,9 @@ class ContinualDPOConfig(DPOConfig):
             Weight of the EWC penalty `Σ F̃ ΔW²` on this month's update of the adapted layers, F̃ the stored diagonal
             Fisher of the earlier months normalised to mean 1 (see `peft_selective.continual.ewc`); logged as `retention/ewc`.
         fisher_dir (`str`, *optional*):
-            Directory of the stored Fisher (`fisher.safetensors` + `fisher.json`). Read when `ewc_coef > 0`;
-            [`ContinualDPOTrainer.finish_month`] adds this month's estimate and writes it back.
+            Directory of the stored Fisher (`fisher.<hash>.safetensors`, committed by `fisher.json`; see
+            `peft_selective.continual.ewc`). Read when `ewc_coef > 0`; [`ContinualDPOTrainer.finish_month`] adds this
+            month's estimate and commits it back, holding the store's lock.
         fisher_num_examples (`int`, *optional*, defaults to `64`):
             Rows of the month's data used to estimate its Fisher.
         fisher_decay (`float`, *optional*, defaults to `1.0`):
