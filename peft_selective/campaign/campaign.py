@@ -897,7 +897,13 @@ class Campaign:
             raise CampaignError(
                 f"Month {name!r} was not registered: {len(long)} row(s) have a prompt of at least max_length="
                 f"{max_length} tokens (the campaign's, set at `init`), leaving no answer to train on or to score: "
-                f"{shown}. Shorten or remove these rows, then run the month again."
+                f"{shown}. Shorten or remove these rows, then run the month again"
+                + (
+                    "; training rows may instead be dropped (and counted) by a campaign made with "
+                    "`init --drop_long_prompts`."
+                    if any("(test," not in row for row in long)
+                    else "."
+                )
             )
 
     def _hold_out(

@@ -99,6 +99,24 @@ def test_long_prompts_are_refused_before_registration_naming_the_users_line(tmp_
     assert sorted(p.name for p in directory.iterdir()) == ["campaign.json"]
 
 
+def test_the_long_prompt_fix_the_error_names_is_an_init_option(tmp_path, base_dir, data_dir, capsys):
+    rows = _rows(data_dir / "m1.jsonl")
+    rows[3]["prompt"][0]["content"] = " ".join(["red"] * 80)
+    train = _write_rows(tmp_path / "long_train.jsonl", rows)
+    directory = _fresh(tmp_path, base_dir)
+    assert (
+        cli("run-month", "m1", "--campaign_dir", directory, "--data", train, "--test_data", data_dir / "m1.jsonl") == 2
+    )
+    assert "`init --drop_long_prompts`" in capsys.readouterr().err
+    shutil.rmtree(directory)
+    directory = _fresh(tmp_path, base_dir, "--drop_long_prompts")
+    assert Campaign(directory).config.training["drop_long_prompts"] is True
+    assert (
+        cli("run-month", "m1", "--campaign_dir", directory, "--data", train, "--test_data", data_dir / "m1.jsonl") == 0
+    )
+    assert Campaign(directory).month("m1")["status"] == "done"
+
+
 @pytest.mark.parametrize("name", ["month-0", "ref"])
 def test_reserved_month_names_are_refused(tmp_path, base_dir, data_dir, capsys, name):
     directory = _fresh(tmp_path, base_dir)
