@@ -117,6 +117,16 @@ class DirectoryLock:
         self.release()
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except PermissionError as error:
+            raise DirectoryLockedError(
+                f"Cannot lock the {self.what} {self.directory}: {error.strerror} ({error.filename}). Every command "
+                f"takes the directory's lock file {LOCK_FILE!r}, so it needs write access to the directory: run it "
+                "as a user who may write there, or on a writable copy."
+            ) from error
+
+    def _acquire(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.path)
         with self._registry_lock:

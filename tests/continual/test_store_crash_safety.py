@@ -301,6 +301,17 @@ def test_a_lock_is_reentrant_in_its_process(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_directory_without_write_access_gets_a_clear_error(tmp_path, monkeypatch):
+    # root writes anywhere, so the refusal a read-only directory gives other users is simulated at its source
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(DirectoryLock, "_try_acquire", refused)
+    with pytest.raises(DirectoryLockedError, match=r"Permission denied.*needs write access to the directory"):
+        with DirectoryLock(tmp_path, what="campaign directory"):
+            pass
+
+
 ROWS = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(6)]
 
 
