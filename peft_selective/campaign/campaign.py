@@ -77,7 +77,7 @@ from ..evaluation.suites import (
     retention_numbers,
 )
 from ..quantization import keep_4bit_layers_trainable
-from ..utils.io import atomic_write, atomic_write_json, is_json_serializable, sha256_file
+from ..utils.io import atomic_write, atomic_write_json, sha256_file
 from ..utils.lock import DirectoryLock, DirectoryLockedError
 from . import layout
 from .config import EMBEDDED, FLAT_OPTIONS, CampaignConfig, normalize_checks
@@ -359,6 +359,58 @@ def _base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     config = model.config.get_text_config()
     keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     return {**{key: getattr(config, key, None) for key in keys}, "weights_sha256": _weights_digest(model)}
+
+
+#: The Hub model the bundled GGUF (`peft_selective.demo.embedded`) is a Q4_1 conversion of (by its file name and its
+#: GGUF metadata: organization HuggingFaceTB, SmolLM2 135M).
+EMBEDDED_CONVERTED_FROM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _base_precision(model: torch.nn.Module) -> str:
+    """The precision the base was loaded in, read from the model: bitsandbytes' 4-bit compute dtype and the dtype of
+    the unquantized weights depend on the machine and the transformers version, not on the config alone."""
+    floating = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    others = "/".join(floating) or "none"
+    quantization = getattr(model.config, "quantization_config", None)
+    if getattr(model, "is_loaded_in_4bit", False):
+        compute = str(quantization.bnb_4bit_compute_dtype).removeprefix("torch.")
+        return (
+            f"4-bit {quantization.bnb_4bit_quant_type} (bitsandbytes), compute dtype {compute}; other weights {others}"
+        )
+    if getattr(model, "is_loaded_in_8bit", False):
+        return f"8-bit LLM.int8 (bitsandbytes); other weights {others}"
+    return others
+
+
+def _base_source(base_model: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Where the loaded base's weights come from, for the model card: the bundled GGUF file (the weights trained on are
+    its dequantized Q4_1 ones, not the Hub checkpoint's), a local folder, or a Hub id at the cached commit."""
+    if base_model == EMBEDDED:
+        from ..demo.embedded import _read_marker, embedded_gguf_path
+
+        marker = _read_marker(Path(model.name_or_path)) or {}  # what the converted folder was converted from
+        package = [str(marker[k]) for k in ("source_package", "source_package_version") if marker.get(k)]
+        try:
+            gguf = str(embedded_gguf_path())
+        except (ImportError, FileNotFoundError):  # the converted cache outlives an uninstalled package
+            gguf = marker.get("source_file")
+        return {
+            "kind": "embedded",
+            "path": gguf,
+            "gguf_file": marker.get("source_file"),
+            "source_package": " ".join(package) or None,
+            "converted_from": EMBEDDED_CONVERTED_FROM,
+        }
+    if Path(base_model).is_dir():
+        return {"kind": "local", "path": str(Path(base_model).resolve())}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(base_model, "config.json")  # .../snapshots/<commit>/config.json: what was loaded
+    return {
+        "kind": "hub",
+        "path": base_model,
+        "revision": Path(cached).parent.name if isinstance(cached, str) else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- knowledge pool
@@ -720,6 +772,8 @@ class Campaign:
             tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         fingerprint = _base_fingerprint(model)
         self._loaded_fingerprint = fingerprint
+        # what the month's card states as the base trained on (recorded in the month's entry)
+        self._loaded_base = {**_base_source(config.base_model, model), "precision": _base_precision(model)}
         recorded = self.state.get("base_fingerprint")
         shapes = {key: value for key, value in fingerprint.items() if key != "weights_sha256"}
         if recorded is not None and {k: v for k, v in recorded.items() if k != "weights_sha256"} != shapes:
@@ -1274,6 +1328,7 @@ class Campaign:
             finished_at=_now(),
             adapter_sha256=_sha256(self.layout.adapter_weights(name)),
             training={"train_loss": result.training_loss, "steps": result.global_step, **finish},
+            base=self._loaded_base,
         )
         adapter = self.layout.adapter(name)
         self._record(entry, *(adapter / f for f in (*layout.ADAPTER_FILES, layout.GEOMETRY_REPORT_FILE)))
@@ -1660,16 +1715,11 @@ class Campaign:
         return {
             "month": name,
             "months": months,
-            "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"
-            if config.base_model == EMBEDDED
-            else config.base_model,
+            "base_model": EMBEDDED_CONVERTED_FROM if config.base_model == EMBEDDED else config.base_model,
+            "base": self._card_base(name, months),
             "quantization": config.quantization,
             "method": config.method,
-            "method_config": {
-                key: getattr(value, "value", value)  # enums (peft_type) by their value
-                for key, value in self.config.peft_config().to_dict().items()
-                if is_json_serializable(getattr(value, "value", value))
-            },
+            "method_config": self._saved_adapter_config(name),
             "training": {**config.training, "seed": config.seed} | self._geometry_settings(name),
             "data": {m: self.month(m)["data"] for m in months},
             "retention": {
@@ -1694,6 +1744,30 @@ class Campaign:
             "license": config.license,
             "limitations": inputs["notes"][1:],  # the first note (how many knowledge items) is in the card's table
         }
+
+    def _card_base(self, name: str, months: list[str]) -> dict[str, Any]:
+        """The base as month `name` was trained on it (its record: source and precision as loaded), with the
+        campaign's fingerprint; earlier months trained in another precision are named."""
+        base = dict((self.month(name) or {}).get("base") or self._configured_base())
+        precisions = {m: ((self.month(m) or {}).get("base") or {}).get("precision") for m in months}
+        if len(set(precisions.values())) > 1:
+            base["precision"] = "; ".join(f"{m}: {p or 'not recorded'}" for m, p in precisions.items())
+        return {**base, "fingerprint": self.state.get("base_fingerprint")}
+
+    def _configured_base(self) -> dict[str, Any]:
+        """A month trained before the months recorded their base: its source from the config, precision unknown."""
+        if self.config.base_model == EMBEDDED:
+            return {"kind": "embedded", "path": None, "converted_from": EMBEDDED_CONVERTED_FROM, "precision": None}
+        kind = "local" if Path(self.config.base_model).is_dir() else "hub"
+        return {"kind": kind, "path": self.config.base_model, "precision": None}
+
+    def _saved_adapter_config(self, name: str) -> dict[str, Any]:
+        """The month's saved adapter_config.json: the target modules as the tuner resolved them on the model (the
+        campaign's config leaves them to be resolved, `None`)."""
+        path = self.layout.adapter(name) / layout.ADAPTER_CONFIG_FILE
+        if not path.is_file():
+            raise CampaignError(f"{path} is missing: month {name!r} has no saved adapter to describe in its card.")
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def _geometry_settings(self, name: str) -> dict[str, Any]:
         """geometry_projected: the calibration settings, and the month's calibration (tokens, largest bound)."""

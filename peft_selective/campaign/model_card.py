@@ -7,12 +7,15 @@ from peft_selective.campaign.model_card import render_model_card
 readme = render_model_card(context, "campaign/cards/2025-07")  # writes README.md and retention.png there
 ```
 
-The card states the base model (and its quantization), the method with its adapter and training hyperparameters, the
-data of every month, the behavioural retention matrix R[t][i] (greedy answers scored by the months' checks or by
+The card states the base model as it was trained on (for the bundled default: the GGUF file, dequantized, and the
+Hub model it converts; the precision as loaded; the campaign's fingerprint of its weights), the method with its
+adapter config (the target modules as resolved on the model) and training hyperparameters, the data of every month, the behavioural retention matrix R[t][i] (greedy answers scored by the months' checks or by
 agreement) with 95% intervals, average and backward transfer, what each month learned (paired gain against the model
 before it), bleed, knowledge (multiple choice and exact match), the ranking of the held-out pairs (not
 generation-based, with the implicit-reward accuracy under its own name), the general-ability metrics against the
 untrained model ("month-0"), how to load the stacked adapters, and the limitations (which numbers are behavioural).
+The plot (`plot_panels` gives its data) shows what each month learned, how each month's score moved from before it
+to every later month, knowledge and bleed, refusal rates, and the KL to the base, each on its own axis.
 
 Context schema (a dict; the campaign builds it after evaluating a month). Required keys:
 
@@ -20,15 +23,20 @@ Context schema (a dict; the campaign builds it after evaluating a month). Requir
 |---|---|---|
 | `month` | `str` | the month this card describes; must be the last entry of `months` |
 | `months` | `list[str]` | months trained so far, in training order |
-| `base_model` | `str` | Hub id (or path) of the base model |
+| `base_model` | `str` | Hub id (or path) of the base model (the title, and the metadata's `base_model` unless `base` says otherwise) |
 | `method` | `str` | PEFT method, e.g. `"selective_mlp"` (also used as a Hub tag) |
-| `method_config` | `dict` | the adapter config (JSON-able, e.g. `adapter_config.json`) |
+| `method_config` | `dict` | the adapter config as saved after injection (`adapter_config.json`): `target_modules` (or `target_parameters`) resolved, not `None` |
 | `training` | `dict` | training hyperparameters (JSON-able) |
 | `data` | `dict[str, dict]` | per month: `source`, `train_rows`, `test_rows`, `rehearsal_rows` (further keys are shown too) |
 | `retention` | `dict` | `{"months": [...], "R": [[...], ...]}`: `R[t][i]` = behavioural score on month i's held-out prompts after training month t; `None` (or absent) where i > t or not measured; `retention["months"]` must equal `months`. Optional: `ci95` (same shape, `[lo, hi]` or `None`), `scored_by` (`{month: "checks: ..." or "agreement"}`), `average` and `bwt_interval` (`{"mean", "ci95"}`) |
 | `general` | `dict[str, dict[str, float]]` | `{"month-0": {metric: value}, "<month>": {metric: value}, ...}`; may be `{}` when nothing was measured, otherwise `"month-0"` (the base model before any month) is required |
 
-Optional keys: `quantization` (`"4bit"`, `"8bit"` or `None`), `hub_repo` (`"org/name"` or `None`: the loading code then
+Optional keys: `base` (the base as trained: `kind` `"embedded"` (the bundled GGUF), `"hub"` or `"local"`; `path`
+(the GGUF file, Hub id or folder loaded); `revision` (Hub commit); `gguf_file` and `source_package` (embedded);
+`converted_from` (embedded: the Hub model the GGUF converts, the metadata's `base_model`); `precision` (as loaded,
+e.g. `"float32"` or `"4-bit nf4 (bitsandbytes), compute dtype float32; other weights float32"`); `fingerprint` (the
+campaign's `base_fingerprint`, with `weights_sha256`); all optional but `kind`), `quantization` (`"4bit"`, `"8bit"` or
+`None`), `hub_repo` (`"org/name"` or `None`: the loading code then
 uses `subfolder="months/<month>"` of that repo, else the campaign's local `adapters/<month>` folders), `license` (a Hub
 license id such as `"apache-2.0"`), `limitations` (`list[str]`, added to the card's own), and the tables of
 `peft_selective.evaluation.suites` (summaries are `{"mean", "ci95": [lo, hi]}`): `learning` ([`learning_table`]: per month
@@ -54,6 +62,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..evaluation.preference import average_accuracy, backward_transfer, retention_cells
+from ..targets import split_block_path
 from ..utils.io import atomic_write
 from . import layout
 
@@ -63,8 +72,12 @@ __all__ = [
     "PLOT_FILENAME",
     "ModelCardContext",
     "ModelCardContextError",
+    "PlotPanel",
+    "card_metadata",
+    "plot_panels",
     "plot_retention",
     "render_model_card",
+    "target_modules_text",
 ]
 
 #: The template: the repository's top-level `model_cards/` folder, which the wheel ships as `peft_selective/campaign/model_cards/`.
@@ -89,10 +102,15 @@ _REQUIRED_KEYS = (
     "general",
 )
 _BASELINE = "month-0"
+_PLOT_BASELINE = "month 0"
 _DATA_COLUMNS = ("source", "train_rows", "test_rows", "rehearsal_rows")
 # Long config values (resolved `target_modules` lists every adapted layer) are cut in the tables.
 _MAX_LIST_ITEMS = 6
 _MAX_CELL_CHARS = 120
+_BASE_KINDS = ("embedded", "hub", "local")
+_BASE_TEXT_KEYS = ("path", "revision", "gguf_file", "source_package", "converted_from", "precision")
+# Keys of the adapter config that name what the adapter wraps (shown as a summary, never cut nor `null`).
+_TARGET_KEYS = ("target_modules", "target_parameters")
 _QUANTIZATION_CODE = {
     "4bit": 'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")',
     "8bit": "quantization_config=BitsAndBytesConfig(load_in_8bit=True)",
@@ -129,6 +147,8 @@ class ModelCardContext:
         month (`str`): the month the card describes (the last of `months`).
         months (`tuple[str, ...]`): months trained so far, in training order.
         base_model (`str`): Hub id or path of the base model.
+        base (`dict`): the base as trained (`kind`, and what is known of `path`, `revision`, `gguf_file`,
+            `source_package`, `converted_from`, `precision`, `fingerprint`).
         method (`str`): PEFT method name.
         method_config (`dict`): adapter config.
         training (`dict`): training hyperparameters.
@@ -150,6 +170,7 @@ class ModelCardContext:
     data: dict[str, dict[str, Any]]
     R: list[list[Optional[float]]]
     general: dict[str, dict[str, Optional[float]]]
+    base: dict[str, Any] = field(default_factory=dict)
     quantization: Optional[str] = None
     hub_repo: Optional[str] = None
     license: Optional[str] = None
@@ -200,6 +221,7 @@ class ModelCardContext:
             )
         for key in ("method_config", "training"):
             _require(isinstance(context[key], Mapping), f"`{key}` must be a dict, got {type(context[key]).__name__}.")
+        _check_targets(context["method_config"])
 
         return cls(
             month=month,
@@ -211,6 +233,7 @@ class ModelCardContext:
             data=_check_data(context["data"], months),
             R=_check_retention(context["retention"], months),
             general=_check_general(context["general"], months),
+            base=_check_base(context.get("base"), context["base_model"]),
             quantization=_optional_str(context, "quantization"),
             hub_repo=_optional_str(context, "hub_repo"),
             license=_optional_str(context, "license"),
@@ -225,6 +248,38 @@ class ModelCardContext:
             ranking=_check_table(context.get("ranking"), "ranking"),
             retention_dial=_check_table(context.get("retention_dial"), "retention_dial"),
         )
+
+
+def _check_targets(method_config: Mapping[str, Any]) -> None:
+    """An adapter config that names its targets must name them resolved: `null` says nothing of what was adapted."""
+    if "target_modules" not in method_config:
+        return
+    _require(
+        any(method_config.get(key) for key in _TARGET_KEYS),
+        "`method_config` has `target_modules` None: pass the adapter config saved after injection (the month's "
+        "adapter_config.json), where the tuner has resolved the modules it wraps from the model's structure.",
+    )
+
+
+def _check_base(base: Any, base_model: str) -> dict[str, Any]:
+    if base is None:  # nothing known beyond the name: a Hub id or a path, as `base_model` says
+        return {"kind": None, "path": base_model}
+    _require(isinstance(base, Mapping), f"`base` must be a dict, got {type(base).__name__}.")
+    _require(
+        base.get("kind") in _BASE_KINDS, f"`base['kind']` must be one of {_BASE_KINDS}, got {base.get('kind')!r}."
+    )
+    for key in _BASE_TEXT_KEYS:
+        value = base.get(key)
+        _require(
+            value is None or (isinstance(value, str) and value.strip() != ""),
+            f"`base[{key!r}]` must be a non-empty string or None, got {value!r}.",
+        )
+    fingerprint = base.get("fingerprint")
+    _require(
+        fingerprint is None or isinstance(fingerprint, Mapping),
+        f"`base['fingerprint']` must be a dict (campaign.json's `base_fingerprint`) or None, got {fingerprint!r}.",
+    )
+    return dict(base)
 
 
 def _check_data(data: Any, months: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -361,10 +416,10 @@ def _check_limitations(limitations: Any) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _cell(text: str) -> str:
-    """Make `text` safe inside a markdown table cell."""
+def _cell(text: str, limit: Optional[int] = _MAX_CELL_CHARS) -> str:
+    """Make `text` safe inside a markdown table cell (cut at `limit` characters, unless None)."""
     text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= _MAX_CELL_CHARS else text[: _MAX_CELL_CHARS - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _config_value(value: Any) -> str:
@@ -377,7 +432,47 @@ def _config_value(value: Any) -> str:
 
 
 def _config_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(_cell(key), _config_value(value)) for key, value in sorted(config.items())]
+    return [
+        (_cell(key), target_modules_text(value) if key in _TARGET_KEYS and value else _config_value(value))
+        for key, value in sorted(config.items())
+    ]
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    """`[0, 1, 2, 5]` -> `"0-2, 5"`."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def target_modules_text(targets: Union[str, Sequence[str]]) -> str:
+    """What the adapter wraps, in a table cell: resolved module names grouped by their path inside the block with
+    the layers they are in (`"60 modules: mlp.gate_proj, mlp.up_proj in layers 0-29"`); names outside numbered
+    blocks are PEFT suffixes or full names, listed as they are; a string is PEFT's regex."""
+    if isinstance(targets, str):
+        return _cell(f"regex {targets}")
+    names = sorted(set(targets))
+    layers: dict[str, set[int]] = {}
+    loose = []
+    for name in names:
+        located = split_block_path(name)
+        if located is None:
+            loose.append(name)
+        else:
+            layers.setdefault(located[1], set()).add(located[0])
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for inner, indices in sorted(layers.items()):
+        groups.setdefault(tuple(sorted(indices)), []).append(inner)
+    parts = [f"{', '.join(inners)} in layers {_layer_ranges(indices)}" for indices, inners in groups.items()]
+    if loose:
+        parts.append("matched by name: " + ", ".join(loose))
+    counted = sum(len(indices) for indices in layers.values())
+    count = f"{counted} module{'s' if counted != 1 else ''}: " if counted else ""
+    return _cell(count + "; ".join(parts), limit=None)
 
 
 def _accuracy(value: Optional[float]) -> str:
@@ -550,24 +645,106 @@ def _data_table(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[
     return columns, rows
 
 
-def _loading_code(ctx: ModelCardContext) -> str:
-    """PEFT code that stacks every month's adapter up to the card's month, as during training."""
+def _hub_link(repo_id: str) -> str:
+    return f"[`{repo_id}`](https://huggingface.co/{repo_id})"
+
+
+def _base_rows(ctx: ModelCardContext) -> list[tuple[str, str]]:
+    """(label, markdown) lines naming the base as trained: its source, the precision as loaded, the adapted modules."""
+    base = ctx.base
+    kind = base.get("kind")
+    if kind == "embedded":
+        package = f" of the `{base['source_package']}` package" if base.get("source_package") else ""
+        rows = [
+            (
+                "Base model as trained",
+                f"the bundled GGUF file `{base.get('gguf_file') or 'not recorded'}`{package}, dequantized to float32 by "
+                "transformers and saved as a transformers folder (`peft_selective.demo.embedded`)",
+            )
+        ]
+        if base.get("path"):
+            rows.append(("GGUF file loaded", f"`{base['path']}`"))
+        if base.get("converted_from"):
+            rows.append(
+                (
+                    "Converted from",
+                    f"{_hub_link(base['converted_from'])}: the GGUF is its Q4_1 quantization, so the weights trained "
+                    "on are the dequantized Q4_1 ones, not the Hub checkpoint's",
+                )
+            )
+    elif kind == "local":
+        rows = [("Base model as trained", f"the local folder `{base.get('path') or ctx.base_model}`")]
+    else:
+        repo = base.get("path") or ctx.base_model
+        rows = [("Base model as trained", _hub_link(repo) if kind == "hub" else f"`{repo}`")]
+        if kind == "hub":
+            rows.append(("Revision", f"`{base['revision']}`" if base.get("revision") else "not recorded"))
+    precision = base.get("precision") or (
+        f"not recorded (configured quantization: {ctx.quantization or 'none, full precision'})"
+    )
+    rows.append(("Precision during training and evaluation", precision))
+    targets = [target_modules_text(ctx.method_config[key]) for key in _TARGET_KEYS if ctx.method_config.get(key)]
+    if targets:
+        rows.append(("Adapted modules", "; ".join(targets)))
+    return rows
+
+
+def _fingerprint_rows(ctx: ModelCardContext) -> list[tuple[str, str]]:
+    fingerprint = ctx.base.get("fingerprint") or {}
+    return [(_cell(key), _cell(json.dumps(value, default=str).strip('"'))) for key, value in fingerprint.items()]
+
+
+def card_metadata(ctx: ModelCardContext) -> ModelCardData:
+    """The card's YAML metadata. `base_model` names a Hub model only: the one the bundled GGUF converts (the card
+    says so), the Hub id loaded, or none for a local folder (not a Hub id)."""
+    kind = ctx.base.get("kind")
+    if kind == "embedded":
+        base_model = ctx.base.get("converted_from")
+    elif kind == "local":
+        base_model = None
+    else:
+        base_model = ctx.base.get("path") or ctx.base_model
+    return ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        license=ctx.license,
+        pipeline_tag="text-generation",
+        tags=_tags(ctx.method),
+    )
+
+
+def _base_loading_lines(ctx: ModelCardContext) -> list[str]:
+    """The lines that load the base as trained: the bundled GGUF through `load_embedded_model`, else transformers."""
+    if ctx.base.get("kind") == "embedded":
+        quantization = f'quantization="{ctx.quantization}"' if ctx.quantization else ""
+        return [
+            "from peft_selective.demo.embedded import load_embedded_model  # pip install peft-selective[demo]",
+            "from peft import PeftModel",
+            "",
+            f"base, tokenizer = load_embedded_model({quantization})  # the bundled GGUF, dequantized: the base trained on",
+        ]
     imports = "from transformers import AutoModelForCausalLM"
-    base_kwargs = ""
+    kwargs = f', revision="{ctx.base["revision"]}"' if ctx.base.get("revision") else ""
     if ctx.quantization in _QUANTIZATION_CODE:
         imports += ", BitsAndBytesConfig"
-        base_kwargs = ", " + _QUANTIZATION_CODE[ctx.quantization]
+        kwargs += ", " + _QUANTIZATION_CODE[ctx.quantization]
     lines = [
         "import peft_selective  # registers the peft-selective methods with PEFT (pip install peft-selective)",
         "from peft import PeftModel",
         imports,
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{ctx.base_model}"{base_kwargs})',
+        f'base = AutoModelForCausalLM.from_pretrained("{ctx.base.get("path") or ctx.base_model}"{kwargs})',
     ]
     if ctx.quantization and ctx.quantization not in _QUANTIZATION_CODE:
         lines.append(
             f"# the base was trained quantized ({ctx.quantization}): load it the same way to match the numbers"
         )
+    return lines
+
+
+def _loading_code(ctx: ModelCardContext) -> str:
+    """PEFT code that loads the base as trained and stacks every month's adapter up to the card's month."""
+    lines = _base_loading_lines(ctx)
 
     def source(m: str) -> str:
         if ctx.hub_repo:
@@ -611,6 +788,11 @@ def _limitations(ctx: ModelCardContext) -> list[str]:
             f"Months are stacked: the {ctx.month} adapter alone does not contain the earlier months' updates; load "
             "all of them as shown above to get the evaluated model."
         )
+    if ctx.base.get("kind") == "embedded":
+        items.append(
+            f"The base trained on is the bundled Q4_1 GGUF, dequantized, not the {ctx.base.get('converted_from') or 'Hub'}"
+            " checkpoint itself: on the Hub checkpoint the outputs, and so the numbers, differ."
+        )
     if ctx.quantization:
         items.append(
             f"The base model was {ctx.quantization} quantized during training and evaluation; on a full-precision "
@@ -633,13 +815,157 @@ def _tags(method: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Union[str, Path]) -> Path:
-    """Plot learning and forgetting over the months to a PNG at `path`.
+#: One plotted point: `(x, value, [lo, hi] or None)`, x indexing the panel's `xlabels`.
+Point = tuple[int, float, Optional[list[float]]]
+_UNIT_RANGE = (-0.02, 1.02)
+# Horizontal offset between the series of a panel, so that equal values and their intervals do not hide each other.
+_DODGE = 0.06
 
-    Left: for every month i, its behavioural score R[t][i] after each month t >= i (one line per month, with the 95%
-    intervals as error bars when given). Middle (when measured): knowledge (multiple choice and exact match) and each
-    month's bleed over the months, with their intervals. Right (when general metrics were measured): each general
-    metric's change relative to month 0, in percent.
+
+@dataclass(frozen=True)
+class PlotPanel:
+    """One panel of the card's plot, as data: what [`plot_retention`] draws (tests read it instead of pixels).
+
+    Attributes:
+        key (`str`): `"learning"`, `"retention"`, `"knowledge_bleed"`, `"refusal"` or `"kl"`.
+        title, xlabel, ylabel (`str`): the axes' texts.
+        xlabels (`list[str]`): the x tick labels; a point's x is an index into them.
+        series (`dict[str, list[Point]]`): label -> points `(x, value, [lo, hi] or None)`.
+        ylim (`tuple[float, float]`, *optional*): fixed y limits; None autoscales.
+        zero_line (`bool`): draw y = 0 (gains, KL).
+        joined (`bool`): join the points of a series by a line (not for one value per month, as the gains).
+    """
+
+    key: str
+    title: str
+    xlabel: str
+    ylabel: str
+    xlabels: list[str]
+    series: dict[str, list[Point]]
+    ylim: Optional[tuple[float, float]] = None
+    zero_line: bool = False
+    joined: bool = True
+
+
+def plot_panels(context: Union[Mapping[str, Any], ModelCardContext]) -> list[PlotPanel]:
+    """The panels of the card's plot, each measure on its own axis: learning (each month's paired gain, when the
+    model before it was measured), retention (each month's score before it, right after it and after every later
+    month), knowledge and bleed, refusal rates, and the KL to the base, the panels without data left out but
+    retention. Perplexity and the drift probe stay in the general-ability table: on a shared axis the larger scale
+    flattens the rest."""
+    ctx = context if isinstance(context, ModelCardContext) else ModelCardContext.from_dict(context)
+    builders = (_learning_panel, _retention_panel, _knowledge_bleed_panel, _refusal_panel, _kl_panel)
+    return [panel for build in builders if (panel := build(ctx)) is not None]
+
+
+def _summary_point(x: int, summary: Optional[Mapping[str, Any]]) -> list[Point]:
+    return [(x, float(summary["mean"]), summary.get("ci95"))] if summary else []
+
+
+def _learning_panel(ctx: ModelCardContext) -> Optional[PlotPanel]:
+    points = [p for k, m in enumerate(ctx.months) for p in _summary_point(k, (ctx.learning.get(m) or {}).get("gain"))]
+    if not points:
+        return None
+    return PlotPanel(
+        key="learning",
+        title="Learning: what each month gained",
+        xlabel="training month",
+        ylabel="gain in behavioural score (paired, 95% CI)",
+        xlabels=list(ctx.months),
+        series={"after the month - before it (same prompts)": points},
+        zero_line=True,
+        joined=False,
+    )
+
+
+def _retention_panel(ctx: ModelCardContext) -> PlotPanel:
+    """Month i's line: before it (x = i, the model after the previous month), then after each month t >= i (x = t+1):
+    the rise at its month is what it learned, the slope after it what later months kept."""
+    series: dict[str, list[Point]] = {}
+    for i, month in enumerate(ctx.months):
+        points = _summary_point(i, (ctx.learning.get(month) or {}).get("before"))
+        for t in range(i, len(ctx.months)):
+            if ctx.R[t][i] is not None:
+                points.append((t + 1, ctx.R[t][i], ctx.ci95[t][i] if ctx.ci95 is not None else None))
+        if points:
+            series[f"{month} prompts"] = points
+    values = [v for points in series.values() for _, v, _ in points]
+    return PlotPanel(
+        key="retention",
+        title="Learning and forgetting, by behaviour",
+        xlabel="after training month",
+        ylabel="behavioural score (held-out prompts)",
+        xlabels=[_PLOT_BASELINE, *ctx.months],
+        series=series,
+        ylim=_UNIT_RANGE if values and 0.0 <= min(values) and max(values) <= 1.0 else None,
+    )
+
+
+def _column_series(ctx: ModelCardContext, values: Mapping[str, Any]) -> list[Point]:
+    """Points over month 0 and the months from `{column: {"mean", "ci95"}}`."""
+    return [p for k, column in enumerate([_BASELINE, *ctx.months]) for p in _summary_point(k, values.get(column))]
+
+
+def _knowledge_bleed_panel(ctx: ModelCardContext) -> Optional[PlotPanel]:
+    series: dict[str, list[Point]] = {}
+    for key, label in (("mc", "knowledge (multiple choice)"), ("exact", "knowledge (exact match)")):
+        series[label] = _column_series(ctx, (ctx.knowledge or {}).get(key) or {})
+    for month, entry in (ctx.bleed or {}).items():
+        series[f"bleed of {month}"] = _column_series(ctx, entry.get("after") or {})
+    series = {label: points for label, points in series.items() if points}
+    if not series:
+        return None
+    return PlotPanel(
+        key="knowledge_bleed",
+        title="Knowledge and bleed",
+        xlabel="after training month",
+        ylabel="rate (95% CI)",
+        xlabels=[_PLOT_BASELINE, *ctx.months],
+        series=series,
+        ylim=_UNIT_RANGE,
+    )
+
+
+def _general_series(ctx: ModelCardContext, metric: str) -> list[Point]:
+    columns = [_BASELINE, *ctx.months]
+    values = [(k, ctx.general.get(column, {}).get(metric)) for k, column in enumerate(columns)]
+    return [(k, value, None) for k, value in values if value is not None]
+
+
+def _refusal_panel(ctx: ModelCardContext) -> Optional[PlotPanel]:
+    labels = {"refusal_rate": "refusal (harmful prompts)", "over_refusal_rate": "over-refusal (benign prompts)"}
+    series = {label: points for metric, label in labels.items() if (points := _general_series(ctx, metric))}
+    if not series:
+        return None
+    return PlotPanel(
+        key="refusal",
+        title="Refusal",
+        xlabel="after training month",
+        ylabel="share of prompts refused",
+        xlabels=[_PLOT_BASELINE, *ctx.months],
+        series=series,
+        ylim=_UNIT_RANGE,
+    )
+
+
+def _kl_panel(ctx: ModelCardContext) -> Optional[PlotPanel]:
+    points = _general_series(ctx, "kl_to_base")
+    if not points:
+        return None
+    return PlotPanel(
+        key="kl",
+        title="KL to the base model",
+        xlabel="after training month",
+        ylabel="KL (nats per token, generic prompts)",
+        xlabels=[_PLOT_BASELINE, *ctx.months],
+        series={"KL to the base": points},
+        zero_line=True,
+    )
+
+
+def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Union[str, Path]) -> Path:
+    """Draw the panels of [`plot_panels`] (learning, learning and forgetting, knowledge and bleed, refusal, KL to the
+    base) into one PNG at `path`, three panels a row.
 
     Returns:
         `Path`: the PNG written.
@@ -654,63 +980,17 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
             "extra of peft-selective)."
         ) from error
 
-    columns, rows = _relative_general(ctx)
-    series = _knowledge_bleed_series(ctx)
-    panels = 1 + bool(series) + bool(rows)
+    panels = plot_panels(ctx)
+    columns = min(len(panels), 3)
+    rows = math.ceil(len(panels) / columns)
     # Figure + Agg canvas instead of pyplot: no global backend switch, no figure left open in the caller's process.
-    figure = Figure(figsize=(6 * panels, 4), layout="constrained")
+    figure = Figure(figsize=(5.5 * columns, 4.5 * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, panels, squeeze=False)[0]
-
-    ax = axes[0]
-    x = list(range(len(ctx.months)))
-    for i, name in enumerate(ctx.months):
-        points = [(t, ctx.R[t][i]) for t in range(i, len(ctx.months)) if ctx.R[t][i] is not None]
-        if points:
-            intervals = [ctx.ci95[t][i] if ctx.ci95 is not None else None for t, _ in points]
-            _plot_with_intervals(ax, [t for t, _ in points], [v for _, v in points], intervals, f"{name} prompts")
-    ax.set_xticks(x, labels=list(ctx.months), rotation=30 if len(x) > 6 else 0)
-    ax.set_xlim(-0.5, len(x) - 0.5)
-    values = [v for row in ctx.R for v in row if v is not None]
-    if values and 0.0 <= min(values) and max(values) <= 1.0:
-        ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("after training month")
-    ax.set_ylabel("behavioural score (held-out prompts)")
-    ax.set_title("Learning and retention, by behaviour")
-    ax.grid(alpha=0.3)
-    if values:
-        _legend_below(ax)
-
-    panel = 1
-    if series:
-        ax = axes[panel]
-        panel += 1
-        labels = ["month 0", *ctx.months]
-        for label, points in series.items():
-            _plot_with_intervals(
-                ax, [k for k, _, _ in points], [v for _, v, _ in points], [c for _, _, c in points], label
-            )
-        ax.set_xticks(list(range(len(labels))), labels=labels, rotation=30 if len(labels) > 6 else 0)
-        ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("after training month")
-        ax.set_ylabel("rate")
-        ax.set_title("Knowledge and bleed")
-        ax.grid(alpha=0.3)
-        _legend_below(ax)
-
-    if rows:
-        ax = axes[panel]
-        for name, changes in rows:
-            points = [(k, c) for k, c in enumerate(changes) if c is not None]
-            ax.plot([k for k, _ in points], [c for _, c in points], marker="o", label=name)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_xticks(list(range(len(columns))), labels=columns, rotation=30 if len(columns) > 6 else 0)
-        ax.set_xlabel("after training month")
-        ax.set_ylabel("change vs month 0 (%)")
-        ax.set_title("General ability relative to the base model")
-        ax.grid(alpha=0.3)
-        _legend_below(ax)
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for ax, panel in zip(axes, panels):
+        _draw_panel(ax, panel)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -720,58 +1000,40 @@ def plot_retention(context: Union[Mapping[str, Any], ModelCardContext], path: Un
     return path
 
 
-def _plot_with_intervals(ax: Any, xs: list, ys: list, intervals: list, label: str) -> None:
+def _draw_panel(ax: Any, panel: PlotPanel) -> None:
+    for j, (label, points) in enumerate(panel.series.items()):
+        shift = (j - (len(panel.series) - 1) / 2) * _DODGE
+        xs = [x + shift for x, _, _ in points]
+        _plot_with_intervals(ax, xs, [v for _, v, _ in points], [c for _, _, c in points], label, panel.joined)
+    if panel.zero_line:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    ticks = list(range(len(panel.xlabels)))
+    ax.set_xticks(ticks, labels=panel.xlabels, rotation=30 if len(ticks) > 6 else 0)
+    ax.set_xlim(-0.5, len(ticks) - 0.5)
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title)
+    ax.grid(alpha=0.3)
+    if panel.series:
+        _legend_below(ax)
+
+
+def _plot_with_intervals(ax: Any, xs: list, ys: list, intervals: list, label: str, joined: bool = True) -> None:
+    style = {"marker": "o", "linestyle": "-" if joined else "none", "label": label}
     if any(c is not None for c in intervals):
         low = [y - c[0] if c is not None else 0.0 for y, c in zip(ys, intervals)]
         high = [c[1] - y if c is not None else 0.0 for y, c in zip(ys, intervals)]
-        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=[low, high], capsize=3, **style)
     else:
-        ax.plot(xs, ys, marker="o", label=label)
-
-
-def _knowledge_bleed_series(ctx: ModelCardContext) -> dict[str, list[tuple[int, float, Optional[list[float]]]]]:
-    """Label -> [(x, mean, ci95)] for the knowledge accuracies (x 0 = month 0) and every month's bleed."""
-    series: dict[str, list[tuple[int, float, Optional[list[float]]]]] = {}
-    columns = [_BASELINE, *ctx.months]
-    for key, label in (("mc", "knowledge (multiple choice)"), ("exact", "knowledge (exact match)")):
-        values = (ctx.knowledge or {}).get(key) or {}
-        points = [(k, values[c]["mean"], values[c].get("ci95")) for k, c in enumerate(columns) if values.get(c)]
-        if points:
-            series[label] = points
-    for month, entry in (ctx.bleed or {}).items():
-        after = entry.get("after") or {}
-        points = [(k, after[c]["mean"], after[c].get("ci95")) for k, c in enumerate(columns) if after.get(c)]
-        if points:
-            series[f"bleed of {month}"] = points
-    return series
+        ax.plot(xs, ys, **style)
 
 
 def _legend_below(ax: Any) -> None:
     # Below the axes: inside, it hides the points it labels (accuracies sit high, several lines end at the last month).
     count = len(ax.get_legend_handles_labels()[1])
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(count, 4), frameon=False)
-
-
-def _relative_general(ctx: ModelCardContext) -> tuple[list[str], list[tuple[str, list[Optional[float]]]]]:
-    """Per general metric, its change vs month 0 in percent at month 0 and after each month (None: not measured).
-
-    Metrics on different scales (accuracy, perplexity) share one axis this way; a zero month-0 value has no relative
-    change and its metric is left out of the plot (the table still shows it).
-    """
-    if not ctx.general:
-        return [], []
-    columns = ["month 0", *ctx.months]
-    rows = []
-    for name, base in ctx.general[_BASELINE].items():
-        if base is None or base == 0:
-            continue
-        changes: list[Optional[float]] = [0.0]
-        for m in ctx.months:
-            value = ctx.general.get(m, {}).get(name)
-            changes.append(None if value is None else 100.0 * (value - base) / abs(base))
-        if any(c is not None for c in changes[1:]):
-            rows.append((name, changes))
-    return columns, rows
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(count, 3), frameon=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -807,13 +1069,7 @@ def render_model_card(
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_retention(ctx, output_dir / PLOT_FILENAME)
 
-    card_data = ModelCardData(
-        base_model=ctx.base_model,
-        library_name="peft",
-        license=ctx.license,
-        pipeline_tag="text-generation",
-        tags=_tags(ctx.method),
-    )
+    card_data = card_metadata(ctx)
     average, bwt = _summary(ctx)
     general_columns, general_rows = _general_table(ctx)
     data_columns, data_rows = _data_table(ctx)
@@ -826,7 +1082,8 @@ def render_model_card(
         month=ctx.month,
         months=list(ctx.months),
         base_model=ctx.base_model,
-        quantization=ctx.quantization or "none (full precision)",
+        base_rows=_base_rows(ctx),
+        fingerprint_rows=_fingerprint_rows(ctx),
         method=ctx.method,
         hub_repo=ctx.hub_repo,
         method_config_rows=_config_rows(ctx.method_config),
@@ -851,6 +1108,7 @@ def render_model_card(
         general_columns=general_columns,
         general_rows=general_rows,
         plot_filename=PLOT_FILENAME,
+        plot_titles=[panel.title for panel in plot_panels(ctx)],
         hub_months_dir=layout.HUB_MONTHS_DIR,
         loading_code=_loading_code(ctx),
         limitations=_limitations(ctx),

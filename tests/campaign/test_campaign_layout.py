@@ -80,7 +80,7 @@ def test_hub_and_card_follow_the_layout(tmp_path, monkeypatch):
     ]
     assert [p for _, p in plan][-4:] == [*layout.ADAPTER_FILES, *layout.CARD_FILES]
     context = {"hub_repo": "org/name", "months": months}
-    ctx = type("Ctx", (), {**context, "quantization": None, "base_model": "base"})
+    ctx = type("Ctx", (), {**context, "quantization": None, "base_model": "base", "base": {"kind": "hub"}})
     assert 'subfolder="by-month/2025-07"' in model_card._loading_code(ctx)
     ctx.hub_repo = None
     assert '"adapters/2025-07"' in model_card._loading_code(ctx)
