@@ -16,8 +16,13 @@ The package is in wings whose imports run one way (`tests/test_package_structure
 - `peft_selective.demo` (extra `[demo]`): the bundled SmolLM2 model and synthetic months.
 """
 
-from .registration import register
-from .tuners.geometry import (
+from .utils.warnings import hold_back_import_notices
+
+
+hold_back_import_notices()  # before PEFT imports bitsandbytes: its kernel notice is irrelevant here (utils.warnings)
+
+from .registration import register  # noqa: E402
+from .tuners.geometry import (  # noqa: E402
     GeometryProjectedConfig,
     GeometryProjectedModel,
     GuaranteeReport,
@@ -25,7 +30,7 @@ from .tuners.geometry import (
     measure_guarantees,
     report_from_model,
 )
-from .tuners.selective import (
+from .tuners.selective import (  # noqa: E402
     SAProjConfig,
     SAProjModel,
     SelectiveConfig,

@@ -53,7 +53,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_dataset
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, ProgressCallback, TrainerCallback
 
 from ..continual.ewc import FISHER_METADATA
 from ..continual.health import ModelHealthError, check_evaluation
@@ -89,6 +89,8 @@ logger = logging.getLogger(__name__)
 #: 3: checksums of every state file (`"files"` per month, `"config_sha256"`, `"evaluations_sha256"`,
 #: `"shared_files"`) and the base model's weights in its fingerprint. Format 2 is read (and written as 3).
 FORMAT_VERSION = 3
+#: The repo a dry run of `push` shows its plan for when the campaign names none.
+PLACEHOLDER_REPO = "your-name/your-adapters"
 #: Characters of general reference text (`peft_selective.evaluation.preference.reference_text`) per calibration text of geometry_projected.
 _CALIBRATION_CHUNK = 1000
 
@@ -508,6 +510,21 @@ def _knowledge_pool(config: CampaignConfig) -> dict[str, Any]:
     return {"source": source, "items": items, "excluded": {str(index): "kl-anchors" for index in sorted(anchors)}}
 
 
+class _LoggedProgress(ProgressCallback):
+    """The Trainer's progress bar, its per-step metrics sent to the log (DEBUG: `continual-dpo --verbose`) rather
+    than printed between the bars. `report_to` receives them as before."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(f"Training {args.adapter_name}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            logger.debug("Step %d: %s", state.global_step, shown)
+
+
 # ------------------------------------------------------------------------------------------------- the campaign
 def _exclusive(method):
     """Make `method` a command of the campaign that holds its lock from start to end ([`Campaign.lock`])."""
@@ -867,7 +884,8 @@ class Campaign:
                 if _digest(new["train"]) != entry["data"]["train_sha256"]:
                     raise CampaignError(
                         f"Month {name!r} was started with other training data ({entry['data']['source']}); rerun it "
-                        "without --data (or with the same data) to resume."
+                        "without --data (or with the same data) to resume, or drop it with `continual-dpo abandon "
+                        f"{name} --campaign_dir {self.directory}` and run it again with the new data."
                     )
             return splits, {}
         if data is None:
@@ -876,6 +894,7 @@ class Campaign:
             splits, sampling = self._split(data, test_data, test_fraction)
         except (OSError, ValueError) as error:
             raise type(error)(f"Month {name!r} was not registered: {error}") from error
+        self._check_same_format(name, data, splits["train"])
         if validation_fraction is not None:
             splits.update(self._hold_out(name, splits["train"], fraction=validation_fraction))
         self._check_prompt_lengths(name, splits)
@@ -896,6 +915,33 @@ class Campaign:
                 _write_jsonl(self.layout.split(name, split), dataset)
         self._barrier()
         return splits, sampling
+
+    def _check_same_format(self, name: str, data, train: Dataset) -> None:
+        """Refuse a new month whose rows are not written as the last done month's (conversational or plain text, the
+        same columns): every month, and the rehearsed rows of the earlier ones, are trained and scored together."""
+        if not self.done_months:
+            return
+        previous = self.done_months[-1]
+        with self.layout.split(previous, "train").open(encoding="utf-8") as file:
+            stored = json.loads(file.readline())
+        given = {column: train[0][column] for column in train.column_names if column != _SOURCE}
+        ours, theirs = _row_format(given), _row_format(stored)
+        if ours == theirs:
+            return
+        source = data if isinstance(data, (str, Path)) else "the Dataset"
+        missing, extra = sorted(set(stored) - set(given)), sorted(set(given) - set(stored))
+        fix = (
+            f"write its rows as month {previous!r}'s ({json.dumps(stored, ensure_ascii=False)[:200]})"
+            if ours[0] != theirs[0]
+            else "give it the same columns"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (not in {previous!r}: {', '.join(extra)})" if extra else "")
+        )
+        raise CampaignError(
+            f"Month {name!r} was not registered: its data ({source}) is {ours[0]} with columns {', '.join(ours[1])}, "
+            f"but month {previous!r}'s is {theirs[0]} with columns {', '.join(theirs[1])}. The months and their "
+            f"rehearsed rows are trained together in one format: {fix}, or start a new campaign for this format."
+        )
 
     def _split(self, data, test_data, test_fraction: float) -> tuple[dict[str, Dataset], dict[str, Any]]:
         """The train and test splits, with their `_SOURCE` column, every row checked; the test split capped at
@@ -1130,7 +1176,10 @@ class Campaign:
         check_month_name(name)
         entry = self.month(name)
         if entry is not None and entry["status"] == "done":
-            raise CampaignError(f"Month {name!r} is already done; evaluate it with `eval`, or pick a new name.")
+            raise CampaignError(
+                f"Month {name!r} is already done: `continual-dpo eval --month {name} --campaign_dir {self.directory}` "
+                "shows its evaluation. To train on more data, run it as a new month, under a new name."
+            )
         pending = [month["name"] for month in self.months if month["status"] != "done" and month["name"] != name]
         if pending:
             raise CampaignError(
@@ -1262,6 +1311,8 @@ class Campaign:
             rehearsal_buffer=RehearsalBuffer(self.layout.buffer),
             callbacks=callbacks,
         )
+        if trainer.pop_callback(ProgressCallback) is not None:  # absent with disable_tqdm
+            trainer.add_callback(_LoggedProgress())
         calibration = None
         if self.config.method == "geometry_projected":
             try:
@@ -1628,13 +1679,20 @@ class Campaign:
         lm_eval_tasks: Optional[Sequence[str]] = None,
         lm_eval_include_path: Optional[Union[str, Path]] = None,
         lm_eval_limit: Optional[int] = None,
+        recompute: bool = False,
     ) -> dict[str, Any]:
-        """Evaluate the model after `month` (default: the last done one) on every month's held-out pairs up to it and
-        on the general suites; stores and returns the result.
+        """The evaluation of the model after `month` (default: the last done one) on every month's held-out pairs up
+        to it and on the general suites.
+
+        The one stored by `run_month` (or an earlier `evaluate`) is returned as it is when it can be trusted: its
+        checksum and those of every adapter it was measured on match (`verify`; the evaluation options are fixed at
+        `init`), and it holds the lm-eval tasks asked for. Otherwise, or with `recompute`, the model is loaded and
+        measured again, and the result stored; the log says why.
 
         `lm_eval_tasks` adds EleutherAI lm-evaluation-harness tasks (`mmlu`, `arc_easy`, ... with Hub access, or local
         task definitions in `lm_eval_include_path`, e.g. written by `peft_selective.evaluation.write_knowledge_task`)
-        run on the same model, every month's adapter stacked; stored under `"lm_eval"` (needs the `lm-eval` extra).
+        run on the same model, every month's adapter stacked; stored under `"lm_eval"` with the options under
+        `"lm_eval_options"` (needs the `lm-eval` extra).
         """
         done = self.done_months
         if not done:
@@ -1642,21 +1700,54 @@ class Campaign:
         month = month or done[-1]
         if month not in done:
             raise CampaignError(f"Month {month!r} is not done (done: {done}).")
+        lm_eval_options = None
+        if lm_eval_tasks:
+            include = str(lm_eval_include_path) if lm_eval_include_path is not None else None
+            lm_eval_options = {"tasks": list(lm_eval_tasks), "include_path": include, "limit": lm_eval_limit}
+        if not recompute:
+            self.verify()  # the stored evaluation too: a stale or edited one is refused, naming it
+            stale = self._stale_evaluation(month, lm_eval_options)
+            if stale is None:
+                logger.info(
+                    "Month %r: its stored evaluation (checksums verified) is returned; pass --recompute to measure it "
+                    "again.",
+                    month,
+                )
+                return self.evaluations[month]
+            logger.info("Month %r is measured again: %s", month, stale)
         self.verify(skip_evaluations=[month])  # the month's evaluation is measured again
         model, tokenizer = self.load_model(upto=month)
         months = done[: done.index(month) + 1]
-        evaluation = self._evaluate(model, tokenizer, months)
+        logger.info("Evaluating the model after month %r.", month)
+        evaluation = self._evaluate(model, tokenizer, months, show_progress=True)
         if lm_eval_tasks:
             from ..evaluation import run_lm_eval
 
             evaluation["lm_eval"] = run_lm_eval(
                 model, tokenizer, list(lm_eval_tasks), include_path=lm_eval_include_path, limit=lm_eval_limit
             )
+            evaluation["lm_eval_options"] = lm_eval_options
         self.evaluations[month] = evaluation
         self._save_evaluations()
         self._record_evaluation(month)
         self._save_state()
         return self.evaluations[month]
+
+    def _stale_evaluation(self, month: str, lm_eval_options: Optional[dict[str, Any]]) -> Optional[str]:
+        """Why the stored evaluation of `month` (already verified) cannot be returned for this request; None if it can."""
+        stored = self.evaluations.get(month)
+        if stored is None:
+            return f"{layout.EVALUATIONS_FILE} has no evaluation of it."
+        if month not in self.state.get("evaluations_sha256", {}):
+            return "its stored evaluation has no recorded checksum (written by an older peft-selective)."
+        if lm_eval_options is not None:
+            had = stored.get("lm_eval_options") or {}
+            same = {k: v for k, v in had.items() if k != "tasks"} == {
+                k: v for k, v in lm_eval_options.items() if k != "tasks"
+            }
+            if not (same and set(lm_eval_options["tasks"]) <= set(had.get("tasks", []))):
+                return f"the lm-eval options asked for ({lm_eval_options}) are not those stored ({had or 'none'})."
+        return None
 
     def retention(self) -> dict[str, Any]:
         """The behavioural retention matrix of the done months (`R`, its intervals `ci95`), the average and BWT with
@@ -1703,6 +1794,41 @@ class Campaign:
             self.write_card(name)
         self._save_state()  # the cards' checksums
         return format_report(self.evaluations, months, **self.report_inputs(months))
+
+    def month_summary(self, name: str) -> str:
+        """A few lines on the done month `name`: its training, what it learned, retention so far (backward transfer
+        from the second month on), perplexity and KL against month 0, and where its card and the full tables are."""
+        months = self.done_months[: self.done_months.index(name) + 1]
+        entry, evaluation = self.month(name), self.evaluations.get(name, {})
+        data, training = entry["data"], entry["training"]
+        scale = (entry.get("retention") or {}).get("scale")
+        lines = [
+            f"Month {name} done: {training['steps']} steps (train loss {_fmt(training.get('train_loss'), 4)}) on "
+            f"{data['train_rows']} new rows and {data.get('rehearsal_rows', 0)} rehearsed"
+            + (f", retention scale {scale}." if scale is not None else ".")
+        ]
+        learned = learning_table(self.evaluations, [name], self._before_behaviour([name])).get(name)
+        if learned:
+            verdict = {True: "learned", False: "not learned (its interval reaches 0)"}.get(learned.get("learned"))
+            lines.append(
+                f"  Its held-out prompts ({_scored_by(self.evaluations, name)}): before {_ci(learned.get('before'))}, "
+                f"after {_ci(learned['after'])}, gain {_ci(learned.get('gain'), signed=True)}"
+                + (f": {verdict}." if verdict else ".")
+            )
+        numbers = retention_numbers(self.evaluations, months)
+        bwt = _ci(numbers["bwt_interval"], signed=True) or _no_bwt(months)
+        lines.append(f"  Retention: average score {_ci(numbers['average']) or 'n/a'}, backward transfer {bwt}.")
+        general, base = evaluation.get("general", {}), self.evaluations.get(BASELINE, {}).get("general", {})
+        if "perplexity" in general:
+            lines.append(
+                f"  Perplexity {_fmt(general['perplexity'], 2)} (month 0: {_fmt(base.get('perplexity'), 2)}), KL to "
+                f"the base {_fmt(general.get('kl_to_base'), 4)} nats/token."
+            )
+        lines.append(
+            f"  Card: {self.layout.card(name) / layout.CARD_FILE}. Every table: `continual-dpo report --campaign_dir "
+            f"{self.directory}`."
+        )
+        return "\n".join(lines)
 
     # ---------------------------------------------------------------------------------------------- cards & hub
     def card_context(self, name: str) -> dict[str, Any]:
@@ -1793,10 +1919,24 @@ class Campaign:
         from .hub import push_campaign
 
         repo_id = repo_id or self.config.hub_repo
-        if not repo_id:
-            raise CampaignError("No Hub repo: pass one, or set `hub_repo` at `init`.")
+        if not repo_id and not dry_run:
+            raise CampaignError(
+                "No Hub repo to push to: name it with `continual-dpo push --repo_id USER/NAME` (`push(repo_id=...)`); "
+                "a campaign created with `init --hub_repo USER/NAME` pushes there by default. `--dry_run` lists the "
+                "files without one."
+            )
         self.verify()
+        if not repo_id:  # a dry run reads the plan; the paths inside the repo do not depend on its name
+            print(f"No Hub repo named (--repo_id, or init --hub_repo): the plan is shown for {PLACEHOLDER_REPO}.")
+            repo_id = PLACEHOLDER_REPO
         return push_campaign(self.directory, repo_id, dry_run=dry_run, token=token)
+
+
+def _row_format(row: dict[str, Any]) -> tuple[str, list[str]]:
+    """("conversational" or "plain text", the sorted columns) of a preference row."""
+    conversational = isinstance(row.get("chosen"), list)
+    kind = 'conversational (lists of {"role", "content"} messages)' if conversational else "plain text (strings)"
+    return kind, sorted(row)
 
 
 def _digest(dataset: Dataset) -> str:
@@ -1804,6 +1944,13 @@ def _digest(dataset: Dataset) -> str:
     for row in dataset:
         digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
     return digest.hexdigest()
+
+
+def _no_bwt(months: list[str]) -> str:
+    """Why there is no backward transfer to show."""
+    if len(months) < 2:
+        return "n/a (needs two months)"
+    return "n/a (no earlier month scored on the same items after the last one)"
 
 
 def _fmt(value: Optional[float], digits: int = 3) -> str:
@@ -1858,7 +2005,7 @@ def format_report(
     lines += [f"| {month} | " + " | ".join(row) + " |" for month, row in zip(months, cells)]
     numbers = retention_numbers(evaluations, months)
     bwt = _ci(numbers["bwt_interval"], signed=True)
-    bwt = f"{bwt} (paired, same items)" if bwt else "n/a (a single month)"
+    bwt = f"{bwt} (paired, same items)" if bwt else _no_bwt(months)
     lines += ["", f"Average score {_ci(numbers['average']) or 'n/a'}, backward transfer {bwt}."]
 
     learning = learning_table(evaluations, months, before)

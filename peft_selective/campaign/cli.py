@@ -5,9 +5,10 @@ continual-dpo init --campaign_dir campaign --base_model embedded --quantization 
 continual-dpo run-month 2025-06 --campaign_dir campaign --data june.jsonl       # trains, evaluates, writes the card
 continual-dpo run-month 2025-07 --campaign_dir campaign --data july.jsonl --checks checks.json  # declared style
 continual-dpo run-month 2025-07 --campaign_dir campaign --data july.parquet     # rerun after a crash: resumes
-continual-dpo eval --campaign_dir campaign                                      # re-evaluate the latest month
+continual-dpo eval --campaign_dir campaign                                      # the latest month's evaluation
 continual-dpo report --campaign_dir campaign                                    # retention tables, cards
-continual-dpo push --campaign_dir campaign --repo_id me/my-adapters --dry_run   # what would be uploaded
+continual-dpo push --campaign_dir campaign --dry_run                            # what would be uploaded
+continual-dpo push --campaign_dir campaign --repo_id me/my-adapters             # (init --hub_repo: the default)
 continual-dpo abandon 2025-07 --campaign_dir campaign                           # drop an interrupted month
 continual-dpo unlock --campaign_dir campaign                                    # break a stale lock
 ```
@@ -16,6 +17,10 @@ One command runs on a campaign at a time: each holds the directory's lock (`peft
 second one is refused, naming the holder. A lock left by a crashed process on this machine is taken over by the next
 command; one recorded by another host (or on a filesystem without `flock`) stays until `unlock` breaks it: run it
 only once you know that holder is gone. `unlock` refuses while a live process on this machine holds the lock.
+
+What a command prints: a progress bar per long step (data, training, each evaluation suite, Fisher, calibration), the
+campaign's own steps, warnings, and a short summary per month (`report` for every table). `--verbose` adds every log
+line (the Trainer's per-step metrics included) and the third-party notices `peft_selective.utils.warnings` silences.
 
 Every command takes `--config file.yaml` (keys: the command's options, as in TRL's CLI) and `--help`. The `init`
 options are `CampaignConfig`'s flat options (`peft_selective.campaign.config.FLAT_OPTIONS`): the config's own fields
@@ -32,12 +37,15 @@ import sys
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional, Union
 
+import datasets
+import transformers
 from trl import TrlParser
 
 from ..continual.health import ModelHealthError
 from ..continual.preference_data import PreferenceDataError
 from ..utils.lock import LOCK_FILE, DirectoryLock, DirectoryLockedError, describe_holder
-from .campaign import Campaign, CampaignError, format_report
+from ..utils.warnings import quiet_known_warnings, release_held_back
+from .campaign import Campaign, CampaignError
 from .config import CampaignConfig
 from .layout import CampaignLayout, check_month_name
 
@@ -45,6 +53,13 @@ from .layout import CampaignLayout, check_month_name
 @dataclass
 class CampaignDirArguments:
     campaign_dir: str = field(default="campaign", metadata={"help": "The campaign directory."})
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Print every log line (INFO; DEBUG for peft_selective), the Trainer's per-step metrics and the "
+            "library progress bars, and silence no third-party warning."
+        },
+    )
 
 
 #: `init`'s options: the campaign directory, `--overwrite` and every flat option of `CampaignConfig`.
@@ -130,6 +145,10 @@ class EvalArguments(CampaignDirArguments):
         default=None, metadata={"help": "A folder of local lm-eval task definitions (YAML)."}
     )
     lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "At most this many examples per task."})
+    recompute: bool = field(
+        default=False,
+        metadata={"help": "Measure the month again, even when its stored evaluation (checksums verified) is current."},
+    )
 
 
 @dataclass
@@ -150,7 +169,7 @@ COMMANDS = {
     "init": (InitArguments, "create a campaign directory"),
     "run-month": (RunMonthArguments, "train, evaluate and document one month (resumes an interrupted one)"),
     "abandon": (AbandonArguments, "drop an interrupted month (its data, checkpoints and state entries)"),
-    "eval": (EvalArguments, "evaluate the model after a month"),
+    "eval": (EvalArguments, "the evaluation of the model after a month (stored, or measured again)"),
     "report": (CampaignDirArguments, "print the retention tables and rewrite the model cards"),
     "push": (PushArguments, "upload every month's adapter and card to the Hub"),
     "unlock": (UnlockArguments, "break the stale lock a crashed command left (campaign, buffer, Fisher)"),
@@ -174,14 +193,35 @@ def _unlock(directory: str, force: bool) -> str:
     return "\n".join(broken) or f"No lock in {paths.root}: nothing to break."
 
 
+def _configure_output(verbose: bool) -> None:
+    """What the command prints. Default: warnings, the campaign's own steps (INFO of `peft_selective.campaign`), one
+    progress bar per long step (those of datasets' maps and of weight loading are off), no known-irrelevant
+    third-party warning (`peft_selective.utils.warnings`). `verbose`: every log line, every bar, nothing filtered."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("peft_selective").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    logging.getLogger("peft_selective.campaign").setLevel(logging.NOTSET if verbose else logging.INFO)
+    if verbose:
+        release_held_back()
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+        return
+    quiet_known_warnings()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _run(command: str, argv: list[str]) -> int:
     arguments_class, help_ = COMMANDS[command]
     if command in ("run-month", "abandon") and argv and not argv[0].startswith("-"):
         argv = ["--name", *argv]
     parser = TrlParser((arguments_class,), prog=f"continual-dpo {command}", description=help_)
     (args,) = parser.parse_args_and_config(argv)
+    _configure_output(args.verbose)
     if command == "init":
-        values = {key: value for key, value in vars(args).items() if key not in ("campaign_dir", "overwrite")}
+        values = {
+            key: value for key, value in vars(args).items() if key not in ("campaign_dir", "overwrite", "verbose")
+        }
         campaign = Campaign.init(args.campaign_dir, CampaignConfig.from_dict(values), overwrite=args.overwrite)
         print(f"Campaign created in {campaign.directory}.")
         return 0
@@ -212,8 +252,8 @@ def _run(command: str, argv: list[str]) -> int:
             validation_fraction=args.validation_fraction,
             calibration_data=args.calibration_data,
         )
-        print(f"Month {entry['name']} done ({entry['training']['steps']} steps). Retention so far:\n")
-        print(format_report(campaign.evaluations, campaign.done_months, **campaign.report_inputs()))
+        if entry.get("status") == "done":  # on the main process (the others only trained)
+            print(campaign.month_summary(entry["name"]))
     elif command == "abandon":
         print(campaign.abandon(args.name))
     elif command == "eval":
@@ -223,6 +263,7 @@ def _run(command: str, argv: list[str]) -> int:
             lm_eval_tasks=[task.strip() for task in tasks],
             lm_eval_include_path=args.lm_eval_include_path,
             lm_eval_limit=args.lm_eval_limit,
+            recompute=args.recompute,
         )
         print(json.dumps(result, indent=2))
     elif command == "report":
@@ -242,9 +283,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
     try:
         return _run(argv[0], argv[1:])
     except (

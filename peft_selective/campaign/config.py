@@ -565,8 +565,11 @@ class CampaignConfig:
 
     def training_args(self, output_dir: Path, adapter_name: str, fisher_dir: Optional[Path]) -> ContinualDPOConfig:
         """The month's `ContinualDPOConfig`: `training`, and what the campaign sets itself (`CAMPAIGN_TRAINING_KEYS`)."""
+        training = copy.deepcopy(self.training)
+        # Under transformers 5's name: the old one (TRL's, our flag's) makes TrainingArguments warn that it is deprecated.
+        training["activation_checkpointing"] = training.pop("gradient_checkpointing", None)
         return ContinualDPOConfig(
-            **{"per_device_eval_batch_size": self.evaluation.batch_size, **copy.deepcopy(self.training)},
+            **{"per_device_eval_batch_size": self.evaluation.batch_size, **training},
             output_dir=str(output_dir),
             adapter_name=adapter_name,
             seed=self.seed,

@@ -45,6 +45,7 @@ def generate_answers(
     do_sample: bool = False,
     use_chat_template: Optional[bool] = None,
     disable_tqdm: bool = False,
+    desc: str = "Generating",
     **generate_kwargs: Any,
 ) -> list[str]:
     """Answer every prompt; greedy by default, in left-padded batches.
@@ -65,6 +66,7 @@ def generate_answers(
             reproducible samples; pass `temperature` / `top_p` in `generate_kwargs`).
         use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
         disable_tqdm (`bool`, defaults to `False`): hide the progress bar.
+        desc (`str`, defaults to `"Generating"`): the progress bar's label.
         generate_kwargs: passed to `model.generate`.
 
     Returns:
@@ -96,7 +98,7 @@ def generate_answers(
     answers: list[Optional[str]] = [None] * len(prompts)
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(prompts), desc="Generating", disable=disable_tqdm) as progress:
+        with torch.no_grad(), tqdm(total=len(prompts), desc=desc, disable=disable_tqdm) as progress:
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 length = max(len(encoded[i]) for i in indices)

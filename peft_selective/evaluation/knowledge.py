@@ -134,7 +134,10 @@ def option_scores(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(sequences), desc="Multiple choice", disable=disable_tqdm) as progress:
+        with (
+            torch.no_grad(),
+            tqdm(total=len(sequences), desc="Knowledge (multiple choice)", disable=disable_tqdm) as progress,
+        ):
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start : start + batch_size]
                 length = max(len(p) + len(o) for _, _, p, o in batch)

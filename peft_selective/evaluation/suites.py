@@ -420,7 +420,7 @@ def evaluate_model(
     model.eval()
     resamples = dict(n_resamples=config.bootstrap_resamples, seed=config.seed)
 
-    def generate(prompts: Sequence[Any], max_new_tokens: int) -> list[str]:
+    def generate(prompts: Sequence[Any], max_new_tokens: int, desc: str) -> list[str]:
         return generate_answers(
             model,
             tokenizer,
@@ -428,6 +428,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             batch_size=config.batch_size,
             disable_tqdm=not show_progress,
+            desc=desc,
         )
 
     result: dict[str, Any] = {"preference": {}, "behaviour": {}, "bleed": {}, "knowledge": {}, "general": {}}
@@ -443,7 +444,9 @@ def evaluate_model(
                 rows = list(dataset)
                 if rows and "prompt" not in rows[0]:
                     raise ValueError(f"The held-out pairs of month {month!r} need a `prompt` column to generate from.")
-                generations = generate([row["prompt"] for row in rows], config.behaviour_max_new_tokens)
+                generations = generate(
+                    [row["prompt"] for row in rows], config.behaviour_max_new_tokens, f"Behaviour {month}"
+                )
                 month_generations[month] = generations
                 entry = behaviour_scores(generations, rows, tests[month]["checks"], config)
                 entry["examples"] = [
@@ -461,7 +464,11 @@ def evaluate_model(
 
         # Off-scope generations: generic prompts and knowledge questions, generated once each.
         generic = generic_prompts()[: config.drift_prompts]
-        generic_answers = generate(generic, config.behaviour_max_new_tokens) if (behaviour or keep_offscope) else []
+        generic_answers = (
+            generate(generic, config.behaviour_max_new_tokens, "Bleed (generic prompts)")
+            if (behaviour or keep_offscope)
+            else []
+        )
         items = [_as_item(item) for item in knowledge_items or []]
         knowledge_answers: list[str] = []
         exact_items: list[int] = []
@@ -476,7 +483,8 @@ def evaluate_model(
             if exact_indices is None:
                 exact_indices = range(min(len(items), config.knowledge_exact_items))
             exact_items = [int(i) for i in exact_indices]
-            knowledge_answers = generate([items[i].question for i in exact_items], config.knowledge_max_new_tokens)
+            questions = [items[i].question for i in exact_items]
+            knowledge_answers = generate(questions, config.knowledge_max_new_tokens, "Knowledge (exact match)")
             exact = [int(exact_match(answer, items[i])) for answer, i in zip(knowledge_answers, exact_items)]
             result["knowledge"] = {
                 "mc": [int(x) for x in mc],

@@ -1,1 +1,2 @@
-"""Helpers every wing of the package may use: atomic file writes (`io`)."""
+"""Helpers every wing of the package may use: atomic file writes (`io`), the known third-party warnings silenced
+(`warnings`)."""

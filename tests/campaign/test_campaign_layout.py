@@ -173,7 +173,7 @@ def test_a_flat_campaign_json_loads_into_the_nested_config(tmp_path):
 def test_the_init_flags_are_the_nested_configs_fields():
     flags = {f.name: f for f in dataclasses.fields(InitArguments)}
     own = {f.name for f in dataclasses.fields(CampaignConfig)} - {"training", "evaluation"}
-    assert set(flags) == {"campaign_dir", "overwrite"} | own | set(FLAT_OPTIONS)
+    assert set(flags) == {"campaign_dir", "verbose", "overwrite"} | own | set(FLAT_OPTIONS)
     trainer = typing.get_type_hints(ContinualDPOConfig)
     trainer_help = {f.name: f.metadata.get("help") for f in dataclasses.fields(ContinualDPOConfig)}
     for name in set(TRAINING_OPTIONS) - {"max_length"}:

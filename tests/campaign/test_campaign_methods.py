@@ -77,7 +77,7 @@ def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, t
     assert "geometry_projected" in card and "calibration_reference_chars" in card
     # the reloaded campaign evaluates the model it trained: the same numbers
     evaluated = campaign.evaluations["m2"]
-    assert cli("eval", "--campaign_dir", directory) == 0
+    assert cli("eval", "--campaign_dir", directory, "--recompute") == 0
     reloaded = Campaign(directory).evaluations["m2"]
     for month in ("m1", "m2"):
         for key in ("ranking_margin", "implicit_reward_margin"):
