@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints-dev.txt
 
 setup: $(VENV)/.installed
 
-# Main job on the embedded default: a 3-month continual DPO campaign on the bundled SmolLM2-135M-Instruct in 4-bit,
-# offline; state, model cards and evaluations in outputs/monthly_dpo/.
-# DEMO_ARGS: extra options, e.g. DEMO_ARGS="--results examples/results/monthly_dpo" to rewrite the committed results.
+# Main job on the embedded default: the same 3 months of DPO on the bundled SmolLM2-135M-Instruct (fp32), offline, twice:
+# peft-selective (campaign API, SelectiveMLP, recommended retention) and PEFT LoRA + TRL DPOTrainer merged monthly;
+# side-by-side table, plot (comparison.png) and the campaign's model cards in outputs/monthly_dpo/.
+# DEMO_ARGS: extra options, e.g. DEMO_ARGS="--results examples/results/monthly_dpo" to rewrite the committed results,
+# DEMO_ARGS=--quick for a smoke test of a few minutes.
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) examples/monthly_dpo.py --fresh $(DEMO_ARGS)
 
