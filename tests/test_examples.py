@@ -3,6 +3,7 @@ quickstart runs end to end on the bundled model (train, save, reload, merge)."""
 
 import ast
 import importlib.util
+import json
 
 import pytest
 from testing_utils import EXAMPLES_DIR
@@ -44,3 +45,54 @@ def test_quickstart_trains_saves_reloads_and_merges(tmp_path):
     assert result["reload_diff"] < 1e-5  # the saved adapter is the trained one
     assert result["merge_diff"] < 1e-3  # merging changes only float rounding
     assert isinstance(result["answer"], str)
+
+
+@pytest.mark.slow  # both arms, two months of two steps on the bundled model, tiny evaluations
+def test_monthly_dpo_quick_runs_both_arms_and_writes_table_plot_and_cards(tmp_path):
+    spec = importlib.util.spec_from_file_location("monthly_dpo", EXAMPLES_DIR / "monthly_dpo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    output, results = tmp_path / "demo", tmp_path / "results" / "monthly_dpo"
+    assert demo.main(["--quick", "--fresh", "--output-dir", str(output), "--results", str(results)]) == 0
+    months = ["1-capitals", "2-currency"]
+
+    payload = json.loads(results.with_suffix(".json").read_text())
+    comparison = payload["comparison"]
+    assert comparison["months"] == months and set(comparison["rows"]) == {"peft_selective", "lora"}
+    campaign, lora = payload["peft_selective"]["evaluations"], payload["lora"]["evaluations"]
+    for month in months:  # the same items, measured by the same evaluation, for both arms
+        assert (
+            sorted(lora[month]["behaviour"])
+            == sorted(campaign[month]["behaviour"])
+            == months[: months.index(month) + 1]
+        )
+        for scored in lora[month]["behaviour"]:
+            assert (
+                len(lora[month]["behaviour"][scored]["scores"])
+                == len(campaign[month]["behaviour"][scored]["scores"])
+                == 3
+            )
+        assert len(lora[month]["knowledge"]["mc"]) == len(campaign[month]["knowledge"]["mc"]) == 6
+        assert lora[month]["knowledge"]["exact"]["items"] == campaign[month]["knowledge"]["exact"]["items"]
+        for arm in ("peft_selective", "lora"):
+            row = comparison["rows"][arm][month]
+            assert row["learning"]["after"]["n"] == 3 and "gain" in row["learning"]
+            assert row["knowledge_mc"]["n"] == comparison["knowledge_items"]["mc"] > 0
+            assert row["kl_to_base"] > 0  # each arm's model moved away from the base
+    assert comparison["rows"]["lora"]["2-currency"]["kept"]["n"] == 3  # month 1's items, after month 2
+    assert comparison["rows"]["peft_selective"]["1-capitals"]["kept"] is None
+
+    # The LoRA arm: all-linear LoRA, one adapter per month; the other arm: SelectiveMLP adapters stacked by the campaign
+    for month in months:
+        config = json.loads((output / "lora" / "adapters" / month / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and {"q_proj", "down_proj"} <= set(config["target_modules"])
+        config = json.loads((output / "peft_selective" / "adapters" / month / "adapter_config.json").read_text())
+        assert config["peft_type"] != "LORA" and "down_proj" not in config["target_modules"]
+        card = (output / "peft_selective" / "cards" / month / "README.md").read_text()
+        assert month in card
+    table = results.with_suffix(".md").read_text()
+    assert table.count("| LoRA + DPOTrainer |") == table.count("| peft-selective |") == 2
+    assert "load average" in table and payload["load_average_start"] is not None
+    image = results.with_suffix(".png").read_bytes()
+    assert image.startswith(b"\x89PNG") and len(image) > 20_000
+    assert (output / "comparison.png").read_bytes() == image
