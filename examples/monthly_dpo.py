@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--results", default=None, help="Write <results>.md, .json and .png (the committed run).")
     args = parser.parse_args(argv)
+    args.command = "python examples/monthly_dpo.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     for key, value in SIZES["quick" if args.quick else "full"].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -353,6 +355,7 @@ def plot(comparison: dict[str, Any], path: Path, title: str) -> None:
                     high.append(summary["ci95"][1] - summary["mean"])
             axis.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, color=colours[arm], label=ARMS[arm])
             axis.set_xticks(range(len(columns)), [c.split("-", 1)[-1] if c != BASELINE else "base" for c in columns])
+            axis.set_xlim(-0.5, len(columns) - 0.5)
         axis.set_title(label, fontsize=10)
         axis.set_ylim(-1.05 if k == 1 else -0.05, 0.3 if k == 1 else 1.05)
         if k == 1:
@@ -491,7 +494,7 @@ def machine_info() -> dict:
 
 
 def write_results(path: Path, args, campaign, lora, comparison, reports, elapsed, timing, load_start) -> None:
-    command = "python examples/monthly_dpo.py " + " ".join(sys.argv[1:])
+    command = args.command
     load_end = load_average()
     payload = {
         "command": command,
