@@ -347,7 +347,9 @@ def _weights_digest(model: torch.nn.Module) -> str:
             continue
         flat = tensor.detach().reshape(-1)
         count = flat.numel()
-        index = torch.linspace(0, max(count - 1, 0), steps=min(count, FINGERPRINT_ELEMENTS)).round().long()
+        # integer positions: a float32 linspace rounds the last one past the end of a tensor of 28M elements
+        steps = min(count, FINGERPRINT_ELEMENTS)
+        index = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
         sample = flat[index.to(flat.device)].cpu()
         if sample.is_floating_point():
             sample = sample.to(torch.float64)  # bfloat16 has no numpy type; float64 holds every float exactly

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 from testing_utils import CAMPAIGN_INIT, cli, copy_of, tiny_chat_llama, word_chat_tokenizer, write_month
 from transformers import TrainerCallback
@@ -395,3 +396,19 @@ def test_malformed_test_rows_are_named_by_their_line_before_registration(tmp_pat
         assert f"{test}, line {len(before) + 1}: {_PROBLEMS[kind]}" in err and "was not registered" in err, err
         assert (directory / "campaign.json").read_bytes() == state
         assert not (directory / "data" / "m1").exists()
+
+
+def test_the_weights_fingerprint_samples_inside_every_tensor_of_a_real_model_size():
+    from peft_selective.campaign.campaign import FINGERPRINT_ELEMENTS, _weights_digest
+
+    # the bundled model's embedding has 28,311,552 elements: float32 positions rounded its last index past the end
+    module = torch.nn.Module()
+    module.register_buffer("embed", torch.zeros(49152 * 576, dtype=torch.int8))
+    module.embed[-1] = 1
+    before = _weights_digest(module)
+    module.embed[-1] = 2  # the last element is always sampled
+    changed = _weights_digest(module)
+    assert changed != before
+    assert FINGERPRINT_ELEMENTS < module.embed.numel()
+    module.embed[1] = 3  # an element between two samples is not: the documented limit
+    assert _weights_digest(module) == changed
