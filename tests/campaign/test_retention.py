@@ -293,10 +293,13 @@ def test_campaign_auto_chooses_records_and_shows_the_scale(tiny_chat_base, tmp_p
     assert "## Retention dial" in card and f"| m1 | {record['scale']:g} | {record['rule']} |" in card
     assert "| scale | validation score | learning gain | forgetting (KL) |" in card
     assert f"| **{record['scale']:g}** |" in card
-    # a resumed month keeps its options; other ones are refused
-    entry["status"] = "training"
+    # a resumed month keeps its options; other ones are refused (a command re-reads campaign.json under its lock)
+    state_file = directory / "campaign.json"
+    state = json.loads(state_file.read_text())
+    next(month for month in state["months"] if month["name"] == "m1")["status"] = "training"
+    state_file.write_text(json.dumps(state))
     with pytest.raises(CampaignError, match="other retention options"):
-        campaign.run_month("m1", retention_scale="0.5")
+        Campaign(directory).run_month("m1", retention_scale="0.5")
 
 
 class CaptureTrained(TrainerCallback):
