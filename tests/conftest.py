@@ -8,6 +8,8 @@ Fixtures:
     model_output            -> `model_output(model, inputs)`: the logits (or last hidden state for bare encoders)
     tiny_families           -> the names of all families, in a stable order
     tiny_chat_base          -> a folder with the tiny chat Llama and its word tokenizer (the campaigns' base model)
+    one_month_campaign      -> a tiny-model campaign (`CAMPAIGN_INIT`) with month "m1" done from the requesting
+                               module's `month_files` fixture (copy it with `copy_of` before changing it)
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from testing_utils import FAMILIES, build_tiny_model, make_inputs, tiny_chat_llama, word_chat_tokenizer
+from testing_utils import (
+    CAMPAIGN_INIT,
+    FAMILIES,
+    build_tiny_model,
+    cli,
+    make_inputs,
+    tiny_chat_llama,
+    word_chat_tokenizer,
+)
 from testing_utils import model_output as _model_output
 
 
@@ -43,6 +53,15 @@ def tiny_chat_base(tmp_path_factory) -> str:
     tiny_chat_llama(seed=0).save_pretrained(path)
     word_chat_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_month_campaign(tmp_path_factory, tiny_chat_base, month_files):
+    """A campaign with month m1 done (copied by the tests that change it); `month_files` is the module's fixture."""
+    directory = tmp_path_factory.mktemp("campaign") / "c"
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
+    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 0
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from testing_utils import CAMPAIGN_INIT, SCRIPTS_DIR, WORDS, cli, copy_of, write_month
+from testing_utils import SCRIPTS_DIR, WORDS, cli, copy_of, write_month
 
 from peft_selective.campaign.campaign import Campaign, CampaignError
 from peft_selective.campaign.cli import main
@@ -23,15 +23,6 @@ from peft_selective.campaign.cli import main
 def month_files(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("data")
     return {"m1": write_month(folder / "m1.jsonl", "yes", "no"), "m2": write_month(folder / "m2.jsonl", "good", "bad")}
-
-
-@pytest.fixture(scope="module")
-def one_month_campaign(tmp_path_factory, tiny_chat_base, month_files) -> Path:
-    """A campaign with month m1 done (copied by the tests that change it)."""
-    directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
-    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 0
-    return directory
 
 
 def test_two_month_campaign_through_the_cli(one_month_campaign, month_files, tmp_path, capsys):

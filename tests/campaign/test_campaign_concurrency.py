@@ -8,10 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from testing_utils import CAMPAIGN_INIT, SCRIPTS_DIR, cli, copy_of, write_month
+from testing_utils import SCRIPTS_DIR, cli, copy_of, write_month
 
 from peft_selective.campaign.campaign import Campaign
 from peft_selective.utils.lock import LOCK_FILE
@@ -27,15 +26,6 @@ def month_files(tmp_path_factory) -> dict[str, str]:
         name: write_month(folder / f"{name}.jsonl", chosen, rejected)
         for name, chosen, rejected in (("m1", "yes", "no"), ("m2", "good", "bad"), ("m3", "red", "blue"))
     }
-
-
-@pytest.fixture(scope="module")
-def one_month_campaign(tmp_path_factory, tiny_chat_base, month_files) -> Path:
-    """A campaign with month m1 done (copied by the tests that change it)."""
-    directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
-    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", month_files["m1"]) == 0
-    return directory
 
 
 def test_commands_are_refused_while_a_month_trains_in_another_process(

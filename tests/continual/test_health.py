@@ -19,19 +19,11 @@ from peft_selective.continual import ModelHealthError
 from peft_selective.continual.health import check_evaluation
 
 
-# The tiny-model campaign of tests/campaign/test_campaign.py: its base, its two months, month "m1" done.
+# The tiny-model campaign of tests/campaign/test_campaign.py: its two months; `one_month_campaign` (conftest) has m1 done.
 @pytest.fixture(scope="module")
-def months(tmp_path_factory) -> dict[str, str]:
+def month_files(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("data")
     return {"m1": write_month(folder / "m1.jsonl", "yes", "no"), "m2": write_month(folder / "m2.jsonl", "good", "bad")}
-
-
-@pytest.fixture(scope="module")
-def campaign_m1(tmp_path_factory, tiny_chat_base, months) -> Path:
-    directory = tmp_path_factory.mktemp("campaign") / "c"
-    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
-    assert cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"]) == 0
-    return directory
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -147,12 +139,12 @@ def _poison_month_adapter(monkeypatch, month: str):
     monkeypatch.setattr(campaign_module, "evaluate_model", poisoned)
 
 
-def test_a_broken_month_is_refused_and_leaves_no_trace(campaign_m1, months, tmp_path, monkeypatch, capsys):
-    directory = copy_of(campaign_m1, tmp_path)
+def test_a_broken_month_is_refused_and_leaves_no_trace(one_month_campaign, month_files, tmp_path, monkeypatch, capsys):
+    directory = copy_of(one_month_campaign, tmp_path)
     before = snapshot(directory)
     assert {"fisher/fisher.json", "buffer/manifest.json", "adapters/m1/adapter_model.safetensors"} <= set(before)
     _poison_month_adapter(monkeypatch, "m2")
-    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", months["m2"]) == 2
+    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", month_files["m2"]) == 2
     message = capsys.readouterr().err
     assert "Month 'm2' refused: its evaluation shows a broken model" in message
     assert "non-finite metrics: general/perplexity=nan" in message and "bitsandbytes" in message
@@ -162,7 +154,7 @@ def test_a_broken_month_is_refused_and_leaves_no_trace(campaign_m1, months, tmp_
     assert Campaign(directory).done_months == ["m1"]
     # a rerun without the poison trains the month again and records it, with what the guard measured
     monkeypatch.undo()
-    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", months["m2"]) == 0
+    assert cli("run-month", "m2", "--campaign_dir", directory, "--data", month_files["m2"]) == 0
     campaign = Campaign(directory)
     assert campaign.done_months == ["m1", "m2"] and campaign.month("m2")["training"]["steps"] == 4
     health = campaign.month("m2")["health"]
@@ -172,7 +164,7 @@ def test_a_broken_month_is_refused_and_leaves_no_trace(campaign_m1, months, tmp_
     assert campaign.month("m2")["adapter_sha256"]
 
 
-def test_a_broken_first_month_leaves_only_the_initial_campaign(tiny_chat_base, months, tmp_path, monkeypatch):
+def test_a_broken_first_month_leaves_only_the_initial_campaign(tiny_chat_base, month_files, tmp_path, monkeypatch):
     """The first month also evaluates the base (month 0) and creates the buffer and Fisher: all of it is undone."""
     directory = tmp_path / "c"
     assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
@@ -181,29 +173,29 @@ def test_a_broken_first_month_leaves_only_the_initial_campaign(tiny_chat_base, m
     _poison_month_adapter(monkeypatch, "m1")
     campaign = Campaign(directory)
     with pytest.raises(ModelHealthError, match="campaign.json still ends at no done month") as error:
-        campaign.run_month("m1", months["m1"])
+        campaign.run_month("m1", month_files["m1"])
     assert error.value.limits == {"max_perplexity_ratio": 1.5, "max_kl_to_base": 10.0}
     assert snapshot(directory) == before
     assert campaign.months == [] and campaign.evaluations == {}  # the object forgot the month too
     monkeypatch.undo()
-    assert campaign.run_month("m1", months["m1"])["status"] == "done"
+    assert campaign.run_month("m1", month_files["m1"])["status"] == "done"
     assert Campaign(directory).done_months == ["m1"]
 
 
-def test_a_month_refused_in_training_leaves_no_trace(campaign_m1, months, tmp_path, monkeypatch):
-    directory = copy_of(campaign_m1, tmp_path)
+def test_a_month_refused_in_training_leaves_no_trace(one_month_campaign, month_files, tmp_path, monkeypatch):
+    directory = copy_of(one_month_campaign, tmp_path)
     before = snapshot(directory)
     _poison_dpo_loss(monkeypatch, lambda loss: loss * float("inf"))
     with pytest.raises(ModelHealthError, match=r"training loss is (inf|nan).*Nothing of month 'm2' was kept"):
-        Campaign(directory).run_month("m2", months["m2"])
+        Campaign(directory).run_month("m2", month_files["m2"])
     assert snapshot(directory) == before
 
 
-def test_the_limits_can_be_set_for_one_month_from_the_cli(campaign_m1, months, tmp_path, capsys):
-    directory = copy_of(campaign_m1, tmp_path)
+def test_the_limits_can_be_set_for_one_month_from_the_cli(one_month_campaign, month_files, tmp_path, capsys):
+    directory = copy_of(one_month_campaign, tmp_path)
     before = snapshot(directory)
     # a healthy month moves the tiny model's KL to the base by ~1e-6 nats: a limit below that refuses it
-    args = ["run-month", "m2", "--campaign_dir", directory, "--data", months["m2"]]
+    args = ["run-month", "m2", "--campaign_dir", directory, "--data", month_files["m2"]]
     assert cli(*args, "--max_kl_to_base", "1e-12") == 2
     assert "(limit: max_kl_to_base=1e-12)" in capsys.readouterr().err
     assert snapshot(directory) == before
@@ -227,17 +219,17 @@ class _KillAfterStep3(transformers.TrainerCallback):
             raise _Killed
 
 
-def test_a_refused_resumed_month_is_removed(campaign_m1, months, tmp_path, monkeypatch):
+def test_a_refused_resumed_month_is_removed(one_month_campaign, month_files, tmp_path, monkeypatch):
     """A month interrupted earlier (checkpoint on disk, status "training") and refused when rerun: the campaign is
     left without it, so the rerun after the fix trains it from scratch instead of resuming broken checkpoints."""
-    directory = copy_of(campaign_m1, tmp_path)
+    directory = copy_of(one_month_campaign, tmp_path)
     before = snapshot(directory)
     with pytest.raises(_Killed):
-        Campaign(directory).run_month("m2", months["m2"], callbacks=[_KillAfterStep3()])
+        Campaign(directory).run_month("m2", month_files["m2"], callbacks=[_KillAfterStep3()])
     assert (directory / "runs" / "m2" / "checkpoint-2").is_dir() and Campaign(directory).month("m2") is not None
     _poison_month_adapter(monkeypatch, "m2")
     with pytest.raises(ModelHealthError, match="Nothing of month 'm2' was kept"):
         Campaign(directory).run_month("m2")
     assert snapshot(directory) == before
     monkeypatch.undo()
-    assert Campaign(directory).run_month("m2", months["m2"])["training"]["steps"] == 4
+    assert Campaign(directory).run_month("m2", month_files["m2"])["training"]["steps"] == 4
