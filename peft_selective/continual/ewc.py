@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..utils.io import atomic_write, atomic_write_json, fsync_dir
+from ..utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file
 from ..utils.lock import DirectoryLock
 
 
@@ -205,7 +205,7 @@ class FisherState:
                 f"The Fisher state in {directory} is incomplete: {meta_path} names {weights}, which is missing. "
                 "Restore the folder from a backup."
             )
-        if version >= 2 and _sha256(weights_path) != metadata.get("sha256"):
+        if version >= 2 and sha256_file(weights_path) != metadata.get("sha256"):
             raise ValueError(
                 f"The Fisher state in {directory} is corrupted: {weights} does not match the SHA-256 recorded in "
                 f"{FISHER_METADATA} (it was changed or replaced after its commit). Restore the folder from a backup."
@@ -224,14 +224,6 @@ class FisherState:
                 f"than {weights}."
             )
         return cls(fisher, list(metadata["months"]), int(metadata["num_examples"]), metadata.get("base_model"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def estimate_fisher(
