@@ -87,8 +87,10 @@ from .layout import BASELINE, CampaignLayout, check_month_name
 logger = logging.getLogger(__name__)
 
 #: 3: checksums of every state file (`"files"` per month, `"config_sha256"`, `"evaluations_sha256"`,
-#: `"shared_files"`) and the base model's weights in its fingerprint. Format 2 is read (and written as 3).
-FORMAT_VERSION = 3
+#: `"shared_files"`) and the base model's weights in its fingerprint. 4: the training defaults include the recommended
+#: retention; a config key missing from an older file takes its format's default (`config.FORMAT_TRAINING_DEFAULTS`).
+#: Formats 1 (flat) to 3 are read (and written as 4).
+FORMAT_VERSION = 4
 #: The repo a dry run of `push` shows its plan for when the campaign names none.
 PLACEHOLDER_REPO = "your-name/your-adapters"
 #: Characters of general reference text (`peft_selective.evaluation.preference.reference_text`) per calibration text of geometry_projected.
@@ -203,10 +205,10 @@ def _read_json(path: Path, what: str) -> Any:
         ) from error
 
 
-def _load_config(path: Path, stored: Any) -> CampaignConfig:
-    """The config stored in `path` (campaign.json): the nested form, or the flat one written by peft-selective 0.1/0.2
-    (`learning_rate`, `eval_batch_size`, ... at the top, `rank: 0` for full rank), migrated by
-    [`CampaignConfig.from_dict`]; keys missing from an older file take their defaults."""
+def _load_config(path: Path, stored: Any, format_version: int) -> CampaignConfig:
+    """The config stored in `path` (campaign.json of `format_version`): the nested form, or the flat one written by
+    peft-selective 0.1/0.2 (`learning_rate`, `eval_batch_size`, ... at the top, `rank: 0` for full rank), migrated by
+    [`CampaignConfig.from_dict`]; keys missing from an older file take the defaults of its format, not today's."""
     if not isinstance(stored, dict):
         raise CampaignError(f"{path} has no config mapping (got {stored!r:.100}).")
     known = {f.name for f in dataclasses.fields(CampaignConfig)} | set(FLAT_OPTIONS)
@@ -215,7 +217,7 @@ def _load_config(path: Path, stored: Any) -> CampaignConfig:
         raise CampaignError(f"{path} has unknown config keys {unknown}: was it written by another version?")
     if stored.get("rank") == 0:  # peft-selective 0.1/0.2 wrote full rank as 0
         stored = {**stored, "rank": None}
-    return CampaignConfig.from_dict(stored)
+    return CampaignConfig.from_dict(stored, format_version=format_version)
 
 
 def _write_jsonl(path: Path, dataset: Dataset) -> None:
@@ -567,7 +569,7 @@ class Campaign:
                 "are fixed at `init`, its months were trained with them. Restore the file from a backup, or start a new "
                 "campaign with the options you want."
             )
-        self.config = _load_config(path, state["config"])
+        self.config = _load_config(path, state["config"], state["format_version"])
         for month in state.get("months", []):
             try:  # month names become folder names: a crafted one could point outside the campaign directory
                 check_month_name(month.get("name") if isinstance(month, dict) else month, f" in {path}")

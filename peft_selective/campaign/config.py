@@ -6,6 +6,10 @@ retention dial, Hub) and nests the two configs it drives: `training`, overrides 
 [`~peft_selective.evaluation.suites.EvaluationConfig`]. The flat options of the `continual-dpo init` command
 (`--learning_rate`, `--kl_coef`, `--eval_batch_size`, ...) and of the campaign.json files written by peft-selective
 0.1/0.2 map onto the nested ones through one table, `FLAT_OPTIONS`; [`CampaignConfig.from_dict`] reads either form.
+
+A new campaign trains with the recommended retention (`peft_selective.continual.RECOMMENDED_RETENTION`, in
+`TRAINING_DEFAULTS`); a campaign.json of an older format keeps the defaults it was written under
+(`FORMAT_TRAINING_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import tempfile
 import typing
@@ -26,10 +31,12 @@ import torch
 from peft import LoraConfig
 
 from .. import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
-from ..continual.config import ContinualDPOConfig
+from ..continual.config import RECOMMENDED_RETENTION, ContinualDPOConfig
 from ..evaluation.suites import EvaluationConfig
 from .layout import FISHER_DIR
 
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 METHODS = ("selective_mlp", "saproj", "lora", "geometry_projected")
@@ -62,11 +69,30 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "max_length": 256,
     "gradient_checkpointing": False,
     "save_steps": 5,
-    "rehearsal_ratio": 0.2,
-    "kl_coef": 0.1,
+    # Chosen by measurement: the protocol-2 ablation's recommended arm `ours` bleeds least at LoRA's learning
+    # (benchmarks/results/forgetting.md); what it costs: benchmarks/results/month_cost.md. Campaigns created before it
+    # was the default keep theirs (`FORMAT_TRAINING_DEFAULTS`).
+    **RECOMMENDED_RETENTION,
     "kl_max_general_anchors": 32,
     "kl_max_rehearsal_anchors": 32,
 }
+#: The retention defaults of campaign.json formats 1 (the flat file of peft-selective 0.1/0.2) to 3, before
+#: `RECOMMENDED_RETENTION` became the default: rehearsal 0.2 and KL 0.1 on general and earlier-month anchors, no SFT
+#: term, no boundary pairs. Every key of `RECOMMENDED_RETENTION` is listed, so that a later change of it leaves them be.
+_RETENTION_UNTIL_FORMAT_3: dict[str, Any] = {
+    "rehearsal_ratio": 0.2,
+    "rehearsal_reference": "own_month",
+    "kl_coef": 0.1,
+    "kl_anchor_kinds": ["general", "earlier_months"],
+    "sft_weight": 0.0,
+    "boundary_pairs": 0,
+}
+#: campaign.json `format_version` (see `peft_selective.campaign.campaign.FORMAT_VERSION`) -> the training defaults a
+#: file of that format was written under, where today's may differ (the retention options; every other key: today's
+#: default). A key missing from such a file (written before the key was stored, or edited) takes the value its
+#: campaign trained with, not today's: opening an older campaign never turns a retention term on. The current format
+#: has no entry.
+FORMAT_TRAINING_DEFAULTS: dict[int, dict[str, Any]] = dict.fromkeys((1, 2, 3), _RETENTION_UNTIL_FORMAT_3)
 #: `ContinualDPOConfig` fields the campaign sets itself (per month, or from its own options).
 CAMPAIGN_TRAINING_KEYS = (
     "output_dir", "adapter_name", "previous_adapters", "fisher_dir", "seed", "health_check", "save_strategy",
@@ -218,7 +244,10 @@ class CampaignConfig:
         alpha (`float`, *optional*): scaling numerator (`alpha / rank`); default: the rank (scale 1).
         seed (`int`): seed of training, data splits, sampling and the evaluation's bootstrap.
         training (`dict`): the DPO training of each month: `ContinualDPOConfig` fields by name, over the campaign's
-            defaults (`training_defaults()`: `TRAINING_OPTIONS` at the trainer's defaults except `TRAINING_DEFAULTS`).
+            defaults (`training_defaults()`: `TRAINING_OPTIONS` at the trainer's defaults except `TRAINING_DEFAULTS`,
+            which include the recommended retention, `RECOMMENDED_RETENTION`: rehearsal, KL, SFT term and boundary
+            pairs are on; `training={"rehearsal_ratio": 0, "kl_coef": 0, "sft_weight": 0, "boundary_pairs": 0}` turns
+            them off).
             The retention terms (rehearsal, KL and its anchors, boundary pairs, EWC: a Fisher is stored in `fisher/`
             when `ewc_coef` > 0) and TRL's loss options (`loss_type`: one or more of `DPO_LOSS_TYPES`, `loss_weights`,
             `label_smoothing`; `sft_weight` appends TRL's `"sft"` term) are checked at `init`. The keys the campaign
@@ -386,11 +415,15 @@ class CampaignConfig:
 
     # ---------------------------------------------------------------------------------------------- the one mapping
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> CampaignConfig:
+    def from_dict(cls, values: Mapping[str, Any], format_version: Optional[int] = None) -> CampaignConfig:
         """A config from a mapping in the nested form (`asdict(config)`, what campaign.json stores), the flat form
         (the `init` flags; campaign.json of peft-selective 0.1/0.2: `learning_rate`, `eval_batch_size`, `rank: 0`,
         ...), or a mix; flat options are written into `training` / `evaluation` through `FLAT_OPTIONS`. Raises
-        `ValueError` naming unknown keys."""
+        `ValueError` naming unknown keys.
+
+        Keys it lacks take today's defaults, unless `format_version` names the campaign.json format the mapping was
+        read from: then the training keys it lacks take the defaults of that format (`FORMAT_TRAINING_DEFAULTS`), so
+        an older campaign keeps the configuration it was created with, and the config holds them explicitly."""
         values = dict(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - set(FLAT_OPTIONS))
@@ -406,6 +439,16 @@ class CampaignConfig:
                 group, key = target.split(".")
                 cap = FLAT_CAPS.get(target)
                 nested[group][key] = min(cap, value) if cap is not None and value is not None else value
+        older = {k: v for k, v in FORMAT_TRAINING_DEFAULTS.get(format_version, {}).items() if k not in training}
+        if older:
+            logger.info(
+                "campaign.json of format %s has no %s: kept at that format's defaults %s (today's: %s).",
+                format_version,
+                sorted(older),
+                older,
+                {key: training_defaults()[key] for key in older},
+            )
+            training.update(copy.deepcopy(older))
         return cls(**values, training=training, evaluation=evaluation)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,9 @@ class ContinualDPOConfig(DPOConfig):
     r"""
     Configuration class for [`ContinualDPOTrainer`]: every [`~trl.DPOConfig`] option, plus the ones below. All
     retention terms are off by default (the trainer then behaves like `DPOTrainer`, except that the reference of a
-    model with earlier months' adapters is the month t−1 model). With `HfArgumentParser` they become command-line
+    model with earlier months' adapters is the month t−1 model). The recommended ones, chosen by measurement
+    (`benchmarks/results/forgetting.md`), are `RECOMMENDED_RETENTION`: `ContinualDPOConfig(**RECOMMENDED_RETENTION,
+    ...)`; the `continual-dpo` campaign trains with them by default. With `HfArgumentParser` they become command-line
     flags like the others.
 
     Parameters:

@@ -15,6 +15,7 @@ import pytest
 from testing_utils import cli
 
 from peft_selective.campaign import Campaign, CampaignConfig, CampaignError, hub, layout, model_card
+from peft_selective.campaign.campaign import FORMAT_VERSION
 from peft_selective.campaign.cli import InitArguments
 from peft_selective.campaign.config import FLAT_OPTIONS, TRAINING_OPTIONS, parse_rank
 from peft_selective.continual.config import ContinualDPOConfig
@@ -148,6 +149,9 @@ def test_a_flat_campaign_json_loads_into_the_nested_config(tmp_path):
     assert config.training["learning_rate"] == 0.01 and config.training["kl_coef"] == 0.5
     assert config.training["kl_max_general_anchors"] == config.training["kl_max_rehearsal_anchors"] == 4
     assert config.training["kl_direction"] == "forward"  # absent from the old file: the default
+    # absent too, but their defaults changed since: the campaign keeps those it was created with
+    assert config.training["sft_weight"] == 0 and config.training["boundary_pairs"] == 0
+    assert config.training["kl_anchor_kinds"] == ["general", "earlier_months"]
     evaluation = config.evaluation_config()
     assert evaluation.suites == ["preference", "kl"] and evaluation.batch_size == 4 and evaluation.seed == 7
     assert evaluation.behaviour_max_new_tokens == evaluation.refusal_max_new_tokens == 12
@@ -158,11 +162,12 @@ def test_a_flat_campaign_json_loads_into_the_nested_config(tmp_path):
     # the next write stores the nested form, which reads back to the same config
     campaign._save_state()
     stored = json.loads(path.read_text())
-    assert stored["format_version"] == 3 and stored["config"]["training"]["kl_coef"] == 0.5
+    assert stored["format_version"] == FORMAT_VERSION and stored["config"]["training"]["kl_coef"] == 0.5
     assert "learning_rate" not in stored["config"] and stored["config"]["rank"] is None
     assert Campaign(directory).config == config
-    # the flat form and the nested one are the same config
-    assert CampaignConfig.from_dict({**FLAT_CONFIG, "rank": "full"}) == CampaignConfig.from_dict(config.to_dict())
+    # the flat form and the nested one are the same config (the flat one read as the format-1 file it was)
+    flat = CampaignConfig.from_dict({**FLAT_CONFIG, "rank": "full"}, format_version=1)
+    assert flat == CampaignConfig.from_dict(config.to_dict())
     assert CampaignConfig.from_dict(config.to_dict()) == config
     state["config"] = {**FLAT_CONFIG, "learning_rat": 1.0}
     path.write_text(json.dumps(state))

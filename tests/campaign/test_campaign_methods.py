@@ -2,11 +2,12 @@
 the CLI, TRL's `loss_type` / `loss_weights` / `label_smoothing`, `sft_weight` and `rehearsal_reference` reaching the
 trainer, the retention KL's anchor options (`kl_anchor_kinds`, `kl_max_shape_anchors`, `kl_anchor_refresh_steps`,
 `kl_direction`) and boundary pairs (`boundary_pairs`, `boundary_max_new_tokens`) too, and bad values refused before
-anything is written."""
+anything is written; new campaigns default to the recommended retention, older ones keep theirs."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -20,14 +21,17 @@ from safetensors.torch import load_file
 from testing_utils import SCRIPTS_DIR, cli, write_month
 from transformers import TrainerCallback
 
-from peft_selective.campaign.campaign import Campaign, CampaignConfig
-from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer
+from peft_selective.campaign.campaign import FORMAT_VERSION, Campaign, CampaignConfig
+from peft_selective.campaign.config import FORMAT_TRAINING_DEFAULTS
+from peft_selective.continual import RECOMMENDED_RETENTION, ContinualDPOConfig, ContinualDPOTrainer
 
 
-# Small everything, as in campaign/test_campaign.py; no KL anchors or EWC (not under test here).
+# Small everything, as in campaign/test_campaign.py; no KL anchors, EWC, SFT term or boundary pairs (not under test
+# here; the campaign's default retention turns the last two on).
 SMALL = [
     "--rank", "4", "--learning_rate", "0.01", "--max_steps", "2", "--save_steps", "2",
     "--per_device_train_batch_size", "4", "--max_length", "64", "--rehearsal_ratio", "0.25", "--kl_coef", "0",
+    "--sft_weight", "0", "--boundary_pairs", "0",
     "--knowledge_questions", "3", "--perplexity_max_tokens", "128", "--refusal_prompts", "2", "--drift_prompts", "2",
     "--eval_batch_size", "4", "--eval_suites", "preference", "behaviour", "perplexity", "kl",
 ]  # fmt: skip
@@ -118,9 +122,10 @@ def test_loss_options_reach_the_trainer_and_the_records(tiny_chat_base, months, 
     card = (directory / "cards" / "m1" / "README.md").read_text()
     for key in ("loss_type", "sft_weight", "rehearsal_reference", "label_smoothing"):
         assert key in card
-    # the defaults: TRL's ["sigmoid"], no sft term
+    # the defaults: TRL's ["sigmoid"] and the recommended retention's sft term
     default = CampaignConfig().training_args(tmp_path / "run", "m", None)
-    assert default.loss_type == ["sigmoid"] and default.sft_weight == 0 and default.rehearsal_reference == "own_month"
+    assert default.loss_type == ["sigmoid", "sft"] and default.loss_weights == [1.0, 1.0]
+    assert default.sft_weight == RECOMMENDED_RETENTION["sft_weight"] and default.rehearsal_reference == "own_month"
 
 
 @pytest.mark.parametrize(
@@ -207,24 +212,59 @@ def test_anchor_and_boundary_options_reach_the_trainer_and_the_records(tiny_chat
         assert key in card
 
 
-def test_anchor_options_default_to_the_trainers_and_older_campaigns_load_with_them(tmp_path):
-    trainer_defaults = ContinualDPOConfig(str(tmp_path / "run"), bf16=False, use_cpu=True)
-    campaign_defaults = CampaignConfig()
-    for key in ANCHOR_OPTIONS:
-        assert campaign_defaults.training[key] == getattr(trainer_defaults, key), key
-    # a comma-separated list is accepted, stored as a list
+def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_theirs(tmp_path, caplog):
+    """`CampaignConfig()` and `init` without retention options give `RECOMMENDED_RETENTION`; each term is turned off
+    by its option at 0; a campaign.json of an older format keeps the defaults it was created with."""
+    assert {key: CampaignConfig().training[key] for key in RECOMMENDED_RETENTION} == RECOMMENDED_RETENTION
     directory = tmp_path / "c"
-    assert cli("init", "--campaign_dir", directory, "--kl_anchor_kinds", "general,same_shape", "--kl_coef", "0") == 0
-    assert Campaign(directory).config.training["kl_anchor_kinds"] == ["general", "same_shape"]
-    # a campaign.json written before these options existed loads with the trainer's defaults
+    assert cli("init", "--campaign_dir", directory, "--knowledge_questions", "3") == 0
+    stored = json.loads((directory / "campaign.json").read_text())
+    assert {key: stored["config"]["training"][key] for key in RECOMMENDED_RETENTION} == RECOMMENDED_RETENTION
+    args = Campaign(directory).config.training_args(tmp_path / "run", "m", None)
+    assert {key: getattr(args, key) for key in RECOMMENDED_RETENTION} == RECOMMENDED_RETENTION
+    assert args.loss_type == ["sigmoid", "sft"]
+    # each term off with its option at 0; a comma-separated list of anchor kinds is accepted, stored as a list
+    off = tmp_path / "off"
+    options = ["--rehearsal_ratio", "0", "--kl_coef", "0", "--sft_weight", "0", "--boundary_pairs", "0"]
+    assert cli("init", "--campaign_dir", off, "--kl_anchor_kinds", "general,same_shape", *options) == 0
+    training = Campaign(off).config.training
+    assert [training[key] for key in ("rehearsal_ratio", "kl_coef", "sft_weight", "boundary_pairs")] == [0, 0, 0, 0]
+    assert training["kl_anchor_kinds"] == ["general", "same_shape"]
+    args = Campaign(off).config.training_args(tmp_path / "run", "m", None)
+    assert args.loss_type == ["sigmoid"] and args.sft_weight == 0 and args.boundary_pairs == 0
+    # a campaign.json of format 3 (before the recommended retention was the default) written before these options
+    # existed: it loads with the defaults it was created with, says so in its config and keeps them when rewritten
     path = directory / "campaign.json"
     state = json.loads(path.read_text())
-    for key in ANCHOR_OPTIONS:
-        del state["config"]["training"][key]
-    path.write_text(json.dumps(state))
-    args = Campaign(directory).config.training_args(tmp_path / "run", "m", None)
-    for key in ANCHOR_OPTIONS:
+    for key in (*RECOMMENDED_RETENTION, *ANCHOR_OPTIONS):
+        state["config"]["training"].pop(key, None)
+    path.write_text(json.dumps({**state, "format_version": 3}))
+    with caplog.at_level(logging.INFO, logger="peft_selective.campaign.config"):
+        campaign = Campaign(directory)
+    assert "campaign.json of format 3 has no ['boundary_pairs', 'kl_anchor_kinds'" in caplog.text
+    old = FORMAT_TRAINING_DEFAULTS[3]
+    assert old == {
+        "rehearsal_ratio": 0.2,
+        "rehearsal_reference": "own_month",
+        "kl_coef": 0.1,
+        "kl_anchor_kinds": ["general", "earlier_months"],
+        "sft_weight": 0.0,
+        "boundary_pairs": 0,
+    }
+    assert {key: campaign.config.training[key] for key in RECOMMENDED_RETENTION} == old
+    trainer_defaults = ContinualDPOConfig(str(tmp_path / "run"), bf16=False, use_cpu=True)
+    args = campaign.config.training_args(tmp_path / "run", "m", None)
+    assert args.loss_type == ["sigmoid"] and args.sft_weight == 0 and args.boundary_pairs == 0
+    for key in ANCHOR_OPTIONS:  # the other anchor options: the trainer's defaults, as then
         assert getattr(args, key) == getattr(trainer_defaults, key), key
+    campaign._save_state()  # rewritten in today's format, the old defaults explicit
+    state = json.loads(path.read_text())
+    assert state["format_version"] == FORMAT_VERSION
+    assert {key: state["config"]["training"][key] for key in RECOMMENDED_RETENTION} == old
+    assert Campaign(directory).config == campaign.config
+    # the table covers every recommended option, so that a change of RECOMMENDED_RETENTION leaves older campaigns be
+    assert all(set(defaults) >= set(RECOMMENDED_RETENTION) for defaults in FORMAT_TRAINING_DEFAULTS.values())
+    assert FORMAT_VERSION not in FORMAT_TRAINING_DEFAULTS
 
 
 def test_bad_calibration_data_is_refused_before_the_month_is_registered(tiny_chat_base, months, tmp_path, capsys):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from testing_utils import CAMPAIGN_INIT, cli, copy_of, tiny_chat_llama, word_chat_tokenizer, write_month
 from transformers import TrainerCallback
 
-from peft_selective.campaign.campaign import Campaign, CampaignError
+from peft_selective.campaign.campaign import FORMAT_VERSION, Campaign, CampaignError
 
 
 class _StopAtTrainBegin(TrainerCallback):
@@ -328,7 +328,7 @@ def test_a_format_2_campaign_is_read_and_upgraded(done, tmp_path, capsys):
     campaign.load_base()
     campaign._save_state()
     upgraded = json.loads((directory / "campaign.json").read_text())
-    assert upgraded["format_version"] == 3 and "config_sha256" in upgraded
+    assert upgraded["format_version"] == FORMAT_VERSION and "config_sha256" in upgraded
     assert "weights_sha256" in upgraded["base_fingerprint"]
 
 
