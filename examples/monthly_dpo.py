@@ -33,10 +33,15 @@ The peft-selective arm from the command line:
 
 from __future__ import annotations
 
+# First: importing peft_selective holds back bitsandbytes' irrelevant CPU-kernel notice, which PEFT's import (below)
+# would otherwise print (peft_selective.utils.warnings).
+import peft_selective  # noqa: F401
+
+
+# isort: split
 import argparse
 import copy
 import json
-import logging
 import os
 import platform
 import shlex
@@ -55,6 +60,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from peft_selective.campaign import Campaign, CampaignConfig, format_report
+from peft_selective.campaign.output import configure_output
 from peft_selective.continual import RECOMMENDED_RETENTION
 from peft_selective.demo.embedded import load_embedded_model
 from peft_selective.demo.months import MONTH_CHECKS, monthly_sequence
@@ -106,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--knowledge-questions", type=int, help="Knowledge pool (multiple choice; default 48).")
     parser.add_argument("--knowledge-exact", type=int, help="Of them, answered by generation (default 16).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--verbose", action="store_true", help="Every log line, bar and third-party warning.")
     parser.add_argument("--results", default=None, help="Write <results>.md, .json and .png (the committed run).")
     args = parser.parse_args(argv)
     args.command = "python examples/monthly_dpo.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -374,9 +381,7 @@ def plot(comparison: dict[str, Any], path: Path, title: str) -> None:
 # ------------------------------------------------------------------------------------------------- the run
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_output(args.verbose)  # what continual-dpo prints: no known-irrelevant warning, one bar per long step
     start, load_start = time.time(), load_average()
     output = Path(args.output_dir)
     if args.fresh and output.exists():

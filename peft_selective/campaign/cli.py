@@ -13,6 +13,15 @@ continual-dpo abandon 2025-07 --campaign_dir campaign                           
 continual-dpo unlock --campaign_dir campaign                                    # break a stale lock
 ```
 
+A new campaign trains every month with the recommended retention (`peft_selective.continual.RECOMMENDED_RETENTION`:
+rehearsal 0.2 scored against each pair's own month, KL 0.1 to last month's model on general, same-shape and
+earlier-month anchors, an SFT term of weight 1, 8 boundary pairs), the arm of the forgetting ablation that bled least
+at LoRA's learning (`benchmarks/results/forgetting.md`). Measured on the bundled model on CPU, a month with it took
+2.24x the time of plain TRL `DPOTrainer` and 1.11x its memory over the loaded model
+(`benchmarks/results/month_cost.md`). `init --rehearsal_ratio 0 --kl_coef 0 --sft_weight 0 --boundary_pairs 0`
+turns it off (each option alone, its term). A campaign created by an earlier version keeps the options it was created
+with.
+
 One command runs on a campaign at a time: each holds the directory's lock (`peft_selective.utils.lock`) and a
 second one is refused, naming the holder. A lock left by a crashed process on this machine is taken over by the next
 command; one recorded by another host (or on a filesystem without `flock`) stays until `unlock` breaks it: run it
@@ -32,22 +41,19 @@ generated from those configs' fields; `--rank full` trains the selective methods
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional, Union
 
-import datasets
-import transformers
 from trl import TrlParser
 
 from ..continual.health import ModelHealthError
 from ..continual.preference_data import PreferenceDataError
 from ..utils.lock import LOCK_FILE, DirectoryLock, DirectoryLockedError, describe_holder
-from ..utils.warnings import quiet_known_warnings, release_held_back
 from .campaign import Campaign, CampaignError
 from .config import CampaignConfig
 from .layout import CampaignLayout, check_month_name
+from .output import configure_output
 
 
 @dataclass
@@ -166,7 +172,7 @@ class UnlockArguments(CampaignDirArguments):
 
 
 COMMANDS = {
-    "init": (InitArguments, "create a campaign directory"),
+    "init": (InitArguments, "create a campaign directory (trains with the recommended retention unless told)"),
     "run-month": (RunMonthArguments, "train, evaluate and document one month (resumes an interrupted one)"),
     "abandon": (AbandonArguments, "drop an interrupted month (its data, checkpoints and state entries)"),
     "eval": (EvalArguments, "the evaluation of the model after a month (stored, or measured again)"),
@@ -193,31 +199,13 @@ def _unlock(directory: str, force: bool) -> str:
     return "\n".join(broken) or f"No lock in {paths.root}: nothing to break."
 
 
-def _configure_output(verbose: bool) -> None:
-    """What the command prints. Default: warnings, the campaign's own steps (INFO of `peft_selective.campaign`), one
-    progress bar per long step (those of datasets' maps and of weight loading are off), no known-irrelevant
-    third-party warning (`peft_selective.utils.warnings`). `verbose`: every log line, every bar, nothing filtered."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("peft_selective").setLevel(logging.DEBUG if verbose else logging.NOTSET)
-    logging.getLogger("peft_selective.campaign").setLevel(logging.NOTSET if verbose else logging.INFO)
-    if verbose:
-        release_held_back()
-        datasets.enable_progress_bars()
-        transformers.utils.logging.enable_progress_bar()
-        return
-    quiet_known_warnings()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _run(command: str, argv: list[str]) -> int:
     arguments_class, help_ = COMMANDS[command]
     if command in ("run-month", "abandon") and argv and not argv[0].startswith("-"):
         argv = ["--name", *argv]
     parser = TrlParser((arguments_class,), prog=f"continual-dpo {command}", description=help_)
     (args,) = parser.parse_args_and_config(argv)
-    _configure_output(args.verbose)
+    configure_output(args.verbose)
     if command == "init":
         values = {
             key: value for key, value in vars(args).items() if key not in ("campaign_dir", "overwrite", "verbose")
