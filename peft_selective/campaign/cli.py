@@ -172,7 +172,7 @@ class UnlockArguments(CampaignDirArguments):
 
 
 COMMANDS = {
-    "init": (InitArguments, "create a campaign directory (trains with the recommended retention unless told)"),
+    "init": (InitArguments, "create a campaign directory (it trains with the recommended retention by default)"),
     "run-month": (RunMonthArguments, "train, evaluate and document one month (resumes an interrupted one)"),
     "abandon": (AbandonArguments, "drop an interrupted month (its data, checkpoints and state entries)"),
     "eval": (EvalArguments, "the evaluation of the model after a month (stored, or measured again)"),
