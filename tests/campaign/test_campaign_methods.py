@@ -267,6 +267,42 @@ def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_
     assert FORMAT_VERSION not in FORMAT_TRAINING_DEFAULTS
 
 
+def test_two_months_with_the_default_retention_train_with_every_recommended_term(tiny_chat_base, months, tmp_path):
+    """A campaign with no retention option set (only sizes made small) trains each term of `RECOMMENDED_RETENTION`:
+    month 2 rehearses month 1's pairs against month 1's own reference, the KL has general and same-shape anchors
+    (earlier-month ones in month 2), the SFT term and the boundary rows are in the loss and the training set."""
+    directory = tmp_path / "default"
+    sizes = [
+        "--rank", "4", "--learning_rate", "0.01", "--max_steps", "2", "--save_steps", "2",
+        "--per_device_train_batch_size", "4", "--max_length", "64", "--kl_anchors", "2", "--kl_max_shape_anchors", "3",
+        "--kl_anchor_max_new_tokens", "2", "--boundary_max_new_tokens", "4", "--knowledge_questions", "3",
+        "--eval_suites", "preference", "--eval_batch_size", "4",
+    ]  # fmt: skip
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *sizes) == 0
+    trainers, captures = [], {}
+    original_init = ContinualDPOTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        trainers.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ContinualDPOTrainer, "__init__", recording_init)
+        for name in ("m1", "m2"):
+            captures[name] = _Capture()
+            Campaign(directory).run_month(name, months[name], callbacks=[captures[name]])
+    args = captures["m2"].args
+    assert {key: getattr(args, key) for key in RECOMMENDED_RETENTION} == RECOMMENDED_RETENTION
+    assert args.loss_type == ["sigmoid", "sft"]
+    first, second = trainers
+    assert set(first.anchors.kind_counts()) == {"general", "same_shape"}  # no earlier month yet
+    assert set(second.anchors.kind_counts()) == {"general", "same_shape", "earlier_months"}
+    assert first.boundary_rows == second.boundary_rows == RECOMMENDED_RETENTION["boundary_pairs"]
+    assert second.own_reference_rows > 0  # month 1's rehearsed pairs scored against month 1's reference
+    logs = {key for entry in captures["m2"].logs for key in entry}
+    assert {"loss/sft", "retention/kl", "boundary/fraction", "rehearsal/own_reference_rows"} <= logs
+
+
 def test_bad_calibration_data_is_refused_before_the_month_is_registered(tiny_chat_base, months, tmp_path, capsys):
     geometry, selective = tmp_path / "geometry", tmp_path / "selective"
     assert (
