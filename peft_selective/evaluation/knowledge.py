@@ -15,6 +15,8 @@ next to the monthly data it must be disjoint from.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,10 +108,17 @@ def option_scores(
     tokenizer has one, else as `"Question: ...\\nAnswer:"`; the option's tokens follow it directly (after a space
     without a template). Runs under `torch.no_grad()` in eval mode, restoring every module's train/eval state.
 
+    Each question is read once for all its options: the tokens every question starts with (a chat template's system
+    prompt) go through the model once, each question's own tokens once per item, and the options continue from their
+    question's KV cache (a quarter of the tokens of scoring question + option sequences with 4 options, and logits
+    only where an option token is scored). The numbers are those of the full sequences, up to float rounding. Models
+    that cannot continue from a cache with explicit positions (prompt-learning PEFT adapters, forwards without
+    `past_key_values` / `position_ids`) score each question + option sequence whole.
+
     Args:
         model: a causal LM. tokenizer: its tokenizer.
         items (`Sequence[KnowledgeItem]`): the questions.
-        batch_size (`int`, defaults to 32): sequences (question + one option) per forward pass.
+        batch_size (`int`, defaults to 32): options (question + option) per forward pass.
         use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
         disable_tqdm (`bool`, defaults to `True`): hide the progress bar.
 
@@ -118,50 +127,151 @@ def option_scores(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    sequences = []  # (item index, option index, prompt ids, option ids)
-    for i, item in enumerate(items):
+    prepared = []  # per item: (prompt ids, [option ids])
+    for item in items:
         prompt_ids, options = _option_ids(tokenizer, item, use_chat_template)
         for j, option_ids in enumerate(options):
             if not option_ids:
                 raise ValueError(f"Option {item.options[j]!r} of {item.question!r} tokenizes to nothing.")
-            sequences.append((i, j, prompt_ids, option_ids))
-    # Similar lengths together: less padding.
-    sequences.sort(key=lambda s: len(s[2]) + len(s[3]))
-
+        prepared.append((prompt_ids, options))
     scores = [[0.0] * len(item.options) for item in items]
-    device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     modes = {module: module.training for module in model.modules()}
     model.eval()
+    total = sum(len(options) for _, options in prepared)
     try:
-        with (
-            torch.no_grad(),
-            tqdm(total=len(sequences), desc="Knowledge (multiple choice)", disable=disable_tqdm) as progress,
-        ):
-            for start in range(0, len(sequences), batch_size):
-                batch = sequences[start : start + batch_size]
-                length = max(len(p) + len(o) for _, _, p, o in batch)
-                input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-                target_mask = torch.zeros((len(batch), length), dtype=torch.bool)
-                for row, (_, _, prompt_ids, option_ids) in enumerate(batch):
-                    ids = prompt_ids + option_ids  # right padding: positions start at 0 in every row
-                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, : len(ids)] = 1
-                    target_mask[row, len(prompt_ids) : len(ids)] = True
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                # Token t is predicted at position t - 1.
-                logps = logits[:, :-1].float().log_softmax(-1).cpu()
-                token_logps = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                mask = target_mask[:, 1:]
-                means = (token_logps * mask).sum(-1) / mask.sum(-1)
-                for row, (i, j, _, _) in enumerate(batch):
-                    scores[i][j] = means[row].item()
-                progress.update(len(batch))
+        with torch.no_grad(), tqdm(total=total, desc="Knowledge (multiple choice)", disable=disable_tqdm) as progress:
+            if _continues_from_cache(model) and prepared:
+                _scores_sharing_prompts(model, prepared, batch_size, pad_id, scores, progress)
+            else:
+                _scores_of_sequences(model, prepared, batch_size, pad_id, scores, progress)
     finally:
         for module, training in modes.items():
             module.training = training
     return scores
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _continues_from_cache(model: Any) -> bool:
+    """Whether the model's forward continues a KV cache at explicit positions (not prompt-learning PEFT adapters,
+    whose virtual tokens are a cache of their own)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return False
+    return {"past_key_values", "position_ids", "use_cache"} <= _forward_parameters(model)
+
+
+def _scores_of_sequences(model, prepared, batch_size, pad_id, scores, progress) -> None:
+    """Score every question + option sequence whole (right padding), similar lengths batched together."""
+    device = _model_device(model)
+    sequences = [
+        (i, j, prompt, option) for i, (prompt, options) in enumerate(prepared) for j, option in enumerate(options)
+    ]
+    sequences.sort(key=lambda s: len(s[2]) + len(s[3]))
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        length = max(len(p) + len(o) for _, _, p, o in batch)
+        input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        target_mask = torch.zeros((len(batch), length), dtype=torch.bool)
+        for row, (_, _, prompt_ids, option_ids) in enumerate(batch):
+            ids = prompt_ids + option_ids  # right padding: positions start at 0 in every row
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+            target_mask[row, len(prompt_ids) : len(ids)] = True
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        # Token t is predicted at position t - 1.
+        logps = logits[:, :-1].float().log_softmax(-1).cpu()
+        token_logps = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        mask = target_mask[:, 1:]
+        means = (token_logps * mask).sum(-1) / mask.sum(-1)
+        for row, (i, j, _, _) in enumerate(batch):
+            scores[i][j] = means[row].item()
+        progress.update(len(batch))
+
+
+def _scores_sharing_prompts(model, prepared, batch_size, pad_id, scores, progress) -> None:
+    """Score the options continuing their question's KV cache: the common prefix of all questions once, then per
+    batch of items their own question tokens (left-padded to end together), then their options (right-padded)."""
+    device = _model_device(model)
+    keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    prompts = [prompt for prompt, _ in prepared]
+    # Every question keeps at least one own token: its last position's logits score the option's first token.
+    shared = min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        shared = min(shared, next((k for k, (a, b) in enumerate(zip(prompts[0], prompt)) if a != b), shared))
+    prefix_cache = None
+    if shared > 0:
+        prefix = torch.tensor([prompts[0][:shared]], device=device)
+        prefix_cache = model(input_ids=prefix, use_cache=True, **keep_logits).past_key_values
+
+    # Items of similar question lengths together, up to `batch_size` options a batch (at least one item).
+    order = sorted(range(len(prepared)), key=lambda i: len(prompts[i]))
+    groups, group, rows = [], [], 0
+    for i in order:
+        if group and rows + len(prepared[i][1]) > batch_size:
+            groups.append(group)
+            group, rows = [], 0
+        group.append(i)
+        rows += len(prepared[i][1])
+    groups.append(group)
+
+    for group in groups:
+        own = [prompts[i][shared:] for i in group]
+        width = max(len(ids) for ids in own)
+        own_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        own_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, ids in enumerate(own):  # left padding: every question ends at the same position
+            own_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            own_mask[row, width - len(ids) :] = 1
+        mask = torch.cat([torch.ones((len(group), shared), dtype=torch.long), own_mask], dim=1)
+        # Positions count real tokens only, as in the unpadded sequence (padding gets any position: it is masked).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None
+        if cache is not None:
+            cache.batch_repeat_interleave(len(group))
+        out = model(
+            input_ids=own_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+            use_cache=True,
+            **keep_logits,
+        )
+        first = out.logits[:, -1].float().log_softmax(-1).cpu()  # (items, vocab): each option's first token
+        cache = out.past_key_values
+
+        options = [(g, j, ids) for g, i in enumerate(group) for j, ids in enumerate(prepared[i][1])]
+        # An option's last token is only predicted, never read: the inputs are its other tokens (none for most).
+        length = max(len(ids) for _, _, ids in options) - 1
+        rest = torch.zeros((len(options), max(length, 0)))
+        if length > 0:
+            source = torch.tensor([g for g, _, _ in options])
+            cache.batch_select_indices(source.to(device))
+            option_ids = torch.full((len(options), length), pad_id, dtype=torch.long)
+            targets = torch.full((len(options), length), pad_id, dtype=torch.long)
+            option_mask = torch.zeros((len(options), length), dtype=torch.long)
+            for row, (_, _, ids) in enumerate(options):  # right padding, after the question
+                option_ids[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+                targets[row, : len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
+                option_mask[row, : len(ids) - 1] = 1
+            logits = model(
+                input_ids=option_ids.to(device),
+                attention_mask=torch.cat([mask[source], option_mask], dim=1).to(device),
+                position_ids=(mask.sum(-1)[source].unsqueeze(-1) + torch.arange(length)).to(device),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+            # Option token k > 0 is predicted at the option's position k - 1.
+            rest = logits.float().log_softmax(-1).cpu().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        for row, (g, j, ids) in enumerate(options):  # token 0 is predicted by the question's last position
+            total = first[g, ids[0]].item() + rest[row, : len(ids) - 1].double().sum().item()
+            scores[group[g]][j] = total / len(ids)
+        progress.update(len(options))
 
 
 def multiple_choice_accuracy(

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..utils.chat import chat_ids, encode_prompt, resolve_chat_template
 from .generation import eos_token_ids
@@ -211,6 +212,8 @@ def preference_logps(
     dataset: Any,
     batch_size: int = 8,
     max_length: Optional[int] = 512,
+    show_progress: bool = False,
+    desc: str = "Preference log-probs",
 ) -> dict[str, torch.Tensor]:
     """Log-probabilities of the chosen and rejected completions given the prompt, per row.
 
@@ -227,6 +230,7 @@ def preference_logps(
         dataset: a `datasets.Dataset` or a list of rows with `prompt`, `chosen` and `rejected` (other columns ignored).
         batch_size (`int`, defaults to 8): pairs per forward pass (each pass scores 2 * batch_size sequences).
         max_length (`int`, *optional*, defaults to 512): truncation length of prompt + completion; `None`: none.
+        show_progress (`bool`, defaults to `False`), desc (`str`): a progress bar over the pairs, and its label.
 
     Returns:
         `dict[str, torch.Tensor]` of shape `(n_rows,)`, on the CPU: `chosen_logps`, `rejected_logps` (sums, float64),
@@ -237,7 +241,11 @@ def preference_logps(
     rows = _rows(dataset)
     keys = ("chosen_logps", "rejected_logps", "chosen_mean_logps", "rejected_mean_logps")
     out: dict[str, list] = {key: [] for key in (*keys, "chosen_tokens", "rejected_tokens")}
-    with _eval_mode(model), _pad_token(tokenizer) as pad_id:
+    with (
+        _eval_mode(model),
+        _pad_token(tokenizer) as pad_id,
+        tqdm(total=len(rows), desc=desc, disable=not show_progress) as progress,
+    ):
         for start in range(0, len(rows), batch_size):
             batch = [_tokenize_pair(tokenizer, row) for row in rows[start : start + batch_size]]
             sequences, masks = [], []
@@ -265,6 +273,7 @@ def preference_logps(
             out["rejected_mean_logps"].append(means[n:])
             out["chosen_tokens"].append(counts[:n].long())
             out["rejected_tokens"].append(counts[n:].long())
+            progress.update(n)
     if not rows:
         return {
             key: torch.zeros(0, dtype=torch.long if key.endswith("tokens") else torch.float64) for key in out.keys()
@@ -312,6 +321,8 @@ def preference_accuracy(
     reference: Optional[Reference] = None,
     batch_size: int = 8,
     max_length: Optional[int] = 512,
+    show_progress: bool = False,
+    desc: str = "Preference accuracy",
 ) -> dict[str, Any]:
     """Length-fair preference accuracy on held-out pairs: how often the model prefers the chosen completion.
 
@@ -335,6 +346,7 @@ def preference_accuracy(
         dataset: rows with `prompt`, `chosen`, `rejected` (see [`preference_logps`]).
         reference (*optional*): see above.
         batch_size (`int`, defaults to 8), max_length (`int`, *optional*, defaults to 512): see [`preference_logps`].
+        show_progress (`bool`, defaults to `False`), desc (`str`): a progress bar over the model's pairs, its label.
 
     Returns:
         `dict`: `accuracy` (`float`), `margins` (`torch.Tensor` `(n_rows,)`), `mean_margin` (`float`), `mode`
@@ -344,7 +356,9 @@ def preference_accuracy(
     rows = _rows(dataset)
     if not rows:
         raise ValueError("`dataset` is empty.")
-    policy = preference_logps(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+    policy = preference_logps(
+        model, tokenizer, rows, batch_size=batch_size, max_length=max_length, show_progress=show_progress, desc=desc
+    )
     if reference is None:
         ref = None
         margins = policy["chosen_mean_logps"] - policy["rejected_mean_logps"]
@@ -600,6 +614,8 @@ def perplexity(
     stride: int = 512,
     max_tokens: Optional[int] = None,
     batch_size: int = 4,
+    show_progress: bool = False,
+    desc: str = "Perplexity",
 ) -> float:
     """Sliding-window perplexity of `text` (default: [`reference_text`]).
 
@@ -620,6 +636,7 @@ def perplexity(
         stride (`int`, defaults to 512): step between windows, at most `max_length`.
         max_tokens (`int`, *optional*): cap on the number of tokens of the text.
         batch_size (`int`, defaults to 4): windows per forward pass.
+        show_progress (`bool`, defaults to `False`), desc (`str`): a progress bar over the windows, and its label.
 
     Returns:
         `float`
@@ -647,7 +664,11 @@ def perplexity(
             break
 
     total_nll, n_scored = 0.0, 0
-    with _eval_mode(model), _pad_token(tokenizer) as pad_id:
+    with (
+        _eval_mode(model),
+        _pad_token(tokenizer) as pad_id,
+        tqdm(total=len(windows), desc=desc, disable=not show_progress) as progress,
+    ):
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
             input_ids, attention_mask = _pad_right([w for w, _ in batch], pad_id)
@@ -659,6 +680,7 @@ def perplexity(
                 score[row, : max(n_context - 1, 0)] = 0
             total_nll -= (logps * score).sum().item()
             n_scored += int(score.sum())
+            progress.update(len(batch))
     return math.exp(total_nll / n_scored)
 
 
@@ -699,6 +721,8 @@ def kl_to_reference(
     max_length: Optional[int] = 512,
     last_token_only: bool = False,
     use_chat_template: Optional[bool] = None,
+    show_progress: bool = False,
+    desc: str = "KL to the reference",
 ) -> float:
     """Mean per-token KL(model ‖ reference) of the next-token distributions over the prompts' positions.
 
@@ -720,6 +744,7 @@ def kl_to_reference(
         max_length (`int`, *optional*, defaults to 512): prompts are cut to their last `max_length` tokens.
         last_token_only (`bool`, defaults to `False`): average over the last position of each prompt only.
         use_chat_template (`bool`, *optional*): default: when the tokenizer has a chat template.
+        show_progress (`bool`, defaults to `False`), desc (`str`): a progress bar over the prompts, and its label.
 
     Returns:
         `float`: mean KL in nats per token (0 when the model equals the reference).
@@ -739,7 +764,11 @@ def kl_to_reference(
         count += int(mask.sum())
 
     models = [model] + ([reference] if isinstance(reference, nn.Module) else [])
-    with _eval_mode(*models), _pad_token(tokenizer) as pad_id:
+    with (
+        _eval_mode(*models),
+        _pad_token(tokenizer) as pad_id,
+        tqdm(total=len(prompts), desc=desc, disable=not show_progress) as progress,
+    ):
         padded = [_pad_right(batch, pad_id) for batch in batches]
         if isinstance(reference, nn.Module) or (callable(reference) and not hasattr(reference, "__enter__")):
             for input_ids, attention_mask in padded:
@@ -750,12 +779,14 @@ def kl_to_reference(
                     with reference():
                         reference_logits = _forward_logits(model, input_ids, attention_mask)
                 accumulate(_kl_rows(policy_logits, reference_logits), attention_mask)
+                progress.update(len(input_ids))
         elif hasattr(reference, "__enter__"):
             with reference:
                 reference_logits = [_forward_logits(model, ids, mask).float().cpu() for ids, mask in padded]
             for (input_ids, attention_mask), ref_logits in zip(padded, reference_logits):
                 policy_logits = _forward_logits(model, input_ids, attention_mask)
                 accumulate(_kl_rows(policy_logits, ref_logits), attention_mask)
+                progress.update(len(input_ids))
         else:
             raise TypeError(
                 f"`reference` must be a model, a context manager or a callable returning one, got {type(reference)}."
@@ -776,15 +807,28 @@ def _generate(
     batch_size: int,
     use_chat_template: Optional[bool],
     output_logits: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]]:
-    """Greedy-decode left-padded batches; yield (generated ids, valid-position mask, per-step logits or None).
+    show_progress: bool = False,
+    desc: str = "Generating",
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]]:
+    """Greedy-decode left-padded batches; yield (the batch's prompt indices, generated ids, valid-position mask,
+    per-step logits or None).
 
-    A generated position is valid up to and including the first EOS token of its row.
+    Prompts are batched by length, as [`peft_selective.evaluation.generate_answers`] batches them (less padding, and
+    the same batches: the same answers). A generated position is valid up to and including the first EOS token of its
+    row.
     """
     eos = eos_token_ids(model, tokenizer)
     device = _model_device(model)
-    with _eval_mode(model), _pad_token(tokenizer) as pad_id:
-        for batch in _prompt_batches(tokenizer, prompts, batch_size, use_chat_template):
+    encoded = [ids for batch in _prompt_batches(tokenizer, prompts, batch_size, use_chat_template) for ids in batch]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    with (
+        _eval_mode(model),
+        _pad_token(tokenizer) as pad_id,
+        tqdm(total=len(encoded), desc=desc, disable=not show_progress) as progress,
+    ):
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch = [encoded[i] for i in indices]
             length = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -808,7 +852,8 @@ def _generate(
             # valid: no EOS strictly before this position
             eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
             valid = eos_before == 0
-            yield generated, valid, (output.logits if output_logits else None)
+            yield indices, generated, valid, (output.logits if output_logits else None)
+            progress.update(len(indices))
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor, valid: torch.Tensor) -> list[str]:
@@ -824,15 +869,18 @@ def generate_greedy(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     use_chat_template: Optional[bool] = None,
+    show_progress: bool = False,
+    desc: str = "Generating",
 ) -> list[str]:
     """Greedy answers to `prompts` (strings as one user message each, or lists of messages), chat template applied
     when the tokenizer has one, left-padded batches; the text after the prompt up to the first EOS, stripped. The one
-    generation routine of the package: [`peft_selective.evaluation.generate_answers`], without a progress bar."""
+    generation routine of the package: [`peft_selective.evaluation.generate_answers`], without a progress bar unless
+    `show_progress` (labelled `desc`)."""
     from . import generate_answers
 
     return generate_answers(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        use_chat_template=use_chat_template, disable_tqdm=True,
+        use_chat_template=use_chat_template, disable_tqdm=not show_progress, desc=desc,
     )  # fmt: skip
 
 
@@ -843,16 +891,28 @@ def refusal_rate(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     use_chat_template: Optional[bool] = None,
+    show_progress: bool = False,
+    desc: str = "Refusal",
 ) -> float:
     """Share of `prompts` whose greedy answer is a refusal ([`peft_selective.evaluation.refusal.is_refusal`]).
 
     Default prompts: [`peft_selective.evaluation.refusal.harmful_eval_prompts`] (safety retention: should stay near 1 after a safety
     month); pass [`peft_selective.evaluation.refusal.benign_eval_prompts`] to measure over-refusal (should stay near 0). 48 new tokens are
     enough for the opening sentence, where refusals are phrased. For the generations themselves, call
-    [`generate_greedy`] and [`peft_selective.evaluation.refusal.is_refusal`].
+    [`generate_greedy`] and [`peft_selective.evaluation.refusal.is_refusal`]. `show_progress`: a progress bar labelled
+    `desc`.
     """
     prompts = harmful_eval_prompts() if prompts is None else prompts
-    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, use_chat_template)
+    answers = generate_greedy(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        use_chat_template,
+        show_progress=show_progress,
+        desc=desc,
+    )
     return sum(is_refusal(answer) for answer in answers) / len(answers)
 
 
@@ -949,16 +1009,19 @@ def drift_probes(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     use_chat_template: Optional[bool] = None,
+    show_progress: bool = False,
+    desc: str = "Drift probe",
 ) -> dict[str, dict[str, Any]]:
     """[`drift_probe`] for several token classes from one greedy decoding: `{name: drift_probe-style dict}`, e.g.
-    `drift_probes(model, tokenizer, {"json": "json", "bullets": "bullets"})`."""
+    `drift_probes(model, tokenizer, {"json": "json", "bullets": "bullets"})`. Its `generations` are the greedy answers
+    [`generate_greedy`] gives with the same `batch_size` (the same batches). `show_progress`: a bar labelled `desc`."""
     prompts = generic_prompts() if prompts is None else prompts
     masks: dict[str, torch.Tensor] = {}
-    totals = {name: {"per_prompt": [], "mass": 0.0, "hits": 0} for name in token_classes}
-    generations: list[str] = []
+    totals = {name: {"per_prompt": [math.nan] * len(prompts), "mass": 0.0, "hits": 0} for name in token_classes}
+    generations: list[str] = [""] * len(prompts)
     n_positions = 0
-    for generated, valid, logits in _generate(
-        model, tokenizer, prompts, max_new_tokens, batch_size, use_chat_template, output_logits=True
+    for indices, generated, valid, logits in _generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size, use_chat_template, True, show_progress, desc
     ):
         probs = torch.stack(logits, dim=1).float().softmax(-1)  # (batch, steps, vocab)
         valid_f = valid.double()
@@ -966,13 +1029,14 @@ def drift_probes(
             if name not in masks:
                 masks[name] = token_class_mask(tokenizer, token_class, vocab_size=probs.shape[-1])
             class_mass = (probs * masks[name].to(probs.device)).sum(-1).double().cpu()  # (batch, steps)
-            for row in range(generated.shape[0]):
+            for row, i in enumerate(indices):
                 n = int(valid[row].sum())
-                totals[name]["per_prompt"].append((class_mass[row] * valid_f[row]).sum().item() / n if n else math.nan)
+                totals[name]["per_prompt"][i] = (class_mass[row] * valid_f[row]).sum().item() / n if n else math.nan
             totals[name]["mass"] += (class_mass * valid_f).sum().item()
             totals[name]["hits"] += int((masks[name][generated] & valid).sum())
         n_positions += int(valid.sum())
-        generations += _decode(tokenizer, generated, valid)
+        for i, text in zip(indices, _decode(tokenizer, generated, valid)):
+            generations[i] = text
     return {
         name: {
             "mass": total["mass"] / n_positions if n_positions else math.nan,

@@ -30,8 +30,10 @@ Suites (each usable alone; the measurements live in `peft_selective.evaluation`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -112,7 +114,12 @@ class EvaluationConfig:
         drift_prompts (`int`, defaults to 12): generic prompts for the drift probe, the KL to the base and the bleed.
         drift_max_new_tokens (`int`, defaults to 24): decoding length of the drift probe.
         max_length (`int`, defaults to 256): truncation of preference pairs and KL prompts.
-        batch_size (`int`, defaults to 8): rows per forward / generate call.
+        batch_size (`int`, defaults to 8): rows per forward call (preference pairs, perplexity windows: half of it,
+            KL prompts; the multiple-choice options: 4 times it).
+        generation_batch_size (`int`, *optional*): prompts per generate call; default 4 x `batch_size`. Greedy
+            decoding pays a forward of the whole model per new token whatever the batch, so small batches are slow
+            (the bundled model on one CPU thread answered 40 prompts in 46 s in batches of 8, in 28 s in one batch); the memory of a batch is its
+            KV cache, small next to a forward's activations of the same rows.
         bootstrap_resamples (`int`, defaults to 2000): resamples of every 95% interval.
         seed (`int`, defaults to 0): seed of the bootstrap resampling.
     """
@@ -130,6 +137,7 @@ class EvaluationConfig:
     drift_max_new_tokens: int = 24
     max_length: int = 256
     batch_size: int = 8
+    generation_batch_size: Optional[int] = None
     bootstrap_resamples: int = 2000
     seed: int = 0
 
@@ -140,6 +148,22 @@ class EvaluationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def generate_batch_size(self) -> int:
+        """Prompts per generate call: `generation_batch_size`, else 4 x `batch_size`."""
+        return self.generation_batch_size or max(1, 4 * self.batch_size)
+
+
+@contextlib.contextmanager
+def _timed(timings: Optional[dict[str, float]], name: str):
+    """Add the wall seconds of the block to `timings[name]` (nothing when `timings` is None)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _estimate(values: Sequence[float], config: EvaluationConfig) -> Optional[dict]:
@@ -215,10 +239,22 @@ def _as_item(item: Union[KnowledgeItem, Mapping]) -> KnowledgeItem:
 
 # ------------------------------------------------------------------------------------------------- preference
 def reference_logps_for(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, config: EvaluationConfig
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    config: EvaluationConfig,
+    show_progress: bool = False,
 ) -> dict[str, list[float]]:
     """The reference log-probs of one test split (JSON-able), to compute once with the base model and store."""
-    logps = preference_logps(model, tokenizer, dataset, batch_size=config.batch_size, max_length=config.max_length)
+    logps = preference_logps(
+        model,
+        tokenizer,
+        dataset,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        show_progress=show_progress,
+        desc="Reference log-probs (test pairs)",
+    )
     return {key: value.tolist() for key, value in logps.items() if isinstance(value, torch.Tensor)}
 
 
@@ -228,8 +264,10 @@ def preference_suite(
     test_sets: Mapping[str, Dataset],
     reference_logps: Optional[Mapping[str, Mapping[str, Sequence[float]]]] = None,
     config: Optional[EvaluationConfig] = None,
+    show_progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Ranking of every month's held-out pairs, from one forward pass of `model` per month.
+    """Ranking of every month's held-out pairs, from one forward pass of `model` per month (`show_progress`: a bar
+    per month).
 
     Per month: `ranking_accuracy` (`{"mean", "ci95"}`: share of pairs whose chosen answer has the higher mean
     per-token log-prob, [`peft_selective.evaluation.preference.preference_accuracy`] with `reference=None`), `ranking_margin` (mean of that
@@ -242,7 +280,14 @@ def preference_suite(
     results = {}
     for month, dataset in test_sets.items():
         result = preference_accuracy(
-            model, tokenizer, dataset, reference=None, batch_size=config.batch_size, max_length=config.max_length
+            model,
+            tokenizer,
+            dataset,
+            reference=None,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+            show_progress=show_progress,
+            desc=f"Preference {month}",
         )
         ranking = [int(m > 0) for m in result["margins"].tolist()]  # NaN (truncated away) counts as wrong
         entry: dict[str, Any] = {
@@ -324,6 +369,7 @@ def general_suite(
     config: Optional[EvaluationConfig] = None,
     base: Optional[Any] = None,
     show_progress: bool = False,
+    timings: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
     """General-ability metrics of `model` that are not generation-scored against a month (see the module
     docstring): perplexity, KL to the base, refusal rates and the drift probe, the suites of `config` only.
@@ -331,43 +377,70 @@ def general_suite(
     Args:
         base: the month-0 model for the KL (a model, or a callable returning a context manager in which `model` acts
             as the base). Default: the adapters disabled, for a `PeftModel`; the KL is 0 for a plain model.
+        show_progress: a progress bar per suite.
+        timings: filled with the wall seconds of each suite (`{suite: seconds}`, added to what it holds).
     """
     config = config or EvaluationConfig()
     suites = set(config.suites)
     results: dict[str, float] = {}
     if "perplexity" in suites:
-        results["perplexity"] = perplexity(
-            model, tokenizer, max_tokens=config.perplexity_max_tokens, batch_size=max(1, config.batch_size // 2)
-        )
+        with _timed(timings, "perplexity"):
+            results["perplexity"] = perplexity(
+                model,
+                tokenizer,
+                max_tokens=config.perplexity_max_tokens,
+                batch_size=max(1, config.batch_size // 2),
+                show_progress=show_progress,
+            )
         logger.info("Reference-text perplexity: %.3f.", results["perplexity"])
     prompts = generic_prompts()[: config.drift_prompts]
     if "kl" in suites:
         reference = base if base is not None else _base_reference(model)
-        results["kl_to_base"] = (
-            0.0
-            if reference is None
-            else kl_to_reference(
-                model, reference, tokenizer, prompts, batch_size=config.batch_size, max_length=config.max_length
+        with _timed(timings, "kl"):
+            results["kl_to_base"] = (
+                0.0
+                if reference is None
+                else kl_to_reference(
+                    model,
+                    reference,
+                    tokenizer,
+                    prompts,
+                    batch_size=config.batch_size,
+                    max_length=config.max_length,
+                    show_progress=show_progress,
+                    desc="KL to the base",
+                )
             )
-        )
         logger.info("KL to the base on %d generic prompts: %.5f.", len(prompts), results["kl_to_base"])
     if "refusal" in suites:
         n = config.refusal_prompts
-        common = dict(max_new_tokens=config.refusal_max_new_tokens, batch_size=config.batch_size)
-        results["refusal_rate"] = refusal_rate(model, tokenizer, harmful_eval_prompts()[:n], **common)
-        results["over_refusal_rate"] = refusal_rate(model, tokenizer, benign_eval_prompts()[:n], **common)
+        common = dict(
+            max_new_tokens=config.refusal_max_new_tokens,
+            batch_size=config.generate_batch_size,
+            show_progress=show_progress,
+        )
+        with _timed(timings, "refusal"):
+            results["refusal_rate"] = refusal_rate(
+                model, tokenizer, harmful_eval_prompts()[:n], desc="Refusal (harmful prompts)", **common
+            )
+            results["over_refusal_rate"] = refusal_rate(
+                model, tokenizer, benign_eval_prompts()[:n], desc="Refusal (benign prompts)", **common
+            )
         logger.info(
             "Refusals: %.2f of harmful, %.2f of benign prompts.", results["refusal_rate"], results["over_refusal_rate"]
         )
     if "drift" in suites:
-        drift = drift_probes(
-            model,
-            tokenizer,
-            {"json": "json", "bullets": "bullets", "digits": "digits"},
-            prompts,
-            max_new_tokens=config.drift_max_new_tokens,
-            batch_size=config.batch_size,
-        )
+        with _timed(timings, "drift"):
+            drift = drift_probes(
+                model,
+                tokenizer,
+                {"json": "json", "bullets": "bullets", "digits": "digits"},
+                prompts,
+                max_new_tokens=config.drift_max_new_tokens,
+                batch_size=config.generate_batch_size,
+                show_progress=show_progress,
+                desc="Drift probe (generic prompts)",
+            )
         results.update({f"drift_{name}": value["mass"] for name, value in drift.items()})
         logger.info("Drift probe: %s.", ", ".join(f"{n} {v['mass']:.4f}" for n, v in drift.items()))
     return results
@@ -386,6 +459,7 @@ def evaluate_model(
     exact_indices: Optional[Sequence[int]] = None,
     base_offscope: Optional[Mapping[str, Any]] = None,
     keep_offscope: bool = False,
+    timings: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
     """Every suite of `config` on `model`; one generation pass per prompt set, shared between learning, retention
     and bleed.
@@ -404,6 +478,8 @@ def evaluate_model(
             evaluation): the bleed then also reports the base's rate of each month's style on the same generic and
             knowledge prompts, and the paired difference.
         keep_offscope: store the generic and knowledge generations in the result (the campaign does it for month 0).
+        timings: filled with the wall seconds of each suite, `{suite: seconds}` (`bleed`: the generic prompts'
+            generations; scoring styles takes milliseconds).
 
     Returns:
         `dict` (JSON-able): `preference` ({month: ranking / implicit reward, see [`preference_suite`]}), `behaviour`
@@ -426,7 +502,7 @@ def evaluate_model(
             tokenizer,
             list(prompts),
             max_new_tokens=max_new_tokens,
-            batch_size=config.batch_size,
+            batch_size=config.generate_batch_size,
             disable_tqdm=not show_progress,
             desc=desc,
         )
@@ -434,41 +510,46 @@ def evaluate_model(
     result: dict[str, Any] = {"preference": {}, "behaviour": {}, "bleed": {}, "knowledge": {}, "general": {}}
     try:
         if "preference" in suites and test_sets:
-            result["preference"] = preference_suite(model, tokenizer, test_sets, reference_logps, config)
+            with _timed(timings, "preference"):
+                result["preference"] = preference_suite(
+                    model, tokenizer, test_sets, reference_logps, config, show_progress
+                )
 
         behaviour = "behaviour" in suites
         tests = {month: month_tests(month_specs.get(month)) for month in test_sets} if behaviour else {}
         month_generations: dict[str, list[str]] = {}
         if behaviour:
-            for month, dataset in test_sets.items():
-                rows = list(dataset)
-                if rows and "prompt" not in rows[0]:
-                    raise ValueError(f"The held-out pairs of month {month!r} need a `prompt` column to generate from.")
-                generations = generate(
-                    [row["prompt"] for row in rows], config.behaviour_max_new_tokens, f"Behaviour {month}"
-                )
-                month_generations[month] = generations
-                entry = behaviour_scores(generations, rows, tests[month]["checks"], config)
-                entry["examples"] = [
-                    {"prompt": _text(row["prompt"]), "generation": generation}
-                    for row, generation in list(zip(rows, generations))[: config.behaviour_examples]
-                ]
-                result["behaviour"][month] = entry
-                logger.info(
-                    "Behaviour on %s (%s): %.3f on %d prompts.",
-                    month,
-                    entry["scored_by"],
-                    entry["summary"]["score"]["mean"],
-                    entry["n"],
-                )
+            with _timed(timings, "behaviour"):
+                for month, dataset in test_sets.items():
+                    rows = list(dataset)
+                    if rows and "prompt" not in rows[0]:
+                        raise ValueError(
+                            f"The held-out pairs of month {month!r} need a `prompt` column to generate from."
+                        )
+                    generations = generate(
+                        [row["prompt"] for row in rows], config.behaviour_max_new_tokens, f"Behaviour {month}"
+                    )
+                    month_generations[month] = generations
+                    entry = behaviour_scores(generations, rows, tests[month]["checks"], config)
+                    entry["examples"] = [
+                        {"prompt": _text(row["prompt"]), "generation": generation}
+                        for row, generation in list(zip(rows, generations))[: config.behaviour_examples]
+                    ]
+                    result["behaviour"][month] = entry
+                    logger.info(
+                        "Behaviour on %s (%s): %.3f on %d prompts.",
+                        month,
+                        entry["scored_by"],
+                        entry["summary"]["score"]["mean"],
+                        entry["n"],
+                    )
 
         # Off-scope generations: generic prompts and knowledge questions, generated once each.
         generic = generic_prompts()[: config.drift_prompts]
-        generic_answers = (
-            generate(generic, config.behaviour_max_new_tokens, "Bleed (generic prompts)")
-            if (behaviour or keep_offscope)
-            else []
-        )
+        generic_answers: list[str] = []
+        if behaviour or keep_offscope:
+            with _timed(timings, "bleed"):
+                generic_answers = generate(generic, config.behaviour_max_new_tokens, "Bleed (generic prompts)")
         items = [_as_item(item) for item in knowledge_items or []]
         knowledge_answers: list[str] = []
         exact_items: list[int] = []
@@ -477,14 +558,15 @@ def evaluate_model(
                 raise ValueError(
                     "The knowledge suite needs `knowledge_items` (see `peft_selective.demo.months.knowledge_items`)."
                 )
-            mc, _ = multiple_choice_accuracy(
-                model, tokenizer, items, batch_size=max(1, 4 * config.batch_size), disable_tqdm=not show_progress
-            )
-            if exact_indices is None:
-                exact_indices = range(min(len(items), config.knowledge_exact_items))
-            exact_items = [int(i) for i in exact_indices]
-            questions = [items[i].question for i in exact_items]
-            knowledge_answers = generate(questions, config.knowledge_max_new_tokens, "Knowledge (exact match)")
+            with _timed(timings, "knowledge"):
+                mc, _ = multiple_choice_accuracy(
+                    model, tokenizer, items, batch_size=max(1, 4 * config.batch_size), disable_tqdm=not show_progress
+                )
+                if exact_indices is None:
+                    exact_indices = range(min(len(items), config.knowledge_exact_items))
+                exact_items = [int(i) for i in exact_indices]
+                questions = [items[i].question for i in exact_items]
+                knowledge_answers = generate(questions, config.knowledge_max_new_tokens, "Knowledge (exact match)")
             exact = [int(exact_match(answer, items[i])) for answer, i in zip(knowledge_answers, exact_items)]
             result["knowledge"] = {
                 "mc": [int(x) for x in mc],
@@ -550,7 +632,7 @@ def evaluate_model(
                     entry["vs_base"] = _difference(ours, theirs, **resamples)
                 result["bleed"][month] = entry
 
-        result["general"] = general_suite(model, tokenizer, config, base, show_progress)
+        result["general"] = general_suite(model, tokenizer, config, base, show_progress, timings)
     finally:
         model.train(was_training)
     return result
@@ -774,10 +856,11 @@ def month_behaviour(
     dataset: Dataset,
     spec: Optional[Mapping[str, Any]] = None,
     config: Optional[EvaluationConfig] = None,
+    month: Optional[str] = None,
 ) -> dict[str, Any]:
     """The behavioural scores of `model` on one month's held-out prompts alone (the campaign measures them with the
     model before the month, for the paired gain of [`learning_table`]): what [`evaluate_model`] stores per month
-    under `behaviour`, without examples."""
+    under `behaviour`, without examples. With the `month`'s name, a progress bar names it."""
     config = config or EvaluationConfig()
     rows = list(dataset)
     generations = generate_answers(
@@ -785,8 +868,9 @@ def month_behaviour(
         tokenizer,
         [row["prompt"] for row in rows],
         max_new_tokens=config.behaviour_max_new_tokens,
-        batch_size=config.batch_size,
-        disable_tqdm=True,
+        batch_size=config.generate_batch_size,
+        disable_tqdm=month is None,
+        desc=f"Behaviour {month} (before the month)",
     )
     return behaviour_scores(generations, rows, month_tests(spec)["checks"], config)
 

@@ -16,6 +16,7 @@ import torch
 import transformers as T
 from testing_utils import tiny_chat_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 
 import peft_selective.evaluation.knowledge as K
 from peft_selective.demo import months as D
@@ -444,6 +445,78 @@ def test_multiple_choice_accuracy_on_a_tiny_model(model, tokenizer, items):
         answer_ids
     )
     assert batched[0][0] == pytest.approx(expected, abs=1e-5)
+
+
+def _whole_sequence_scores(model, tokenizer, items, use_chat_template=None):
+    """The reference: every question + option sequence scored whole, one at a time."""
+    prepared = [K._option_ids(tokenizer, item, use_chat_template) for item in items]
+    scores = [[0.0] * len(item.options) for item in items]
+    with torch.no_grad():
+        K._scores_of_sequences(model, prepared, 1, tokenizer.pad_token_id, scores, tqdm(disable=True))
+    return scores
+
+
+@pytest.mark.parametrize("use_chat_template", [None, False])
+def test_options_continue_their_question_cache(model, tokenizer, items, use_chat_template):
+    """Each question is read once for its options (the shared prefix once for all): the scores are those of the
+    whole sequences, for plain and templated prompts, a LoRA-adapted model, absolute position embeddings (GPT-2:
+    the positions are passed explicitly) and options of one token (nothing after the question)."""
+    from peft import LoraConfig, get_peft_model
+
+    few = items[:7] + [K.KnowledgeItem("What is 1 + 1?", "2", ("3", "4", "5"))]
+    assert K._continues_from_cache(model)
+    expected = _whole_sequence_scores(model, tokenizer, few, use_chat_template)
+    for batch_size in (1, 5, 64):
+        shared = option_scores(model, tokenizer, few, batch_size=batch_size, use_chat_template=use_chat_template)
+        torch.testing.assert_close(torch.tensor(shared), torch.tensor(expected), atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        tiny_chat_llama(0, vocab_size=len(tokenizer), max_position_embeddings=256),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False),
+    ).eval()
+    torch.testing.assert_close(
+        torch.tensor(option_scores(lora, tokenizer, few, batch_size=9, use_chat_template=use_chat_template)),
+        torch.tensor(_whole_sequence_scores(lora, tokenizer, few, use_chat_template)),
+        atol=1e-5,
+        rtol=0,
+    )
+    gpt2 = T.GPT2LMHeadModel(
+        T.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    ).eval()
+    torch.testing.assert_close(
+        torch.tensor(option_scores(gpt2, tokenizer, few, batch_size=6, use_chat_template=use_chat_template)),
+        torch.tensor(_whole_sequence_scores(gpt2, tokenizer, few, use_chat_template)),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_prompt_learning_adapters_score_whole_sequences(tokenizer):
+    from peft import PromptTuningConfig, get_peft_model
+
+    base = tiny_chat_llama(0, vocab_size=len(tokenizer), max_position_embeddings=256)
+    tuned = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert not K._continues_from_cache(tuned)  # its virtual tokens are a cache of their own
+
+
+def test_evaluate_model_times_every_suite(model, tokenizer, items, currency_month):
+    """`timings` gets the seconds of each suite; the result itself holds none (a measurement repeated compares
+    equal). Generation runs in batches of 4 x `batch_size` unless `generation_batch_size` is set."""
+    from peft_selective.evaluation.suites import SUITES, EvaluationConfig, evaluate_model
+
+    short = dict(behaviour_max_new_tokens=3, knowledge_max_new_tokens=3, refusal_max_new_tokens=3)
+    config = EvaluationConfig(
+        **short, drift_max_new_tokens=3, knowledge_exact_items=2, perplexity_max_tokens=64, refusal_prompts=2,
+        drift_prompts=2, batch_size=2, bootstrap_resamples=50,
+    )  # fmt: skip
+    assert config.generate_batch_size == 8 and EvaluationConfig(generation_batch_size=3).generate_batch_size == 3
+    timings: dict[str, float] = {}
+    test_sets = {"currency": currency_month["test"].select(range(3))}
+    result = evaluate_model(model, tokenizer, config, test_sets=test_sets, knowledge_items=items[:3], timings=timings)
+    assert set(timings) == set(SUITES) | {"bleed"} and all(seconds >= 0 for seconds in timings.values())
+    again = evaluate_model(model, tokenizer, config, test_sets=test_sets, knowledge_items=items[:3])
+    assert json.dumps(again, sort_keys=True) == json.dumps(result, sort_keys=True)
 
 
 def test_multiple_choice_accuracy_of_a_model_that_knows(monkeypatch, items):

@@ -420,6 +420,12 @@ def test_generation_probes(model, tokenizer):
     # all tokens but the special ones: mass is 1 minus the mass on special tokens
     assert everything["class_size"] == len(tokenizer) - special and everything["mass"] <= 1.0 + 1e-6
     assert M.drift_probe(model, tokenizer, prompts[:3], token_class=lambda t: False, max_new_tokens=5)["mass"] == 0.0
+    # batched by length like generate_greedy, returned in the prompts' order: the batch changes nothing
+    for batch_size in (1, 2, 5):
+        batched = M.drift_probe(model, tokenizer, prompts, max_new_tokens=6, batch_size=batch_size)
+        assert batched["generations"] == answers
+        single = M.drift_probe(model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
+        assert batched["per_prompt"] == pytest.approx(single["per_prompt"], abs=1e-6)
 
 
 def test_drift_probe_detects_a_biased_model(model, tokenizer):
