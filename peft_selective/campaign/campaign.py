@@ -44,6 +44,7 @@ import math
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
@@ -53,6 +54,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_dataset
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, ProgressCallback, TrainerCallback
 
 from ..continual.ewc import FISHER_METADATA
@@ -99,6 +101,58 @@ _CALIBRATION_CHUNK = 1000
 
 class CampaignError(RuntimeError):
     """The campaign directory is missing, corrupted, or asked to do something out of order."""
+
+
+# ------------------------------------------------------------------------------------------------- month timing
+#: The phases of `run_month` timed in the month's `timing_s` (wall seconds of the run that finished the month), in
+#: order: checksums checked; the month's data read, checked, split and written; the model loaded (base + done months'
+#: adapters); the base evaluated (month 0, the first month only); what is measured before the month (the base's
+#: log-probs of its test pairs, the behaviour of the model before it); the trainer built (rehearsal mix, boundary
+#: answers, tokenization, anchor continuations); the geometry calibration; training; the retention dial; the
+#: evaluation after the month (and its health check); the month finished (adapter saved, the buffer rows' reference
+#: log-probs, the Fisher); the card and the state written. `total` is the whole call.
+MONTH_PHASES = (
+    "verify", "data", "load_model", "baseline_evaluation", "before_month", "trainer", "calibration", "training",
+    "retention_dial", "evaluation", "finish", "card",
+)  # fmt: skip
+#: The phases whose work only measures the month (what `month_time_split` calls its evaluation).
+EVALUATION_PHASES = ("before_month", "evaluation")
+
+
+class _PhaseClock:
+    """Wall seconds of named phases, summed per name (a phase may run in several pieces)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def record(self) -> dict[str, float]:
+        """The phases in `MONTH_PHASES` order, and `total`, rounded to 10 ms."""
+        timing = {name: round(self.seconds[name], 2) for name in MONTH_PHASES if name in self.seconds}
+        timing["total"] = round(time.perf_counter() - self.started, 2)
+        return timing
+
+
+def month_time_split(timing: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    """From a month's `timing_s`: `training` (the `training` phase), `evaluation` (the `EVALUATION_PHASES`: what the
+    month spends measuring itself, every month), `baseline_evaluation` (month 0's, once per campaign; 0 after the
+    first month) and `total`; None for a month recorded without timing (by an older peft-selective)."""
+    if not timing:
+        return None
+    return {
+        "training": timing.get("training", 0.0),
+        "evaluation": round(sum(timing.get(name, 0.0) for name in EVALUATION_PHASES), 2),
+        "baseline_evaluation": timing.get("baseline_evaluation", 0.0),
+        "total": timing.get("total", 0.0),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- retention dial
@@ -989,13 +1043,18 @@ class Campaign:
             return
         tokenizer = self.load_tokenizer()
         long = []
-        for split, dataset in splits.items():
-            if split != "test" and training.get("drop_long_prompts"):
-                continue
-            for row in dataset:
-                tokens = _prompt_tokens(tokenizer, row)
-                if tokens is not None and tokens >= max_length:
-                    long.append(f"{row[_SOURCE]} ({split}, {tokens} tokens)")
+        checked = {
+            split: dataset
+            for split, dataset in splits.items()
+            if split == "test" or not training.get("drop_long_prompts")
+        }
+        with tqdm(total=sum(map(len, checked.values())), desc=f"Checking {name}'s prompt lengths") as progress:
+            for split, dataset in checked.items():
+                for row in dataset:
+                    tokens = _prompt_tokens(tokenizer, row)
+                    if tokens is not None and tokens >= max_length:
+                        long.append(f"{row[_SOURCE]} ({split}, {tokens} tokens)")
+                    progress.update()
         if long:
             shown = "; ".join(long[:10]) + (f"; and {len(long) - 10} more" if len(long) > 10 else "")
             raise CampaignError(
@@ -1080,9 +1139,17 @@ class Campaign:
                 found[name] = _read_json(path, "behaviour before the month")
         return found
 
-    def _evaluate(self, model, tokenizer, months: list[str], show_progress: bool = False) -> dict[str, Any]:
+    def _evaluate(
+        self,
+        model,
+        tokenizer,
+        months: list[str],
+        show_progress: bool = False,
+        timings: Optional[dict[str, float]] = None,
+    ) -> dict[str, Any]:
         """`evaluate_model` with everything the campaign knows: the months' held-out pairs and specs, the base's
-        log-probs and off-scope generations, the knowledge pool and its exact-match subset."""
+        log-probs and off-scope generations, the knowledge pool and its exact-match subset (`timings`: filled with the
+        seconds of each suite)."""
         evaluation_config = self.config.evaluation_config()
         survivors = self.knowledge_survivors()
         if 0 < len(survivors) < evaluation_config.knowledge_min_items:
@@ -1102,6 +1169,7 @@ class Campaign:
             month_specs={name: self.month_spec(name) for name in months},
             exact_indices=self._exact_indices(),
             base_offscope=self.evaluations.get(BASELINE, {}).get("offscope_generations"),
+            timings=timings,
         )
 
     def test_sets(self, months: list[str]) -> dict[str, Dataset]:
@@ -1176,7 +1244,13 @@ class Campaign:
         calibration tokens, the tolerance, norm cap and the largest per-layer bound of the relative output change on
         the protected data); the full per-layer report is `adapters/<month>/geometry_report.json`. A calibration that
         fails (too little protected text for a layer) leaves no trace of the month, as a health refusal.
+
+        The month's entry records where its time went, `timing_s`: the wall seconds of each phase of this call
+        (`MONTH_PHASES`: data, the trainer's construction, training, evaluation, finish, card, ...) and `total`, and
+        `evaluation_suites_s`, the seconds of each suite of its evaluation. A resumed month records the call that
+        finished it (its training: the steps after the checkpoint).
         """
+        clock = _PhaseClock()
         check_month_name(name)
         entry = self.month(name)
         if entry is not None and entry["status"] == "done":
@@ -1190,9 +1264,10 @@ class Campaign:
                 f"Month {pending[0]!r} was interrupted: run it again to finish it first, or drop it with "
                 f"`continual-dpo abandon {pending[0]}`."
             )
-        self.verify()
-        if entry is None:  # a resumed month may have updated them already (its Fisher, its rehearsal rows)
-            self._verify_shared()
+        with clock.phase("verify"):
+            self.verify()
+            if entry is None:  # a resumed month may have updated them already (its Fisher, its rehearsal rows)
+                self._verify_shared()
         overrides = dict(
             health_check=health_check, max_perplexity_ratio=max_perplexity_ratio, max_kl_to_base=max_kl_to_base
         )
@@ -1226,15 +1301,18 @@ class Campaign:
                     f"Month {name!r} was started with other retention options ({retention or 'off'}); rerun it "
                     "without them (or with the same) to resume."
                 )
-        user_calibration = self._user_calibration(name, entry, calibration_data)
-        before = self._before_month(entry is None)
-        holdout = retention["validation_fraction"] if retention and retention["scale"] == "auto" else None
-        splits, sampling = self._month_data(name, data, test_data, test_fraction, holdout)
-        calibration_path = self.layout.calibration(name)
-        if entry is None and user_calibration and self._is_main:
-            atomic_write(calibration_path, "".join(json.dumps({"text": t}) + "\n" for t in user_calibration).encode())
+        with clock.phase("data"):
+            user_calibration = self._user_calibration(name, entry, calibration_data)
+            before = self._before_month(entry is None)
+            holdout = retention["validation_fraction"] if retention and retention["scale"] == "auto" else None
+            splits, sampling = self._month_data(name, data, test_data, test_fraction, holdout)
+            calibration_path = self.layout.calibration(name)
+            if entry is None and user_calibration and self._is_main:
+                texts = "".join(json.dumps({"text": t}) + "\n" for t in user_calibration)
+                atomic_write(calibration_path, texts.encode())
         previous = self.done_months
-        model, tokenizer = self.load_model()
+        with clock.phase("load_model"):
+            model, tokenizer = self.load_model()
         if self.state["base_fingerprint"] is None:
             self.state["base_fingerprint"] = self._loaded_fingerprint
         if entry is None:
@@ -1272,31 +1350,33 @@ class Campaign:
         evaluation_config = self.config.evaluation_config()
         if BASELINE not in self.evaluations and not previous and self._is_main:
             logger.info("Evaluating the base model (month 0).")
-            self.evaluations[BASELINE] = evaluate_model(
-                model,
-                tokenizer,
-                evaluation_config,
-                knowledge_items=self.knowledge_pool["items"],
-                show_progress=True,
-                exact_indices=self._exact_indices(),
-                keep_offscope=True,  # the base's rate of every later month's style on the same off-scope prompts
-            )
+            with clock.phase("baseline_evaluation"):
+                self.evaluations[BASELINE] = evaluate_model(
+                    model,
+                    tokenizer,
+                    evaluation_config,
+                    knowledge_items=self.knowledge_pool["items"],
+                    show_progress=True,
+                    exact_indices=self._exact_indices(),
+                    keep_offscope=True,  # the base's rate of every later month's style on the same off-scope prompts
+                )
             self._save_evaluations()
             self._record_evaluation(BASELINE)
         reference_path = self.layout.reference_logps(name)
-        if not reference_path.exists() and self._is_main:  # the base's log-probs: R[t][name] is measured against them
-            context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-            with context:
-                atomic_write_json(
-                    reference_path, reference_logps_for(model, tokenizer, splits["test"], evaluation_config)
-                )
         before_path = self.layout.before_behaviour(name)
-        if "behaviour" in evaluation_config.suites and not before_path.exists() and self._is_main:
-            # The model before the month on the month's held-out prompts: the paired baseline of what it learned.
-            atomic_write_json(
-                before_path,
-                month_behaviour(model, tokenizer, splits["test"], self.month_spec(name), evaluation_config),
-            )
+        with clock.phase("before_month"):
+            if not reference_path.exists() and self._is_main:  # the base's log-probs: R[t][name] is measured on them
+                context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+                with context:
+                    logps = reference_logps_for(
+                        model, tokenizer, splits["test"], evaluation_config, show_progress=True
+                    )
+                atomic_write_json(reference_path, logps)
+            if "behaviour" in evaluation_config.suites and not before_path.exists() and self._is_main:
+                # The model before the month on the month's held-out prompts: the paired baseline of what it learned.
+                spec = self.month_spec(name)
+                behaviour = month_behaviour(model, tokenizer, splits["test"], spec, evaluation_config, name)
+                atomic_write_json(before_path, behaviour)
         if self._is_main:  # what was measured before the month, checked from now on (written atomically above)
             recorded = entry.get("files", {})
             self._record(entry, *(p for p in (reference_path, before_path) if self._relative(p) not in recorded))
@@ -1305,22 +1385,24 @@ class Campaign:
         self._barrier()
         run_dir = self.layout.runs(name)
         fisher_dir = self.layout.fisher if self.config.training["ewc_coef"] > 0 else None
-        trainer = ContinualDPOTrainer(
-            model,
-            args=self.config.training_args(run_dir, name, fisher_dir),
-            train_dataset=splits["train"],
-            train_dataset_validated=True,  # checked by `_split` when the month was registered
-            processing_class=tokenizer,
-            peft_config=self.config.peft_config(),
-            rehearsal_buffer=RehearsalBuffer(self.layout.buffer),
-            callbacks=callbacks,
-        )
+        with clock.phase("trainer"):
+            trainer = ContinualDPOTrainer(
+                model,
+                args=self.config.training_args(run_dir, name, fisher_dir),
+                train_dataset=splits["train"],
+                train_dataset_validated=True,  # checked by `_split` when the month was registered
+                processing_class=tokenizer,
+                peft_config=self.config.peft_config(),
+                rehearsal_buffer=RehearsalBuffer(self.layout.buffer),
+                callbacks=callbacks,
+            )
         if trainer.pop_callback(ProgressCallback) is not None:  # absent with disable_tqdm
             trainer.add_callback(_LoggedProgress())
         calibration = None
         if self.config.method == "geometry_projected":
             try:
-                calibration = self._calibrate(trainer.model, tokenizer, name, previous, user_calibration)
+                with clock.phase("calibration"):
+                    calibration = self._calibrate(trainer.model, tokenizer, name, previous, user_calibration)
             except ValueError as error:  # too little protected text for a layer, no layer with room
                 if self._is_main:
                     raise CampaignError(
@@ -1333,7 +1415,8 @@ class Campaign:
         if checkpoint:
             logger.info("Month %r resumes from %s.", name, checkpoint)
         try:
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            with clock.phase("training"):
+                result = trainer.train(resume_from_checkpoint=checkpoint)
         except ModelHealthError as error:  # raised on every process alike (the loss is gathered, gradients reduced)
             if self._is_main:
                 raise ModelHealthError(
@@ -1341,13 +1424,18 @@ class Campaign:
                 ) from error
             raise
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        dial = self._retention_dial(policy, tokenizer, name, previous, splits, retention) if retention else None
+        dial = None
+        if retention:
+            with clock.phase("retention_dial"):
+                dial = self._retention_dial(policy, tokenizer, name, previous, splits, retention)
         # The main process evaluates; nothing of the month is written until the evaluation passed the guard.
         evaluation, health, refusal = None, None, None
+        suite_seconds: dict[str, float] = {}
         if self._is_main:
             months = previous + [name]
             logger.info("Evaluating the model after month %r.", name)
-            evaluation = self._evaluate(policy, tokenizer, months, show_progress=True)
+            with clock.phase("evaluation"):
+                evaluation = self._evaluate(policy, tokenizer, months, show_progress=True, timings=suite_seconds)
             if limits["health_check"]:
                 try:
                     health = check_evaluation(
@@ -1366,11 +1454,12 @@ class Campaign:
             raise ModelHealthError(
                 f"{refusal} {self._undo_month(name, before)}", refusal.measured, refusal.limits
             ) from refusal
-        if self._is_main:
-            self._save_adapter(trainer.model, name)
-            if calibration is not None:
-                calibration[0].save(self.layout.adapter(name))  # geometry_report.json: the per-layer bounds
-        finish = trainer.finish_month(name, overwrite=True)
+        with clock.phase("finish"):
+            if self._is_main:
+                self._save_adapter(trainer.model, name)
+                if calibration is not None:
+                    calibration[0].save(self.layout.adapter(name))  # geometry_report.json: the per-layer bounds
+            finish = trainer.finish_month(name, overwrite=True)
         entry["data"]["rehearsal_rows"] = sum(v for k, v in trainer.rehearsal_summary.items() if k != "new")
         if not self._is_main:
             self._barrier()  # the main process writes the month's results
@@ -1394,7 +1483,11 @@ class Campaign:
             entry["retention"] = dial
         if calibration is not None:
             entry["calibration"] = calibration[1]
-        self.write_card(name)
+        with clock.phase("card"):
+            self.write_card(name)
+        # Not checksummed, not read by any command: a campaign.json without them (older months) loads the same.
+        entry["timing_s"] = clock.record()
+        entry["evaluation_suites_s"] = {suite: round(seconds, 2) for suite, seconds in suite_seconds.items()}
         self._save_state()
         if not keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -1467,7 +1560,7 @@ class Campaign:
             previous_adapter=previous[-1] if previous else None,
             batch_size=self.config.evaluation.batch_size,
             max_length=self.config.training["max_length"],
-            show_progress=False,
+            show_progress=True,
         )
         layers = report.layers.values()
         record = {
@@ -1801,7 +1894,8 @@ class Campaign:
 
     def month_summary(self, name: str) -> str:
         """A few lines on the done month `name`: its training, what it learned, retention so far (backward transfer
-        from the second month on), perplexity and KL against month 0, and where its card and the full tables are."""
+        from the second month on), perplexity and KL against month 0, its time (training vs evaluation, for a month
+        recorded with its `timing_s`), and where its card and the full tables are."""
         months = self.done_months[: self.done_months.index(name) + 1]
         entry, evaluation = self.month(name), self.evaluations.get(name, {})
         data, training = entry["data"], entry["training"]
@@ -1827,6 +1921,13 @@ class Campaign:
             lines.append(
                 f"  Perplexity {_fmt(general['perplexity'], 2)} (month 0: {_fmt(base.get('perplexity'), 2)}), KL to "
                 f"the base {_fmt(general.get('kl_to_base'), 4)} nats/token."
+            )
+        split = month_time_split(entry.get("timing_s"))
+        if split:
+            baseline = split["baseline_evaluation"]
+            lines.append(
+                f"  Time: {split['total']:.0f} s; training {split['training']:.0f} s, evaluation "
+                f"{split['evaluation']:.0f} s" + (f" (and month 0's, once: {baseline:.0f} s)." if baseline else ".")
             )
         lines.append(
             f"  Card: {self.layout.card(name) / layout.CARD_FILE}. Every table: `continual-dpo report --campaign_dir "

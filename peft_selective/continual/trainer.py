@@ -56,11 +56,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import datasets
 import torch
 import trl
 from datasets import Dataset, Value, concatenate_datasets
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import AutoProcessor, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import DPOConfig, DPOTrainer
@@ -303,6 +305,23 @@ def reference_fingerprint(prompt_ids, chosen_ids, rejected_ids, args: DPOConfig)
         mask = [0] * len(prompt_ids) + [1] * len(completion)
         payload += [(prompt_ids + completion)[cut], mask[cut]]
     return hashlib.blake2b(json.dumps(payload).encode("utf-8"), digest_size=12).hexdigest()
+
+
+@contextlib.contextmanager
+def _datasets_progress_bars(enabled: bool):
+    """datasets' progress bars on (or off) for the block, as they were afterwards."""
+    were_disabled = datasets.are_progress_bars_disabled()
+    if enabled:
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_disabled:
+            datasets.disable_progress_bars()
+        else:
+            datasets.enable_progress_bars()
 
 
 class _RehearsalFlagCollator:
@@ -695,11 +714,15 @@ class ContinualDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """TRL's tokenization, with too-long prompts reported by row instead of dropped silently."""
+        """TRL's tokenization, with too-long prompts reported by row instead of dropped silently. Its progress bars
+        ("Tokenizing train dataset", ...) follow `disable_tqdm`, also where datasets' own bars are switched off (the
+        `continual-dpo` command hides those of every other map)."""
         if not isinstance(dataset, Dataset) or args.max_length is None or "prompt_ids" in dataset.column_names:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            with _datasets_progress_bars(not args.disable_tqdm):
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         indexed = dataset.add_column(_ROW_INDEX, list(range(len(dataset))))
-        prepared = super()._prepare_dataset(indexed, processing_class, args, dataset_name)
+        with _datasets_progress_bars(not args.disable_tqdm):
+            prepared = super()._prepare_dataset(indexed, processing_class, args, dataset_name)
         kept = set(prepared[_ROW_INDEX])
         dropped = [index for index in range(len(dataset)) if index not in kept]
         if dropped:
@@ -1081,7 +1104,7 @@ class ContinualDPOTrainer(DPOTrainer):
                 month,
             )
             return buffer.month_info(month).reference_logps
-        values = self._reference_logps_of_rows(rows)
+        values = self._reference_logps_of_rows(rows, f"Reference log-probs (rehearsal rows of {month})")
         if isinstance(self._policy(), PeftModel):
             description = f"the DPO reference of month {month!r}: the base with adapters {self.reference_adapters}"
         else:
@@ -1093,9 +1116,12 @@ class ContinualDPOTrainer(DPOTrainer):
             buffer.reload()
         return buffer.month_info(month).reference_logps
 
-    def _reference_logps_of_rows(self, rows: list[dict[str, Any]]) -> list[Optional[dict[str, Any]]]:
+    def _reference_logps_of_rows(
+        self, rows: list[dict[str, Any]], desc: str = "Reference log-probs"
+    ) -> list[Optional[dict[str, Any]]]:
         """TRL's reference log-probs (`compute_ref_log_probs` on batches of TRL's collator, as its precompute does) of
-        buffer rows, tokenized as TRL tokenizes the training data; `None` for a row the tokenization drops."""
+        buffer rows, tokenized as TRL tokenizes the training data; `None` for a row the tokenization drops. A progress
+        bar labelled `desc` unless `disable_tqdm`."""
         ignored = {"month", REFERENCE_LOGPS_KEY}
         dataset = Dataset.from_list([{k: v for k, v in row.items() if k not in ignored} for row in rows])
         dataset = dataset.add_column(_BUFFER_ROW, list(range(len(rows))))
@@ -1108,7 +1134,8 @@ class ContinualDPOTrainer(DPOTrainer):
         was_training = policy.training
         policy.eval()
         try:
-            for start in range(0, len(tokenized), batch_size):
+            starts = range(0, len(tokenized), batch_size)
+            for start in tqdm(starts, desc=desc, disable=self.args.disable_tqdm, unit="batch"):
                 chunk = tokenized[start : start + batch_size]
                 batch = self.data_collator.collator([{column: row[column] for column in columns} for row in chunk])
                 batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from testing_utils import CAMPAIGN_INIT, REPO_ROOT, cli, copy_of, write_month
 
-from peft_selective.campaign.campaign import Campaign, format_report
+from peft_selective.campaign.campaign import MONTH_PHASES, Campaign, format_report, month_time_split
 from peft_selective.utils.warnings import (
     BITSANDBYTES_KERNEL_NOTICE,
     KNOWN_FUTURE_WARNINGS,
@@ -79,7 +79,56 @@ def test_a_month_prints_no_known_warning_and_a_short_summary(campaign_dir):
     assert "Flattening the indices" not in err  # not one per datasets map
     assert out.startswith("Month m1 done: 4 steps")
     assert "backward transfer n/a (needs two months)." in out
+    assert re.search(r"^  Time: \d+ s; training \d+ s, evaluation \d+ s \(and month 0's, once: \d+ s\)\.$", out, re.M)
     assert len(out.splitlines()) <= 6
+
+
+def test_every_long_step_has_a_named_progress_bar(campaign_dir):
+    """The month's data, its tokenization, what is measured before it, training, each suite of the evaluations and
+    the Fisher each show a bar with its name (the rehearsal rows' reference log-probs too, when the training has not
+    computed them all already)."""
+    err = (campaign_dir / "run-month.err").read_text()
+    bars = {piece.split(":")[0] for piece in re.split(r"[\r\n]", err) if re.search(r": +\d+%\|", piece)}
+    expected = {
+        "Checking m1's prompt lengths", "Tokenizing train dataset", "Reference log-probs (test pairs)",
+        "Behaviour m1 (before the month)", "Training m1", "Preference m1", "Behaviour m1", "Bleed (generic prompts)",
+        "Knowledge (multiple choice)", "Knowledge (exact match)", "Perplexity", "KL to the base",
+        "Refusal (harmful prompts)", "Refusal (benign prompts)", "Drift probe (generic prompts)",
+    }  # fmt: skip
+    training = Campaign(campaign_dir).config.training
+    if training["ewc_coef"] > 0:
+        expected.add("Fisher (m1)")
+    if training["kl_coef"] > 0:
+        expected.add("Anchor continuations")
+    assert expected <= bars, sorted(expected - bars)
+
+
+def test_a_month_records_where_its_time_goes(campaign_dir, tmp_path):
+    directory = copy_of(campaign_dir, tmp_path)
+    campaign = Campaign(directory)
+    entry = campaign.month("m1")
+    timing, suites = entry["timing_s"], entry["evaluation_suites_s"]
+    assert list(timing) == [phase for phase in MONTH_PHASES if phase in timing] + ["total"]  # in the month's order
+    assert {"data", "baseline_evaluation", "before_month", "trainer", "training", "evaluation", "finish"} <= set(
+        timing
+    )
+    assert all(seconds >= 0 for seconds in timing.values())
+    assert sum(v for k, v in timing.items() if k != "total") <= timing["total"] + 0.05
+    assert set(suites) == {"preference", "behaviour", "bleed", "knowledge", "perplexity", "kl", "refusal", "drift"}
+    assert sum(suites.values()) <= timing["evaluation"] + 0.05
+    split = month_time_split(timing)
+    assert split["evaluation"] == pytest.approx(timing["before_month"] + timing["evaluation"], abs=0.011)
+    assert split["training"] == timing["training"] and split["baseline_evaluation"] == timing["baseline_evaluation"]
+    assert f"training {split['training']:.0f} s" in campaign.month_summary("m1")
+    # a month recorded by an older peft-selective has no timing: the campaign loads, the summary leaves the line out
+    state = json.loads((directory / "campaign.json").read_text())
+    for key in ("timing_s", "evaluation_suites_s"):
+        del state["months"][0][key]
+    (directory / "campaign.json").write_text(json.dumps(state))
+    older = Campaign(directory)
+    older.verify()
+    assert month_time_split(older.month("m1").get("timing_s")) is None
+    assert "Time:" not in older.month_summary("m1") and older.month_summary("m1").startswith("Month m1 done")
 
 
 def test_verbose_turns_the_filter_off(campaign_dir, tmp_path):
