@@ -29,7 +29,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -326,23 +326,40 @@ def greedy_continuations(
     batch_size: int = 8,
     show_progress: bool = True,
     desc: str = "Anchor continuations",
+    known: Optional[Mapping[tuple[int, ...], Sequence[int]]] = None,
 ) -> list[list[int]]:
     """`model`'s greedy continuation (token ids, up to and including EOS, at most `max_new_tokens`) of every token
     sequence, generated in left-padded batches without gradients and with the model in eval mode (its mode is
-    restored afterwards). `model` may be a [`PreviousMonthReference`], which owns no parameters."""
+    restored afterwards). The batches group sequences of similar length (sorted by length; the results keep the
+    order of `sequences`), so little of each batch is padding. `model` may be a [`PreviousMonthReference`], which owns
+    no parameters.
+
+    `known` (`{tuple(token ids): continuation}`): greedy continuations `model` already gave some of the sequences (e.g.
+    with more new tokens); a sequence found there is not generated again, its continuation is the known one's first
+    `max_new_tokens` tokens (greedy decoding: the same tokens), when the known one reaches that length or its EOS."""
     if max_new_tokens <= 0:
         return [[] for _ in sequences]
     pad_id = _pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     device = next(model.parameters(), None)
     device = device.device if device is not None else next(model.policy.parameters()).device
+    results: list[list[int]] = [[] for _ in sequences]
+    todo = []
+    for index, ids in enumerate(sequences):
+        continuation = list((known or {}).get(tuple(ids), ()))
+        if len(continuation) >= max_new_tokens or (continuation and continuation[-1] == eos):
+            results[index] = continuation[:max_new_tokens]
+        else:
+            todo.append(index)
+    if not todo:
+        return results
     was_training = model.training
     model.eval()
-    results: list[list[int]] = []
+    by_length = sorted(todo, key=lambda index: len(sequences[index]))
     try:
-        order = range(0, len(sequences), batch_size)
-        for start in tqdm(order, desc=desc, disable=not show_progress):
-            chunk = [list(ids) for ids in sequences[start : start + batch_size]]
+        for start in tqdm(range(0, len(by_length), batch_size), desc=desc, disable=not show_progress):
+            indices = by_length[start : start + batch_size]
+            chunk = [list(sequences[index]) for index in indices]
             width = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
@@ -353,7 +370,7 @@ def greedy_continuations(
                 do_sample=False,
                 pad_token_id=pad_id,
             )[:, width:]
-            for row in generated.tolist():
+            for index, row in zip(indices, generated.tolist()):
                 continuation = []
                 for token in row:
                     continuation.append(token)
@@ -361,7 +378,7 @@ def greedy_continuations(
                         break
                 if continuation and continuation[-1] == pad_id and pad_id != eos:
                     continuation = [t for t in continuation if t != pad_id]
-                results.append(continuation)
+                results[index] = continuation
     finally:
         model.train(was_training)
     return results
@@ -407,13 +424,19 @@ class AnchorSet:
         return dict(Counter(self.kinds))
 
     def add_continuations(
-        self, reference: nn.Module, max_new_tokens: int, batch_size: int = 8, show_progress: bool = True
+        self,
+        reference: nn.Module,
+        max_new_tokens: int,
+        batch_size: int = 8,
+        show_progress: bool = True,
+        known: Optional[Mapping[tuple[int, ...], Sequence[int]]] = None,
     ) -> None:
-        """Append `reference`'s greedy continuation (up to `max_new_tokens`) to every anchor; 0 keeps prompts only."""
+        """Append `reference`'s greedy continuation (up to `max_new_tokens`) to every anchor; 0 keeps prompts only.
+        `known`: continuations `reference` already gave (see [`greedy_continuations`])."""
         if max_new_tokens <= 0:
             return
         continuations = greedy_continuations(
-            reference, self.tokenizer, self.sequences, max_new_tokens, batch_size, show_progress
+            reference, self.tokenizer, self.sequences, max_new_tokens, batch_size, show_progress, known=known
         )
         self.sequences = [ids + continuation for ids, continuation in zip(self.sequences, continuations)]
 

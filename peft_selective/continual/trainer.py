@@ -59,6 +59,7 @@ from typing import Any, Optional, Union
 import datasets
 import torch
 import trl
+from accelerate.utils import gather_object
 from datasets import Dataset, Value, concatenate_datasets
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -108,6 +109,9 @@ REHEARSAL_FLAG = "is_rehearsal"
 BOUNDARY_FLAG = "is_boundary"
 _ROW_INDEX = "__row_index__"
 _BUFFER_ROW = "__buffer_row__"
+#: Per-row index column of the tokenized training set, collated into the batch: which rows' reference log-probs the
+#: training computed (kept for `finish_month`, see `_month_reference_logps`).
+_TRAIN_ROW = "__train_row__"
 #: The file transformers writes last in a checkpoint (`Trainer._save_checkpoint`): its presence marks a complete one.
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
@@ -324,6 +328,24 @@ def _datasets_progress_bars(enabled: bool):
             datasets.enable_progress_bars()
 
 
+def _batch_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The pairs `rows` of a collated preference batch (its tensors hold the chosen sequences, then the rejected ones),
+    without the trailing columns that are padding in all of them."""
+    pairs = inputs["input_ids"].shape[0] // 2
+    pick = torch.cat([rows, rows + pairs]).to(inputs["input_ids"].device)
+    width = inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"][pick].any(dim=0).nonzero()
+    keep = int(real.max()) + 1 if real.numel() else width
+    picked = {}
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 2 * pairs:
+            value = value[pick]
+            if value.dim() > 1 and value.shape[1] == width:
+                value = value[:, :keep]
+        picked[key] = value
+    return picked
+
+
 class _RehearsalFlagCollator:
     """Wraps TRL's preference collator: also collates the per-row rehearsal flag (0 where a dataset has none) and,
     when the rows have them, the rehearsed rows' stored reference log-probs (NaN for rows without)."""
@@ -336,6 +358,8 @@ class _RehearsalFlagCollator:
         batch[REHEARSAL_FLAG] = torch.tensor([int(example.get(REHEARSAL_FLAG, 0) or 0) for example in examples])
         if examples and BOUNDARY_FLAG in examples[0]:
             batch[BOUNDARY_FLAG] = torch.tensor([int(example.get(BOUNDARY_FLAG) or 0) for example in examples])
+        if examples and _TRAIN_ROW in examples[0]:
+            batch[_TRAIN_ROW] = torch.tensor([int(example[_TRAIN_ROW]) for example in examples])
         if examples and STORED_REF_CHOSEN in examples[0]:
             for column in (STORED_REF_CHOSEN, STORED_REF_REJECTED):
                 values = [math.nan if example.get(column) is None else example[column] for example in examples]
@@ -455,6 +479,8 @@ class ContinualDPOTrainer(DPOTrainer):
 
         # Boundary pairs: raw rows, added before TRL tokenizes (and precomputes reference log-probs) like the others
         self.boundary_rows = 0
+        # (model, {prompt ids: its greedy answer}) of the boundary rows: anchors with the same prompt reuse them
+        self._boundary_answers: Optional[tuple[torch.nn.Module, dict[tuple[int, ...], list[int]]]] = None
         if args.boundary_pairs > 0:
             if processing_class is None:  # as TRL loads it, once, so the rows are tokenized with the trainer's own
                 processing_class = AutoProcessor.from_pretrained(
@@ -481,6 +507,17 @@ class ContinualDPOTrainer(DPOTrainer):
         self.own_reference_rows = 0
         if isinstance(self.train_dataset, Dataset) and STORED_REF_FINGERPRINT in self.train_dataset.column_names:
             self.train_dataset = self._check_stored_reference(self.train_dataset)
+        # The month's own rows' DPO reference log-probs, as the training batches computed them ({training row index:
+        # (chosen, rejected)}): `finish_month` stores those of the rows the buffer keeps instead of computing them again.
+        self._seen_reference_logps: dict[int, tuple[float, float]] = {}
+        self._keep_reference_logps = (
+            rehearsal_buffer is not None
+            and self.ref_model is not None
+            and not self.precompute_ref_logps  # precomputed: the dataset's columns hold them all
+            and isinstance(self.train_dataset, Dataset)
+        )
+        if self._keep_reference_logps:
+            self.train_dataset = self.train_dataset.add_column(_TRAIN_ROW, list(range(len(self.train_dataset))))
         if args.health_check:  # the gradient half of the health guard (the loss half is in `compute_loss`)
             self._add_health_callback()
         self._rehearsal_logged = False
@@ -593,11 +630,15 @@ class ContinualDPOTrainer(DPOTrainer):
                 )
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
         anchors = AnchorSet(prompts, tokenizer, max_length=args.kl_max_anchor_length, kinds=kinds)
+        reference = self._reference_model()
+        # The same prompts' boundary answers (same-shape variants), by the same model: not generated twice
+        boundary_model, boundary_answers = self._boundary_answers or (None, None)
         anchors.add_continuations(
-            self._reference_model(),
+            reference,
             args.kl_anchor_max_new_tokens,
             batch_size=args.per_device_eval_batch_size,
             show_progress=not args.disable_tqdm,
+            known=boundary_answers if boundary_model is not None and boundary_model is reference else None,
         )
         logger.info("Retention KL on %d anchor sequences %s.", len(anchors), anchors.kind_counts())
         return anchors
@@ -666,6 +707,7 @@ class ContinualDPOTrainer(DPOTrainer):
             show_progress=not args.disable_tqdm,
             desc="Boundary answers",
         )
+        self._boundary_answers = (reference, {tuple(prompt_ids): answer for prompt_ids, answer in zip(ids, answers)})
         defaults = {REHEARSAL_FLAG: 0, "source": "boundary"}
         rows, skipped = [], 0
         for (prompt, source), answer in zip(picked, answers):
@@ -745,7 +787,7 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in (REHEARSAL_FLAG, BOUNDARY_FLAG, STORED_REF_CHOSEN, STORED_REF_REJECTED):
+        for column in (REHEARSAL_FLAG, BOUNDARY_FLAG, STORED_REF_CHOSEN, STORED_REF_REJECTED, _TRAIN_ROW):
             if column not in self._signature_columns:
                 self._signature_columns = list(self._signature_columns) + [column]
 
@@ -801,7 +843,9 @@ class ContinualDPOTrainer(DPOTrainer):
             self._capture_policy_output = False
 
     def compute_ref_log_probs(self, model, inputs):
-        inputs = {key: value for key, value in inputs.items() if key not in (REHEARSAL_FLAG, BOUNDARY_FLAG)}
+        inputs = {
+            key: value for key, value in inputs.items() if key not in (REHEARSAL_FLAG, BOUNDARY_FLAG, _TRAIN_ROW)
+        }
         return super().compute_ref_log_probs(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -810,18 +854,28 @@ class ContinualDPOTrainer(DPOTrainer):
         is_boundary = inputs.pop(BOUNDARY_FLAG, None)
         stored_chosen = inputs.pop(STORED_REF_CHOSEN, None)
         stored_rejected = inputs.pop(STORED_REF_REJECTED, None)
+        train_rows = inputs.pop(_TRAIN_ROW, None)
         mode = "train" if self.model.training else "eval"
         args = self.args
         if mode == "train":
             self._refresh_anchors_if_due()
         own = None if stored_chosen is None else ~torch.isnan(stored_chosen)
         own_reference = own is not None and bool(own.any())
+        keep_reference = self._keep_reference_logps and train_rows is not None and mode == "train"
         if own_reference:
             inputs = self._with_own_month_reference(inputs, stored_chosen, stored_rejected, own)
+        elif keep_reference and "ref_chosen_logps" not in inputs:
+            # The reference forward TRL would run inline, through its `compute_ref_log_probs` (as for the batches with
+            # own-month rows above), so that its per-row values can be kept for `finish_month`.
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model, inputs)
+            inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        if keep_reference:
+            self._keep_month_reference_logps(inputs, train_rows, is_rehearsal, is_boundary)
         self._capture_policy_output = self._needs_policy_output and mode == "train"
         self._captured_policy_output = None
         precompute = self.precompute_ref_logps
-        self.precompute_ref_logps = precompute or own_reference  # TRL then reads the reference columns of the batch
+        # TRL then reads the reference columns of the batch
+        self.precompute_ref_logps = precompute or own_reference or "ref_chosen_logps" in inputs
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
@@ -882,12 +936,31 @@ class ContinualDPOTrainer(DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         elif bool(own.all()):
             ref_chosen, ref_rejected = stored_chosen, stored_rejected
-        else:
+        else:  # the reference forward on the other rows only (the stored values replace it on the own rows)
             reference = self.ref_model if self.ref_model is not None else self.model
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+            others = (~own).nonzero().flatten()
+            sub_chosen, sub_rejected = self.compute_ref_log_probs(reference, _batch_rows(inputs, others))
+            ref_chosen = sub_chosen.new_zeros(own.shape[0]).index_copy(0, others.to(sub_chosen.device), sub_chosen)
+            ref_rejected = sub_rejected.new_zeros(own.shape[0]).index_copy(
+                0, others.to(sub_rejected.device), sub_rejected
+            )
         ref_chosen = torch.where(own, stored_chosen.to(ref_chosen.dtype), ref_chosen.to(device))
         ref_rejected = torch.where(own, stored_rejected.to(ref_rejected.dtype), ref_rejected.to(device))
         return {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+
+    def _keep_month_reference_logps(self, inputs, train_rows, is_rehearsal, is_boundary) -> None:
+        """Keep the batch's reference log-probs of the month's own rows (not rehearsed, not boundary rows) by training
+        row index: the month's DPO reference of those rows, which `finish_month` stores with the rows it keeps."""
+        month_row = torch.ones(train_rows.shape[0], dtype=torch.bool)
+        for flag in (is_rehearsal, is_boundary):
+            if flag is not None:
+                month_row &= ~flag.cpu().bool()
+        if not bool(month_row.any()):
+            return
+        chosen = inputs["ref_chosen_logps"].detach().float().cpu()
+        rejected = inputs["ref_rejected_logps"].detach().float().cpu()
+        for index in month_row.nonzero().flatten().tolist():
+            self._seen_reference_logps[int(train_rows[index])] = (chosen[index].item(), rejected[index].item())
 
     def _add_health_callback(self) -> None:
         """Check the trained parameters' gradient norm on the first `health_check_steps` optimizer steps
@@ -1104,7 +1177,9 @@ class ContinualDPOTrainer(DPOTrainer):
                 month,
             )
             return buffer.month_info(month).reference_logps
-        values = self._reference_logps_of_rows(rows, f"Reference log-probs (rehearsal rows of {month})")
+        values = self._reference_logps_of_rows(
+            rows, f"Reference log-probs (rehearsal rows of {month})", known=self._month_reference_logps()
+        )
         if isinstance(self._policy(), PeftModel):
             description = f"the DPO reference of month {month!r}: the base with adapters {self.reference_adapters}"
         else:
@@ -1116,20 +1191,75 @@ class ContinualDPOTrainer(DPOTrainer):
             buffer.reload()
         return buffer.month_info(month).reference_logps
 
+    def _month_reference_logps(self) -> dict[str, tuple[float, float]]:
+        """The month's own rows' reference log-probs the training already has, by `reference_fingerprint`: TRL's
+        precomputed columns (`precompute_ref_log_probs=True`), or those kept from the training batches (gathered from
+        every process). Rehearsed and boundary rows are not the month's and are left out."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset):
+            return {}
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        flags = [column for column in (REHEARSAL_FLAG, BOUNDARY_FLAG) if column in dataset.column_names]
+        if self.precompute_ref_logps and "ref_chosen_logps" in dataset.column_names:
+            selected = dataset.select_columns(columns + flags + ["ref_chosen_logps", "ref_rejected_logps"])
+            values = {
+                index: (row["ref_chosen_logps"], row["ref_rejected_logps"])
+                for index, row in enumerate(selected.with_format(None))
+                if not any(row[flag] for flag in flags)
+            }
+        else:
+            values = dict(self._seen_reference_logps)
+            if self.accelerator.num_processes > 1:  # each process saw its own share of the batches
+                for seen in gather_object([values]):
+                    values.update(seen)
+            if not values:
+                return {}
+        indices = sorted(values)
+        known = {}
+        for index, row in zip(indices, dataset.select(indices).select_columns(columns).with_format(None)):
+            fingerprint = reference_fingerprint(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], self.args)
+            known[fingerprint] = values[index]
+        return known
+
     def _reference_logps_of_rows(
-        self, rows: list[dict[str, Any]], desc: str = "Reference log-probs"
+        self,
+        rows: list[dict[str, Any]],
+        desc: str = "Reference log-probs",
+        known: Optional[Mapping[str, tuple[float, float]]] = None,
     ) -> list[Optional[dict[str, Any]]]:
         """TRL's reference log-probs (`compute_ref_log_probs` on batches of TRL's collator, as its precompute does) of
-        buffer rows, tokenized as TRL tokenizes the training data; `None` for a row the tokenization drops. A progress
-        bar labelled `desc` unless `disable_tqdm`."""
+        buffer rows, tokenized as TRL tokenizes the training data; `None` for a row the tokenization drops. Rows whose
+        `reference_fingerprint` is in `known` (`{fingerprint: (chosen, rejected)}`, the same reference's values from
+        the training batches) take those; only the others are computed. A progress bar labelled `desc` unless
+        `disable_tqdm`."""
         ignored = {"month", REFERENCE_LOGPS_KEY}
         dataset = Dataset.from_list([{k: v for k, v in row.items() if k not in ignored} for row in rows])
         dataset = dataset.add_column(_BUFFER_ROW, list(range(len(rows))))
         prepared = self._prepare_dataset(dataset, self.processing_class, self.args, "rehearsal")
         columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-        tokenized = list(prepared.select_columns(columns + [_BUFFER_ROW]).with_format(None))
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         values: list[Optional[dict[str, Any]]] = [None] * len(rows)
+        tokenized, taken = [], 0
+        for row in prepared.select_columns(columns + [_BUFFER_ROW]).with_format(None):
+            fingerprint = reference_fingerprint(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], self.args)
+            if known is not None and fingerprint in known:
+                chosen_logp, rejected_logp = known[fingerprint]
+                values[row[_BUFFER_ROW]] = {
+                    "chosen": chosen_logp,
+                    "rejected": rejected_logp,
+                    "fingerprint": fingerprint,
+                }
+                taken += 1
+            else:
+                tokenized.append({**row, "fingerprint": fingerprint})
+        if known is not None:
+            logger.info(
+                "Reference log-probs of %d rehearsal rows taken from the training, %d computed.",
+                taken,
+                len(tokenized),
+            )
+        if not tokenized:
+            return values
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         policy = self._policy()
         was_training = policy.training
         policy.eval()
@@ -1141,13 +1271,10 @@ class ContinualDPOTrainer(DPOTrainer):
                 batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
                 chosen, rejected = self.compute_ref_log_probs(self.ref_model, batch)
                 for row, chosen_logp, rejected_logp in zip(chunk, chosen.tolist(), rejected.tolist()):
-                    fingerprint = reference_fingerprint(
-                        row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], self.args
-                    )
                     values[row[_BUFFER_ROW]] = {
                         "chosen": chosen_logp,
                         "rejected": rejected_logp,
-                        "fingerprint": fingerprint,
+                        "fingerprint": row["fingerprint"],
                     }
         finally:
             policy.train(was_training)

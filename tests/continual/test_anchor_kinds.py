@@ -20,6 +20,7 @@ from peft_selective.continual.anchors import (
     shape_variants,
 )
 from peft_selective.continual.trainer import BOUNDARY_FLAG
+from peft_selective.utils.chat import encode_prompt
 
 
 CAPITALS = [
@@ -337,3 +338,58 @@ def test_boundary_rows_fall_back_to_general_prompts_for_string_months(tmp_path):
     general = __import__("peft_selective.continual", fromlist=["x"]).general_anchor_prompts()
     assert all(prompt in general for prompt in boundary["prompt"])  # strings, like the month's prompts
     assert all(rejected.startswith("good") for rejected in boundary["rejected"])  # TRL appends EOS
+
+
+def test_greedy_continuations_batch_by_length_and_reuse_known_ones(tmp_path):
+    model, tokenizer = tiny_chat_llama().eval(), word_chat_tokenizer()
+    prompts = [[{"role": "user", "content": " ".join(["question"] * n)}] for n in (5, 1, 3, 6, 4, 2)]
+    sequences = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    # one at a time (no padding) and in batches of sequences of similar length: the same continuations, in order
+    alone = [greedy_continuations(model, tokenizer, [ids], 4, show_progress=False)[0] for ids in sequences]
+    assert greedy_continuations(model, tokenizer, sequences, 4, batch_size=3, show_progress=False) == alone
+    # a continuation known with more tokens is cut, not generated again
+    longer = greedy_continuations(model, tokenizer, sequences[:2], 6, show_progress=False)
+    known = {tuple(ids): answer for ids, answer in zip(sequences[:2], longer)}
+    calls = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model.generate = counting
+    assert (
+        greedy_continuations(model, tokenizer, sequences, 4, batch_size=8, show_progress=False, known=known) == alone
+    )
+    assert calls == [4]  # the 4 others only
+    assert greedy_continuations(model, tokenizer, sequences[:2], 4, show_progress=False, known=known) == alone[:2]
+    assert calls == [4]  # nothing generated
+
+
+def test_same_shape_anchors_reuse_the_boundary_answers_of_the_same_prompts(tmp_path, monkeypatch):
+    generated: list[list] = []
+    original = greedy_continuations
+
+    def spy(model, tokenizer, sequences, max_new_tokens, *args, **kwargs):
+        result = original(model, tokenizer, sequences, max_new_tokens, *args, **kwargs)
+        known = kwargs.get("known") or {}
+        generated.append([tuple(ids) for ids in sequences if tuple(ids) not in known])
+        return result
+
+    monkeypatch.setattr("peft_selective.continual.trainer.greedy_continuations", spy)
+    monkeypatch.setattr("peft_selective.continual.anchors.greedy_continuations", spy)
+    built = trainer(
+        tmp_path,
+        capital_month("good", "bad"),
+        kl_anchor_kinds=["same_shape"],
+        kl_max_shape_anchors=8,
+        boundary_pairs=4,
+        boundary_max_new_tokens=6,
+        **{**KL, "kl_anchor_max_new_tokens": 3},
+    )
+    boundary, anchors = generated
+    assert len(boundary) == 4 and set(boundary) <= {tuple(ids) for ids in built.anchors.prompt_ids}
+    assert not set(boundary) & set(anchors) and len(anchors) == 8 - 4  # no prompt generated twice
+    # the anchors are the reference's greedy continuations all the same
+    expected = original(built.ref_model, built.anchors.tokenizer, built.anchors.prompt_ids, 3, show_progress=False)
+    assert built.anchors.sequences == [p + c for p, c in zip(built.anchors.prompt_ids, expected)]

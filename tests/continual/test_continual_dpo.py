@@ -678,6 +678,67 @@ def test_stored_reference_log_probs_are_trls_of_the_month_1_reference(tmp_path):
         assert not torch.allclose(_sequence_logps(month_1_model, batch), expected, atol=1e-3)
 
 
+def _recomputed_reference_logps(trainer, month: str) -> torch.Tensor:
+    """The month's buffer rows' reference log-probs computed afresh (nothing taken from the training), (rows, 2)."""
+    values = trainer._reference_logps_of_rows(trainer.rehearsal_buffer.rows(month))
+    return torch.tensor([[value["chosen"], value["rejected"]] for value in values])
+
+
+def _stored_reference_logps(trainer, month: str) -> torch.Tensor:
+    rows = trainer.rehearsal_buffer.rows(month)
+    return torch.tensor([[row["reference_logps"]["chosen"], row["reference_logps"]["rejected"]] for row in rows])
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["inline", "precomputed"])
+def test_finish_month_takes_the_reference_log_probs_the_training_computed(tmp_path, caplog, precompute):
+    # 3 steps x 4 rows of a 12-row month: every row is seen once, so finish_month computes none of them again; the
+    # values are those it would compute (other batches, other padding: equal up to rounding)
+    first = train_month_1(tmp_path, precompute_ref_log_probs=precompute)
+    if not precompute:
+        assert sorted(first._seen_reference_logps) == list(range(12))
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
+        summary = first.finish_month("m1")
+    assert summary["rehearsal_reference_rows"] == 12
+    assert "Reference log-probs of 12 rehearsal rows taken from the training, 0 computed." in caplog.text
+    torch.testing.assert_close(
+        _stored_reference_logps(first, "m1"), _recomputed_reference_logps(first, "m1"), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_finish_month_keeps_only_the_months_own_rows_reference_and_computes_the_unseen_ones(tmp_path, caplog):
+    first = train_month_1(tmp_path)
+    first.finish_month("m1")
+    second = month_2(first.model, tmp_path, buffer=first.rehearsal_buffer, rehearsal_ratio=0.25, max_steps=2)
+    with torch.no_grad():  # a non-zero update: the policy differs from the month's reference (the month-1 model)
+        for name, param in second.model.named_parameters():
+            if of("m2", name):
+                param.add_(0.5 * torch.randn_like(param))
+    second.train()
+    # rehearsed rows (scored against month 1's reference) are not month 2's: never kept
+    flags = second.train_dataset["is_rehearsal"]
+    assert second._seen_reference_logps and all(not flags[index] for index in second._seen_reference_logps)
+    seen = len(second._seen_reference_logps)
+    assert seen < 12  # 2 steps x 4 rows, some of them rehearsed: the other rows are computed in finish_month
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
+        second.finish_month("m2")
+    assert (
+        f"Reference log-probs of {seen} rehearsal rows taken from the training, {12 - seen} computed." in caplog.text
+    )
+    stored = _stored_reference_logps(second, "m2")
+    torch.testing.assert_close(stored, _recomputed_reference_logps(second, "m2"), rtol=1e-5, atol=1e-4)
+    # ... which are month 2's reference (the month-1 model), not the policy's
+    rows = second.rehearsal_buffer.rows("m2")
+    tokenized = second._prepare_dataset(
+        Dataset.from_list([{k: v for k, v in row.items() if k not in ("month", "reference_logps")} for row in rows]),
+        second.processing_class,
+        second.args,
+        "check",
+    )
+    batch = second.data_collator.collator([tokenized[i] for i in range(4)])
+    policy = torch.stack(second.compute_ref_log_probs(second.model, batch), dim=1)
+    assert not torch.allclose(stored[:4], policy, atol=1e-3)
+
+
 @pytest.mark.parametrize("reference", ["own_month", "previous_month"])
 def test_a_rehearsed_pair_starts_month_2_at_its_month_1_margin(tmp_path, reference):
     first, month_1_model, bare_base = _month_1_with_stored_reference(tmp_path)

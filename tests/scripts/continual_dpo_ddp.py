@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from peft_selective import SelectiveMLPConfig
 from peft_selective.continual import ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
 
@@ -31,7 +33,13 @@ def main(out_dir: str) -> None:
         rehearsal_buffer=buffer,
     )
     first.train()
+    # each process kept the reference log-probs of the rows it trained on; finish_month takes every process's
+    assert len(first._month_reference_logps()) == 12  # 3 steps x 2 processes x 2 rows of 16
     first.finish_month("m1")
+    rows = buffer.rows("m1")
+    stored = torch.tensor([[row["reference_logps"]["chosen"], row["reference_logps"]["rejected"]] for row in rows])
+    fresh = torch.tensor([[value["chosen"], value["rejected"]] for value in first._reference_logps_of_rows(rows)])
+    torch.testing.assert_close(stored, fresh, rtol=1e-5, atol=1e-4)
     second = ContinualDPOTrainer(
         first.accelerator.unwrap_model(first.model),
         args=ContinualDPOConfig(
