@@ -56,11 +56,11 @@ from typing import Any, Optional
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from peft_selective.campaign import Campaign, CampaignConfig, format_report
-from peft_selective.campaign.output import configure_output
+from peft_selective.campaign import Campaign, CampaignConfig, configure_output, format_report, month_time_split
 from peft_selective.continual import RECOMMENDED_RETENTION
 from peft_selective.demo.embedded import load_embedded_model
 from peft_selective.demo.months import MONTH_CHECKS, monthly_sequence
@@ -161,18 +161,20 @@ def campaign_config(args: argparse.Namespace) -> CampaignConfig:
     )
 
 
-class TrainingTime(TrainerCallback):
-    """Seconds spent in `Trainer.train` (the rest of a month is data, evaluation and the card)."""
+class TrainingBar(TrainerCallback):
+    """One progress bar for the LoRA arm's training, like the campaign's (the Trainer's own prints every log dict)."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._start = None
+    def __init__(self, description: str) -> None:
+        self.description, self.bar = description, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._start = time.time()
+        self.bar = tqdm(total=state.max_steps, desc=self.description)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.seconds += time.time() - self._start
+        self.bar.close()
 
 
 class LoraArm:
@@ -211,6 +213,7 @@ class LoraArm:
         self.state["before"][name] = month_behaviour(
             self.model, self.tokenizer, test_sets[name], campaign.month_spec(name), evaluation_config
         )
+        before = time.time() - start
         config = DPOConfig(
             output_dir=str(self.directory / "runs" / name),
             learning_rate=training["learning_rate"],
@@ -233,8 +236,14 @@ class LoraArm:
         )
         self.model.requires_grad_(True)  # PEFT freezes the base weights and trains the adapter
         trainer = DPOTrainer(
-            model=self.model, args=config, train_dataset=train, processing_class=self.tokenizer, peft_config=lora
+            model=self.model,
+            args=config,
+            train_dataset=train,
+            processing_class=self.tokenizer,
+            peft_config=lora,
+            callbacks=[TrainingBar(f"Training {name} (LoRA)")],
         )
+        trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every step's log dict
         trained = time.time()
         trainer.train()
         trained = time.time() - trained
@@ -253,10 +262,11 @@ class LoraArm:
             exact_indices=campaign.knowledge_survivors()[: evaluation_config.knowledge_exact_items],
             base_offscope=campaign.evaluations[BASELINE].get("offscope_generations"),
         )
+        # As the campaign splits its months (`month_time_split`): training, evaluation (before and after), total.
         self.state["timing"][name] = {
-            "train_s": round(trained, 1),
-            "eval_s": round(time.time() - evaluated, 1),
-            "total_s": round(time.time() - start, 1),
+            "training": round(trained, 1),
+            "evaluation": round(before + time.time() - evaluated, 1),
+            "total": round(time.time() - start, 1),
         }
         self.state["months"].append(name)
         shutil.rmtree(self.directory / "runs" / name, ignore_errors=True)
@@ -412,23 +422,18 @@ def main(argv=None) -> int:
             print(f"\n[{name}] peft-selective: {len(splits['train'])} pairs, {args.steps} steps "
                   f"({time.time() - start:.0f} s)")  # fmt: skip
             resuming = campaign.month(name) is not None
-            clock, began = TrainingTime(), time.time()
             campaign.run_month(
                 name,
                 None if resuming else files["train"],
                 None if resuming else files["test"],
                 checks=None if resuming else MONTH_CHECKS[style],
-                callbacks=[clock],
             )
-            timing["peft_selective"][name] = {
-                "train_s": round(clock.seconds, 1),
-                "total_s": round(time.time() - began, 1),
-            }
             print(campaign.month_summary(name))
         lora = lora or LoraArm(output / "lora", campaign, args)
         if name not in lora.state["months"]:
             print(f"\n[{name}] LoRA + DPOTrainer: the same pairs and steps ({time.time() - start:.0f} s)")
             lora.run_month(name, names[: index + 1])
+        timing["peft_selective"][name] = month_time_split(campaign.month(name).get("timing_s"))
         timing["lora"][name] = lora.state["timing"].get(name)
         comparison = compare(
             arms(campaign, lora, names[: index + 1]), names[: index + 1], campaign.knowledge_survivors()
@@ -526,8 +531,12 @@ def write_results(path: Path, args, campaign, lora, comparison, reports, elapsed
     rows = []
     for arm in ARMS:
         for name, entry in timing[arm].items():
-            if entry:
-                rows.append(f"| {arm} | {name} | {entry['train_s']} | {entry['total_s']} |")
+            if entry and entry.get("training"):
+                ratio = entry["evaluation"] / entry["training"]
+                rows.append(
+                    f"| {arm} | {name} | {entry['training']:.0f} | {entry['evaluation']:.0f} | {ratio:.2f} | "
+                    f"{entry['total']:.0f} |"
+                )
     text = "\n".join(
         [
             f"# Monthly DPO demo: peft-selective vs LoRA + DPOTrainer, {len(comparison['months'])} months on "
@@ -548,11 +557,13 @@ def write_results(path: Path, args, campaign, lora, comparison, reports, elapsed
             "",
             comparison_table(comparison),
             "",
-            "Seconds per month (training = `Trainer.train`; total adds data, evaluation and, for peft-selective, the "
-            "model card):",
+            "Seconds per month: training (`Trainer.train`), evaluation (the behaviour before the month and the "
+            "evaluation after it; month 0's evaluation of the base, once, is in neither), and the month's total (adds "
+            "the data, the trainer's construction (anchor continuations, boundary answers) and, for peft-selective, "
+            "the buffer's reference log-probs and the model card):",
             "",
-            "| arm | month | training | total |",
-            "|---|---|---:|---:|",
+            "| arm | month | training | evaluation | evaluation / training | total |",
+            "|---|---|---:|---:|---:|---:|",
             *rows,
             "",
             "## peft-selective: the campaign's report",

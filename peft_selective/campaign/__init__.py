@@ -4,7 +4,8 @@ report / push`), with its evaluations, model cards and Hub uploads.
 Needs the `[campaign]` extra (`pip install "peft-selective[campaign]"`).
 """
 
-from .campaign import Campaign, CampaignConfig, CampaignError, format_report
+from .campaign import Campaign, CampaignConfig, CampaignError, format_report, month_time_split
+from .output import configure_output
 
 
-__all__ = ["Campaign", "CampaignConfig", "CampaignError", "format_report"]
+__all__ = ["Campaign", "CampaignConfig", "CampaignError", "configure_output", "format_report", "month_time_split"]
