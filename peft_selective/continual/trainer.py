@@ -168,13 +168,15 @@ TRL_SEAMS: tuple[TrlSeam, ...] = (
         "trl.DPOTrainer.precompute_ref_logps / _compute_loss",
         "set to True for one `compute_loss`, TRL reads `inputs['ref_chosen_logps'/'ref_rejected_logps']` instead "
         "of running the reference",
-        "the only way to hand TRL per-row reference log-probs (the rehearsed rows' own month's)",
+        "the only way to hand TRL per-row reference log-probs (the rehearsed rows' own month's; the month t-1 "
+        "model's computed by us, whose values `finish_month` keeps for the month's rows)",
     ),
     TrlSeam(
         "compute_ref_log_probs",
         "trl.DPOTrainer.compute_ref_log_probs",
         "overridden and called as `compute_ref_log_probs(model, inputs) -> (chosen, rejected)` on a collated batch",
-        "the reference log-probs exactly as TRL's precompute computes them, for the buffer's stored values",
+        "the reference log-probs exactly as TRL's precompute computes them, for the buffer's stored values (kept "
+        "from the training batches, the rows never trained on computed in `finish_month`)",
     ),
     TrlSeam(
         "load_from_checkpoint",
