@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -23,6 +24,20 @@ def _model_device(model: Any) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _continues_from_cache(model: Any) -> bool:
+    """Whether the model's forward continues a KV cache at explicit positions (not prompt-learning PEFT adapters,
+    whose virtual tokens are a cache of their own)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return False
+    return {"past_key_values", "position_ids", "use_cache"} <= _forward_parameters(model)
 
 
 def eos_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -16,7 +16,6 @@ next to the monthly data it must be disjoint from.
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from .generation import _model_device, format_prompt
+from .generation import _continues_from_cache, _forward_parameters, _model_device, format_prompt
 from .intervals import Estimate, bootstrap_rate
 from .probes import normalize_answer
 from .text import parse_json, response_text
@@ -149,20 +148,6 @@ def option_scores(
         for module, training in modes.items():
             module.training = training
     return scores
-
-
-def _forward_parameters(model: Any) -> set[str]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
-
-
-def _continues_from_cache(model: Any) -> bool:
-    """Whether the model's forward continues a KV cache at explicit positions (not prompt-learning PEFT adapters,
-    whose virtual tokens are a cache of their own)."""
-    config = getattr(model, "active_peft_config", None)
-    if config is not None and getattr(config, "is_prompt_learning", False):
-        return False
-    return {"past_key_values", "position_ids", "use_cache"} <= _forward_parameters(model)
 
 
 def _scores_of_sequences(model, prepared, batch_size, pad_id, scores, progress) -> None:

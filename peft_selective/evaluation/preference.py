@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils.chat import chat_ids, encode_prompt, resolve_chat_template
-from .generation import eos_token_ids
+from .generation import _continues_from_cache, _forward_parameters, eos_token_ids
 from .refusal import harmful_eval_prompts, is_refusal
 
 
@@ -224,6 +224,11 @@ def preference_logps(
     (TRL's default `truncation_mode="keep_start"`). Summed log-probs are what DPO compares; the per-token means are
     length-fair. A completion truncated away entirely gets a sum of 0 and a mean of NaN.
 
+    A pair's prompt goes through the model once for both completions, which continue from its KV cache, and logits
+    are computed only where a completion token is scored (the numbers of the whole sequences, up to float rounding).
+    A batch with a prompt that is empty or fills `max_length`, or a model that cannot continue a cache at explicit
+    positions (prompt-learning PEFT adapters), is scored one whole sequence per completion.
+
     Args:
         model: a causal LM (`PreTrainedModel` or `PeftModel`).
         tokenizer: its tokenizer.
@@ -241,6 +246,7 @@ def preference_logps(
     rows = _rows(dataset)
     keys = ("chosen_logps", "rejected_logps", "chosen_mean_logps", "rejected_mean_logps")
     out: dict[str, list] = {key: [] for key in (*keys, "chosen_tokens", "rejected_tokens")}
+    shares_prompts = _continues_from_cache(model)
     with (
         _eval_mode(model),
         _pad_token(tokenizer) as pad_id,
@@ -248,23 +254,11 @@ def preference_logps(
     ):
         for start in range(0, len(rows), batch_size):
             batch = [_tokenize_pair(tokenizer, row) for row in rows[start : start + batch_size]]
-            sequences, masks = [], []
-            for side in (1, 2):  # chosen, then rejected
-                for pair in batch:
-                    prompt_ids, completion_ids = pair[0], pair[side]
-                    seq = prompt_ids + completion_ids
-                    mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
-                    if max_length is not None:
-                        seq, mask = seq[:max_length], mask[:max_length]
-                    sequences.append(seq)
-                    masks.append(mask)
-            input_ids, attention_mask = _pad_right(sequences, pad_id)
-            completion_mask, _ = _pad_right(masks, 0)
-            logits = _forward_logits(model, input_ids, attention_mask)
-            logps = _token_logps(logits[:, :-1], input_ids[:, 1:].to(logits.device)).double().cpu()
-            mask = completion_mask[:, 1:].double()
-            sums = (logps * mask).sum(-1)
-            counts = mask.sum(-1)
+            limit = math.inf if max_length is None else max_length
+            if shares_prompts and all(0 < len(p) < limit and c and r for p, c, r in batch):
+                sums, counts = _pair_logps_sharing_prompts(model, batch, max_length, pad_id)
+            else:
+                sums, counts = _pair_logps_of_sequences(model, batch, max_length, pad_id)
             means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
             n = len(batch)
             out["chosen_logps"].append(sums[:n])
@@ -279,6 +273,84 @@ def preference_logps(
             key: torch.zeros(0, dtype=torch.long if key.endswith("tokens") else torch.float64) for key in out.keys()
         }
     return {key: torch.cat(values) for key, values in out.items()}
+
+
+def _pair_logps_of_sequences(
+    model: nn.Module, batch: list[tuple[list[int], list[int], list[int]]], max_length: Optional[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and scored tokens of the pairs' chosen then rejected sequences, each scored whole
+    (right padding, truncated to `max_length`)."""
+    sequences, masks = [], []
+    for side in (1, 2):  # chosen, then rejected
+        for pair in batch:
+            prompt_ids, completion_ids = pair[0], pair[side]
+            seq = prompt_ids + completion_ids
+            mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+            if max_length is not None:
+                seq, mask = seq[:max_length], mask[:max_length]
+            sequences.append(seq)
+            masks.append(mask)
+    input_ids, attention_mask = _pad_right(sequences, pad_id)
+    completion_mask, _ = _pad_right(masks, 0)
+    logits = _forward_logits(model, input_ids, attention_mask)
+    logps = _token_logps(logits[:, :-1], input_ids[:, 1:].to(logits.device)).double().cpu()
+    mask = completion_mask[:, 1:].double()
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def _pair_logps_sharing_prompts(
+    model: nn.Module, batch: list[tuple[list[int], list[int], list[int]]], max_length: Optional[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`_pair_logps_of_sequences`] reading each prompt once: the prompts (left-padded, ending together) with a KV
+    cache, then both completions of each pair from its prompt's cache (right-padded). Needs non-empty prompts shorter
+    than `max_length` and non-empty completions."""
+    device = _model_device(model)
+    prompts = [prompt for prompt, _, _ in batch]
+    width = max(len(ids) for ids in prompts)
+    prompt_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        prompt_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[row, width - len(ids) :] = 1
+    keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    out = model(
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+        use_cache=True,
+        **keep_logits,
+    )
+    first = out.logits[:, -1].float().log_softmax(-1).cpu()  # each completion's first token
+    cache = out.past_key_values
+
+    # chosen then rejected, each kept up to `max_length` with its prompt
+    completions = [pair[side] for side in (1, 2) for pair in batch]
+    source = list(range(len(batch))) * 2
+    if max_length is not None:
+        completions = [ids[: max_length - len(prompts[g])] for g, ids in zip(source, completions)]
+    counts = torch.tensor([len(ids) for ids in completions], dtype=torch.float64)
+    sums = torch.tensor([first[g, ids[0]].item() for g, ids in zip(source, completions)], dtype=torch.float64)
+    length = max(len(ids) for ids in completions) - 1  # a completion's last token is only predicted
+    if length > 0:
+        index = torch.tensor(source)
+        cache.batch_select_indices(index.to(device))
+        inputs = torch.full((len(completions), length), pad_id, dtype=torch.long)
+        targets = torch.full((len(completions), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(completions), length), dtype=torch.long)
+        for row, ids in enumerate(completions):
+            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+            targets[row, : len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
+            mask[row, : len(ids) - 1] = 1
+        logits = model(
+            input_ids=inputs.to(device),
+            attention_mask=torch.cat([prompt_mask[index], mask], dim=1).to(device),
+            position_ids=(prompt_mask.sum(-1)[index].unsqueeze(-1) + torch.arange(length)).to(device),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        logps = _token_logps(logits, targets.to(logits.device)).double().cpu()
+        sums += (logps * mask.double()).sum(-1)
+    return sums, counts
 
 
 def _reference_logps(

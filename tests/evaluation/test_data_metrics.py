@@ -304,6 +304,42 @@ def test_preference_logps_shapes_and_masking(model, tokenizer, pairs):
     assert out["chosen_tokens"][0] == len(full_ids) - len(prompt_ids)
 
 
+def test_preference_logps_read_each_prompt_once(model, tokenizer, pairs, monkeypatch):
+    """Both completions continue their prompt's KV cache: the numbers of the whole sequences, for conversations,
+    plain text, completions cut by `max_length` (and a batch with a prompt that fills it, scored whole), a LoRA model
+    and absolute position embeddings (GPT-2)."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = [
+        {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " It is Lyon, I believe."},
+        {"prompt": "Say 1 2 3 4 5 6 7 8 9", "chosen": " 0", "rejected": ' {"country": "X"}'},
+    ]
+    conversations = list(pairs)[:5]
+    lora = get_peft_model(
+        _tiny_llama(len(tokenizer), seed=1),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+    ).eval()
+    gpt2 = T.GPT2LMHeadModel(
+        T.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=1024)
+    ).eval()
+    whole, shared = M._pair_logps_of_sequences, M._pair_logps_sharing_prompts
+    calls = []
+    monkeypatch.setattr(M, "_pair_logps_sharing_prompts", lambda *args: calls.append(args[2]) or shared(*args))
+    for network in (model, lora, gpt2):
+        assert M._continues_from_cache(network)
+        for rows in (conversations, plain):
+            batch = [M._tokenize_pair(tokenizer, row) for row in rows]
+            lengths = [len(prompt) for prompt, _, _ in batch]
+            for max_length in (None, max(lengths) + 2, min(lengths)):  # completions cut; a prompt fills it
+                with torch.no_grad():
+                    expected = whole(network, batch, max_length, tokenizer.pad_token_id)
+                out = M.preference_logps(network, tokenizer, rows, batch_size=len(rows), max_length=max_length)
+                torch.testing.assert_close(out["chosen_logps"], expected[0][: len(rows)], rtol=0, atol=2e-4)
+                torch.testing.assert_close(out["rejected_logps"], expected[0][len(rows) :], rtol=0, atol=2e-4)
+                assert out["chosen_tokens"].tolist() == expected[1][: len(rows)].long().tolist()
+    assert len(calls) == 12 and len([c for c in calls if c is not None]) == 6  # a full prompt: scored whole
+
+
 def test_preference_logps_plain_text_and_truncation(model, tokenizer):
     rows = [{"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " It is Lyon, I believe."}]
     out = M.preference_logps(model, tokenizer, rows)
