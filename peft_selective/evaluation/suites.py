@@ -117,9 +117,10 @@ class EvaluationConfig:
         batch_size (`int`, defaults to 8): rows per forward call (preference pairs, perplexity windows: half of it,
             KL prompts; the multiple-choice options: 4 times it).
         generation_batch_size (`int`, *optional*): prompts per generate call; default 4 x `batch_size`. Greedy
-            decoding pays a forward of the whole model per new token whatever the batch, so small batches are slow
-            (the bundled model on one CPU thread answered 40 prompts in 46 s in batches of 8, in 28 s in one batch); the memory of a batch is its
-            KV cache, small next to a forward's activations of the same rows.
+            decoding pays a forward of the whole model per new token whatever the batch, so small batches are slow:
+            the bundled model on one CPU thread answered the 40 refusal prompts in 26 s in batches of 8, in 20 s in
+            batches of 32 (with other processes on the cores: 46 s in batches of 8, 28 s in one batch). A batch's
+            memory is its KV cache.
         bootstrap_resamples (`int`, defaults to 2000): resamples of every 95% interval.
         seed (`int`, defaults to 0): seed of the bootstrap resampling.
     """
