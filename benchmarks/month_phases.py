@@ -121,6 +121,18 @@ def suite_rows(suites: dict[str, float]) -> list[list[str]]:
     return rows
 
 
+def load_note(load_start, load_end, threads: int) -> str:
+    """Whether other processes loaded the machine: a 1-minute load average above this run's own threads."""
+    busiest = max((load[0] for load in (load_start, load_end) if load), default=None)
+    if busiest is not None and busiest >= threads + 0.5:
+        return (
+            f"Other processes were loading the machine: 1-minute load average up to {busiest:.1f} against this run's "
+            f"{threads} thread(s). Absolute times move with it; evaluation and training ran one after the other in "
+            "the same process, under about the same load."
+        )
+    return "No other process loaded the machine much (1-minute load average at most this run's threads + 0.5)."
+
+
 # --------------------------------------------------------------------------------------------------- the run
 def campaign_config(args: argparse.Namespace, base_model: str):
     from peft_selective.campaign.config import CampaignConfig, training_defaults
@@ -286,10 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     notes.append("")
     notes.append("The month's summary as `continual-dpo run-month` prints it:")
     notes += ["", "```", run["summary"], "```", ""]
-    notes.append(
-        "A single month on a shared machine: absolute times move with the load average below; evaluation and "
-        "training ran one after the other in the same process, under about the same load."
-    )
+    notes.append(load_note(load_start, load_end, torch.get_num_threads()))
     notes.append(runtime_note(elapsed, load_start, load_end))
     text = "\n".join(notes)
     publish(args, report, "Month phases benchmark results", f" ({torch.get_num_threads()} threads)", text, log)

@@ -53,6 +53,12 @@ def test_tables_account_for_the_whole_month():
     assert suites == [["`knowledge`", "30.0", "75%"], ["`perplexity`", "10.0", "25%"]]
 
 
+def test_the_md_says_when_other_processes_loaded_the_machine():
+    assert month_phases.load_note((3.0, 3.1, 3.4), (2.0, 2.4, 2.9), 1).startswith("Other processes were loading")
+    assert month_phases.load_note((1.2, 1.0, 1.0), (1.4, 1.1, 1.0), 1).startswith("No other process")
+    assert month_phases.load_note(None, None, 1).startswith("No other process")
+
+
 def test_arguments():
     args = month_phases.parse_args(["--threads", "0", "--steps", "3"])
     assert args.threads is None and args.steps == 3 and args.model == "embedded" and args.n_train == 48
