@@ -53,6 +53,8 @@ def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, t
         cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"], "--calibration_data", protected)
         == 0
     )
+    bars = capsys.readouterr().err
+    assert "Calibrating protected subspace" in bars and "Choosing protected subspaces" in bars  # named, with ETA
     assert cli("run-month", "m2", "--campaign_dir", directory, "--data", months["m2"]) == 0
     campaign = Campaign(directory)
     assert campaign.done_months == ["m1", "m2"]
