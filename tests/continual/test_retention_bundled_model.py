@@ -36,11 +36,14 @@ The protocol (measured on this 2-core CPU, one torch thread, 12 month-1 steps of
   1.00, recommended 1.00) but the recommended arm's learning swings (0.75, 1.00, 0.38 at steps 8, 12, 16), so the
   slower rate is used.
 
-Measured with this file on 2026-12-03 (2-core AMD EPYC, load average 1.7-2.3 from other jobs, one torch thread):
-month 1 learned (0.81 of capital answers bare, knowledge 0.71); month 2 learned by both arms (16 of 16 JSON
-answers); without retention month 1 was gone (0.00 bare: every capital answer a JSON object) and knowledge fell to
-0.48; with the recommended retention month 1 kept 0.69 bare (some capital answers did turn into JSON) and knowledge
-0.65. Matched at scale 1.0 (equal learning). The test took 15 minutes of wall time (12.7 minutes of CPU time).
+Measured with this file on 2026-12-03 (2-core AMD EPYC, one torch thread), three runs with other jobs on the machine
+(load average 1.7-2.3, 1.5-2.1 and 1.9-3.2), identical numbers: month 1 learned (0.81 of capital answers bare,
+knowledge 0.71); month 2 learned by both arms (16 of 16 JSON answers); without retention month 1 was gone (0.00 bare:
+every capital answer a JSON object) and knowledge fell to 0.48; with the recommended retention month 1 kept 0.69 bare
+(some capital answers did turn into JSON) and knowledge 0.65. Matched at scale 1.0 (equal learning). The runs took
+15, 13 and 14 minutes of wall time (12.2-12.7 minutes of CPU time; of the 13: month 1 and its check 2.7, the
+recommended month 2 6.3, the plain one 3.9); 24 month-2 steps would save about 1.5 minutes but sit on the recommended
+arm's rise.
 
 What it does not show: one seed, one pair of months and one order; behaviour is judged by style, not by content (the
 month-1 model often answers with the country's name, "Serbia.", and many JSON currencies are wrong, which the checks do
