@@ -374,7 +374,8 @@ def plot(comparison: dict[str, Any], path: Path, title: str) -> None:
             axis.set_xticks(range(len(columns)), [c.split("-", 1)[-1] if c != BASELINE else "base" for c in columns])
             axis.set_xlim(-0.5, len(columns) - 0.5)
         axis.set_title(label, fontsize=10)
-        axis.set_ylim(-1.05 if k == 1 else -0.05, 0.3 if k == 1 else 1.05)
+        # Earlier months kept is a change: it can be negative (forgotten) or positive (improved since learned).
+        axis.set_ylim(-1.05 if k == 1 else -0.05, 1.05)
         if k == 1:
             axis.axhline(0, color="grey", linewidth=0.8)
         axis.set_xlabel("after month")
