@@ -40,6 +40,35 @@ def _continues_from_cache(model: Any) -> bool:
     return {"past_key_values", "position_ids", "use_cache"} <= _forward_parameters(model)
 
 
+def forward_after_cached_prefixes(
+    model: Any, cache: Any, prefix_mask: torch.Tensor, source: torch.Tensor, completions: list, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read `completions` after prefixes already in the KV `cache`: completion k continues row `source[k]` of the
+    cache and of its (left-padded) `prefix_mask`. Each completion's tokens but its last are the inputs (its last is
+    only predicted), right-padded with `pad_id`; the cache is narrowed to `source` in place. Returns `(logits, targets,
+    mask)`: `targets[k, p]` is the token predicted at position p (token p + 1 of completion k), `mask` marks the real
+    positions. Shared by the multiple-choice and the preference scoring (a prefix is read once for all its
+    completions)."""
+    device = _model_device(model)
+    length = max(len(ids) for ids in completions) - 1
+    cache.batch_select_indices(source.to(device))
+    inputs = torch.full((len(completions), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(completions), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), length), dtype=torch.long)
+    for row, ids in enumerate(completions):  # right padding, after the prefix
+        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+        targets[row, : len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
+        mask[row, : len(ids) - 1] = 1
+    logits = model(
+        input_ids=inputs.to(device),
+        attention_mask=torch.cat([prefix_mask[source], mask], dim=1).to(device),
+        position_ids=(prefix_mask.sum(-1)[source].unsqueeze(-1) + torch.arange(length)).to(device),
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
+    return logits, targets, mask
+
+
 def eos_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Token ids that end a generation: the model's generation config's and the tokenizer's EOS."""
     ids = set()

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from .generation import _continues_from_cache, _forward_parameters, _model_device, format_prompt
+from .generation import (
+    _continues_from_cache,
+    _forward_parameters,
+    _model_device,
+    format_prompt,
+    forward_after_cached_prefixes,
+)
 from .intervals import Estimate, bootstrap_rate
 from .probes import normalize_answer
 from .text import parse_json, response_text
@@ -236,21 +242,9 @@ def _scores_sharing_prompts(model, prepared, batch_size, pad_id, scores, progres
         rest = torch.zeros((len(options), max(length, 0)))
         if length > 0:
             source = torch.tensor([g for g, _, _ in options])
-            cache.batch_select_indices(source.to(device))
-            option_ids = torch.full((len(options), length), pad_id, dtype=torch.long)
-            targets = torch.full((len(options), length), pad_id, dtype=torch.long)
-            option_mask = torch.zeros((len(options), length), dtype=torch.long)
-            for row, (_, _, ids) in enumerate(options):  # right padding, after the question
-                option_ids[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
-                targets[row, : len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
-                option_mask[row, : len(ids) - 1] = 1
-            logits = model(
-                input_ids=option_ids.to(device),
-                attention_mask=torch.cat([mask[source], option_mask], dim=1).to(device),
-                position_ids=(mask.sum(-1)[source].unsqueeze(-1) + torch.arange(length)).to(device),
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
+            logits, targets, _ = forward_after_cached_prefixes(
+                model, cache, mask, source, [ids for _, _, ids in options], pad_id
+            )
             # Option token k > 0 is predicted at the option's position k - 1.
             rest = logits.float().log_softmax(-1).cpu().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         for row, (g, j, ids) in enumerate(options):  # token 0 is predicted by the question's last position

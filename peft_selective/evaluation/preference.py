@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils.chat import chat_ids, encode_prompt, resolve_chat_template
-from .generation import _continues_from_cache, _forward_parameters, eos_token_ids
+from .generation import _continues_from_cache, _forward_parameters, eos_token_ids, forward_after_cached_prefixes
 from .refusal import harmful_eval_prompts, is_refusal
 
 
@@ -332,22 +332,9 @@ def _pair_logps_sharing_prompts(
     sums = torch.tensor([first[g, ids[0]].item() for g, ids in zip(source, completions)], dtype=torch.float64)
     length = max(len(ids) for ids in completions) - 1  # a completion's last token is only predicted
     if length > 0:
-        index = torch.tensor(source)
-        cache.batch_select_indices(index.to(device))
-        inputs = torch.full((len(completions), length), pad_id, dtype=torch.long)
-        targets = torch.full((len(completions), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(completions), length), dtype=torch.long)
-        for row, ids in enumerate(completions):
-            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
-            targets[row, : len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
-            mask[row, : len(ids) - 1] = 1
-        logits = model(
-            input_ids=inputs.to(device),
-            attention_mask=torch.cat([prompt_mask[index], mask], dim=1).to(device),
-            position_ids=(prompt_mask.sum(-1)[index].unsqueeze(-1) + torch.arange(length)).to(device),
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
+        logits, targets, mask = forward_after_cached_prefixes(
+            model, cache, prompt_mask, torch.tensor(source), completions, pad_id
+        )
         logps = _token_logps(logits, targets.to(logits.device)).double().cpu()
         sums += (logps * mask.double()).sum(-1)
     return sums, counts
