@@ -79,7 +79,7 @@ ARMS = {
     "peft_selective": "peft-selective (SelectiveMLP + recommended retention)",
     "lora": "PEFT LoRA all-linear + TRL DPOTrainer, merged monthly",
 }
-#: The demo's sizes (2 CPU cores, under 15 minutes for both arms) and the smoke test's (`--quick`): rows, steps and
+#: The demo's sizes (meant for 2 CPU cores; the committed run took 32.8 min on one thread beside other jobs) and the smoke test's (`--quick`): rows, steps and
 #: evaluation items, and the lengths of what is generated (on a CPU, generation is most of the cost). The retention
 #: terms keep their weights (`RECOMMENDED_RETENTION`); only how many anchor prompts the KL and the boundary pairs
 #: generate from, and how long, is sized here (the trainer's defaults: 32 + 64 anchors of 16 tokens, 48-token answers).
