@@ -40,6 +40,7 @@ card).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import warnings
@@ -54,7 +55,7 @@ from .tuners.selective.config import SelectiveConfig
 from .tuners.selective.layer import SelectiveLayer
 
 
-__all__ = ["choose_scale", "layer_index", "scale_adapter", "scaled_adapter"]
+__all__ = ["choose_scale", "layer_index", "parse_layer_scales", "scale_adapter", "scaled_adapter"]
 
 LayerScales = Union[Mapping[Any, float], Callable[[int], float]]
 
@@ -102,6 +103,39 @@ def _parse_key(key: Any) -> tuple[int, float]:
     if low < 0 or high < low:
         raise ValueError(f"Invalid layer_scales range {key!r}: it must be 0 <= first <= last.")
     return low, high
+
+
+def parse_layer_scales(layer_scales: Union[str, Mapping[Any, float], None]) -> Optional[dict[str, float]]:
+    """Per-block factors as the campaign stores them, `{"0-9": 0.5, "10-": 1.0}`, from a mapping, a JSON object, or
+    the command-line form `"0-9:0.5,10-:1"` (blocks 0-9 at half the month's scale, 10 and up at the full scale).
+    `None` or an empty string stays `None`. Raises `ValueError` on a bad key, factor or overlapping ranges."""
+    if layer_scales is None or (isinstance(layer_scales, str) and not layer_scales.strip()):
+        return None
+    if isinstance(layer_scales, str):
+        text = layer_scales.strip()
+        if text.startswith("{"):
+            try:
+                layer_scales = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"layer_scales {text!r} is not a JSON object: {error}") from None
+        else:
+            mapping: dict[str, Any] = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                key, sep, value = part.rpartition(":")
+                if not sep or not key.strip():
+                    raise ValueError(
+                        f"Invalid layer_scales entry {part!r} in {text!r}: write 'blocks:factor' pairs separated by "
+                        "commas, e.g. '0-9:0.5,10-:1'."
+                    )
+                try:
+                    mapping[key.strip()] = float(value)
+                except ValueError:
+                    raise ValueError(f"Invalid factor {value!r} in layer_scales entry {part!r}.") from None
+            layer_scales = mapping
+    if not isinstance(layer_scales, Mapping) or not layer_scales:
+        raise ValueError(f"layer_scales must map block ranges to factors, got {layer_scales!r}.")
+    _, described, _ = _layer_factor_fn(layer_scales)  # validates keys, factors and overlaps
+    return described
 
 
 def _layer_factor_fn(layer_scales: Optional[LayerScales]) -> tuple[Callable[[Optional[int]], float], Any, list]:

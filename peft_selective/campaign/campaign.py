@@ -1196,6 +1196,7 @@ class Campaign:
         retention_keep_learning: Optional[float] = None,
         retention_budget: Optional[float] = None,
         retention_scales: Optional[list[float]] = None,
+        retention_layer_scales: Optional[str] = None,
         validation_fraction: Optional[float] = None,
         calibration_data: Optional[Union[str, Path]] = None,
     ) -> dict[str, Any]:
@@ -1221,9 +1222,10 @@ class Campaign:
         are recorded in the month's entry (`health`).
 
         The retention dial (`retention_scale`, `retention_keep_learning`, `retention_budget`, `retention_scales`,
-        `validation_fraction`: the campaign's, unless given here; fixed when the month is registered, a resumed month
-        keeps them) multiplies the month's update after training by a scale, baked into its adapter before the
-        evaluation (`peft_selective.retention.scale_adapter`). With `"auto"`, `validation_fraction` of the training
+        `retention_layer_scales`, `validation_fraction`: the campaign's, unless given here; fixed when the month is
+        registered, a resumed month keeps them) multiplies the month's update after training by a scale, baked into
+        its adapter before the evaluation (`peft_selective.retention.scale_adapter`); `retention_layer_scales`
+        multiplies it per group of blocks on top (e.g. `"0-9:0.5"`: the lower blocks kept closer). With `"auto"`, `validation_fraction` of the training
         rows are held out (`data/<month>/validation.jsonl`, never trained on, never test rows); after training, for
         each scale of the grid (scale 1 included) the month's adapter is scaled temporarily and measured: the
         learning gain = behavioural score on the validation rows (greedy answers scored by the month's checks, else
@@ -1232,7 +1234,7 @@ class Campaign:
         `peft_selective.retention.choose_scale` picks the scale: the most learning within `retention_budget` when
         set, else the least forgetting keeping `retention_keep_learning` of the full update's gain. The month's entry
         records `retention: {"scale", "rule", "curve": [{"scale", "score", "learning_gain", "forgetting"}], ...}`
-        and its card shows it.
+        (with per-block factors also `layer_scales` and the effective `layer_factors`) and its card shows it.
 
         With `method="geometry_projected"` the month's adapter is calibrated before training
         (`peft_selective.calibrate`, with the last month's adapter as `previous_adapter`, so the subspace it protected
@@ -1288,10 +1290,14 @@ class Campaign:
             keep_learning=retention_keep_learning,
             budget=retention_budget,
             scales=retention_scales,
+            layer_scales=retention_layer_scales,
             validation_fraction=validation_fraction,
         )
         if entry is None:
-            retention = self.config.retention_options(**retention_overrides)
+            try:
+                retention = self.config.retention_options(**retention_overrides)
+            except ValueError as error:
+                raise CampaignError(f"Month {name!r} was not registered: {error}") from error
         else:  # a resumed month keeps the options it was registered with (its held-out rows depend on them)
             retention = entry.get("retention_options")
             if any(v is not None for v in retention_overrides.values()) and (
@@ -1602,8 +1608,17 @@ class Campaign:
             (record,) = broadcast_object_list([record])  # the main process chose; every process bakes the same
         else:
             record = {"scale": options["scale"], "rule": "fixed", "curve": []}
-        scale_adapter(policy, name, record["scale"])
-        logger.info("Month %r: retention scale %g (%s).", name, record["scale"], record["rule"])
+        layer_scales = options.get("layer_scales")
+        baked = scale_adapter(policy, name, record["scale"], layer_scales)
+        if layer_scales is not None:
+            record |= {"layer_scales": layer_scales, "layer_factors": baked["layer_factors"]}
+        logger.info(
+            "Month %r: retention scale %g (%s)%s.",
+            name,
+            record["scale"],
+            record["rule"],
+            f", per block x {layer_scales}" if layer_scales else "",
+        )
         return record
 
     def _choose_retention(
@@ -1628,7 +1643,7 @@ class Campaign:
             before, scored_by = score()
         curve = []
         for scale in options["scales"]:
-            with scaled_adapter(policy, name, scale):
+            with scaled_adapter(policy, name, scale, options.get("layer_scales")):
                 after, _ = score()
                 forgetting = kl_to_reference(
                     policy,

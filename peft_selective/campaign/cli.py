@@ -110,6 +110,10 @@ class RunMonthArguments(CampaignDirArguments):
     retention_scales: Optional[list[float]] = field(
         default=None, metadata={"help": "Override the campaign's retention_scales (the grid of 'auto')."}
     )
+    retention_layer_scales: Optional[str] = field(
+        default=None,
+        metadata={"help": "Override the campaign's per-block dial for this month, e.g. '0-9:0.5,10-:1'."},
+    )
     validation_fraction: Optional[float] = field(
         default=None, metadata={"help": "Override the campaign's validation_fraction (held out for 'auto')."}
     )
@@ -237,6 +241,7 @@ def _run(command: str, argv: list[str]) -> int:
             retention_keep_learning=args.retention_keep_learning,
             retention_budget=args.retention_budget,
             retention_scales=args.retention_scales,
+            retention_layer_scales=args.retention_layer_scales,
             validation_fraction=args.validation_fraction,
             calibration_data=args.calibration_data,
         )

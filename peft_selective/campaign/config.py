@@ -33,6 +33,7 @@ from peft import LoraConfig
 from .. import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
 from ..continual.config import RECOMMENDED_RETENTION, ContinualDPOConfig
 from ..evaluation.suites import EvaluationConfig
+from ..retention import parse_layer_scales
 from .layout import FISHER_DIR
 
 
@@ -289,6 +290,10 @@ class CampaignConfig:
         retention_budget (`float`, *optional*): with `"auto"`, the most learning whose forgetting (KL to the month t−1
             model, nats per token) is at most this; takes precedence over `retention_keep_learning` when set.
         retention_scales (`list[float]`): the scales measured with `"auto"` (scale 1 is always measured too).
+        retention_layer_scales (`str`, *optional*): the dial per group of blocks, multiplied with the month's scale
+            (fixed or chosen): `"0-9:0.5,10-:1"` keeps blocks 0-9 twice as close to the month t−1 model as the rest
+            (`peft_selective.retention.parse_layer_scales`; a JSON object works too). Blocks not named keep factor 1.
+            With `"auto"` every scale of the grid is measured with these factors.
         validation_fraction (`float`): with `"auto"`, the share of the month's training rows held out to choose the
             scale (at least 4 rows; never the test rows, never trained on).
     """
@@ -378,6 +383,13 @@ class CampaignConfig:
     retention_scales: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "'auto': the scales measured."}
     )
+    retention_layer_scales: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Retention dial per group of blocks, times the month's scale: e.g. '0-9:0.5,10-:1' keeps blocks "
+            "0-9 closer to the month t-1 model."
+        },
+    )
     validation_fraction: float = field(
         default=0.2, metadata={"help": "'auto': share of the month's training rows held out to choose the scale."}
     )
@@ -410,6 +422,8 @@ class CampaignConfig:
                 f"`max_test_rows` must be a positive number of rows (or None), got {self.max_test_rows!r}."
             )
         self.retention_scale = str(self.retention_scale).strip()
+        if self.retention_layer_scales is not None and not isinstance(self.retention_layer_scales, str):
+            self.retention_layer_scales = json.dumps(parse_layer_scales(self.retention_layer_scales))
         self.retention_options()  # checks the retention options
         self.retention_scales = [float(s) for s in self.retention_scales]
 
@@ -571,14 +585,16 @@ class CampaignConfig:
 
     def retention_options(self, **overrides: Any) -> Optional[dict[str, Any]]:
         """The retention dial's options, the campaign's unless given in `overrides` (the keys of its fields without
-        `retention_`: `scale`, `keep_learning`, `budget`, `scales`, `validation_fraction`): `None` when off (scale
-        1), `{"scale": s}` for a fixed scale, and for `"auto"` `{"scale": "auto", "keep_learning", "budget",
-        "scales" (sorted, 1 included), "validation_fraction"}`. Raises `ValueError` on a bad value."""
+        `retention_`: `scale`, `keep_learning`, `budget`, `scales`, `layer_scales`, `validation_fraction`): `None`
+        when off (scale 1, no layer scales), `{"scale": s}` for a fixed scale, and for `"auto"` `{"scale": "auto",
+        "keep_learning", "budget", "scales" (sorted, 1 included), "validation_fraction"}`; with per-block factors,
+        also `"layer_scales": {"0-9": 0.5, ...}`. Raises `ValueError` on a bad value."""
         names = {
             "scale": "retention_scale",
             "keep_learning": "retention_keep_learning",
             "budget": "retention_budget",
             "scales": "retention_scales",
+            "layer_scales": "retention_layer_scales",
             "validation_fraction": "validation_fraction",
         }
         unknown = sorted(set(overrides) - set(names))
@@ -644,17 +660,21 @@ def _finite(value: Any, what: str, low: float = 0.0, high: float = math.inf) -> 
 
 
 def _retention_options(
-    scale: Any, keep_learning: Any, budget: Any, scales: Any, validation_fraction: Any
+    scale: Any, keep_learning: Any, budget: Any, scales: Any, layer_scales: Any, validation_fraction: Any
 ) -> Optional[dict[str, Any]]:
     """See [`CampaignConfig.retention_options`]."""
     text = str(scale).strip().lower()
+    # only present when set: the options stored by a month registered before per-block factors compare equal
+    per_block = {}
+    if (parsed := parse_layer_scales(layer_scales)) is not None:
+        per_block = {"layer_scales": parsed}
     if text != "auto":
         try:
             value = float(text)
         except ValueError:
             raise ValueError(f"`retention_scale` must be 'auto' or a number >= 0, got {scale!r}.") from None
         value = _finite(value, "retention_scale")
-        return None if value == 1.0 else {"scale": value}
+        return None if value == 1.0 and not per_block else {"scale": value, **per_block}
     if isinstance(scales, (int, float, str)):
         scales = [scales]
     grid = sorted({_finite(s, "retention_scales") for s in scales or []} | {1.0})
@@ -667,4 +687,5 @@ def _retention_options(
         "budget": None if budget is None else _finite(budget, "retention_budget"),
         "scales": grid,
         "validation_fraction": fraction,
+        **per_block,
     }

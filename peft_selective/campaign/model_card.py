@@ -534,13 +534,23 @@ def _learning_rows(ctx: ModelCardContext) -> list[list[str]]:
 
 
 def _dial_rows(ctx: ModelCardContext) -> tuple[list[list[str]], list[list[str]], dict[str, str]]:
-    """The retention dial: `(per-month rows [month, scale, rule], the card's month's curve rows [scale, score, gain,
-    forgetting] with the chosen scale in bold, notes for the sentence above the curve)`."""
+    """The retention dial: `(per-month rows [month, scale, per-block factors, rule], the card's month's curve rows
+    [scale, score, gain, forgetting] with the chosen scale in bold, notes for the sentence above the curve)`."""
     rows = []
     for month in ctx.months:
         record = ctx.retention_dial.get(month)
         if record:
-            rows.append([_cell(month), f"{float(record['scale']):g}", _cell(record.get("rule") or "–")])
+            per_block = ", ".join(
+                f"{blocks}: ×{factor:g}" for blocks, factor in (record.get("layer_scales") or {}).items()
+            )
+            rows.append(
+                [
+                    _cell(month),
+                    f"{float(record['scale']):g}",
+                    _cell(per_block or "–"),
+                    _cell(record.get("rule") or "–"),
+                ]
+            )
     record = ctx.retention_dial.get(ctx.month) or {}
     curve = []
     for point in record.get("curve") or []:

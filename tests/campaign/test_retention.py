@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 from peft_selective.campaign.campaign import Campaign, CampaignConfig, CampaignError
-from peft_selective.retention import choose_scale, layer_index, scale_adapter, scaled_adapter
+from peft_selective.retention import choose_scale, layer_index, parse_layer_scales, scale_adapter, scaled_adapter
 from peft_selective.tuners.selective.layer import SelectiveLayer
 
 
@@ -290,7 +290,7 @@ def test_campaign_auto_chooses_records_and_shows_the_scale(tiny_chat_base, tmp_p
     assert record["scale"] == choose_scale(record["curve"], keep_learning_share=0.9)["scale"]
     assert record["rule"].startswith("least forgetting keeping >= 0.9") and record["met"]
     card = (directory / "cards" / "m1" / "README.md").read_text()
-    assert "## Retention dial" in card and f"| m1 | {record['scale']:g} | {record['rule']} |" in card
+    assert "## Retention dial" in card and f"| m1 | {record['scale']:g} | – | {record['rule']} |" in card
     assert "| scale | validation score | learning gain | forgetting (KL) |" in card
     assert f"| **{record['scale']:g}** |" in card
     # a resumed month keeps its options; other ones are refused (a command re-reads campaign.json under its lock)
@@ -322,7 +322,32 @@ def test_campaign_fixed_scale_is_baked_into_the_saved_adapter(tiny_chat_base, tm
         factor = 0.5 if "selective_delta_B" in key else 1.0
         torch.testing.assert_close(value, factor * trained[key])
     card = (directory / "cards" / "m1" / "README.md").read_text()
-    assert "| m1 | 0.5 | fixed |" in card and "| scale | validation score |" not in card
+    assert "| m1 | 0.5 | – | fixed |" in card and "| scale | validation score |" not in card
+
+
+def test_campaign_per_block_factors_scale_only_their_blocks(tiny_chat_base, tmp_path):
+    """`--retention_layer_scales` multiplies the month's scale per group of blocks, in the saved adapter."""
+    data = write_month(tmp_path / "m1.jsonl", "yes", "no")
+    directory = tmp_path / "c"
+    assert cli("init", "--campaign_dir", directory, "--base_model", tiny_chat_base, *CAMPAIGN_INIT) == 0
+    capture = CaptureTrained()
+    with pytest.raises(CampaignError, match="overlap"):
+        Campaign(directory).run_month("m1", data, retention_layer_scales="0-1:0.5,1-:1")
+    assert Campaign(directory).month("m1") is None  # refused before the month was registered
+    entry = Campaign(directory).run_month(
+        "m1", data, callbacks=[capture], retention_scale=0.5, retention_layer_scales="0:0"
+    )
+    assert entry["retention_options"] == {"scale": 0.5, "layer_scales": {"0": 0.0}}
+    assert entry["retention"]["layer_scales"] == {"0": 0.0}
+    assert entry["retention"]["layer_factors"] == {"0": 0.0, "1": 0.5}
+    saved = load_file(directory / "adapters" / "m1" / "adapter_model.safetensors")
+    trained = {name.replace(".m1", ""): value for name, value in capture.weights.items()}
+    for key, value in saved.items():
+        block = layer_index(key)
+        factor = {0: 0.0, 1: 0.5}[block] if "selective_delta_B" in key else 1.0
+        torch.testing.assert_close(value, factor * trained[key])
+    card = (directory / "cards" / "m1" / "README.md").read_text()
+    assert "| m1 | 0.5 | 0: ×0 | fixed |" in card
 
 
 def test_campaign_retention_options_are_checked():
@@ -338,3 +363,24 @@ def test_campaign_retention_options_are_checked():
         CampaignConfig(retention_scale="auto", validation_fraction=1.0)
     with pytest.raises(ValueError, match="retention_scale"):
         CampaignConfig(retention_scale="-1")
+    # per-block factors alone turn the dial on at scale 1; they are stored in the one mapping form
+    config = CampaignConfig(retention_layer_scales="0-9:0.5, 10-:1")
+    assert config.retention_options() == {"scale": 1.0, "layer_scales": {"0-9": 0.5, "10-": 1.0}}
+    assert CampaignConfig(retention_layer_scales={"0-9": 0.5}).retention_layer_scales == '{"0-9": 0.5}'
+    auto = CampaignConfig(retention_scale="auto", retention_layer_scales='{"3": 0}').retention_options()
+    assert auto["layer_scales"] == {"3": 0.0} and auto["scales"] == [0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="blocks:factor"):
+        CampaignConfig(retention_layer_scales="0-9")
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        CampaignConfig(retention_layer_scales="0-9:-1")
+
+
+def test_parse_layer_scales_reads_the_command_line_and_json_forms():
+    assert parse_layer_scales("0-9:0.5,10-:1") == {"0-9": 0.5, "10-": 1.0}
+    assert parse_layer_scales(' {"3": 0.25} ') == {"3": 0.25}
+    assert parse_layer_scales({(0, 4): 0.5}) == {"(0, 4)": 0.5}
+    assert parse_layer_scales(None) is None and parse_layer_scales("  ") is None
+    for bad, message in [("0-9:x", "Invalid factor"), ("{not json", "JSON"), ("a:1", "Invalid layer_scales key"),
+                         ("0-5:1,3-:1", "overlap"), ("{}", "must map")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_layer_scales(bad)
