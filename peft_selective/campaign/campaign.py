@@ -1242,7 +1242,11 @@ class Campaign:
         every earlier month's training chats (prompt + chosen answer, from `data/<month>/train.jsonl`) and the month's
         own `calibration_data` (a `.txt` file, paragraphs separated by blank lines, or a `.jsonl` file with a `"text"`
         field per line; checked before the month is registered, stored in `data/<month>/calibration.jsonl` so that a
-        resumed month is calibrated the same). The month's entry records `calibration` (the texts per source, the
+        resumed month is calibrated the same). With `calibration_anchors` (default) it also protects the bleed region:
+        the month t−1 model's answers to the retention KL's anchor prompts (general, same-shape variants of the
+        month's prompts, earlier months'; `ContinualDPOTrainer.off_scope_anchors`), at the answer positions only, and
+        every source weighs the same (`peft_selective.tuners.geometry.calibration.weighted_sources`); without it the
+        texts weigh by their tokens. The month's entry records `calibration` (the texts per source, the
         calibration tokens, the tolerance, norm cap and the largest per-layer bound of the relative output change on
         the protected data); the full per-layer report is `adapters/<month>/geometry_report.json`. A calibration that
         fails (too little protected text for a layer) leaves no trace of the month, as a health refusal.
@@ -1408,7 +1412,7 @@ class Campaign:
         if self.config.method == "geometry_projected":
             try:
                 with clock.phase("calibration"):
-                    calibration = self._calibrate(trainer.model, tokenizer, name, previous, user_calibration)
+                    calibration = self._calibrate(trainer, tokenizer, name, previous, user_calibration)
             except ValueError as error:  # too little protected text for a layer, no layer with room
                 if self._is_main:
                     raise CampaignError(
@@ -1547,20 +1551,28 @@ class Campaign:
             "calibration_data": list(user_texts),
         }
 
-    def _calibrate(self, model, tokenizer, name: str, previous: list[str], user_texts: list[str]):
+    def _calibrate(self, trainer, tokenizer, name: str, previous: list[str], user_texts: list[str]):
         """Calibrate the month's GeometryProjected adapter (every process, the same data). Returns the report and the
         month's `calibration` record."""
         from .. import calibrate
 
-        sources = self.calibration_texts(tokenizer, previous, user_texts)
-        texts = [text for group in sources.values() for text in group]
-        if not texts:
+        sources: dict[str, list] = self.calibration_texts(tokenizer, previous, user_texts)
+        if not any(sources.values()):
             raise ValueError(
                 "no protected text (calibration_reference_chars is 0, no earlier month, no calibration_data)"
             )
+        counts = {source: len(group) for source, group in sources.items()}
+        if self.config.calibration_anchors:
+            # the bleed region: the month t-1 model's answers off-scope, each source weighing the same
+            anchors = trainer.off_scope_anchors()
+            sources["anchors"] = anchors.calibration_batches(self.config.evaluation.batch_size)
+            counts["anchors"] = len(anchors)
+            protected_data = sources
+        else:  # every text weighs by its tokens (what campaigns did before `calibration_anchors`)
+            protected_data = [text for group in sources.values() for text in group]
         report = calibrate(
-            model,
-            texts,
+            trainer.model,
+            protected_data,
             tokenizer,
             adapter_name=name,
             previous_adapter=previous[-1] if previous else None,
@@ -1570,7 +1582,8 @@ class Campaign:
         )
         layers = report.layers.values()
         record = {
-            "texts": {source: len(group) for source, group in sources.items()},
+            "texts": counts,
+            "weighting": "equal per source" if self.config.calibration_anchors else "per token",
             "previous_adapter": previous[-1] if previous else None,
             "calibration_tokens": report.calibration_tokens,
             "tolerance": report.tolerance,

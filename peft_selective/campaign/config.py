@@ -259,6 +259,10 @@ class CampaignConfig:
             change of each layer's output on the protected data and cap on each layer's update norm.
         calibration_reference_chars (`int`): with `"geometry_projected"`, characters of general reference text
             (`peft_selective.evaluation.preference.reference_text`, in chunks of 1000) in every month's calibration data.
+        calibration_anchors (`bool`): with `"geometry_projected"`, also protect the bleed region, the month t−1
+            model's answers to the retention KL's anchor prompts (at the answer positions), and weigh every calibration
+            source the same (default `True`; a campaign.json written before this option reads as `False`, its months'
+            calibration: texts weighted per token).
         knowledge_questions (`int`): size of the knowledge pool stored at `init` (default 250 candidates from
             `peft_selective.demo.months.knowledge_items`); every pool item is scored at every evaluation and the report keeps those
             that overlap no month's prompts nor the KL anchors (chosen after the data is known).
@@ -335,6 +339,13 @@ class CampaignConfig:
     calibration_reference_chars: int = field(
         default=32000,
         metadata={"help": "geometry_projected: characters of general reference text in each month's calibration."},
+    )
+    calibration_anchors: bool = field(
+        default=True,
+        metadata={
+            "help": "geometry_projected: also protect the month t-1 model's answers to the KL anchor prompts (the "
+            "bleed region), every calibration source weighing the same."
+        },
     )
     knowledge_questions: int = field(
         default=250,
@@ -453,6 +464,9 @@ class CampaignConfig:
                 group, key = target.split(".")
                 cap = FLAT_CAPS.get(target)
                 nested[group][key] = min(cap, value) if cap is not None and value is not None else value
+        if format_version is not None and "calibration_anchors" not in values:
+            # written before the key existed: those campaigns calibrated on their texts alone, weighted per token
+            values["calibration_anchors"] = False
         older = {k: v for k, v in FORMAT_TRAINING_DEFAULTS.get(format_version, {}).items() if k not in training}
         if older:
             logger.info(

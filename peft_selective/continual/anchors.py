@@ -453,8 +453,28 @@ class AnchorSet:
 
     def sample(self, batch_size: int, rng: random.Random, device: torch.device) -> AnchorBatch:
         """A batch of `batch_size` anchors drawn with `rng`, left-padded so the scored positions are the last ones."""
+        return self._batch([rng.randrange(len(self.sequences)) for _ in range(batch_size)], device)
+
+    def calibration_batches(self, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+        """Every anchor once, as protected data for `peft_selective.calibrate`: batches with `input_ids`,
+        `attention_mask` and a `protected_mask` on the positions the KL scores (the last prompt token and the
+        continuation's), so a GeometryProjected adapter protects the answers the month t−1 model gives off-scope,
+        where a month's style bleeds, rather than the prompts' own tokens."""
+        batches = []
+        for start in range(0, len(self.sequences), batch_size):
+            batch = self._batch(range(start, min(start + batch_size, len(self.sequences))), torch.device("cpu"))
+            batches.append(
+                {
+                    "input_ids": batch.input_ids,
+                    "attention_mask": batch.attention_mask,
+                    "protected_mask": batch.score_mask,
+                }
+            )
+        return batches
+
+    def _batch(self, indices: Sequence[int], device: torch.device) -> AnchorBatch:
         rows, scored = [], []
-        for index in (rng.randrange(len(self.sequences)) for _ in range(batch_size)):
+        for index in indices:
             ids, start = self.sequences[index], self.score_from[index]
             cut = max(0, len(ids) - self.max_length)
             ids, start = ids[cut:], max(0, start - cut)

@@ -535,6 +535,7 @@ class ContinualDPOTrainer(DPOTrainer):
         self._needs_policy_output = args.rehearsal_nll_coef > 0 or "sft" in self.loss_types
         if self._needs_policy_output:
             self.model.register_forward_hook(self._capture_hook, with_kwargs=True)
+        self._anchor_prompts = anchor_prompts
         self.anchors = self._build_anchors(anchor_prompts) if args.kl_coef > 0 else None
         # The global step whose policy gave the anchors' continuations (None: the month t−1 model's, from the start)
         self._anchors_refreshed_at: Optional[int] = None
@@ -642,8 +643,15 @@ class ContinualDPOTrainer(DPOTrainer):
             show_progress=not args.disable_tqdm,
             known=boundary_answers if boundary_model is not None and boundary_model is reference else None,
         )
-        logger.info("Retention KL on %d anchor sequences %s.", len(anchors), anchors.kind_counts())
+        logger.info("%d anchor sequences %s, continued by the month t-1 model.", len(anchors), anchors.kind_counts())
         return anchors
+
+    def off_scope_anchors(self) -> AnchorSet:
+        """The retention KL's anchors (`kl_anchor_kinds`, `anchor_prompts`), continued by the month t−1 model: the
+        trainer's own when the KL is on, else built the same way for the caller (not used in training). E.g. the
+        protected data of a GeometryProjected adapter aimed where a month's style bleeds:
+        `calibrate(trainer.model, {"bleed_region": trainer.off_scope_anchors().calibration_batches(), ...})`."""
+        return self.anchors if self.anchors is not None else self._build_anchors(self._anchor_prompts)
 
     def _default_anchor_prompts(self, kind: str) -> list:
         args = self.args

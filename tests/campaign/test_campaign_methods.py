@@ -59,11 +59,15 @@ def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, t
     campaign = Campaign(directory)
     assert campaign.done_months == ["m1", "m2"]
     first, second = campaign.month("m1")["calibration"], campaign.month("m2")["calibration"]
-    # month 1: reference text + its own text; month 2: reference text + month 1's training chats, month 1's subspace
+    # month 1: reference text + its own text + the bleed region (the month t-1 model's answers to the anchor prompts:
+    # general ones and same-shape variants); month 2: reference text + month 1's training chats + its anchors (the
+    # earlier-month kind too), month 1's subspace. Every source weighs the same.
+    anchors = [record["texts"].pop("anchors") for record in (first, second)]
     assert first["texts"] == {"reference_text": 4, "earlier_months": 0, "calibration_data": 2}
     assert first["previous_adapter"] is None and first["tolerance"] == 0.1
     train_rows = campaign.month("m1")["data"]["train_rows"]
     assert second["texts"] == {"reference_text": 4, "earlier_months": train_rows, "calibration_data": 0}
+    assert 0 < anchors[0] < anchors[1] and first["weighting"] == second["weighting"] == "equal per source"
     assert second["previous_adapter"] == "m1" and second["calibration_tokens"] > 0
     assert 0 < second["max_bound"] <= 0.1 + 1e-6 and second["layers"] > 0
     assert (directory / "data" / "m1" / "calibration.jsonl").is_file()
@@ -238,8 +242,10 @@ def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_
     # existed: it loads with the defaults it was created with, says so in its config and keeps them when rewritten
     path = directory / "campaign.json"
     state = json.loads(path.read_text())
+    assert state["config"]["calibration_anchors"] is True  # new campaigns protect the bleed region
     for key in (*RECOMMENDED_RETENTION, *ANCHOR_OPTIONS):
         state["config"]["training"].pop(key, None)
+    state["config"].pop("calibration_anchors")
     path.write_text(json.dumps({**state, "format_version": 3}))
     with caplog.at_level(logging.INFO, logger="peft_selective.campaign.config"):
         campaign = Campaign(directory)
@@ -254,6 +260,7 @@ def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_
         "boundary_pairs": 0,
     }
     assert {key: campaign.config.training[key] for key in RECOMMENDED_RETENTION} == old
+    assert campaign.config.calibration_anchors is False  # geometry months calibrated on their texts, as then
     trainer_defaults = ContinualDPOConfig(str(tmp_path / "run"), bf16=False, use_cpu=True)
     args = campaign.config.training_args(tmp_path / "run", "m", None)
     assert args.loss_type == ["sigmoid"] and args.sft_weight == 0 and args.boundary_pairs == 0

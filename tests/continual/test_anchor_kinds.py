@@ -265,6 +265,28 @@ def test_drop_continuations_keeps_the_prompt_ids(tmp_path):
     assert anchors.sequences == anchors.prompt_ids and anchors.sequences[0] is not anchors.prompt_ids[0]
 
 
+def test_off_scope_anchors_as_calibration_batches_protect_the_answer_positions(tmp_path):
+    """Without the KL the trainer builds the same anchors on request (and does not keep them); their calibration
+    batches hold every anchor once, protected from the last prompt token to the continuation's end."""
+    kinds = dict(kl_anchor_kinds=["general", "same_shape"], kl_max_shape_anchors=4)
+    with_kl = trainer(tmp_path, **kinds, **KL)
+    no_kl = trainer(tmp_path, **kinds, **{**KL, "kl_coef": 0.0})
+    assert no_kl.anchors is None
+    anchors = no_kl.off_scope_anchors()
+    assert no_kl.anchors is None and with_kl.off_scope_anchors() is with_kl.anchors
+    assert anchors.prompts == with_kl.anchors.prompts and anchors.sequences == with_kl.anchors.sequences
+    batches = anchors.calibration_batches(batch_size=3)
+    assert [len(batch["input_ids"]) for batch in batches] == [3, 3, 1]
+    rows = [
+        row for batch in batches for row in zip(*(batch[k] for k in ("input_ids", "attention_mask", "protected_mask")))
+    ]
+    for (ids, attention, protected), sequence, start in zip(rows, anchors.sequences, anchors.score_from):
+        real = ids[attention.bool()].tolist()
+        assert real == sequence  # left-padded, whole
+        offset = len(ids) - len(sequence)
+        assert protected.nonzero().flatten().tolist() == list(range(offset + start, len(ids) - 1))
+
+
 def decoded_greedy(model, tokenizer, prompt, max_new_tokens) -> str:
     ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
     with torch.no_grad():

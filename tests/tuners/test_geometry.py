@@ -13,6 +13,7 @@ from testing_utils import tiny_chat_llama
 
 import peft_selective
 from peft_selective import GeometryProjectedConfig, calibrate, measure_guarantees, report_from_model
+from peft_selective.tuners.geometry.calibration import weighted_sources
 from peft_selective.tuners.geometry.statistics import collect_statistics
 
 
@@ -214,6 +215,69 @@ def test_statistics_share_inputs_mask_padding_and_respect_memory(base):
     assert tight.passes > 1 and tight.peak_statistics_mb <= 0.02
     for name, stat in one_pass.statistics.items():
         torch.testing.assert_close(tight.statistics[name].covariance, stat.covariance)
+
+
+def test_protected_mask_and_weights_select_and_weigh_the_protected_tokens(base):
+    """`protected_mask` keeps only its positions (inputs still see the whole sequence); a `protected_weight` scales a
+    batch's terms; a mapping of sources weighs each source the same whatever its size."""
+    model = geometry_model(base)
+    names = [n for n, m in model.named_modules() if isinstance(m, peft_selective.tuners.selective.Linear)]
+    data = batches(PROTECTED_TOKENS, 2, 3)
+    answers = [{**batch, "protected_mask": torch.zeros_like(batch["attention_mask"])} for batch in data]
+    for batch in answers:
+        batch["protected_mask"][:, 10:] = 1  # the last 6 positions: an answer after its prompt
+    layer = names[0]
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, args, out: seen.append(args[0][:, 10:]))
+    with torch.no_grad():
+        for batch in data:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen]).float()
+    masked = collect_statistics(model, [layer], answers, show_progress=False)
+    assert masked.num_tokens == 2 * 8 * 6
+    torch.testing.assert_close(masked.statistics[layer].covariance, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    whole = collect_statistics(model, [layer], data, show_progress=False).statistics[layer].covariance
+    # every position weighted equally vs. half the tokens three times heavier: the weighted mean of the two parts
+    weighted = [{**a, "protected_weight": 3.0} for a in answers] + [
+        {**b, "protected_mask": 1 - a["protected_mask"]} for a, b in zip(answers, data)
+    ]
+    stat = collect_statistics(model, [layer], weighted, show_progress=False).statistics[layer]
+    head = collect_statistics(model, [layer], weighted[2:], show_progress=False).statistics[layer].covariance
+    tail = masked.statistics[layer].covariance
+    torch.testing.assert_close(stat.covariance, (3 * 6 * tail + 10 * head) / (3 * 6 + 10), rtol=1e-4, atol=1e-6)
+    assert stat.num_tokens == 2 * 8 * 16 and not torch.allclose(stat.covariance, whole)
+    # sources of 16 and 96 tokens per row weigh the same
+    small = [dict(answers[0])]
+    small[0]["protected_mask"] = torch.zeros_like(small[0]["attention_mask"])
+    small[0]["protected_mask"][:, -2:] = 1
+    batches_, tokens = weighted_sources({"small": small, "large": data}, batch_size=8)
+    assert tokens == {"small": 16, "large": 256}
+    both = collect_statistics(model, [layer], batches_, show_progress=False).statistics[layer].covariance
+    alone = [
+        collect_statistics(model, [layer], d, show_progress=False).statistics[layer].covariance for d in (small, data)
+    ]
+    torch.testing.assert_close(both, (alone[0] + alone[1]) / 2, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="every source is empty"):
+        weighted_sources({"a": [], "b": []})
+    with pytest.raises(TypeError, match="list of batches"):
+        calibrate(model, data[0])
+
+
+def test_calibration_on_answer_positions_bounds_the_change_there(base):
+    """Calibrated on sources by name, answer positions only, the measured change on those positions stays within
+    the bound after aggressive training, and measure_guarantees reads the same positions."""
+    model = geometry_model(base, tolerance=0.05)
+    protected = batches(PROTECTED_TOKENS, 4, 5)
+    answers = [{**batch, "protected_mask": torch.zeros_like(batch["attention_mask"])} for batch in protected]
+    for batch in answers:
+        batch["protected_mask"][:, 8:] = 1
+    report = calibrate(model, {"text": batches(PROTECTED_TOKENS, 4, 6), "answers": answers}, show_progress=False)
+    train(model, batches(MONTH1_TOKENS, 4, 7))
+    measured = measure_guarantees(model, answers, report=report, show_progress=False)
+    assert measured.heldout_tokens == 4 * 8 * 8
+    for guarantee in measured.layers.values():
+        assert guarantee.measured <= guarantee.bound + 1e-6
 
 
 def test_capacity_selection_keeps_the_requested_fraction(base, tmp_path):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..selective.layer import SelectiveLayer
 from .config import GeometryProjectedConfig
-from .statistics import collect_statistics
+from .statistics import collect_statistics, protected_positions
 from .subspace import choose_subspace, combine_second_moments, covariance_upper_bound, decompose
 from .variant import ProtectedStats, is_soft
 
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 REPORT_FILENAME = "geometry_report.json"
 
 TextsOrBatches = Union[Sequence[str], Iterable[Mapping[str, torch.Tensor]]]
+#: Protected data by source (`{"reference_text": texts, "bleed_region": batches, ...}`): each source weighs the same.
+SourcesOfTexts = Mapping[str, TextsOrBatches]
 
 
 @dataclass
@@ -150,6 +152,34 @@ def to_batches(
     return [dict(b) for b in data]
 
 
+def weighted_sources(
+    sources: SourcesOfTexts, tokenizer=None, batch_size: int = 8, max_length: int = 512
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
+    """The batches of every non-empty source, each batch with a `protected_weight` such that every source weighs the
+    same in the protected moments, whatever its number of tokens (the mean weight per token stays 1): a few hundred
+    answer tokens of the bleed region are not drowned by thousands of reference-text tokens. Returns the batches
+    and the protected tokens per source."""
+    per_source = {name: to_batches(data, tokenizer, batch_size, max_length) for name, data in sources.items() if data}
+    if not per_source:
+        raise ValueError(f"No protected data given: every source is empty ({sorted(sources)}).")
+    tokens = {}
+    for name, batches in per_source.items():
+        tokens[name] = sum(_protected_token_count(batch) for batch in batches)
+        if tokens[name] == 0:
+            raise ValueError(f"The protected data source {name!r} has no protected token.")
+    total = sum(tokens.values())
+    weighted = []
+    for name, batches in per_source.items():
+        weight = total / (len(per_source) * tokens[name])
+        weighted += [{**batch, "protected_weight": weight} for batch in batches]
+    return weighted, tokens
+
+
+def _protected_token_count(batch: Mapping[str, torch.Tensor]) -> int:
+    mask = protected_positions(batch)
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def _geometry_layers(model: nn.Module, adapter_name: str) -> dict[str, SelectiveLayer]:
     return {
         name: module
@@ -176,7 +206,7 @@ def _adapter_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str,
 # ---------------------------------------------------------------------------------------------------- calibrate
 def calibrate(
     model: nn.Module,
-    protected_data: TextsOrBatches,
+    protected_data: Union[TextsOrBatches, SourcesOfTexts],
     tokenizer=None,
     *,
     adapter_name: Optional[str] = None,
@@ -194,7 +224,10 @@ def calibrate(
 
     Args:
         model: a `PeftModel` (or model with injected layers) carrying the GeometryProjected adapter.
-        protected_data: texts (with `tokenizer`) or tokenized batches of what must not change.
+        protected_data: texts (with `tokenizer`) or tokenized batches of what must not change, or a mapping from
+            source names to either, in which every source weighs the same (see [`weighted_sources`]). A batch may
+            carry a `protected_mask` to protect only some positions, e.g. the answers after their prompts (see
+            `peft_selective.continual.anchors.AnchorSet.calibration_batches`).
         adapter_name: the adapter to calibrate; default: the active one.
         previous_adapter: a calibrated GeometryProjected adapter (e.g. last month's) whose protected subspace must
             be kept: its stored subspace (as a conservative second-moment bound) is combined with this data's.
@@ -209,7 +242,12 @@ def calibrate(
     """
     adapter_name, config = _adapter_config(model, adapter_name)
     layers = _geometry_layers(model, adapter_name)
-    batches = to_batches(protected_data, tokenizer, batch_size, max_length)
+    if isinstance(protected_data, Mapping) and "input_ids" in protected_data:
+        raise TypeError("Pass tokenized protected data as a list of batches, not one batch.")
+    if isinstance(protected_data, Mapping):
+        batches, _ = weighted_sources(protected_data, tokenizer, batch_size, max_length)
+    else:
+        batches = to_batches(protected_data, tokenizer, batch_size, max_length)
     report = collect_statistics(
         model, list(layers), batches, max_memory_mb=config.calibration_max_memory_mb, show_progress=show_progress
     )
@@ -387,8 +425,8 @@ def measure_guarantees(
     try:
         for batch in tqdm(batches, desc="Measuring guarantees", disable=not show_progress):
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            mask = inputs.get("attention_mask")
-            mask_holder["mask"] = mask.bool() if mask is not None else None
+            mask = protected_positions(batch)
+            mask_holder["mask"] = mask.to(device).bool() if mask is not None else None
             handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
             try:
                 with model.disable_adapter():

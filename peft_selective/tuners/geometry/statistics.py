@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,21 +30,28 @@ class LayerStatistics:
         input_key: name of the layer whose input these sums belong to (layers sharing an input share the key).
         xxt_sum: `Σ x xᵀ` over tokens, fp32, `(in, in)`; shared object between layers with the same input.
         output_sq_sum: `Σ ‖y‖²` over tokens.
-        num_tokens: number of (non-padding) tokens.
+        num_tokens: number of protected tokens (not padding; only the `protected_mask` positions where a batch has one).
+        weight_sum: `Σ w` over those tokens, where a batch's `protected_weight` `w` (default 1) scaled its tokens'
+            terms in both sums; the moments are the weighted means. `None`: every weight was 1 (`num_tokens`).
     """
 
     input_key: str
     xxt_sum: torch.Tensor
     output_sq_sum: float = 0.0
     num_tokens: int = 0
+    weight_sum: Optional[float] = None
+
+    @property
+    def _total_weight(self) -> float:
+        return self.weight_sum if self.weight_sum is not None else max(self.num_tokens, 1)
 
     @property
     def covariance(self) -> torch.Tensor:
-        return self.xxt_sum / max(self.num_tokens, 1)
+        return self.xxt_sum / self._total_weight
 
     @property
     def output_energy(self) -> float:
-        return self.output_sq_sum / max(self.num_tokens, 1)
+        return self.output_sq_sum / self._total_weight
 
 
 @dataclass
@@ -67,14 +75,16 @@ class _Collector:
         self.names = names
         self.chunk_tokens = chunk_tokens
         self.mask: torch.Tensor | None = None
+        self.weight = 1.0
         self.stats: dict[str, LayerStatistics] = {}
         # Layers that share an input (q/k/v, gate/up) are called one after the other on the very same tensor
         # object; holding a reference to the last input (not its address, which the allocator may reuse) tells.
         self._last_input: torch.Tensor | None = None
         self._last_owner: str | None = None
 
-    def new_batch(self, mask: torch.Tensor | None) -> None:
+    def new_batch(self, mask: torch.Tensor | None, weight: float = 1.0) -> None:
         self.mask = mask.bool() if mask is not None else None
+        self.weight = weight
         self._last_input, self._last_owner = None, None
 
     def hook(self, name: str):
@@ -97,13 +107,21 @@ class _Collector:
             if stat.input_key == name:  # the owner accumulates Σ x xᵀ; sharers only count
                 for start in range(0, xs.shape[0], self.chunk_tokens):
                     chunk = xs[start : start + self.chunk_tokens].float()
-                    stat.xxt_sum.addmm_(chunk.T, chunk)
-            stat.output_sq_sum += float(ys.float().pow(2).sum())
+                    stat.xxt_sum.addmm_(chunk.T, chunk, alpha=self.weight)
+            stat.output_sq_sum += self.weight * float(ys.float().pow(2).sum())
             stat.num_tokens += xs.shape[0]
+            stat.weight_sum = (stat.weight_sum or 0.0) + self.weight * xs.shape[0]
             if x is not self._last_input:
                 self._last_input, self._last_owner = x, name
 
         return forward_hook
+
+
+def protected_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The positions of a batch whose layer inputs are protected: its `protected_mask`, else its `attention_mask`
+    (every real token), else `None` (all positions)."""
+    mask = batch.get("protected_mask")
+    return mask if mask is not None else batch.get("attention_mask")
 
 
 def _group_by_budget(model: nn.Module, names: list[str], max_memory_mb: float | None) -> list[list[str]]:
@@ -150,7 +168,9 @@ def collect_statistics(
     show_progress: bool = True,
 ) -> StatisticsReport:
     """Run `batches` (dicts with `input_ids` and optionally `attention_mask`) through `model` and collect per-layer
-    input second moments and output energies for the modules named in `layer_names`.
+    input second moments and output energies for the modules named in `layer_names`. A batch may also carry a
+    `protected_mask` (same shape: only those positions are protected, e.g. the answer tokens after a prompt) and a
+    `protected_weight` (a number: its tokens count that many times in the moments, e.g. to weigh sources equally).
 
     Args:
         max_memory_mb: bound on the memory of the accumulated `Σ x xᵀ` matrices. When the layers need more, the data
@@ -175,8 +195,8 @@ def collect_statistics(
                     f" (pass {pass_idx + 1}/{len(groups)})" if len(groups) > 1 else ""
                 )
                 for batch in tqdm(batches, desc=desc, disable=not show_progress):
-                    mask = batch.get("attention_mask")
-                    collector.new_batch(mask)
+                    mask = protected_positions(batch)
+                    collector.new_batch(mask, float(batch.get("protected_weight", 1.0)))
                     device = next(model.parameters()).device
                     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
                     model(**inputs)
