@@ -32,9 +32,11 @@ greedy answers had not changed. Protocol 2 judges by behaviour (`peft_selective.
   >= 0.95 and every loss share <= 0.20 (point estimates; the intervals are reported beside them).
 
 Arms (`--methods`): `lora_all` (PEFT LoRA r16 all-linear with plain TRL `DPOTrainer`, merged after each month: what
-users do today), `ours` (the recommended configuration: `ContinualDPOTrainer` + SelectiveMLP r16 with the campaign's
-default rehearsal and KL), `ours_plain` (the same adapters without retention terms), `geometry`
-(`ContinualDPOTrainer` + GeometryProjected, calibrated each month on general text and earlier months).
+users do today), `ours` (the recommended configuration: `ContinualDPOTrainer` + SelectiveMLP r16 with
+`RECOMMENDED_RETENTION`), `ours_plain` (the same adapters without retention terms), one arm per retention mechanism
+alone (`ours_rehearsal`, `ours_kl`, `ours_kl_shape`, `ours_sft`, `ours_boundary`), `ours_v1` (0.1.x's defaults) and
+`ours_geometry` (`ours_kl_shape` on GeometryProjected gate/up, calibrated each month on general text, the earlier
+months' chats and the bleed region: the month t-1 model's answers to the anchor prompts, each source weighing the same).
 
 Usage:
 
@@ -137,8 +139,9 @@ ARMS: dict[str, Arm] = {
             "continual", ("boundary",)),
         Arm("ours_v1", "0.1.x defaults: rehearsal against the month t-1 model + KL (general, earlier months)", True,
             "continual", ("rehearsal_previous_month", "kl")),
-        Arm("geometry", "ContinualDPOTrainer + GeometryProjected r16, rehearsal + KL", True, "continual",
-            ("rehearsal", "kl"), calibrate=True),
+        Arm("ours_geometry", "ours_kl_shape on GeometryProjected gate/up r16, calibrated on general text, earlier "
+            "months and the bleed region (the anchors' answers)", True, "continual", ("kl", "shape_anchors"),
+            calibrate=True),
     )
 }  # fmt: skip
 DEFAULT_LRS = {arm: [1e-4, 3e-4, 1e-3] for arm in ARMS}
@@ -172,8 +175,8 @@ def peft_config_for(arm: Arm, args: argparse.Namespace):
     `lora_alpha` = 2 x rank and no task type, GeometryProjected at its default alpha, SelectiveMLP with alpha = 2 x rank."""
     if arm.key == "lora_all":
         return peft_config("lora_all", args.rank, 2 * args.rank, task_type=None)
-    if arm.key == "geometry":
-        return peft_config("geometry", args.rank)
+    if arm.calibrate:  # the same modules and alpha as SelectiveMLP: only the projection differs from ours_kl_shape
+        return peft_config("geometry_mlp", args.rank, 2 * args.rank)
     return peft_config("selective_mlp_lowrank", args.rank, 2 * args.rank)
 
 
@@ -341,16 +344,23 @@ def dpo_args(args: argparse.Namespace, out: Path, lr: float, seed: int, config_c
     return (config_class or DPOConfig)(**options, **extra)
 
 
-def calibration_texts(tokenizer, months: dict[str, Month], earlier: Sequence[str]) -> list[str]:
-    """GeometryProjected's protected data: general reference text plus the earlier months' chosen chats."""
+def calibration_sources(trainer, tokenizer, months: dict[str, Month], earlier: Sequence[str]) -> dict[str, list]:
+    """GeometryProjected's protected data, as the campaign's: general reference text, the earlier months' chosen
+    chats, and the bleed region (the month t-1 model's answers to the trainer's anchor prompts, answer positions
+    only); `calibrate` weighs the sources the same."""
     from peft_selective.evaluation.preference import reference_text
 
     text = reference_text()
-    texts = [text[i : i + 1000] for i in range(0, 8000, 1000)]
-    for name in earlier:
-        for row in months[name].train:
-            texts.append(tokenizer.apply_chat_template(list(row["prompt"]) + list(row["chosen"]), tokenize=False))
-    return texts
+    chats = [
+        tokenizer.apply_chat_template(list(row["prompt"]) + list(row["chosen"]), tokenize=False)
+        for name in earlier
+        for row in months[name].train
+    ]
+    return {
+        "reference_text": [text[i : i + 1000] for i in range(0, 8000, 1000)],
+        "earlier_months": chats,
+        "bleed_region": trainer.off_scope_anchors().calibration_batches(),
+    }
 
 
 class Sequencer:
@@ -416,10 +426,10 @@ class Sequencer:
             rehearsal_buffer=RehearsalBuffer(self.out / "buffer") if needs_buffer(arm) else None,
         )
         if arm.calibrate:
-            texts = calibration_texts(self.tokenizer, self.months, self.done)
+            sources = calibration_sources(trainer, self.tokenizer, self.months, self.done)
             previous = f"m{len(self.done)}" if self.done else None
             peft_selective.calibrate(
-                trainer.model, texts, self.tokenizer, adapter_name=adapter, previous_adapter=previous,
+                trainer.model, sources, self.tokenizer, adapter_name=adapter, previous_adapter=previous,
                 show_progress=False,
             )  # fmt: skip
         trainer.train()
@@ -611,7 +621,7 @@ def check_run_recipe(run_dir: Path, arm: Arm, args, lr: float) -> None:
     recipe = {
         "trainer": arm.trainer,
         "options": continual_options(arm, args) if arm.trainer == "continual" else {},
-        "calibrate": arm.calibrate,
+        "calibrate": "general text, earlier months, bleed region; equal weights" if arm.calibrate else False,
         "lr": lr,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -777,7 +787,7 @@ def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence
         curves[arm] = {alpha: concatenated(arm_runs, base_evals, f"{alpha:g}", months) for alpha in alphas}
         report["arms"][arm] = {
             "label": ARMS[arm].label,
-            "mechanisms": list(ARMS[arm].mechanisms),
+            "mechanisms": list(ARMS[arm].mechanisms) + (["geometry_bleed_region"] if ARMS[arm].calibrate else []),
             "lr": sorted({r["lr"] for r in arm_runs}),
             "train": [r["train"] for r in arm_runs],
             "alphas": {f"{alpha:g}": summarize(curves[arm][alpha]) for alpha in alphas},
