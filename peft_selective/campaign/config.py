@@ -34,6 +34,7 @@ from .. import GeometryProjectedConfig, SAProjConfig, SelectiveMLPConfig
 from ..continual.config import RECOMMENDED_RETENTION, ContinualDPOConfig
 from ..evaluation.suites import EvaluationConfig
 from ..retention import parse_layer_scales
+from ..tuners.geometry.config import CALIBRATION_WEIGHTINGS
 from .layout import FISHER_DIR
 
 
@@ -259,6 +260,9 @@ class CampaignConfig:
             change of each layer's output on the protected data and cap on each layer's update norm.
         calibration_reference_chars (`int`): with `"geometry_projected"`, characters of general reference text
             (`peft_selective.evaluation.preference.reference_text`, in chunks of 1000) in every month's calibration data.
+        calibration_weighting (`str`): with `"geometry_projected"`, `GeometryProjectedConfig.calibration_weighting`:
+            `"inputs"` (default) protects every direction the protected inputs take, `"keep_loss_gradient"` the
+            gradient subspace of the kept answers' negative log-likelihood (a backward pass per calibration batch).
         calibration_anchors (`bool`): with `"geometry_projected"`, also protect the bleed region, the month t−1
             model's answers to the retention KL's anchor prompts (at the answer positions), and weigh every calibration
             source the same (default `True`; a campaign.json written before this option reads as `False`, its months'
@@ -339,6 +343,13 @@ class CampaignConfig:
     calibration_reference_chars: int = field(
         default=32000,
         metadata={"help": "geometry_projected: characters of general reference text in each month's calibration."},
+    )
+    calibration_weighting: str = field(
+        default="inputs",
+        metadata={
+            "help": "geometry_projected: 'inputs' (every protected token alike) or 'keep_loss_gradient' (each by "
+            "how much the NLL of the kept answers depends on the layer's output there)."
+        },
     )
     calibration_anchors: bool = field(
         default=True,
@@ -578,6 +589,11 @@ class CampaignConfig:
             raise ValueError(f"`norm_cap` must be a finite number > 0, got {self.norm_cap!r}.")
         if self.calibration_reference_chars < 0:
             raise ValueError(f"`calibration_reference_chars` must be >= 0, got {self.calibration_reference_chars}.")
+        if self.calibration_weighting not in CALIBRATION_WEIGHTINGS:
+            raise ValueError(
+                f"`calibration_weighting` must be one of {list(CALIBRATION_WEIGHTINGS)}, got "
+                f"{self.calibration_weighting!r}."
+            )
 
     def _check_trainer_options(self) -> None:
         """Validate the training options with `ContinualDPOConfig`'s own checks (the same errors, at `init` rather
@@ -631,7 +647,11 @@ class CampaignConfig:
             )
         if self.method == "geometry_projected":
             return GeometryProjectedConfig(
-                rank=self.rank, alpha=self.alpha, tolerance=self.tolerance, norm_cap=self.norm_cap
+                rank=self.rank,
+                alpha=self.alpha,
+                tolerance=self.tolerance,
+                norm_cap=self.norm_cap,
+                calibration_weighting=self.calibration_weighting,
             )
         preset = SelectiveMLPConfig if self.method == "selective_mlp" else SAProjConfig
         return preset(rank=self.rank, alpha=self.alpha)

@@ -48,7 +48,8 @@ def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, t
     protected = tmp_path / "protected.txt"
     protected.write_text("the capital of france is paris\n\nthe capital of germany is berlin\n")
     init = ["init", "--campaign_dir", directory, "--base_model", tiny_chat_base, "--method", "geometry_projected"]
-    assert cli(*init, *SMALL, "--tolerance", "0.1", "--calibration_reference_chars", "4000") == 0
+    weighting = ["--calibration_weighting", "keep_loss_gradient"]
+    assert cli(*init, *SMALL, *weighting, "--tolerance", "0.1", "--calibration_reference_chars", "4000") == 0
     assert (
         cli("run-month", "m1", "--campaign_dir", directory, "--data", months["m1"], "--calibration_data", protected)
         == 0
@@ -79,6 +80,7 @@ def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, t
         )
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["peft_type"] == "GEOMETRY_PROJECTED" and config["tolerance"] == 0.1
+        assert config["calibration_weighting"] == report["weighting"] == "keep_loss_gradient"
         assert config["protected_dims"]  # the loaders size the protected buffers from it
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
             bases = [k for k in handle.keys() if "protected_basis" in k]
@@ -145,6 +147,7 @@ def test_loss_options_reach_the_trainer_and_the_records(tiny_chat_base, months, 
         (["--loss_type", "exo_pair"], "label_smoothing"),
         (["--method", "geometry"], "geometry_projected"),
         (["--method", "geometry_projected", "--tolerance", "0"], "tolerance"),
+        (["--method", "geometry_projected", "--calibration_weighting", "gradients"], "calibration_weighting"),
         (["--kl_anchor_kinds", "general", "nearby"], "(['nearby'] not allowed)"),
         (["--kl_anchor_kinds", "general", "general"], "distinct values among ['general', 'same_shape'"),
         (["--kl_direction", "sideways"], "'forward' or 'reverse'"),

@@ -280,6 +280,65 @@ def test_calibration_on_answer_positions_bounds_the_change_there(base):
         assert guarantee.measured <= guarantee.bound + 1e-6
 
 
+def test_keep_loss_gradient_weighs_each_token_by_the_loss_sensitivity_of_its_output(base):
+    """With `keep_loss_gradient` each protected token's terms weigh `‖∂L/∂y‖²` (mean 1 per batch), L the NLL of the
+    next tokens at the protected positions: checked against autograd by hand for one layer; layers that read one
+    input keep their own sums, and no parameter gradient is left behind."""
+    model = geometry_model(base)
+    names = [n for n, m in model.named_modules() if isinstance(m, peft_selective.tuners.selective.Linear)]
+    data = batches(PROTECTED_TOKENS, 2, 8)
+    for batch in data:
+        batch["protected_mask"] = torch.zeros_like(batch["attention_mask"])
+        batch["protected_mask"][:, 6:15] = 1
+    report = collect_statistics(model, names, data, show_progress=False, keep_loss_gradient=True)
+    assert report.shared_inputs == {} and all(p.grad is None for p in model.parameters())
+    layer = names[0]
+    expected_xxt, expected_weight = 0.0, 0.0
+    model.eval()  # as calibration runs it (an uncalibrated adapter refuses to train)
+    for batch in data:
+        captured = {}
+
+        def keep(module, args, output, captured=captured):
+            output.retain_grad()
+            captured["x"], captured["y"] = args[0].detach(), output
+
+        handle = model.get_submodule(layer).register_forward_hook(keep)
+        embeddings = model.get_input_embeddings()
+        grab = embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        handle.remove(), grab.remove()
+        mask = batch["protected_mask"].bool()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1][mask[:, :-1]], batch["input_ids"][:, 1:][mask[:, :-1]], reduction="sum"
+        )
+        loss.backward()
+        weights = captured["y"].grad[mask].pow(2).sum(-1)
+        weights = weights / weights.mean()
+        x = captured["x"][mask].float()
+        expected_xxt = expected_xxt + (x * weights[:, None]).T @ x
+        expected_weight += float(weights.sum())
+        model.zero_grad(set_to_none=True)
+    stat = report.statistics[layer]
+    assert stat.num_tokens == 2 * 8 * 9 and stat.weight_sum == pytest.approx(expected_weight, rel=1e-5)
+    torch.testing.assert_close(stat.covariance, expected_xxt / expected_weight, rtol=1e-3, atol=1e-6)
+    uniform = collect_statistics(model, [layer], data, show_progress=False).statistics[layer].covariance
+    assert not torch.allclose(stat.covariance, uniform, rtol=1e-2)
+
+
+def test_calibration_weighted_by_the_keep_loss_bounds_the_change_and_is_recorded(base, tmp_path):
+    model = geometry_model(base, calibration_weighting="keep_loss_gradient")
+    report = calibrate(model, batches(PROTECTED_TOKENS, 6, 9), show_progress=False)
+    assert report.weighting == "keep_loss_gradient" and "keep loss's gradient" in report.to_markdown()
+    train(model, batches(MONTH1_TOKENS, 4, 10))
+    for guarantee in measure_guarantees(model, batches(PROTECTED_TOKENS, 2, 11), show_progress=False).layers.values():
+        assert guarantee.measured is not None and guarantee.bound > 0
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert report_from_model(reloaded).weighting == "keep_loss_gradient"
+    with pytest.raises(ValueError, match="calibration_weighting"):
+        GeometryProjectedConfig(calibration_weighting="gradients")
+
+
 def test_capacity_selection_keeps_the_requested_fraction(base, tmp_path):
     model = geometry_model(base, select_fraction=0.5)
     report = calibrate(

@@ -70,6 +70,9 @@ class GuaranteeReport:
     layers: dict[str, LayerGuarantee] = field(default_factory=dict)
     heldout_tokens: Optional[int] = None
     kl_to_base: Optional[float] = None
+    #: how the protected tokens were weighed: `"inputs"` (each token alike, or its source's weight) or
+    #: `"keep_loss_gradient"` (see [`calibrate`]); the bounds are on the output change weighed the same way
+    weighting: str = "inputs"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +107,8 @@ class GuaranteeReport:
     def to_markdown(self) -> str:
         lines = [
             f"GeometryProjected guarantees for adapter `{self.adapter_name}` (tolerance δ={self.tolerance}, "
-            f"norm cap ρ={self.norm_cap}, {self.calibration_tokens} calibration tokens)",
+            f"norm cap ρ={self.norm_cap}, {self.calibration_tokens} calibration tokens"
+            + (", weighted by the keep loss's gradient)" if self.weighting == "keep_loss_gradient" else ")"),
             "",
             "| layer | in | protected dim | free dim | projector | bound | measured |",
             "|---|---:|---:|---:|---|---:|---:|",
@@ -249,7 +253,12 @@ def calibrate(
     else:
         batches = to_batches(protected_data, tokenizer, batch_size, max_length)
     report = collect_statistics(
-        model, list(layers), batches, max_memory_mb=config.calibration_max_memory_mb, show_progress=show_progress
+        model,
+        list(layers),
+        batches,
+        max_memory_mb=config.calibration_max_memory_mb,
+        show_progress=show_progress,
+        keep_loss_gradient=config.calibration_weighting == "keep_loss_gradient",
     )
     stats = report.statistics
     # Rank-deficient statistics make unobserved directions look "free": refuse rather than promise too much.
@@ -327,6 +336,7 @@ def calibrate(
         norm_cap=config.norm_cap,
         calibration_tokens=report.num_tokens,
         layers=guarantees,
+        weighting=config.calibration_weighting,
     )
 
 
@@ -472,4 +482,11 @@ def report_from_model(model: nn.Module, adapter_name: Optional[str] = None) -> G
             output_energy=stats.output_energy,
             bound=stats.bound(),
         )
-    return GuaranteeReport(adapter_name, config.tolerance, config.norm_cap, calibration_tokens, layers=layers)
+    return GuaranteeReport(
+        adapter_name,
+        config.tolerance,
+        config.norm_cap,
+        calibration_tokens,
+        layers=layers,
+        weighting=config.calibration_weighting,
+    )

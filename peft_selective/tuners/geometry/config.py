@@ -11,6 +11,10 @@ from ...targets import Role
 from ..selective.config import SelectiveConfig
 
 
+#: How calibration weighs the protected tokens (`GeometryProjectedConfig.calibration_weighting`).
+CALIBRATION_WEIGHTINGS = ("inputs", "keep_loss_gradient")
+
+
 @dataclass
 class GeometryProjectedConfig(SelectiveConfig):
     """
@@ -44,6 +48,13 @@ class GeometryProjectedConfig(SelectiveConfig):
             `None` adapts every candidate.
         calibration_max_memory_mb (`float`):
             Memory bound for the accumulated statistics; more layers are handled in several passes.
+        calibration_weighting (`str`):
+            How calibration weighs the protected tokens. `"inputs"` (default): every token alike, so `U` spans the
+            directions the protected inputs take. `"keep_loss_gradient"`: each token by `‖∂L/∂y‖²` at the layer's
+            output, `L` the model's negative log-likelihood of its own next tokens at the protected positions (e.g.
+            the month t−1 model's answers to off-scope prompts), so `U` follows the gradient subspace of that keep
+            loss, `Σ (∂L/∂y) xᵀ`: the directions that would move the kept answers first are protected first. It costs
+            a backward pass per calibration batch, and the bounds are on the output change weighed the same way.
         protected_dims (`dict[str, int]`):
             Filled by calibration, not by you (as LoRA's `rank_pattern` records per-module ranks): for every
             calibrated module (full name as the tuner sees it, e.g. `model.layers.0.mlp.gate_proj`), the number of
@@ -70,6 +81,10 @@ class GeometryProjectedConfig(SelectiveConfig):
         default=None, metadata={"help": "Keep this fraction of modules, ranked by free capacity for the new data."}
     )
     calibration_max_memory_mb: float = field(default=2048, metadata={"help": "Memory bound of the statistics."})
+    calibration_weighting: str = field(
+        default="inputs",
+        metadata={"help": "'inputs' or 'keep_loss_gradient': how calibration weighs the protected tokens."},
+    )
     protected_dims: dict[str, int] = field(
         default_factory=dict,
         metadata={"help": "Set by calibration: stored protected directions per module, so loaders size the buffers."},
@@ -91,6 +106,10 @@ class GeometryProjectedConfig(SelectiveConfig):
             raise ValueError(f"`norm_cap` must be positive, got {self.norm_cap}.")
         if self.select_fraction is not None and not 0 < self.select_fraction <= 1:
             raise ValueError(f"`select_fraction` must be in (0, 1], got {self.select_fraction}.")
+        if self.calibration_weighting not in CALIBRATION_WEIGHTINGS:
+            raise ValueError(
+                f"`calibration_weighting` must be one of {list(CALIBRATION_WEIGHTINGS)}, got {self.calibration_weighting!r}."
+            )
         bad = {k: v for k, v in (self.protected_dims or {}).items() if not isinstance(v, int) or v < 0}
         if bad:
             raise ValueError(f"`protected_dims` maps module names to non-negative ints, got {bad}.")

@@ -71,9 +71,10 @@ def _tokens_2d(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class _Collector:
-    def __init__(self, names: list[str], chunk_tokens: int):
+    def __init__(self, names: list[str], chunk_tokens: int, keep_loss_gradient: bool = False):
         self.names = names
         self.chunk_tokens = chunk_tokens
+        self.keep_loss_gradient = keep_loss_gradient
         self.mask: torch.Tensor | None = None
         self.weight = 1.0
         self.stats: dict[str, LayerStatistics] = {}
@@ -92,7 +93,8 @@ class _Collector:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
                 return
-            owner = self._last_owner if x is self._last_input else None
+            # with gradient weights every layer has its own Σ w x xᵀ: q, k and v read one input but get other weights
+            owner = self._last_owner if x is self._last_input and not self.keep_loss_gradient else None
             xs = _tokens_2d(x.detach(), self.mask)
             ys = _tokens_2d(output.detach(), self.mask)
             if name not in self.stats:
@@ -104,17 +106,61 @@ class _Collector:
                     key = name
                 self.stats[name] = LayerStatistics(input_key=key, xxt_sum=xxt)
             stat = self.stats[name]
-            if stat.input_key == name:  # the owner accumulates Σ x xᵀ; sharers only count
-                for start in range(0, xs.shape[0], self.chunk_tokens):
-                    chunk = xs[start : start + self.chunk_tokens].float()
-                    stat.xxt_sum.addmm_(chunk.T, chunk, alpha=self.weight)
-            stat.output_sq_sum += self.weight * float(ys.float().pow(2).sum())
-            stat.num_tokens += xs.shape[0]
-            stat.weight_sum = (stat.weight_sum or 0.0) + self.weight * xs.shape[0]
             if x is not self._last_input:
                 self._last_input, self._last_owner = x, name
+            if not self.keep_loss_gradient:
+                self._accumulate(stat, name, xs, ys, torch.full((xs.shape[0],), self.weight, device=xs.device))
+                return
+            mask, weight = self.mask, self.weight
+
+            def on_gradient(grad: torch.Tensor) -> None:
+                # how much the keep loss depends on this layer's output at each protected token, mean 1 per batch
+                sensitivity = _tokens_2d(grad.detach(), mask).float().pow(2).sum(-1)
+                if float(sensitivity.sum()) > 0:
+                    self._accumulate(stat, name, xs, ys, weight * sensitivity / sensitivity.mean())
+
+            output.register_hook(on_gradient)
 
         return forward_hook
+
+    def _accumulate(
+        self, stat: LayerStatistics, name: str, xs: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """Add `Σ w x xᵀ` (the owner of a shared input only), `Σ w ‖y‖²`, the tokens and `Σ w`."""
+        if stat.input_key == name:  # the owner accumulates Σ x xᵀ; sharers only count
+            for start in range(0, xs.shape[0], self.chunk_tokens):
+                chunk = xs[start : start + self.chunk_tokens].float()
+                scaled = chunk * weights[start : start + self.chunk_tokens, None]
+                stat.xxt_sum.addmm_(scaled.T, chunk)
+        stat.output_sq_sum += float((ys.float().pow(2).sum(-1) * weights).sum())
+        stat.num_tokens += xs.shape[0]
+        stat.weight_sum = (stat.weight_sum or 0.0) + float(weights.sum())
+
+
+def _keep_loss_backward(model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None) -> None:
+    """Forward `inputs` and back-propagate the negative log-likelihood of the next token at every protected position
+    (to the input embeddings only: no parameter's `.grad` is touched), so the layers' output hooks see `∂L/∂y`."""
+    embeddings: list[torch.Tensor] = []
+
+    def track(module, args, output):
+        output = output.detach().requires_grad_(True)  # gradients flow from the first layer on, frozen weights or not
+        embeddings.append(output)
+        return output
+
+    handle = model.get_input_embeddings().register_forward_hook(track)
+    try:
+        with torch.enable_grad():
+            logits = model(**inputs).logits[:, :-1].float()
+            targets = inputs["input_ids"][:, 1:]
+            keep = (mask[:, :-1] if mask is not None else torch.ones_like(targets)).bool()
+            if "attention_mask" in inputs:
+                keep &= inputs["attention_mask"][:, 1:].bool()
+            if not keep.any():
+                return
+            loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+            torch.autograd.grad(loss, embeddings)
+    finally:
+        handle.remove()
 
 
 def protected_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -157,7 +203,6 @@ def _in_features(module: nn.Module) -> int:
     raise TypeError(f"Cannot read in_features of {type(base).__name__}")
 
 
-@torch.no_grad()
 def collect_statistics(
     model: nn.Module,
     layer_names: list[str],
@@ -166,6 +211,7 @@ def collect_statistics(
     max_memory_mb: float | None = 2048,
     chunk_tokens: int = 4096,
     show_progress: bool = True,
+    keep_loss_gradient: bool = False,
 ) -> StatisticsReport:
     """Run `batches` (dicts with `input_ids` and optionally `attention_mask`) through `model` and collect per-layer
     input second moments and output energies for the modules named in `layer_names`. A batch may also carry a
@@ -176,6 +222,11 @@ def collect_statistics(
         max_memory_mb: bound on the memory of the accumulated `Σ x xᵀ` matrices. When the layers need more, the data
             is run through the model in several passes, each collecting a group of layers. `None`: one pass.
         chunk_tokens: tokens per fp32 matmul chunk, bounding the temporary memory of a hook.
+        keep_loss_gradient: weigh each protected token by how much the keep loss depends on the layer's output
+            there, `‖∂L/∂y_t‖²` (normalized to mean 1 per batch), where `L` is the model's negative log-likelihood of
+            the protected positions' next tokens (the answers it gives now). The protected subspace then follows the
+            directions of the keep loss's gradient `Σ_t (∂L/∂y_t) x_tᵀ`, rather than every direction the inputs
+            take: an update there is what would move the kept answers first. Costs a backward pass per batch.
     """
     batches = list(batches)
     if not batches:
@@ -188,7 +239,7 @@ def collect_statistics(
     total_tokens = 0
     try:
         for pass_idx, group in enumerate(groups):
-            collector = _Collector(group, chunk_tokens)
+            collector = _Collector(group, chunk_tokens, keep_loss_gradient)
             handles = [model.get_submodule(n).register_forward_hook(collector.hook(n)) for n in group]
             try:
                 desc = "Calibrating protected subspace" + (
@@ -199,7 +250,11 @@ def collect_statistics(
                     collector.new_batch(mask, float(batch.get("protected_weight", 1.0)))
                     device = next(model.parameters()).device
                     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                    model(**inputs)
+                    if keep_loss_gradient:
+                        _keep_loss_backward(model, inputs, mask.to(device) if mask is not None else None)
+                    else:
+                        with torch.no_grad():
+                            model(**inputs)
                     if pass_idx == 0:
                         total_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             finally:
