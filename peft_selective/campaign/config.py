@@ -58,7 +58,7 @@ TRAINING_OPTIONS = (
     "gradient_checkpointing", "save_steps", "rehearsal_ratio", "rehearsal_samples_per_month", "rehearsal_nll_coef",
     "kl_coef", "kl_every", "kl_anchor_max_new_tokens", "kl_direction", "kl_anchor_kinds", "kl_max_shape_anchors",
     "kl_anchor_refresh_steps", "boundary_pairs", "boundary_max_new_tokens", "ewc_coef", "rehearsal_reference",
-    "loss_type", "loss_weights", "label_smoothing", "sft_weight", "drop_long_prompts",
+    "loss_type", "loss_weights", "label_smoothing", "sft_weight", "drop_long_prompts", "anchor_generation_batch_size",
 )  # fmt: skip
 #: The campaign's training defaults where they differ from `ContinualDPOConfig`'s (every other option: the trainer's).
 TRAINING_DEFAULTS: dict[str, Any] = {

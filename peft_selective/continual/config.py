@@ -119,6 +119,10 @@ class ContinualDPOConfig(DPOConfig):
             its first step from the policy it resumed. Needs `kl_anchor_max_new_tokens > 0`.
         kl_max_anchor_length (`int`, *optional*, defaults to `128`):
             Anchors longer than this (prompt + continuation) are cut from the left.
+        anchor_generation_batch_size (`int`, *optional*, defaults to `32`):
+            Sequences per batch when the anchors' continuations and the boundary rows' answers are generated (greedy,
+            no gradient). Larger batches read the weights once for more sequences: on CPU 32 takes about a third less
+            time than 8 with the bundled model; lower it if the generation runs out of memory.
         kl_max_general_anchors (`int`, *optional*):
             Use only the first this many of the 32 general anchor prompts (default: all); fewer anchors make the
             one-off continuation generation cheaper.
@@ -207,6 +211,10 @@ class ContinualDPOConfig(DPOConfig):
     kl_batch_size: Optional[int] = field(default=None, metadata={"help": "Anchor sequences per KL term."})
     kl_anchor_max_new_tokens: int = field(default=16, metadata={"help": "Continuation length of each anchor."})
     kl_max_anchor_length: int = field(default=128, metadata={"help": "Maximum anchor length in tokens."})
+    anchor_generation_batch_size: int = field(
+        default=32,
+        metadata={"help": "Sequences per batch when anchor continuations and boundary answers are generated."},
+    )
     kl_max_general_anchors: Optional[int] = field(default=None, metadata={"help": "General anchor prompts used."})
     kl_max_rehearsal_anchors: int = field(default=64, metadata={"help": "Earlier months' prompts used as anchors."})
     kl_anchor_kinds: list[str] = field(
@@ -250,6 +258,8 @@ class ContinualDPOConfig(DPOConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.kl_every < 1:
             raise ValueError(f"`kl_every` must be >= 1, got {self.kl_every}.")
+        if self.anchor_generation_batch_size < 1:
+            raise ValueError(f"`anchor_generation_batch_size` must be >= 1, got {self.anchor_generation_batch_size}.")
         if self.kl_direction not in ("forward", "reverse"):
             raise ValueError(f"`kl_direction` must be 'forward' or 'reverse', got {self.kl_direction!r}.")
         self._check_anchor_options()

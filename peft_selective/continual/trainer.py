@@ -639,7 +639,7 @@ class ContinualDPOTrainer(DPOTrainer):
         anchors.add_continuations(
             reference,
             args.kl_anchor_max_new_tokens,
-            batch_size=args.per_device_eval_batch_size,
+            batch_size=args.anchor_generation_batch_size,
             show_progress=not args.disable_tqdm,
             known=boundary_answers if boundary_model is not None and boundary_model is reference else None,
         )
@@ -683,7 +683,7 @@ class ContinualDPOTrainer(DPOTrainer):
         if due == 0 or due == self._anchors_refreshed_at:
             return
         self.anchors.refresh_continuations(
-            self._policy(), self.args.kl_anchor_max_new_tokens, batch_size=self.args.per_device_eval_batch_size
+            self._policy(), self.args.kl_anchor_max_new_tokens, batch_size=self.args.anchor_generation_batch_size
         )
         self._anchors_refreshed_at = due
         logger.info("Anchor continuations regenerated from the policy at step %d.", self.state.global_step)
@@ -713,7 +713,7 @@ class ContinualDPOTrainer(DPOTrainer):
             tokenizer,
             ids,
             args.boundary_max_new_tokens,
-            batch_size=args.per_device_eval_batch_size,
+            batch_size=args.anchor_generation_batch_size,
             show_progress=not args.disable_tqdm,
             desc="Boundary answers",
         )

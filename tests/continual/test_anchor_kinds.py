@@ -110,6 +110,7 @@ def test_excluded_and_month_prompts_are_never_produced():
         (dict(kl_anchor_refresh_steps=2, kl_anchor_max_new_tokens=0), "kl_anchor_max_new_tokens > 0"),
         (dict(boundary_pairs=-2), "boundary_pairs"),
         (dict(boundary_max_new_tokens=0), "boundary_max_new_tokens"),
+        (dict(anchor_generation_batch_size=0), "anchor_generation_batch_size"),
     ],
 )
 def test_bad_anchor_options_are_clear_errors(tmp_path, options, message):
@@ -285,6 +286,25 @@ def test_off_scope_anchors_as_calibration_batches_protect_the_answer_positions(t
         assert real == sequence  # left-padded, whole
         offset = len(ids) - len(sequence)
         assert protected.nonzero().flatten().tolist() == list(range(offset + start, len(ids) - 1))
+
+
+def test_anchor_and_boundary_generation_use_their_batch_size(tmp_path, monkeypatch):
+    from peft_selective.continual import anchors as anchors_module
+    from peft_selective.continual import trainer as trainer_module
+
+    sizes = []
+
+    def spy(original):
+        def wrapped(*args, **kwargs):
+            sizes.append(kwargs.get("batch_size", args[4] if len(args) > 4 else None))
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(anchors_module, "greedy_continuations", spy(anchors_module.greedy_continuations))
+    monkeypatch.setattr(trainer_module, "greedy_continuations", spy(trainer_module.greedy_continuations))
+    trainer(tmp_path, boundary_pairs=2, anchor_generation_batch_size=3, **KL)
+    assert sizes == [3, 3]  # the boundary answers, then the anchors' continuations
 
 
 def decoded_greedy(model, tokenizer, prompt, max_new_tokens) -> str:
