@@ -36,7 +36,8 @@ users do today), `ours` (the recommended configuration: `ContinualDPOTrainer` + 
 `RECOMMENDED_RETENTION`), `ours_plain` (the same adapters without retention terms), one arm per retention mechanism
 alone (`ours_rehearsal`, `ours_kl`, `ours_kl_shape`, `ours_sft`, `ours_boundary`), `ours_v1` (0.1.x's defaults) and
 `ours_geometry` (`ours_kl_shape` on GeometryProjected gate/up, calibrated each month on general text, the earlier
-months' chats and the bleed region: the month t-1 model's answers to the anchor prompts, each source weighing the same).
+months' chats and the bleed region: the month t-1 model's answers to the anchor prompts, each source weighing the same;
+`ours_geometry_grad`: the same, each protected token weighted by the keep loss's gradient).
 
 Usage:
 
@@ -116,6 +117,8 @@ class Arm:
     #: "boundary"; an empty tuple trains the same adapters with plain DPO
     mechanisms: tuple[str, ...] = ()
     calibrate: bool = False
+    #: with `calibrate`: `GeometryProjectedConfig.calibration_weighting`
+    calibration_weighting: str = "inputs"
     #: the arm the verdict judges; fixed before any result is seen (never the best of the ablation on test items)
     recommended: bool = False
 
@@ -142,6 +145,8 @@ ARMS: dict[str, Arm] = {
         Arm("ours_geometry", "ours_kl_shape on GeometryProjected gate/up r16, calibrated on general text, earlier "
             "months and the bleed region (the anchors' answers)", True, "continual", ("kl", "shape_anchors"),
             calibrate=True),
+        Arm("ours_geometry_grad", "ours_geometry with the subspace weighted by the keep loss's gradient", True,
+            "continual", ("kl", "shape_anchors"), calibrate=True, calibration_weighting="keep_loss_gradient"),
     )
 }  # fmt: skip
 DEFAULT_LRS = {arm: [1e-4, 3e-4, 1e-3] for arm in ARMS}
@@ -165,6 +170,12 @@ def continual_options(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def geometry_mechanisms(arm: Arm) -> list[str]:
+    if not arm.calibrate:
+        return []
+    return ["geometry_bleed_region"] + (["keep_loss_gradient"] if arm.calibration_weighting != "inputs" else [])
+
+
 def needs_buffer(arm: Arm) -> bool:
     """Rehearsal draws from the buffer, and the KL's earlier-month anchors are the buffer's prompts."""
     return bool({"rehearsal", "rehearsal_previous_month", "kl"} & set(arm.mechanisms))
@@ -176,7 +187,7 @@ def peft_config_for(arm: Arm, args: argparse.Namespace):
     if arm.key == "lora_all":
         return peft_config("lora_all", args.rank, 2 * args.rank, task_type=None)
     if arm.calibrate:  # the same modules and alpha as SelectiveMLP: only the projection differs from ours_kl_shape
-        return peft_config("geometry_mlp", args.rank, 2 * args.rank)
+        return peft_config("geometry_mlp", args.rank, 2 * args.rank, calibration_weighting=arm.calibration_weighting)
     return peft_config("selective_mlp_lowrank", args.rank, 2 * args.rank)
 
 
@@ -615,13 +626,20 @@ def run_arm(arm: Arm, args, base, tokenizer, months, probe, order_key: str, seed
     return {"arm": arm.key, "order": order_key, "seed": seed, "lr": lr, "train": train, "evaluations": results}
 
 
+def calibration_recipe(arm: Arm) -> Any:
+    if not arm.calibrate:
+        return False
+    recipe = "general text, earlier months, bleed region; equal weights"
+    return recipe if arm.calibration_weighting == "inputs" else f"{recipe}; weighted by {arm.calibration_weighting}"
+
+
 def check_run_recipe(run_dir: Path, arm: Arm, args, lr: float) -> None:
     """A cached run is reused only if it was trained with the same recipe: an arm whose definition changed must not
     silently report the old arm's numbers."""
     recipe = {
         "trainer": arm.trainer,
         "options": continual_options(arm, args) if arm.trainer == "continual" else {},
-        "calibrate": "general text, earlier months, bleed region; equal weights" if arm.calibrate else False,
+        "calibrate": calibration_recipe(arm),
         "lr": lr,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -787,7 +805,7 @@ def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence
         curves[arm] = {alpha: concatenated(arm_runs, base_evals, f"{alpha:g}", months) for alpha in alphas}
         report["arms"][arm] = {
             "label": ARMS[arm].label,
-            "mechanisms": list(ARMS[arm].mechanisms) + (["geometry_bleed_region"] if ARMS[arm].calibrate else []),
+            "mechanisms": list(ARMS[arm].mechanisms) + geometry_mechanisms(ARMS[arm]),
             "lr": sorted({r["lr"] for r in arm_runs}),
             "train": [r["train"] for r in arm_runs],
             "alphas": {f"{alpha:g}": summarize(curves[arm][alpha]) for alpha in alphas},
