@@ -37,7 +37,8 @@ users do today), `ours` (the recommended configuration: `ContinualDPOTrainer` + 
 alone (`ours_rehearsal`, `ours_kl`, `ours_kl_shape`, `ours_sft`, `ours_boundary`), `ours_v1` (0.1.x's defaults) and
 `ours_geometry` (`ours_kl_shape` on GeometryProjected gate/up, calibrated each month on general text, the earlier
 months' chats and the bleed region: the month t-1 model's answers to the anchor prompts, each source weighing the same;
-`ours_geometry_grad`: the same, each protected token weighted by the keep loss's gradient).
+`ours_geometry_grad`: the same, each protected token weighted by the keep loss's gradient; `ours_geometry_all`: every
+recommended term on that projection).
 
 Usage:
 
@@ -147,6 +148,9 @@ ARMS: dict[str, Arm] = {
             calibrate=True),
         Arm("ours_geometry_grad", "ours_geometry with the subspace weighted by the keep loss's gradient", True,
             "continual", ("kl", "shape_anchors"), calibrate=True, calibration_weighting="keep_loss_gradient"),
+        Arm("ours_geometry_all", "ours (every recommended term) on GeometryProjected gate/up, calibrated as "
+            "ours_geometry_grad", True, "continual", RECOMMENDED_MECHANISMS, calibrate=True,
+            calibration_weighting="keep_loss_gradient"),
     )
 }  # fmt: skip
 DEFAULT_LRS = {arm: [1e-4, 3e-4, 1e-3] for arm in ARMS}
