@@ -354,14 +354,17 @@ def test_capacity_selection_keeps_the_requested_fraction(base, tmp_path):
     assert len(report_from_model(reloaded).layers) == 6
 
 
-def test_quantized_base_calibrates_and_trains(base, tmp_path):
+@pytest.mark.parametrize("weighting", ["inputs", "keep_loss_gradient"])
+def test_quantized_base_calibrates_and_trains(base, tmp_path, weighting):
     base.save_pretrained(tmp_path)
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
     q_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
-    model = get_peft_model(q_base, GeometryProjectedConfig(rank=4))
+    model = get_peft_model(q_base, GeometryProjectedConfig(rank=4, calibration_weighting=weighting))
+    # the keep-loss weights need a backward through the 4-bit layers, after an eval-mode forward
     report = calibrate(model, batches(PROTECTED_TOKENS, 10, 1), show_progress=False)
+    assert report.weighting == weighting
     before = {n: t.clone() for n, t in model.state_dict().items()}
     train(model, batches(MONTH1_TOKENS, 2, 3), steps=3)
     changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}

@@ -54,7 +54,8 @@ class GeometryProjectedConfig(SelectiveConfig):
             output, `L` the model's negative log-likelihood of its own next tokens at the protected positions (e.g.
             the month t−1 model's answers to off-scope prompts), so `U` follows the gradient subspace of that keep
             loss, `Σ (∂L/∂y) xᵀ`: the directions that would move the kept answers first are protected first. It costs
-            a backward pass per calibration batch, and the bounds are on the output change weighed the same way.
+            a backward pass per calibration batch, and the bounds are on the output change weighed the same way
+            (`measure_guarantees` measures it unweighted, which may exceed them).
         protected_dims (`dict[str, int]`):
             Filled by calibration, not by you (as LoRA's `rank_pattern` records per-module ranks): for every
             calibrated module (full name as the tuner sees it, e.g. `model.layers.0.mlp.gate_proj`), the number of
