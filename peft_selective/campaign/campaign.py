@@ -1225,9 +1225,10 @@ class Campaign:
         `retention_layer_scales`, `validation_fraction`: the campaign's, unless given here; fixed when the month is
         registered, a resumed month keeps them) multiplies the month's update after training by a scale, baked into
         its adapter before the evaluation (`peft_selective.retention.scale_adapter`); `retention_layer_scales`
-        multiplies it per group of blocks on top (e.g. `"0-9:0.5"`: the lower blocks kept closer). With `"auto"`, `validation_fraction` of the training
-        rows are held out (`data/<month>/validation.jsonl`, never trained on, never test rows); after training, for
-        each scale of the grid (scale 1 included) the month's adapter is scaled temporarily and measured: the
+        multiplies it per group of blocks on top (e.g. `"0-9:0.5"`: the lower blocks kept closer). With `"auto"`,
+        `validation_fraction` of the training rows are held out (`data/<month>/validation.jsonl`, never trained on,
+        never test rows); after training, for each scale of the grid (scale 1 included) the month's adapter is
+        scaled temporarily and measured: the
         learning gain = behavioural score on the validation rows (greedy answers scored by the month's checks, else
         agreement, as the evaluation does) minus that of the model before the month on the same rows, and the
         forgetting = KL to the month t−1 model (the earlier adapters only) on the generic prompts (nats per token).
@@ -1565,8 +1566,8 @@ class Campaign:
         if self.config.calibration_anchors:
             # the bleed region: the month t-1 model's answers off-scope, each source weighing the same
             anchors = trainer.off_scope_anchors()
-            sources["anchors"] = anchors.calibration_batches(self.config.evaluation.batch_size)
-            counts["anchors"] = len(anchors)
+            sources["bleed_region"] = anchors.calibration_batches(self.config.evaluation.batch_size)
+            counts["bleed_region"] = len(anchors)
             protected_data = sources
         else:  # every text weighs by its tokens (what campaigns did before `calibration_anchors`)
             protected_data = [text for group in sources.values() for text in group]

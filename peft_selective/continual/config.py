@@ -121,8 +121,9 @@ class ContinualDPOConfig(DPOConfig):
             Anchors longer than this (prompt + continuation) are cut from the left.
         anchor_generation_batch_size (`int`, *optional*, defaults to `32`):
             Sequences per batch when the anchors' continuations and the boundary rows' answers are generated (greedy,
-            no gradient). Larger batches read the weights once for more sequences: on CPU 32 takes about a third less
-            time than 8 with the bundled model; lower it if the generation runs out of memory.
+            no gradient). Larger batches read the weights once for more sequences: on CPU the bundled model's anchors
+            took 41 s of CPU at 32 against 63 s at 8 (`benchmarks/results/month_cost.md`, today's and the previous
+            run); lower it if the generation runs out of memory.
         kl_max_general_anchors (`int`, *optional*):
             Use only the first this many of the 32 general anchor prompts (default: all); fewer anchors make the
             one-off continuation generation cheaper.

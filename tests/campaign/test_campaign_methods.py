@@ -63,7 +63,7 @@ def test_geometry_projected_two_months_through_the_cli(tiny_chat_base, months, t
     # month 1: reference text + its own text + the bleed region (the month t-1 model's answers to the anchor prompts:
     # general ones and same-shape variants); month 2: reference text + month 1's training chats + its anchors (the
     # earlier-month kind too), month 1's subspace. Every source weighs the same.
-    anchors = [record["texts"].pop("anchors") for record in (first, second)]
+    anchors = [record["texts"].pop("bleed_region") for record in (first, second)]
     assert first["texts"] == {"reference_text": 4, "earlier_months": 0, "calibration_data": 2}
     assert first["previous_adapter"] is None and first["tolerance"] == 0.1
     train_rows = campaign.month("m1")["data"]["train_rows"]

@@ -109,7 +109,7 @@ class _Collector:
             if x is not self._last_input:
                 self._last_input, self._last_owner = x, name
             if not self.keep_loss_gradient:
-                self._accumulate(stat, name, xs, ys, torch.full((xs.shape[0],), self.weight, device=xs.device))
+                self._accumulate(stat, name, xs, ys, self.weight)
                 return
             mask, weight = self.mask, self.weight
 
@@ -124,17 +124,23 @@ class _Collector:
         return forward_hook
 
     def _accumulate(
-        self, stat: LayerStatistics, name: str, xs: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor
+        self, stat: LayerStatistics, name: str, xs: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor | float
     ) -> None:
-        """Add `Σ w x xᵀ` (the owner of a shared input only), `Σ w ‖y‖²`, the tokens and `Σ w`."""
+        """Add `Σ w x xᵀ` (the owner of a shared input only), `Σ w ‖y‖²`, the tokens and `Σ w`; `weights`: one per
+        token, or one number for all (no scaled copy of the inputs then)."""
+        per_token = isinstance(weights, torch.Tensor)
         if stat.input_key == name:  # the owner accumulates Σ x xᵀ; sharers only count
             for start in range(0, xs.shape[0], self.chunk_tokens):
                 chunk = xs[start : start + self.chunk_tokens].float()
-                scaled = chunk * weights[start : start + self.chunk_tokens, None]
-                stat.xxt_sum.addmm_(scaled.T, chunk)
-        stat.output_sq_sum += float((ys.float().pow(2).sum(-1) * weights).sum())
+                if per_token:
+                    stat.xxt_sum.addmm_((chunk * weights[start : start + self.chunk_tokens, None]).T, chunk)
+                else:
+                    stat.xxt_sum.addmm_(chunk.T, chunk, alpha=weights)
+        energy = ys.float().pow(2).sum(-1)
+        stat.output_sq_sum += float((energy * weights).sum())
         stat.num_tokens += xs.shape[0]
-        stat.weight_sum = (stat.weight_sum or 0.0) + float(weights.sum())
+        total = float(weights.sum()) if per_token else weights * xs.shape[0]
+        stat.weight_sum = (stat.weight_sum or 0.0) + total
 
 
 def _keep_loss_backward(model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None) -> None:
