@@ -306,6 +306,61 @@ def general_prompts(args: argparse.Namespace) -> list[str]:
     return generic_prompts()[: args.general_prompts]
 
 
+#: training pairs of the in-scope month shown to the base before each question by `style_reference`
+STYLE_SHOTS = 4
+
+
+def _as_turns(prompt, chosen) -> list[dict]:
+    """A training pair as chat turns: its prompt (a string or a conversation) and its chosen answer."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    reply = chosen if isinstance(chosen, str) else chosen[-1]["content"]
+    return turns + [{"role": "assistant", "content": reply}]
+
+
+def in_style(answer: str, month: Month) -> bool:
+    """Whether `answer` carries `month`'s style: its checks (all), else its bleed tests (any)."""
+    if month.checks:
+        return all(check.matches(answer) for check in month.checks)
+    return _carries(answer, month)
+
+
+def style_reference(base, tokenizer, months: dict[str, Month], probe, args) -> dict[str, Any]:
+    """The base answering the exact-match knowledge questions in the style of the month they are in scope for.
+
+    A knowledge question in scope for a month (its kind is the month's `family`: a capital question and the capitals
+    month) is *supposed* to change style when that month is learned, so what the base knows in that style bounds the
+    exact-match knowledge a method can keep there without teaching new facts. No training: each in-scope question is
+    asked after `STYLE_SHOTS` of that month's training pairs (prompt, chosen answer) as earlier turns; a question in
+    scope for no month is answered as asked. Per item: exact match, and (in-scope items only) whether the answer
+    carries the month's style, so a reader sees the shots worked. A reference beside the bar, never part of it.
+    """
+    from peft_selective.evaluation import exact_match, generate_answers
+
+    exact_items = probe[: args.knowledge_exact]
+    scope = {month.family: month for month in months.values() if month.family}
+    prompts, owners = [], []
+    for item in exact_items:
+        month = scope.get(_item_kind(item))
+        owners.append(month)
+        if month is None:
+            prompts.append(item.question)
+            continue
+        shots = month.train.select(range(min(STYLE_SHOTS, len(month.train))))
+        turns = [turn for row in shots for turn in _as_turns(row["prompt"], row["chosen"])]
+        prompts.append(turns + [{"role": "user", "content": item.question}])
+    answers = generate_answers(
+        base, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+        disable_tqdm=True,
+    )  # fmt: skip
+    return {
+        "shots": STYLE_SHOTS,
+        "knowledge_exact": [float(exact_match(a, item)) for a, item in zip(answers, exact_items)],
+        "in_style": [float(in_style(a, m)) for a, m in zip(answers, owners) if m is not None],
+        "in_scope_items": sum(m is not None for m in owners),
+        "answers": answers,
+    }
+
+
 # --------------------------------------------------------------------------------------------------- models
 def load_base(args: argparse.Namespace):
     """The bundled SmolLM2-135M-Instruct (fp32), or with `--model tiny` a random 2-layer Llama with its tokenizer."""
@@ -797,7 +852,11 @@ def meets_bar(verdict: dict) -> bool:
     return all(loss["met"] for loss in verdict["losses"].values())
 
 
-def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence[float]) -> dict[str, Any]:
+def aggregate(
+    runs: list[dict], base_evals: dict, months: dict, alphas: Sequence[float], style: Optional[dict] = None
+) -> dict[str, Any]:
+    """The per-arm summaries, each arm of ours at LoRA's learning, the verdict and (with `style`, from
+    `style_reference`) each arm's exact-match knowledge against the base answering in the months' styles."""
     by_arm: dict[str, list[dict]] = {}
     for run in runs:
         by_arm.setdefault(run["arm"], []).append(run)
@@ -820,6 +879,7 @@ def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence
     lora = curves["lora_all"][1.0]
     target = sum(lora["learning_behaviour"]) / len(lora["learning_behaviour"])
     report["matched_learning_target"] = target
+    matched_exact: dict[str, list[float]] = {}
     for arm in curves:
         if not ARMS[arm].ours:
             continue
@@ -828,6 +888,9 @@ def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence
         entry.update(shares(values, lora, base))
         entry["meets_bar"] = reached and meets_bar(entry)
         report["arms"][arm]["matched"] = entry
+        matched_exact[arm] = values["knowledge_exact"]
+    if style is not None:
+        report["style_reference"] = style_comparison(style, matched_exact, lora["knowledge_exact"])
     # The verdict judges the recommended arm, fixed before any result; the ablation table shows the others, but picking
     # the best of them here would choose on the test items.
     judged = [arm for arm in curves if ARMS[arm].recommended]
@@ -845,6 +908,25 @@ def aggregate(runs: list[dict], base_evals: dict, months: dict, alphas: Sequence
             "bar": {"learning_share_at_least": LEARNING_SHARE, "loss_shares_at_most": LOSS_SHARE},
         }
     return report
+
+
+def style_comparison(style: dict, matched_exact: dict[str, list[float]], lora_exact: list[float]) -> dict[str, Any]:
+    """The style reference's summary, and each arm's exact-match knowledge minus it on the same items (paired; an
+    arm's items are its runs' items one after the other, so the reference is repeated once per run)."""
+    from peft_selective.evaluation import paired_difference
+
+    reference = style["knowledge_exact"]
+
+    def minus_reference(values: list[float]) -> dict:
+        return paired_difference(values, reference * (len(values) // len(reference))).to_dict()
+
+    return {
+        "shots": style["shots"],
+        "in_scope_items": style["in_scope_items"],
+        **summarize({"knowledge_exact": reference, "in_style": style["in_style"]}),
+        "minus_reference": {"lora_all (alpha 1)": minus_reference(lora_exact)}
+        | {f"{arm} (matched)": minus_reference(values) for arm, values in matched_exact.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------------- rendering
@@ -935,6 +1017,30 @@ def render(report: dict[str, Any]) -> str:
             "",
             f"**Meets the bar: {'yes' if verdict['meets_bar'] else 'no'}** (point estimates; n/a: LoRA has no such "
             "loss to take a share of, and then ours must lose nothing).",
+        ]
+    reference = report.get("style_reference")
+    if reference:
+        base_exact = report["base"]["knowledge_exact"]
+        rows = [["base, as asked", _ci(base_exact), "-"]]
+        rows.append([
+            f"base in the months' styles ({reference['shots']} training pairs as earlier turns)",
+            _ci(reference["knowledge_exact"]), "0",
+        ])  # fmt: skip
+        for name, difference in reference["minus_reference"].items():
+            arm = name.split(" ")[0]
+            stats = report["arms"][arm]["matched"] if arm != "lora_all" else report["arms"][arm]["alphas"]["1"]
+            rows.append([name, _ci(stats["knowledge_exact"]), _ci(difference)])
+        in_style = reference.get("in_style")
+        lines += [
+            "",
+            "Reference, not part of the bar: exact-match knowledge against what the base knows *in the months' "
+            f"styles*. {reference['in_scope_items']} of the exact-match questions are in scope for a month (their "
+            "kind is its family), so learning that month is meant to change how they are answered; the base, shown "
+            "the style by the month's own training pairs, answers them in style "
+            f"{_ci(in_style) if in_style else 'n/a'} of the time. Its score is what a method that learns the style "
+            "but teaches no new fact could keep:",
+            "",
+            markdown_table(["model", "knowledge exact", "minus the style reference (paired)"], rows),
         ]
     return "\n".join(lines)
 
@@ -1137,7 +1243,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         learning_rates=learning_rates,
         runtime_s=round(time.time() - start, 1),
     )
-    report.update(aggregate(runs, base_evals, months, args.alphas))
+    style_path = work / "style-reference.json"
+    if not style_path.exists():
+        log("evaluating the base in the months' styles (the exact-match reference)")
+        style_path.write_text(json.dumps(style_reference(base, tokenizer, months, probe, args)))
+    style = json.loads(style_path.read_text())
+    report.update(aggregate(runs, base_evals, months, args.alphas, style))
     report["examples"] = examples(runs, base_evals, months)
     _publish(report, args.output_dir)
     return 0

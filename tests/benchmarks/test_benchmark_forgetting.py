@@ -94,6 +94,51 @@ def test_the_verdict_judges_the_recommended_arm_not_the_best_of_the_ablation(for
     }
 
 
+def test_the_style_reference_shows_each_in_scope_question_its_months_training_pairs(forgetting, monkeypatch):
+    from argparse import Namespace
+
+    from datasets import Dataset
+
+    import peft_selective.evaluation as evaluation
+    from peft_selective.demo.months import knowledge_items
+    from peft_selective.evaluation import Check
+
+    items = knowledge_items(n=None, seed=0)
+    capital = next(i for i in items if "capital" in i.question.lower())
+    other = next(i for i in items if "capital" not in i.question.lower())
+    train = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": f"What is the capital of {c}?"}],
+         "chosen": [{"role": "assistant", "content": f"{a}."}], "rejected": [{"role": "assistant", "content": "Hi!"}]}
+        for c, a in [("A", "X"), ("B", "Y"), ("C", "Z"), ("D", "W"), ("E", "V")]
+    ])  # fmt: skip
+    bare = Check.from_spec(forgetting.BUILTIN_CHECKS["capitals"]["checks"][0])
+    months = {"capitals": forgetting.Month("capitals", train, train, train, [bare], [bare], "capital")}
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return [f"{capital.answer}.", "I do not know, sorry about that."]
+
+    monkeypatch.setattr(evaluation, "generate_answers", fake_generate)
+    args = Namespace(knowledge_exact=2, max_new_tokens=8, eval_batch_size=2)
+    result = forgetting.style_reference(None, None, months, [capital, other], args)
+    in_scope, out_of_scope = seen["prompts"]
+    assert out_of_scope == other.question  # in scope for no month: asked as it is
+    assert len(in_scope) == 2 * forgetting.STYLE_SHOTS + 1 and in_scope[-1]["content"] == capital.question
+    assert [t["content"] for t in in_scope[1 : 2 * forgetting.STYLE_SHOTS : 2]] == ["X.", "Y.", "Z.", "W."]
+    assert result["knowledge_exact"] == [1.0, 0.0]
+    assert result["in_style"] == [1.0] and result["in_scope_items"] == 1
+
+
+def test_each_arm_is_compared_with_the_style_reference_item_by_item_over_its_runs(forgetting):
+    style = {"shots": 4, "in_scope_items": 4, "knowledge_exact": [1.0, 0.0, 1.0, 0.0], "in_style": [1.0] * 4}
+    two_runs = [1.0, 1.0, 1.0, 0.0] + [0.0, 0.0, 1.0, 0.0]  # +1 on item 2 in run 1, -1 on item 1 in run 2
+    result = forgetting.style_comparison(style, {"ours": two_runs}, [0.0] * 4)
+    assert result["knowledge_exact"]["mean"] == 0.5
+    assert result["minus_reference"]["ours (matched)"]["mean"] == 0.0
+    assert result["minus_reference"]["lora_all (alpha 1)"]["mean"] == -0.5
+
+
 def test_a_cached_run_of_another_recipe_is_refused_not_reused(forgetting, tmp_path):
     args = forgetting.parse_args(["--methods", "ours_plain"])
     arm = forgetting.ARMS["ours_plain"]
@@ -158,6 +203,7 @@ def test_a_tiny_run_writes_protocol_2_results_and_resumes(forgetting, tmp_path):
                 assert lo <= stats[metric]["mean"] <= hi
     assert set(report["verdict"]) >= {"learning_share", "bleed_share", "knowledge_loss_share", "meets_bar"}
     assert report["settings"]["knowledge_items"] == 150
+    assert set(report["style_reference"]["minus_reference"]) == {"lora_all (alpha 1)", "ours (matched)"}
 
     # everything is cached: a second run trains and evaluates nothing and writes the same numbers
     def stamps():  # every cached training and evaluation (the built-in months are rewritten as data each run)
