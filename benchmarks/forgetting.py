@@ -18,7 +18,9 @@ greedy answers had not changed. Protocol 2 judges by behaviour (`peft_selective.
   `knowledge_mc` = multiple-choice log-likelihood accuracy on >= 150 country facts chosen after the months are known
   (no country of any month; checked against every training, test and anchor prompt); `knowledge_exact` = greedy
   exact match on a subset of them after answer extraction; `kl_to_base` = per-token KL to the base on general
-  prompts.
+  prompts. Beside the bar, the **style reference**: the base answering the exact-match questions in the style of the
+  month they are in scope for (shown it by that month's training pairs), what a method could keep there without
+  teaching new facts (`style_reference`).
 * **Matched learning.** Each arm is trained once per (order, seed); its months' updates are then scaled after
   training by alpha (`--alphas`: the model after month t is base + alpha * (W_t - W_0), i.e. every month's update
   times alpha, exact for merged LoRA and for our stacked adapters), which traces a learning-vs-forgetting curve.
