@@ -31,12 +31,20 @@ demo-sft: setup
 	HF_HUB_OFFLINE=1 $(PY) examples/selective_mlp_sft.py
 
 # Lint, then the fast tests plus the real-model tests marked slow. (pytest exits 5 if nothing ran: make fails.)
+# TEST_WORKERS pytest-xdist processes (one torch thread each, tests/conftest.py), the slow modules first: about half
+# the wall time of one process on a 2-core machine. TEST_WORKERS=0 runs in this process (no xdist).
+TEST_WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
+
+test-slow: setup
+	$(PYTEST) -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

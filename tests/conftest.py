@@ -1,5 +1,5 @@
 """The test suite's fixtures, built from `testing_utils` (where the tiny models, tokenizers and helpers live: import
-them from there, never from here).
+them from there, never from here), and its order (`pytest_collection_modifyitems`: modules with slow tests first).
 
 Fixtures:
     make_tiny_model(family) -> a fresh eval-mode copy of the family's tiny base model (built once per session, so a
@@ -38,6 +38,19 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 _PRISTINE: dict[str, torch.nn.Module] = {}
+
+
+def _mark_names(marks) -> set[str]:
+    return {mark.name for mark in (marks if isinstance(marks, list) else [marks])}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules marked slow as a whole first, then modules with some slow (real-model) test, each module kept whole
+    (its module fixtures are built once): with `make test`'s two workers the longest tests start at once and the short
+    ones fill the other worker, instead of a 14-minute test starting last. Deterministic, as pytest-xdist requires."""
+    some_slow = {item.module for item in items if item.get_closest_marker("slow")}
+    all_slow = {module for module in some_slow if "slow" in _mark_names(getattr(module, "pytestmark", []))}
+    items.sort(key=lambda item: 0 if item.module in all_slow else 1 if item.module in some_slow else 2)
 
 
 def _make_tiny_model(family: str) -> torch.nn.Module:
