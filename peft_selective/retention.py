@@ -55,7 +55,7 @@ from .tuners.selective.config import SelectiveConfig
 from .tuners.selective.layer import SelectiveLayer
 
 
-__all__ = ["choose_scale", "layer_index", "parse_layer_scales", "scale_adapter", "scaled_adapter"]
+__all__ = ["choose_scale", "layer_factor", "layer_index", "parse_layer_scales", "scale_adapter", "scaled_adapter"]
 
 LayerScales = Union[Mapping[Any, float], Callable[[int], float]]
 
@@ -136,6 +136,17 @@ def parse_layer_scales(layer_scales: Union[str, Mapping[Any, float], None]) -> O
         raise ValueError(f"layer_scales must map block ranges to factors, got {layer_scales!r}.")
     _, described, _ = _layer_factor_fn(layer_scales)  # validates keys, factors and overlaps
     return described
+
+
+def layer_factor(layer_scales: Union[str, LayerScales, None]) -> Callable[[str], float]:
+    """`factor(name)`: what `scale_adapter(..., layer_scales=layer_scales)` multiplies the update of the module (or
+    parameter) `name` by, on top of its scale: the factor of its block (`layer_index`), 1 for a block no key covers
+    and for a name without a block index (e.g. `lm_head`). `layer_scales` in any form `scale_adapter` or
+    [`parse_layer_scales`] takes ("0-9:0.5,10-:1", a mapping, a callable); for scaling weight differences directly."""
+    if isinstance(layer_scales, str):
+        layer_scales = parse_layer_scales(layer_scales)
+    factor_of, _, _ = _layer_factor_fn(layer_scales)
+    return lambda name: factor_of(layer_index(name))
 
 
 def _layer_factor_fn(layer_scales: Optional[LayerScales]) -> tuple[Callable[[Optional[int]], float], Any, list]:

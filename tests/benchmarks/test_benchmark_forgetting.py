@@ -150,6 +150,26 @@ def test_a_cached_run_of_another_recipe_is_refused_not_reused(forgetting, tmp_pa
         forgetting.check_run_recipe(tmp_path, arm, args, 1e-3)
 
 
+def test_the_per_block_dial_scales_each_blocks_update_on_top_of_alpha(forgetting):
+    import torch
+    from torch import nn
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    model.lm_head = nn.Linear(2, 2)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    delta = {k: torch.ones_like(v) for k, v in base_state.items() if k.endswith("weight")}
+    forgetting.apply_delta(model, base_state, delta, 0.5, "0:0.5,1-:1")
+    state = model.state_dict()
+    for key, factor in [("model.layers.0.weight", 0.25), ("model.layers.1.weight", 0.5), ("lm_head.weight", 0.5)]:
+        torch.testing.assert_close(state[key], base_state[key] + factor)
+    assert torch.equal(state["model.layers.0.bias"], base_state["model.layers.0.bias"])  # no delta: untouched
+    # applying again starts from the base (not on top of the last call)
+    forgetting.apply_delta(model, base_state, delta, 1.0)
+    torch.testing.assert_close(model.state_dict()["model.layers.0.weight"], base_state["model.layers.0.weight"] + 1)
+
+
 def test_month_spec_errors_name_the_month_and_the_fix(forgetting, tmp_path):
     spec = tmp_path / "months.json"
     spec.write_text(json.dumps({"months": [{"name": "m1", "train": "missing.jsonl", "val": "x", "test": "y"}]}))
@@ -186,7 +206,7 @@ def test_unknown_arms_and_alphas_without_one_are_refused(forgetting, capsys):
 @pytest.mark.slow
 def test_a_tiny_run_writes_protocol_2_results_and_resumes(forgetting, tmp_path):
     argv = [
-        "--model", "tiny", "--methods", "lora_all,ours", "--steps", "2", "--n-train", "8", "--n-val", "4",
+        "--model", "tiny", "--methods", "lora_all,ours,ours_lower_blocks", "--steps", "2", "--n-train", "8", "--n-val", "4",
         "--n-test", "4", "--knowledge-items", "150", "--knowledge-exact", "6", "--general-prompts", "3",
         "--max-new-tokens", "6", "--lrs", "1e-3,1e-2", "--work-dir", str(tmp_path / "work"),
         "--output-dir", str(tmp_path / "out"),
@@ -203,7 +223,15 @@ def test_a_tiny_run_writes_protocol_2_results_and_resumes(forgetting, tmp_path):
                 assert lo <= stats[metric]["mean"] <= hi
     assert set(report["verdict"]) >= {"learning_share", "bleed_share", "knowledge_loss_share", "meets_bar"}
     assert report["settings"]["knowledge_items"] == 150
-    assert set(report["style_reference"]["minus_reference"]) == {"lora_all (alpha 1)", "ours (matched)"}
+    assert set(report["style_reference"]["minus_reference"]) == {
+        "lora_all (alpha 1)", "ours (matched)", "ours_lower_blocks (matched)"
+    }  # fmt: skip
+    # the per-block arm reuses ours's training: no delta of its own, the same training logs, its own evaluations
+    runs = tmp_path / "work" / "runs"
+    assert not list((runs / "ours_lower_blocks-A-s0").glob("delta-*"))
+    assert list((runs / "ours_lower_blocks-A-s0").glob("eval-*.json"))
+    assert report["arms"]["ours_lower_blocks"]["train"] == report["arms"]["ours"]["train"]
+    assert report["arms"]["ours_lower_blocks"]["mechanisms"][-1].startswith("per-block dial")
 
     # everything is cached: a second run trains and evaluates nothing and writes the same numbers
     def stamps():  # every cached training and evaluation (the built-in months are rewritten as data each run)

@@ -18,7 +18,14 @@ from transformers import TrainerCallback
 
 from peft_selective import SAProjConfig, SelectiveMLPConfig
 from peft_selective.campaign.campaign import Campaign, CampaignConfig, CampaignError
-from peft_selective.retention import choose_scale, layer_index, parse_layer_scales, scale_adapter, scaled_adapter
+from peft_selective.retention import (
+    choose_scale,
+    layer_factor,
+    layer_index,
+    parse_layer_scales,
+    scale_adapter,
+    scaled_adapter,
+)
 from peft_selective.tuners.selective.layer import SelectiveLayer
 
 
@@ -143,6 +150,23 @@ def test_layer_scales_only_touch_the_named_blocks(make_tiny_model):
     for key, value in trained.items():
         factor = 0.0 if ".layers.1." in key else 0.5
         torch.testing.assert_close(model.state_dict()[key], factor * value)
+
+
+def test_layer_factor_gives_each_weight_the_factor_scale_adapter_gives_its_layer(make_tiny_model):
+    factor = layer_factor("0-0:0.5,5-:0")
+    assert factor("model.layers.0.mlp.gate_proj.weight") == 0.5
+    assert factor("model.layers.3.mlp.up_proj.weight") == 1.0  # no key covers block 3
+    assert factor("model.layers.7.self_attn.q_proj.weight") == 0.0
+    assert factor("lm_head.weight") == 1.0  # no block index
+    assert layer_factor(None)("model.layers.0.mlp.gate_proj.weight") == 1.0
+    # the same factors as scale_adapter's record, from a mapping or a callable
+    model = adapted(make_tiny_model, "lora")
+    record = scale_adapter(model, "month", 1.0, layer_scales={"0-0": 0.25})
+    for index, value in record["layer_factors"].items():
+        assert layer_factor({"0-0": 0.25})(f"model.layers.{index}.mlp") == value
+    assert layer_factor(lambda index: index / 10)("model.layers.3.mlp") == 0.3
+    with pytest.raises(ValueError, match="overlap"):
+        layer_factor("0-5:1,3-:1")
 
 
 def test_bad_layer_scales_and_scales_are_refused(make_tiny_model):
