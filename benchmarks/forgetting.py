@@ -925,6 +925,13 @@ def aggregate(
         entry["meets_bar"] = reached and meets_bar(entry)
         report["arms"][arm]["matched"] = entry
         matched_exact[arm] = values["knowledge_exact"]
+    recommended = next((arm for arm in curves if ARMS[arm].recommended), None)
+    for arm in curves:
+        entry = report["arms"][arm].get("matched")
+        if recommended and arm != recommended and entry and not entry["reached_lora_learning"]:
+            entry["recommended_at_this_learning"] = at_learning(
+                curves[recommended], entry["learning_behaviour"]["mean"]
+            )
     if style is not None:
         report["style_reference"] = style_comparison(style, matched_exact, lora["knowledge_exact"])
     # The verdict judges the recommended arm, fixed before any result; the ablation table shows the others, but picking
@@ -944,6 +951,15 @@ def aggregate(
             "bar": {"learning_share_at_least": LEARNING_SHARE, "loss_shares_at_most": LOSS_SHARE},
         }
     return report
+
+
+def at_learning(curve: dict[float, dict[str, list[float]]], learning: float) -> dict[str, Any]:
+    """An arm's curve read at `learning` (item by item between the alphas around it): where another arm never
+    reaches LoRA's learning, the recommended arm's global dial at *its* learning is the fair comparison."""
+    alpha, values, _ = interpolate(curve, learning)
+    reached = abs(sum(values["learning_behaviour"]) / len(values["learning_behaviour"]) - learning) < 1e-9
+    # not reached: `learning` lies outside the curve (below its smallest alpha, or above its largest)
+    return {"alpha": alpha, "reached": reached, **summarize(values)}
 
 
 def style_comparison(style: dict, matched_exact: dict[str, list[float]], lora_exact: list[float]) -> dict[str, Any]:
@@ -1053,6 +1069,25 @@ def render(report: dict[str, Any]) -> str:
             "",
             f"**Meets the bar: {'yes' if verdict['meets_bar'] else 'no'}** (point estimates; n/a: LoRA has no such "
             "loss to take a share of, and then ours must lose nothing).",
+        ]
+    short = [(arm, entry["matched"]) for arm, entry in report["arms"].items()
+             if "recommended_at_this_learning" in entry.get("matched", {})]  # fmt: skip
+    if short:
+        recommended = report["verdict"]["judged"] if report.get("verdict") else "the recommended arm"
+        rows = []
+        for arm, m in short:
+            other = m["recommended_at_this_learning"]
+            rows.append([f"{arm} (alpha {m['alpha']:.2f})"] + [_ci(m.get(k)) for k in METRICS])
+            outside = "" if other["reached"] else ", the nearest: that learning is outside its curve"
+            rows.append(
+                [f"{recommended} (alpha {other['alpha']:.2f}{outside})"] + [_ci(other.get(k)) for k in METRICS]
+            )
+        lines += [
+            "",
+            f"Arms that never reach LoRA's learning, against `{recommended}` scaled to the same learning (interpolated "
+            "per item between its alphas):",
+            "",
+            markdown_table(["arm"] + [names[m] for m in METRICS], rows),
         ]
     reference = report.get("style_reference")
     if reference:

@@ -130,6 +130,16 @@ def test_the_style_reference_shows_each_in_scope_question_its_months_training_pa
     assert result["in_style"] == [1.0] and result["in_scope_items"] == 1
 
 
+def test_an_arm_short_of_loras_learning_is_compared_with_the_recommended_arm_at_its_own_learning(forgetting):
+    curve = {0.5: values(0.2, exact=0.4), 1.0: values(0.6, exact=0.2)}
+    reading = forgetting.at_learning(curve, 0.4)
+    assert reading["reached"] and reading["alpha"] == pytest.approx(0.75)
+    assert reading["learning_behaviour"]["mean"] == pytest.approx(0.4)
+    assert reading["knowledge_exact"]["mean"] == pytest.approx(0.3)
+    below = forgetting.at_learning(curve, 0.1)  # less than the curve's smallest alpha learns: its nearest point
+    assert not below["reached"] and below["alpha"] == 0.5
+
+
 def test_each_arm_is_compared_with_the_style_reference_item_by_item_over_its_runs(forgetting):
     style = {"shots": 4, "in_scope_items": 4, "knowledge_exact": [1.0, 0.0, 1.0, 0.0], "in_style": [1.0] * 4}
     two_runs = [1.0, 1.0, 1.0, 0.0] + [0.0, 0.0, 1.0, 0.0]  # +1 on item 2 in run 1, -1 on item 1 in run 2
