@@ -924,7 +924,9 @@ def aggregate(
         entry.update(shares(values, lora, base))
         entry["meets_bar"] = reached and meets_bar(entry)
         report["arms"][arm]["matched"] = entry
-        matched_exact[arm] = values["knowledge_exact"]
+        matched_exact[f"{arm} (matched)" if reached else f"{arm} (alpha {alpha_star:g}, short of LoRA's learning)"] = (
+            values["knowledge_exact"]
+        )
     recommended = next((arm for arm in curves if ARMS[arm].recommended), None)
     for arm in curves:
         entry = report["arms"][arm].get("matched")
@@ -963,8 +965,9 @@ def at_learning(curve: dict[float, dict[str, list[float]]], learning: float) -> 
 
 
 def style_comparison(style: dict, matched_exact: dict[str, list[float]], lora_exact: list[float]) -> dict[str, Any]:
-    """The style reference's summary, and each arm's exact-match knowledge minus it on the same items (paired; an
-    arm's items are its runs' items one after the other, so the reference is repeated once per run)."""
+    """The style reference's summary, and each arm's exact-match knowledge (`{row label: per-item values}`) minus it on
+    the same items (paired; an arm's items are its runs' items one after the other, so the reference is repeated once
+    per run)."""
     from peft_selective.evaluation import paired_difference
 
     reference = style["knowledge_exact"]
@@ -977,7 +980,7 @@ def style_comparison(style: dict, matched_exact: dict[str, list[float]], lora_ex
         "in_scope_items": style["in_scope_items"],
         **summarize({"knowledge_exact": reference, "in_style": style["in_style"]}),
         "minus_reference": {"lora_all (alpha 1)": minus_reference(lora_exact)}
-        | {f"{arm} (matched)": minus_reference(values) for arm, values in matched_exact.items()},
+        | {label: minus_reference(values) for label, values in matched_exact.items()},
     }
 
 
