@@ -547,7 +547,7 @@ def month_scores(generations: list[str], month: Month, split) -> list[float]:
     from peft_selective.evaluation import agreement
 
     if month.checks:
-        return [float(all(check.matches(g) for check in month.checks)) for g in generations]
+        return [float(in_style(g, month)) for g in generations]
     return [agreement(g, row["chosen"], row["rejected"]) for g, row in zip(generations, split)]
 
 
