@@ -7,9 +7,9 @@ adapter and <= 1.2x its memory. One *month* is measured end to end, as a user ru
   peft_config=SelectiveMLPConfig(rank=16, alpha=32))` + `train()`; month 2 of a plain campaign (month 1 trained the
   same way first, untimed, and merged with `merge_and_unload`, what users of plain TRL do between months).
 * `ours`: month 2 of a `ContinualDPOTrainer` campaign with the retention terms of `RECOMMENDED` (below):
-  construction (rehearsal mix, the month-1 model's greedy continuations of the anchor prompts, the boundary pairs'
-  answers, tokenization) + `train()` + `finish_month("m2")` (the month's rehearsal sample and its own-reference
-  log-probs). Month 1 (`ContinualDPOTrainer`, adapter `m1`, no retention terms, then `finish_month("m1")`) is trained
+  construction (rehearsal mix, the boundary pairs' answers, tokenization) + `train()` (which starts by generating the
+  month-1 model's greedy continuations of the anchors its steps draw) + `finish_month("m2")` (the month's rehearsal
+  sample and its own-reference log-probs). Month 1 (`ContinualDPOTrainer`, adapter `m1`, no retention terms, then `finish_month("m1")`) is trained
   first, untimed, so that the rehearsal buffer and the earlier-month anchor prompts exist and the month-1 adapter is
   stacked (frozen, active) under month 2's. Month 1 runs `--month1-steps` (6) steps in both arms: it only creates
   the state month 2 starts from (and warms the runtime alike in both arms), so its length is not measured.
@@ -326,11 +326,12 @@ def run_worker(args: argparse.Namespace) -> None:
         class TimedContinualDPOTrainer(ContinualDPOTrainer):
             """The trainer unchanged, its one-off generation and month-end steps timed."""
 
-            _build_anchors = clock.timed("anchor_generation", ContinualDPOTrainer._build_anchors)
             _add_boundary_rows = clock.timed("boundary_generation", ContinualDPOTrainer._add_boundary_rows)
             _store_reference_logps = clock.timed("finish_reference_logps", ContinualDPOTrainer._store_reference_logps)
 
         cdt.anchor_kl = clock.timed("anchor_kl_forward", cdt.anchor_kl)  # the KL's two forwards, inside train
+        # The anchors' continuations, generated when training starts (those its steps draw), inside train
+        cdt.AnchorSet.ensure_continued = clock.timed("anchor_generation", cdt.AnchorSet.ensure_continued)
         fisher_dir = str(work / "fisher") if options.get("ewc_coef", 0) > 0 else None
         config = ContinualDPOConfig(
             **dpo_options(args, work / "m2", args.steps), adapter_name="m2", fisher_dir=fisher_dir, **options
@@ -355,6 +356,7 @@ def run_worker(args: argparse.Namespace) -> None:
             rehearsal=trainer.rehearsal_summary,
             boundary_rows=trainer.boundary_rows,
             anchors=None if trainer.anchors is None else trainer.anchors.kind_counts(),
+            anchors_continued=None if trainer.anchors is None else trainer.anchors.continued_count,
             own_reference_rows=trainer.own_reference_rows,
         )
     clock.add("month", month_start)
@@ -417,7 +419,15 @@ def summarize(keys: list[str], runs: dict[str, list[dict[str, Any]]]) -> list[di
         row["global_steps"] = mine[0]["global_steps"]
         row["trainable_params"] = mine[0]["trainable_params"]
         row["final_loss"] = mine[-1]["losses"][-1] if mine[-1]["losses"] else None
-        for extra in ("options", "rehearsal", "boundary_rows", "anchors", "finish_month", "own_reference_rows"):
+        for extra in (
+            "options",
+            "rehearsal",
+            "boundary_rows",
+            "anchors",
+            "anchors_continued",
+            "finish_month",
+            "own_reference_rows",
+        ):
             if extra in mine[0]:
                 row[extra] = mine[0][extra]
         rows.append(row)
@@ -449,9 +459,9 @@ def verdict(row: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- reporting
 PHASE_LABELS = {
     "construct": "construction",
-    "anchor_generation": "of which: anchor continuations (generation)",
     "boundary_generation": "of which: boundary answers (generation)",
     "train": "train()",
+    "anchor_generation": "of which: anchor continuations (generation)",
     "anchor_kl_forward": "of which: anchor-KL forwards (backward not separable)",
     "finish_month": "finish_month()",
     "finish_reference_logps": "of which: own-reference log-probs of the buffer rows",
@@ -524,10 +534,11 @@ def cost_text(rows: dict[str, dict[str, Any]]) -> list[str]:
     extra = ours["month_wall_s_median"] - plain["month_wall_s_median"]
     lines = [
         f"Where `ours` spends its extra {extra:+.1f} s (median wall, against plain): "
-        f"construction {wall(op, 'construct') - wall(pp, 'construct'):+.1f} s (anchor continuations "
-        f"{wall(op, 'anchor_generation'):.1f} s, boundary answers {wall(op, 'boundary_generation'):.1f} s), "
-        f"train() {wall(op, 'train') - wall(pp, 'train'):+.1f} s (anchor-KL forwards {wall(op, 'anchor_kl_forward'):.1f}"
-        f" s of it, their backward not separable), finish_month() {wall(op, 'finish_month'):.1f} s (own-reference "
+        f"construction {wall(op, 'construct') - wall(pp, 'construct'):+.1f} s (boundary answers "
+        f"{wall(op, 'boundary_generation'):.1f} s), train() {wall(op, 'train') - wall(pp, 'train'):+.1f} s (anchor "
+        f"continuations {wall(op, 'anchor_generation'):.1f} s and anchor-KL forwards "
+        f"{wall(op, 'anchor_kl_forward'):.1f} s of it, their backward not separable), finish_month() "
+        f"{wall(op, 'finish_month'):.1f} s (own-reference "
         f"log-probs {wall(op, 'finish_reference_logps'):.1f} s)."
     ]
     singles = [k for k in rows if k.startswith("only_") or k == "ours_none"]
@@ -699,6 +710,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
         f"{args.threads or torch.get_num_threads()} torch thread(s); {args.repeats} round(s), each arm in a fresh "
         f"process per round, order rotated every round. Recipe of `ours`: `{json.dumps(args.recipe)}`."
     )
+    ours_row = next(r for r in rows if r["key"] == "ours")
+    if ours_row.get("anchors"):
+        header += (
+            f" Its anchors: {ours_row['anchors']}, of which {ours_row.get('anchors_continued')} drawn by the month's "
+            "steps and so continued."
+        )
     notes = [header, "", results_table(rows, labels), "", phases_table(rows, labels), ""]
     notes.append(
         f"**Verdict** (ours vs plain, paired medians): time {ratio3(v['wall_ratio'])} wall / "

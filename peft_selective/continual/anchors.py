@@ -12,7 +12,7 @@ misses. The anchor prompts come in three kinds (`ContinualDPOConfig.kl_anchor_ki
   month's template is where its style bleeds first, onto questions that look like its own but are not.
 
 By default each anchor is the prompt followed by the previous model's own greedy continuation (generated once, when
-training starts). With `kl_anchor_refresh_steps > 0` the continuations are regenerated from the *current policy*
+training starts, for the anchors the month's steps will draw; see [`AnchorSet`]). With `kl_anchor_refresh_steps > 0` the continuations are regenerated from the *current policy*
 every k optimizer steps ([`AnchorSet.refresh_continuations`]): the KL is then scored on the policy's own samples, and
 the reverse KL per token on them is the on-policy estimate of KL(policy ‖ previous model).
 
@@ -384,8 +384,24 @@ def greedy_continuations(
     return results
 
 
+@dataclass
+class _Continuer:
+    """The model that continues an [`AnchorSet`]'s anchors, and how (see [`greedy_continuations`])."""
+
+    model: nn.Module
+    max_new_tokens: int
+    batch_size: int
+    show_progress: bool
+    known: dict
+
+
 class AnchorSet:
     """Tokenized anchor sequences (prompt + a model's continuation), sampled in batches.
+
+    The continuations are generated when first needed ([`continue_with`] names the model, [`ensure_continued`]
+    generates): a month of `max_steps` steps draws far fewer anchors than it has (18 steps draw 36 of the 160 default
+    anchors), and the trainer generates the continuations of the anchors its steps will draw, once, when training
+    starts. Reading [`sequences`] or [`calibration_batches`] continues every anchor; [`sample`] those it draws.
 
     Args:
         prompts: plain strings (wrapped as a user turn when the tokenizer has a chat template) or conversations.
@@ -412,16 +428,69 @@ class AnchorSet:
         self.kinds = list(kinds) if kinds is not None else ["custom"] * len(self.prompts)
         #: The prompts' token ids; kept when the continuations are dropped ([`drop_continuations`]).
         self.prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in self.prompts]
-        self.sequences = [list(ids) for ids in self.prompt_ids]
+        self._sequences = [list(ids) for ids in self.prompt_ids]
         # index of the first position whose next-token distribution is scored (the last prompt token)
-        self.score_from = [len(ids) - 1 for ids in self.sequences]
+        self.score_from = [len(ids) - 1 for ids in self._sequences]
+        # The model that continues the anchors not continued yet (None: the prompts alone are the anchors)
+        self._continuer: Optional[_Continuer] = None
+        self._continued = [False] * len(self.prompts)
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self._sequences)
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        """Every anchor's token ids, prompt + continuation (continuing those not continued yet)."""
+        self.ensure_continued()
+        return self._sequences
+
+    @property
+    def continued_count(self) -> int:
+        """How many anchors carry their continuation so far (all of them when there is nothing to generate)."""
+        return len(self) if self._continuer is None else sum(self._continued)
 
     def kind_counts(self) -> dict[str, int]:
         """Anchors per kind, e.g. `{"general": 32, "same_shape": 64}`."""
         return dict(Counter(self.kinds))
+
+    def continue_with(
+        self,
+        model: nn.Module,
+        max_new_tokens: int,
+        batch_size: int = 8,
+        show_progress: bool = True,
+        known: Optional[Mapping[tuple[int, ...], Sequence[int]]] = None,
+    ) -> None:
+        """From now on the anchors are continued by `model`'s greedy continuation (up to `max_new_tokens`; `0` keeps
+        the prompts alone), generated when first needed ([`ensure_continued`]). Continuations of another model are
+        dropped. `known`: continuations `model` already gave (see [`greedy_continuations`])."""
+        self.drop_continuations()
+        if max_new_tokens > 0:
+            self._continuer = _Continuer(model, max_new_tokens, batch_size, show_progress, dict(known or {}))
+
+    def ensure_continued(self, indices: Optional[Iterable[int]] = None) -> int:
+        """Generate the continuations of the anchors `indices` (default: all) that have none yet, in batches of the
+        continuer's batch size; returns how many were generated."""
+        if self._continuer is None:
+            return 0
+        wanted = range(len(self)) if indices is None else sorted(set(indices))
+        todo = [index for index in wanted if not self._continued[index]]
+        if not todo:
+            return 0
+        continuer = self._continuer
+        continuations = greedy_continuations(
+            continuer.model,
+            self.tokenizer,
+            [self.prompt_ids[index] for index in todo],
+            continuer.max_new_tokens,
+            continuer.batch_size,
+            continuer.show_progress,
+            known=continuer.known,
+        )
+        for index, continuation in zip(todo, continuations):
+            self._sequences[index] = list(self.prompt_ids[index]) + continuation
+            self._continued[index] = True
+        return len(todo)
 
     def add_continuations(
         self,
@@ -431,38 +500,51 @@ class AnchorSet:
         show_progress: bool = True,
         known: Optional[Mapping[tuple[int, ...], Sequence[int]]] = None,
     ) -> None:
-        """Append `reference`'s greedy continuation (up to `max_new_tokens`) to every anchor; 0 keeps prompts only.
-        `known`: continuations `reference` already gave (see [`greedy_continuations`])."""
-        if max_new_tokens <= 0:
-            return
-        continuations = greedy_continuations(
-            reference, self.tokenizer, self.sequences, max_new_tokens, batch_size, show_progress, known=known
-        )
-        self.sequences = [ids + continuation for ids, continuation in zip(self.sequences, continuations)]
+        """Continue every anchor now with `reference`'s greedy continuation (up to `max_new_tokens`; 0 keeps prompts
+        only): [`continue_with`] then [`ensure_continued`]. `known`: continuations `reference` already gave (see
+        [`greedy_continuations`])."""
+        self.continue_with(reference, max_new_tokens, batch_size, show_progress, known)
+        self.ensure_continued()
 
     def drop_continuations(self) -> None:
         """Back to the prompts alone (their token ids are kept), e.g. before new continuations are added."""
-        self.sequences = [list(ids) for ids in self.prompt_ids]
+        self._sequences = [list(ids) for ids in self.prompt_ids]
+        self._continuer = None
+        self._continued = [False] * len(self.prompts)
 
     def refresh_continuations(
-        self, model: nn.Module, max_new_tokens: int, batch_size: int = 8, show_progress: bool = False
+        self,
+        model: nn.Module,
+        max_new_tokens: int,
+        batch_size: int = 8,
+        show_progress: bool = False,
+        indices: Optional[Iterable[int]] = None,
     ) -> None:
-        """Replace every anchor's continuation by `model`'s greedy one (the on-policy refresh, with the policy)."""
-        self.drop_continuations()
-        self.add_continuations(model, max_new_tokens, batch_size=batch_size, show_progress=show_progress)
+        """Replace every anchor's continuation by `model`'s greedy one (the on-policy refresh, with the policy):
+        generated now for the anchors `indices` (default: all), for the others when first needed."""
+        self.continue_with(model, max_new_tokens, batch_size=batch_size, show_progress=show_progress)
+        self.ensure_continued(indices)
+
+    def draw(self, batch_size: int, rng: random.Random) -> list[int]:
+        """The indices of `batch_size` anchors drawn with `rng` (with replacement): what [`sample`] batches."""
+        return [rng.randrange(len(self)) for _ in range(batch_size)]
 
     def sample(self, batch_size: int, rng: random.Random, device: torch.device) -> AnchorBatch:
-        """A batch of `batch_size` anchors drawn with `rng`, left-padded so the scored positions are the last ones."""
-        return self._batch([rng.randrange(len(self.sequences)) for _ in range(batch_size)], device)
+        """A batch of `batch_size` anchors drawn with `rng` ([`draw`]), continued if they were not yet, left-padded so
+        the scored positions are the last ones."""
+        indices = self.draw(batch_size, rng)
+        self.ensure_continued(indices)
+        return self._batch(indices, device)
 
     def calibration_batches(self, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
         """Every anchor once, as protected data for `peft_selective.calibrate`: batches with `input_ids`,
         `attention_mask` and a `protected_mask` on the positions the KL scores (the last prompt token and the
         continuation's), so a GeometryProjected adapter protects the answers the month t−1 model gives off-scope,
         where a month's style bleeds, rather than the prompts' own tokens."""
+        self.ensure_continued()
         batches = []
-        for start in range(0, len(self.sequences), batch_size):
-            batch = self._batch(range(start, min(start + batch_size, len(self.sequences))), torch.device("cpu"))
+        for start in range(0, len(self), batch_size):
+            batch = self._batch(range(start, min(start + batch_size, len(self))), torch.device("cpu"))
             batches.append(
                 {
                     "input_ids": batch.input_ids,
@@ -475,7 +557,7 @@ class AnchorSet:
     def _batch(self, indices: Sequence[int], device: torch.device) -> AnchorBatch:
         rows, scored = [], []
         for index in indices:
-            ids, start = self.sequences[index], self.score_from[index]
+            ids, start = self._sequences[index], self.score_from[index]
             cut = max(0, len(ids) - self.max_length)
             ids, start = ids[cut:], max(0, start - cut)
             rows.append(ids)

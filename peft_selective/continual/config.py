@@ -106,9 +106,11 @@ class ContinualDPOConfig(DPOConfig):
         kl_batch_size (`int`, *optional*):
             Anchor sequences per KL term; defaults to half of `per_device_train_batch_size` (at least 1).
         kl_anchor_max_new_tokens (`int`, *optional*, defaults to `16`):
-            Length of the month t−1 model's greedy continuation of each anchor, generated once when the trainer is
-            built (and of the policy's, with `kl_anchor_refresh_steps`); `0` compares the next-token distributions at
-            the prompt's end only.
+            Length of the month t−1 model's greedy continuation of each anchor (and of the policy's, with
+            `kl_anchor_refresh_steps`); `0` compares the next-token distributions at the prompt's end only. Generated
+            once, when training starts, for the anchors the month's steps will draw (18 steps with a KL batch of 2
+            draw 36 of the 160 default anchors); the others when first read (`AnchorSet.sequences`,
+            `calibration_batches`).
         kl_anchor_refresh_steps (`int`, *optional*, defaults to `0`):
             `0`: the anchors keep the month t−1 model's continuations, generated once. `k > 0`: every `k` optimizer
             steps (at global steps k, 2k, ...) the continuations are regenerated from the *current policy* (greedy,
@@ -121,12 +123,11 @@ class ContinualDPOConfig(DPOConfig):
             Anchors longer than this (prompt + continuation) are cut from the left.
         anchor_generation_batch_size (`int`, *optional*, defaults to `32`):
             Sequences per batch when the anchors' continuations and the boundary rows' answers are generated (greedy,
-            no gradient). Larger batches read the weights once for more sequences: on CPU the bundled model's anchors
-            took 41 s of CPU at 32 against 63 s at 8 (`benchmarks/results/month_cost.md`, today's and the previous
-            run); lower it if the generation runs out of memory.
+            no gradient). Larger batches read the weights once for more sequences: on CPU all 160 of the bundled
+            model's anchors took 41 s of CPU at 32 against 63 s at 8 (two `benchmarks/results/month_cost.md` runs
+            before the anchors were continued only when drawn); lower it if the generation runs out of memory.
         kl_max_general_anchors (`int`, *optional*):
-            Use only the first this many of the 32 general anchor prompts (default: all); fewer anchors make the
-            one-off continuation generation cheaper.
+            Use only the first this many of the 32 general anchor prompts (default: all).
         kl_max_rehearsal_anchors (`int`, *optional*, defaults to `64`):
             At most this many earlier months' prompts (from the buffer) join the general anchor prompts.
 

@@ -636,14 +636,19 @@ class ContinualDPOTrainer(DPOTrainer):
         reference = self._reference_model()
         # The same prompts' boundary answers (same-shape variants), by the same model: not generated twice
         boundary_model, boundary_answers = self._boundary_answers or (None, None)
-        anchors.add_continuations(
+        # Continued when first needed: `_init_training_state` generates those the month's steps will draw
+        anchors.continue_with(
             reference,
             args.kl_anchor_max_new_tokens,
             batch_size=args.anchor_generation_batch_size,
             show_progress=not args.disable_tqdm,
             known=boundary_answers if boundary_model is not None and boundary_model is reference else None,
         )
-        logger.info("%d anchor sequences %s, continued by the month t-1 model.", len(anchors), anchors.kind_counts())
+        logger.info(
+            "%d anchor sequences %s, continued by the month t-1 model when first drawn.",
+            len(anchors),
+            anchors.kind_counts(),
+        )
         return anchors
 
     def off_scope_anchors(self) -> AnchorSet:
@@ -683,7 +688,10 @@ class ContinualDPOTrainer(DPOTrainer):
         if due == 0 or due == self._anchors_refreshed_at:
             return
         self.anchors.refresh_continuations(
-            self._policy(), self.args.kl_anchor_max_new_tokens, batch_size=self.args.anchor_generation_batch_size
+            self._policy(),
+            self.args.kl_anchor_max_new_tokens,
+            batch_size=self.args.anchor_generation_batch_size,
+            indices=self._planned_anchor_draws(due, min(due + every, self.state.max_steps)),
         )
         self._anchors_refreshed_at = due
         logger.info("Anchor continuations regenerated from the policy at step %d.", self.state.global_step)
@@ -915,8 +923,7 @@ class ContinualDPOTrainer(DPOTrainer):
                 loss = loss + args.rehearsal_nll_coef * nll
                 self._retention_metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
         if self.anchors is not None and mode == "train" and self.state.global_step % args.kl_every == 0:
-            batch_size = args.kl_batch_size or max(1, args.per_device_train_batch_size // 2)
-            batch = self.anchors.sample(batch_size, self._anchor_rng(), self.accelerator.device)
+            batch = self.anchors.sample(self._kl_batch_size(), self._anchor_rng(), self.accelerator.device)
             # The unwrapped policy: a second forward through DDP before one backward is not needed, its gradient
             # hooks fire either way.
             kl = anchor_kl(self.accelerator.unwrap_model(model), self._reference_model(), batch, args.kl_direction)
@@ -982,11 +989,31 @@ class ContinualDPOTrainer(DPOTrainer):
             return
         self.add_callback(TrainingHealthCallback(self.args.health_check_steps, allow_non_finite=self.args.fp16))
 
+    def _kl_batch_size(self) -> int:
+        return self.args.kl_batch_size or max(1, self.args.per_device_train_batch_size // 2)
+
     def _anchor_rng(self) -> random.Random:
         step, draws = self._anchor_draws
         draws = draws + 1 if step == self.state.global_step else 0
         self._anchor_draws = (self.state.global_step, draws)
-        return random.Random(f"{self.args.seed}/{self.args.process_index}/{self.state.global_step}/{draws}")
+        return self._anchor_rng_at(self.state.global_step, draws)
+
+    def _anchor_rng_at(self, step: int, draw: int) -> random.Random:
+        """The generator of the `draw`-th anchor batch of optimizer step `step` (one batch per micro-batch)."""
+        return random.Random(f"{self.args.seed}/{self.args.process_index}/{step}/{draw}")
+
+    def _planned_anchor_draws(self, start: int, stop: int) -> list[int]:
+        """The anchors the retention KL will draw at the optimizer steps `start..stop-1`: one batch per micro-batch
+        (`gradient_accumulation_steps` a step) on the steps it is computed (`kl_every`). A step with fewer micro-batches
+        (an epoch's last) draws fewer; an unplanned draw is continued when drawn."""
+        args = self.args
+        indices = []
+        for step in range(start, stop):
+            if step % args.kl_every:
+                continue
+            for draw in range(args.gradient_accumulation_steps):
+                indices += self.anchors.draw(self._kl_batch_size(), self._anchor_rng_at(step, draw))
+        return indices
 
     def _rehearsal_nll(self, output, inputs, is_rehearsal: torch.Tensor) -> Optional[torch.Tensor]:
         """Mean per-token NLL of the rehearsed rows' chosen responses, from the policy's DPO forward."""
@@ -1060,6 +1087,8 @@ class ContinualDPOTrainer(DPOTrainer):
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
         self._resumed_at_end = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self.anchors is not None:
+            self._continue_planned_anchors(max_steps)
         if self._resumed_at_end:
             # transformers checks max_steps after a step only: resumed at it, it would run one more (seam
             # `init_training_state`). No epoch left: the loop runs none.
@@ -1068,6 +1097,19 @@ class ContinualDPOTrainer(DPOTrainer):
             )
             return num_train_epochs, 0
         return epochs_trained, steps_trained
+
+    def _continue_planned_anchors(self, max_steps: int) -> None:
+        """Generate, in one go, the month t−1 model's continuations of the anchors the month's steps will draw (up to
+        the first refresh, with `kl_anchor_refresh_steps`), not of every anchor: 18 steps draw 36 of 160. Planned
+        from step 0 also on resume, so the generation batches, and so the continuations, are the uninterrupted
+        run's."""
+        every = self.args.kl_anchor_refresh_steps
+        stop = max_steps if every <= 0 else min(max_steps, every)
+        if self.state.global_step < stop:  # (else a refresh from the resumed policy comes first)
+            generated = self.anchors.ensure_continued(self._planned_anchor_draws(0, stop))
+            logger.info(
+                "Continued the %d anchors (of %d) that the steps before %d draw.", generated, len(self.anchors), stop
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume this month's adapter only. `Trainer` would reload every adapter of the checkpoint and leave just the

@@ -215,9 +215,10 @@ def spy_on_refreshes(monkeypatch, policy_holder: list) -> list[dict]:
     calls = []
     original = AnchorSet.refresh_continuations
 
-    def spy(self, model, max_new_tokens, batch_size=8, show_progress=False):
+    def spy(self, model, max_new_tokens, batch_size=8, show_progress=False, indices=None):
         training = model.training
-        original(self, model, max_new_tokens, batch_size=batch_size, show_progress=show_progress)
+        original(self, model, max_new_tokens, batch_size=batch_size, show_progress=show_progress, indices=indices)
+        assert all(self._continued[index] for index in indices)  # the window's draws are generated now
         expected = greedy_continuations(model, self.tokenizer, self.prompt_ids, max_new_tokens, show_progress=False)
         calls.append(
             dict(
@@ -303,8 +304,41 @@ def test_anchor_and_boundary_generation_use_their_batch_size(tmp_path, monkeypat
 
     monkeypatch.setattr(anchors_module, "greedy_continuations", spy(anchors_module.greedy_continuations))
     monkeypatch.setattr(trainer_module, "greedy_continuations", spy(trainer_module.greedy_continuations))
-    trainer(tmp_path, boundary_pairs=2, anchor_generation_batch_size=3, **KL)
-    assert sizes == [3, 3]  # the boundary answers, then the anchors' continuations
+    built = trainer(tmp_path, boundary_pairs=2, anchor_generation_batch_size=3, **KL)
+    assert sizes == [3]  # the boundary answers; the anchors' continuations when first needed
+    built.anchors.ensure_continued()
+    assert sizes == [3, 3]
+
+
+def test_only_the_anchors_the_steps_draw_are_continued_once_when_training_starts(tmp_path, monkeypatch):
+    """18 steps draw 36 of 160 anchors: the trainer continues those it will draw, in one go before the first step,
+    with the month t−1 model's continuations an eager generation of every anchor gives; none is generated mid-way."""
+    options = {**KL, "kl_max_general_anchors": 24, "max_steps": 3, "gradient_accumulation_steps": 2}
+    built = trainer(tmp_path, **options)
+    anchors = built.anchors
+    assert anchors.continued_count == 0  # nothing generated when the trainer is built
+    drawn, generated_in_steps = [], []
+    original_draw, original_sample = AnchorSet.draw, AnchorSet.ensure_continued
+
+    def sample(self, batch_size, rng, device):  # the KL's draws
+        indices = original_draw(self, batch_size, rng)
+        drawn.extend(indices)
+        generated_in_steps.append(original_sample(self, indices))
+        return self._batch(indices, device)
+
+    monkeypatch.setattr(AnchorSet, "sample", sample)
+    built.train()
+    continued = {index for index in range(len(anchors)) if anchors._continued[index]}
+    # 3 steps x 2 micro-batches planned; 12 rows in batches of 4 give an epoch's last step one micro-batch only
+    assert len(drawn) == 5 * built._kl_batch_size()
+    planned = built._planned_anchor_draws(0, 3)
+    assert len(planned) == 6 * built._kl_batch_size()
+    assert set(drawn) <= continued == set(planned) and len(continued) < len(anchors)
+    assert not any(generated_in_steps)  # every draw was planned
+    eager = AnchorSet(anchors.prompts, anchors.tokenizer, max_length=anchors.max_length)
+    eager.add_continuations(built._reference_model(), 2, show_progress=False)
+    assert all(anchors._sequences[index] == eager.sequences[index] for index in continued)
+    assert anchors.sequences == eager.sequences  # reading them all continues the rest
 
 
 def decoded_greedy(model, tokenizer, prompt, max_new_tokens) -> str:
@@ -429,6 +463,7 @@ def test_same_shape_anchors_reuse_the_boundary_answers_of_the_same_prompts(tmp_p
         boundary_max_new_tokens=6,
         **{**KL, "kl_anchor_max_new_tokens": 3},
     )
+    built.anchors.ensure_continued()  # (when the trainer needs them)
     boundary, anchors = generated
     assert len(boundary) == 4 and set(boundary) <= {tuple(ids) for ids in built.anchors.prompt_ids}
     assert not set(boundary) & set(anchors) and len(anchors) == 8 - 4  # no prompt generated twice
