@@ -108,9 +108,9 @@ class CampaignError(RuntimeError):
 #: order: checksums checked; the month's data read, checked, split and written; the model loaded (base + done months'
 #: adapters); the base evaluated (month 0, the first month only); what is measured before the month (the base's
 #: log-probs of its test pairs, the behaviour of the model before it); the trainer built (rehearsal mix, boundary
-#: answers, tokenization, anchor continuations); the geometry calibration; training; the retention dial; the
-#: evaluation after the month (and its health check); the month finished (adapter saved, the buffer rows' reference
-#: log-probs, the Fisher); the card and the state written. `total` is the whole call.
+#: answers, tokenization); the geometry calibration; training (from the continuations of the anchors its steps draw);
+#: the retention dial; the evaluation after the month (and its health check); the month finished (adapter saved, the
+#: buffer rows' reference log-probs, the Fisher); the card and the state written. `total` is the whole call.
 MONTH_PHASES = (
     "verify", "data", "load_model", "baseline_evaluation", "before_month", "trainer", "calibration", "training",
     "retention_dial", "evaluation", "finish", "card",
