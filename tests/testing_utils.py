@@ -247,11 +247,13 @@ CHAT_WORDS = (
 ).split()
 
 
-def word_chat_tokenizer() -> T.PreTrainedTokenizerFast:
-    """A word-level tokenizer small enough for the tiny models' 128-token vocabulary, with a chat template."""
+def word_chat_tokenizer(extra_words: tuple[str, ...] = ()) -> T.PreTrainedTokenizerFast:
+    """A word-level tokenizer small enough for the tiny models' 128-token vocabulary, with a chat template;
+    `extra_words` (e.g. `(".",)`) come after `CHAT_WORDS`, so the other words keep their ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3, **{w: i + 4 for i, w in enumerate(CHAT_WORDS)}}
+    words = CHAT_WORDS + list(extra_words)
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = T.PreTrainedTokenizerFast(
@@ -380,3 +382,19 @@ def copy_of(campaign: Path, tmp_path: Path) -> Path:
     target = tmp_path / "campaign"
     shutil.copytree(campaign, target)
     return target
+
+
+def finish_boundary_answers(monkeypatch) -> None:
+    """Make the month t−1 model's boundary answers end with EOS, as a trained model's answers do: a random tiny
+    model's greedy answers run to the token budget with no sentence end, and such answers are skipped
+    (`ContinualDPOConfig.boundary_max_new_tokens`)."""
+    from peft_selective.continual import trainer as trainer_module
+
+    original = trainer_module.greedy_continuations
+
+    def finished(model, tokenizer, *args, **kwargs):
+        answers = original(model, tokenizer, *args, **kwargs)
+        eos = tokenizer.eos_token_id
+        return [answer if answer and answer[-1] == eos else answer + [eos] for answer in answers]
+
+    monkeypatch.setattr(trainer_module, "greedy_continuations", finished)

@@ -144,7 +144,11 @@ class ContinualDPOConfig(DPOConfig):
             The rows are scored against the month t−1 model like the month's new rows (also with
             `rehearsal_reference="own_month"`), are not kept in the rehearsal buffer and are left out of the Fisher.
         boundary_max_new_tokens (`int`, *optional*, defaults to `48`):
-            Length of the month t−1 model's greedy answers used as the boundary rows' chosen responses.
+            Token budget of the month t−1 model's greedy answers used as the boundary rows' chosen responses. An
+            answer still going at the budget keeps its whole sentences only
+            (`peft_selective.continual.trainer.whole_sentences`), and one with no complete sentence in it is skipped
+            (logged): the chat template ends the turn after the chosen answer, so a cut answer would teach the model
+            to stop mid-sentence.
 
         > Elastic weight consolidation
 

@@ -266,6 +266,19 @@ def last_complete_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[st
     return None
 
 
+#: A sentence's end: `.`, `!` or `?` (not after a digit: "1." of a list, "3.5") before a space or the text's end, or a
+#: line break.
+_SENTENCE_END = re.compile(r"(?<![0-9])[.!?](?=\s|$)|\n")
+
+
+def whole_sentences(text: str) -> Optional[str]:
+    """`text` up to its last complete sentence (see `_SENTENCE_END`), or `None` when it has none: what is kept of an
+    answer cut off by a token budget, so that a training row never ends mid-sentence."""
+    ends = [match.end() if match.group() != "\n" else match.start() for match in _SENTENCE_END.finditer(text)]
+    kept = text[: max(ends)].rstrip() if ends else ""
+    return kept or None
+
+
 def _starts_as_zero_update(peft_config: PeftConfig) -> bool:
     """Whether a new adapter of this config leaves the model unchanged at creation (PEFT's default initialisations:
     ours `init_weights=True`, LoRA's `init_lora_weights=True`). Anything else (random, PiSSA, OLoRA, ...) changes the
@@ -727,9 +740,19 @@ class ContinualDPOTrainer(DPOTrainer):
         )
         self._boundary_answers = (reference, {tuple(prompt_ids): answer for prompt_ids, answer in zip(ids, answers)})
         defaults = {REHEARSAL_FLAG: 0, "source": "boundary"}
-        rows, skipped = [], 0
+        rows, skipped, cut, unfinished = [], 0, 0, 0
         for (prompt, source), answer in zip(picked, answers):
             text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            finished = len(answer) < args.boundary_max_new_tokens or answer[-1] == tokenizer.eos_token_id
+            if not finished:
+                # Cut off by the budget: its whole sentences only (the chat template closes the turn after the
+                # chosen answer, so a cut answer would teach the model to stop mid-sentence)
+                whole = whole_sentences(text)
+                if whole is None:
+                    unfinished += 1
+                    continue
+                cut += whole != text
+                text = whole
             row = dict(month[source])
             rejected = row["chosen"]
             chosen = [{"role": "assistant", "content": text}] if isinstance(rejected, list) else text
@@ -740,6 +763,14 @@ class ContinualDPOTrainer(DPOTrainer):
             rows.append({column: row.get(column, defaults.get(column)) for column in train_dataset.column_names})
         if skipped:
             logger.info("%d boundary rows skipped: the reference's answer was empty or the month's own.", skipped)
+        if cut or unfinished:
+            logger.info(
+                "Boundary answers longer than boundary_max_new_tokens=%d: %d cut to their whole sentences, %d skipped "
+                "(no complete sentence in the budget; raise it to keep them).",
+                args.boundary_max_new_tokens,
+                cut,
+                unfinished,
+            )
         self.boundary_rows = len(rows)
         flags = [0] * len(train_dataset)
         if rows:

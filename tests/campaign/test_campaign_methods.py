@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from testing_utils import SCRIPTS_DIR, cli, write_month
+from testing_utils import SCRIPTS_DIR, cli, finish_boundary_answers, write_month
 from transformers import TrainerCallback
 
 from peft_selective.campaign.campaign import FORMAT_VERSION, Campaign, CampaignConfig
@@ -176,6 +176,7 @@ ANCHOR_OPTIONS = (
 
 
 def test_anchor_and_boundary_options_reach_the_trainer_and_the_records(tiny_chat_base, months, tmp_path, monkeypatch):
+    finish_boundary_answers(monkeypatch)
     directory = tmp_path / "anchors"
     options = [
         "--kl_coef", "0.1", "--kl_anchors", "2", "--kl_anchor_max_new_tokens", "3",
@@ -279,10 +280,13 @@ def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_
     assert FORMAT_VERSION not in FORMAT_TRAINING_DEFAULTS
 
 
-def test_two_months_with_the_default_retention_train_with_every_recommended_term(tiny_chat_base, months, tmp_path):
+def test_two_months_with_the_default_retention_train_with_every_recommended_term(
+    tiny_chat_base, months, tmp_path, monkeypatch
+):
     """A campaign with no retention option set (only sizes made small) trains each term of `RECOMMENDED_RETENTION`:
     month 2 rehearses month 1's pairs against month 1's own reference, the KL has general and same-shape anchors
     (earlier-month ones in month 2), the SFT term and the boundary rows are in the loss and the training set."""
+    finish_boundary_answers(monkeypatch)
     directory = tmp_path / "default"
     sizes = [
         "--rank", "4", "--learning_rate", "0.01", "--max_steps", "2", "--save_steps", "2",

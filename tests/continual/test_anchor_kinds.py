@@ -9,7 +9,14 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from testing_utils import continual_config, preference_month, tiny_chat_llama, word_chat_tokenizer
+from testing_utils import (
+    EOS,
+    continual_config,
+    finish_boundary_answers,
+    preference_month,
+    tiny_chat_llama,
+    word_chat_tokenizer,
+)
 
 from peft_selective import SelectiveMLPConfig
 from peft_selective.continual import AnchorSet, ContinualDPOConfig, ContinualDPOTrainer, RehearsalBuffer
@@ -19,7 +26,7 @@ from peft_selective.continual.anchors import (
     shape_variant_prompts,
     shape_variants,
 )
-from peft_selective.continual.trainer import BOUNDARY_FLAG
+from peft_selective.continual.trainer import BOUNDARY_FLAG, whole_sentences
 from peft_selective.utils.chat import encode_prompt
 
 
@@ -354,7 +361,8 @@ def decoded_greedy(model, tokenizer, prompt, max_new_tokens) -> str:
     return tokenizer.decode(out[0, len(ids["input_ids"]) :], skip_special_tokens=True).strip()
 
 
-def test_boundary_rows_prefer_the_references_answer_over_the_months_style(tmp_path):
+def test_boundary_rows_prefer_the_references_answer_over_the_months_style(tmp_path, monkeypatch):
+    finish_boundary_answers(monkeypatch)
     month_rows = capital_month("good", "bad")
     built = trainer(tmp_path, month_rows, boundary_pairs=5, boundary_max_new_tokens=4)
     data = built.train_dataset
@@ -379,7 +387,8 @@ def test_boundary_rows_prefer_the_references_answer_over_the_months_style(tmp_pa
     assert "boundary/fraction" in logged
 
 
-def test_boundary_rows_top_up_with_general_prompts_and_work_with_own_month_rehearsal(tmp_path):
+def test_boundary_rows_top_up_with_general_prompts_and_work_with_own_month_rehearsal(tmp_path, monkeypatch):
+    finish_boundary_answers(monkeypatch)
     first = trainer(tmp_path, capital_month("yes", "no"), buffer=RehearsalBuffer(tmp_path / "buffer"), max_steps=1)
     first.train()
     first.finish_month("m1")
@@ -404,7 +413,12 @@ def test_boundary_rows_top_up_with_general_prompts_and_work_with_own_month_rehea
     second.train()
 
 
-def test_boundary_rows_fall_back_to_general_prompts_for_string_months(tmp_path):
+def test_boundary_rows_fall_back_to_general_prompts_for_string_months(tmp_path, monkeypatch):
+    from peft_selective.continual import trainer as trainer_module
+
+    # (the random tiny model's answers to the general prompts, unknown words to its tokenizer, decode empty)
+    answer = [word_chat_tokenizer().convert_tokens_to_ids("yes"), EOS]
+    monkeypatch.setattr(trainer_module, "greedy_continuations", lambda model, tok, ids, *a, **k: [answer] * len(ids))
     varied = Dataset.from_dict(
         {"prompt": ["red one", "blue two", "green three"], "chosen": ["good"] * 3, "rejected": ["bad"] * 3}
     )
@@ -412,8 +426,47 @@ def test_boundary_rows_fall_back_to_general_prompts_for_string_months(tmp_path):
     data = built.train_dataset
     boundary = data.select([i for i, flag in enumerate(data[BOUNDARY_FLAG]) if flag])
     general = __import__("peft_selective.continual", fromlist=["x"]).general_anchor_prompts()
-    assert all(prompt in general for prompt in boundary["prompt"])  # strings, like the month's prompts
+    assert len(boundary) > 0 and all(prompt in general for prompt in boundary["prompt"])  # strings, like the month's
     assert all(rejected.startswith("good") for rejected in boundary["rejected"])  # TRL appends EOS
+
+
+def test_boundary_answers_cut_by_the_budget_keep_their_whole_sentences_or_are_skipped(tmp_path, monkeypatch, caplog):
+    """An answer still going at `boundary_max_new_tokens` would, as a closed assistant turn, teach the model to stop
+    mid-sentence: it keeps its whole sentences, and one with none is skipped; a finished answer stays whole."""
+    from peft_selective.continual import trainer as trainer_module
+
+    tokenizer = word_chat_tokenizer(extra_words=(".",))
+    ids = {word: tokenizer.convert_tokens_to_ids(word) for word in ("yes", "no", "red", ".")}
+    answers = [
+        [ids["yes"], ids["."], ids["no"], ids["red"]],  # cut by the budget of 4 after a sentence: "yes ."
+        [ids["yes"], ids["no"], ids["red"], ids["no"]],  # cut with no sentence end: skipped
+        [ids["no"], ids["red"], tokenizer.eos_token_id],  # finished (EOS): whole, though it has no "."
+        [ids["red"], ids["yes"], ids["no"]],  # finished (shorter than the budget): whole
+    ]
+    monkeypatch.setattr(trainer_module, "greedy_continuations", lambda *args, **kwargs: answers)
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
+        built = ContinualDPOTrainer(
+            tiny_chat_llama(),
+            args=continual_config(tmp_path, "m1", boundary_pairs=4, boundary_max_new_tokens=4),
+            train_dataset=capital_month("good", "bad"),
+            processing_class=tokenizer,
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+    data = built.train_dataset
+    chosen = [row["chosen"][0]["content"] for row in data.select([i for i, f in enumerate(data[BOUNDARY_FLAG]) if f])]
+    assert chosen == ["yes .", "no red", "red yes no"] and built.boundary_rows == 3
+    assert "1 cut to their whole sentences, 1 skipped" in caplog.text
+
+
+def test_whole_sentences_ends_at_the_last_complete_sentence():
+    assert whole_sentences("The sky is blue. It is a fun") == "The sky is blue."
+    assert whole_sentences("Why? Because it rains! And th") == "Why? Because it rains!"
+    assert (
+        whole_sentences("1. Be yourself. Authenticity is key. Don't be afr") == "1. Be yourself. Authenticity is key."
+    )
+    assert whole_sentences("It has 3.5 million people. It is") == "It has 3.5 million people."
+    assert whole_sentences("- tea\n- coff") == "- tea"
+    assert whole_sentences("1. Be") is None and whole_sentences("no end here") is None and whole_sentences("") is None
 
 
 def test_greedy_continuations_batch_by_length_and_reuse_known_ones(tmp_path):
