@@ -9,10 +9,11 @@ adapter and <= 1.2x its memory. One *month* is measured end to end, as a user ru
 * `ours`: month 2 of a `ContinualDPOTrainer` campaign with the retention terms of `RECOMMENDED` (below):
   construction (rehearsal mix, the boundary pairs' answers, tokenization) + `train()` (which starts by generating the
   month-1 model's greedy continuations of the anchors its steps draw) + `finish_month("m2")` (the month's rehearsal
-  sample and its own-reference log-probs). Month 1 (`ContinualDPOTrainer`, adapter `m1`, no retention terms, then `finish_month("m1")`) is trained
-  first, untimed, so that the rehearsal buffer and the earlier-month anchor prompts exist and the month-1 adapter is
-  stacked (frozen, active) under month 2's. Month 1 runs `--month1-steps` (6) steps in both arms: it only creates
-  the state month 2 starts from (and warms the runtime alike in both arms), so its length is not measured.
+  sample and its own-reference log-probs). Month 1 (`ContinualDPOTrainer`, adapter `m1`, no retention terms, then
+  `finish_month("m1")`) is trained first, untimed, so that the rehearsal buffer and the earlier-month anchor prompts
+  exist and the month-1 adapter is stacked (frozen, active) under month 2's. Month 1 runs `--month1-steps` (6) steps
+  in both arms: it only creates the state month 2 starts from (and warms the runtime alike in both arms), so its
+  length is not measured.
 * With `--terms`: `ours_none` (the same campaign, every retention term off: the stacked-adapter trainer alone) and
   `only_<term>` (one term of the recipe at a time: `rehearsal`, `kl`, `sft`, `boundary`, `ewc`), to show which term
   costs what.

@@ -12,9 +12,10 @@ misses. The anchor prompts come in three kinds (`ContinualDPOConfig.kl_anchor_ki
   month's template is where its style bleeds first, onto questions that look like its own but are not.
 
 By default each anchor is the prompt followed by the previous model's own greedy continuation (generated once, when
-training starts, for the anchors the month's steps will draw; see [`AnchorSet`]). With `kl_anchor_refresh_steps > 0` the continuations are regenerated from the *current policy*
-every k optimizer steps ([`AnchorSet.refresh_continuations`]): the KL is then scored on the policy's own samples, and
-the reverse KL per token on them is the on-policy estimate of KL(policy ‖ previous model).
+training starts, for the anchors the month's steps will draw; see [`AnchorSet`]). With `kl_anchor_refresh_steps > 0`
+the continuations are regenerated from the *current policy* every k optimizer steps
+([`AnchorSet.refresh_continuations`]): the KL is then scored on the policy's own samples, and the reverse KL per token
+on them is the on-policy estimate of KL(policy ‖ previous model).
 
 The anchors never come from evaluation items: the general prompts are disjoint from the evaluation prompts of
 `peft_selective.evaluation.preference` and `peft_selective.demo.months` (generic, harmful and benign probes, capital questions), and the same-shape
@@ -399,9 +400,10 @@ class AnchorSet:
     """Tokenized anchor sequences (prompt + a model's continuation), sampled in batches.
 
     The continuations are generated when first needed ([`continue_with`] names the model, [`ensure_continued`]
-    generates): a month of `max_steps` steps draws far fewer anchors than it has (18 steps draw 36 of the 160 default
-    anchors), and the trainer generates the continuations of the anchors its steps will draw, once, when training
-    starts. Reading [`sequences`] or [`calibration_batches`] continues every anchor; [`sample`] those it draws.
+    generates): a month of `max_steps` steps draws far fewer anchors than it has (18 steps with a KL batch of 2 draw
+    34 distinct anchors of the recommended recipe's 160 in `benchmarks/month_cost.py`), and the trainer generates the
+    continuations of the anchors its steps will draw, once, when training starts. Reading [`sequences`] or
+    [`calibration_batches`] continues every anchor; [`sample`] those it draws.
 
     Args:
         prompts: plain strings (wrapped as a user turn when the tokenizer has a chat template) or conversations.

@@ -1131,7 +1131,7 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _continue_planned_anchors(self, max_steps: int) -> None:
         """Generate, in one go, the month t−1 model's continuations of the anchors the month's steps will draw (up to
-        the first refresh, with `kl_anchor_refresh_steps`), not of every anchor: 18 steps draw 36 of 160. Planned
+        the first refresh, with `kl_anchor_refresh_steps`), not of every anchor (34 of 160 in an 18-step month). Planned
         from step 0 also on resume, so the generation batches, and so the continuations, are the uninterrupted
         run's."""
         every = self.args.kl_anchor_refresh_steps

@@ -318,19 +318,19 @@ def test_anchor_and_boundary_generation_use_their_batch_size(tmp_path, monkeypat
 
 
 def test_only_the_anchors_the_steps_draw_are_continued_once_when_training_starts(tmp_path, monkeypatch):
-    """18 steps draw 36 of 160 anchors: the trainer continues those it will draw, in one go before the first step,
+    """A month draws few of its anchors: the trainer continues those it will draw, in one go before the first step,
     with the month t−1 model's continuations an eager generation of every anchor gives; none is generated mid-way."""
     options = {**KL, "kl_max_general_anchors": 24, "max_steps": 3, "gradient_accumulation_steps": 2}
     built = trainer(tmp_path, **options)
     anchors = built.anchors
     assert anchors.continued_count == 0  # nothing generated when the trainer is built
     drawn, generated_in_steps = [], []
-    original_draw, original_sample = AnchorSet.draw, AnchorSet.ensure_continued
+    original_draw, original_ensure = AnchorSet.draw, AnchorSet.ensure_continued
 
     def sample(self, batch_size, rng, device):  # the KL's draws
         indices = original_draw(self, batch_size, rng)
         drawn.extend(indices)
-        generated_in_steps.append(original_sample(self, indices))
+        generated_in_steps.append(original_ensure(self, indices))
         return self._batch(indices, device)
 
     monkeypatch.setattr(AnchorSet, "sample", sample)
