@@ -180,6 +180,7 @@ def continual_options(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
         options["rehearsal_reference"] = "previous_month"
     if "kl" in mechanisms:
         options["kl_coef"] = args.kl_coef
+        options["kl_every"] = args.kl_every
         if "shape_anchors" in mechanisms:
             options["kl_anchor_kinds"] = list(RECOMMENDED_RETENTION["kl_anchor_kinds"])
     if "sft" in mechanisms:
@@ -1186,6 +1187,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--kl-coef", type=float, default=recommended["kl_coef"], help="Weight of the KL (arms with 'kl').")
     p.add_argument(
+        "--kl-every", type=int, default=recommended["kl_every"], help="KL on every k-th step (arms with 'kl')."
+    )
+    p.add_argument(
         "--sft-weight", type=float, default=recommended["sft_weight"], help="Weight of the SFT term (arms with 'sft')."
     )
     p.add_argument(
@@ -1300,6 +1304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "rank": args.rank,
             "rehearsal_ratio": args.rehearsal_ratio,
             "kl_coef": args.kl_coef,
+            "kl_every": args.kl_every,
             "sft_weight": args.sft_weight,
             "boundary_pairs": args.boundary_pairs,
             "fixed_lr": args.fixed_lr,

@@ -85,6 +85,7 @@ _RETENTION_UNTIL_FORMAT_3: dict[str, Any] = {
     "rehearsal_ratio": 0.2,
     "rehearsal_reference": "own_month",
     "kl_coef": 0.1,
+    "kl_every": 1,
     "kl_anchor_kinds": ["general", "earlier_months"],
     "sft_weight": 0.0,
     "boundary_pairs": 0,

@@ -14,10 +14,13 @@ from .anchors import ANCHOR_KINDS
 #: KL to the month t−1 model on general, same-shape and earlier-month anchors, an SFT term on the chosen answers and
 #: boundary pairs. The protocol-2 benchmark's `ours` arm (`benchmarks/forgetting.py`, results in
 #: `benchmarks/results/forgetting.md`) measures this set; `ContinualDPOConfig(**RECOMMENDED_RETENTION, ...)` uses it.
+#: The KL is computed on every second step at twice the weight of the earlier every-step 0.1: the same weight per anchor
+#: over a month, at half the cost (`benchmarks/results/month_cost.md`).
 RECOMMENDED_RETENTION: dict[str, Any] = {
     "rehearsal_ratio": 0.2,
     "rehearsal_reference": "own_month",
-    "kl_coef": 0.1,
+    "kl_coef": 0.2,
+    "kl_every": 2,
     "kl_anchor_kinds": ["general", "same_shape", "earlier_months"],
     "sft_weight": 1.0,
     "boundary_pairs": 8,

@@ -186,7 +186,7 @@ def test_the_init_flags_are_the_nested_configs_fields():
         assert flags[name].type in (trainer[name], *typing.get_args(trainer[name])), name
         assert flags[name].metadata.get("help") == trainer_help[name], name
     defaults = CampaignConfig()
-    assert flags["kl_coef"].default == defaults.training["kl_coef"] == 0.1
+    assert flags["kl_coef"].default == defaults.training["kl_coef"] == 0.2
     assert flags["eval_batch_size"].default == defaults.evaluation.batch_size
     with pytest.raises(ValueError, match="the campaign sets them"):
         CampaignConfig(training={"seed": 1})
