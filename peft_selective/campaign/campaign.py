@@ -91,8 +91,9 @@ logger = logging.getLogger(__name__)
 #: 3: checksums of every state file (`"files"` per month, `"config_sha256"`, `"evaluations_sha256"`,
 #: `"shared_files"`) and the base model's weights in its fingerprint. 4: the training defaults include the recommended
 #: retention; a config key missing from an older file takes its format's default (`config.FORMAT_TRAINING_DEFAULTS`).
-#: Formats 1 (flat) to 3 are read (and written as 4).
-FORMAT_VERSION = 4
+#: 5: the recommended KL on every second step at 0.2 (format 4: every step at 0.1). Formats 1 (flat) to 4 are read
+#: (and written as 5).
+FORMAT_VERSION = 5
 #: The repo a dry run of `push` shows its plan for when the campaign names none.
 PLACEHOLDER_REPO = "your-name/your-adapters"
 #: Characters of general reference text (`peft_selective.evaluation.preference.reference_text`) per calibration text of geometry_projected.

@@ -90,12 +90,25 @@ _RETENTION_UNTIL_FORMAT_3: dict[str, Any] = {
     "sft_weight": 0.0,
     "boundary_pairs": 0,
 }
+#: Format 4's: `RECOMMENDED_RETENTION` with the KL on every step at 0.1 (every second step at 0.2 since format 5).
+_RETENTION_OF_FORMAT_4: dict[str, Any] = {
+    "rehearsal_ratio": 0.2,
+    "rehearsal_reference": "own_month",
+    "kl_coef": 0.1,
+    "kl_every": 1,
+    "kl_anchor_kinds": ["general", "same_shape", "earlier_months"],
+    "sft_weight": 1.0,
+    "boundary_pairs": 8,
+}
 #: campaign.json `format_version` (see `peft_selective.campaign.campaign.FORMAT_VERSION`) -> the training defaults a
 #: file of that format was written under, where today's may differ (the retention options; every other key: today's
 #: default). A key missing from such a file (written before the key was stored, or edited) takes the value its
 #: campaign trained with, not today's: opening an older campaign never turns a retention term on. The current format
 #: has no entry.
-FORMAT_TRAINING_DEFAULTS: dict[int, dict[str, Any]] = dict.fromkeys((1, 2, 3), _RETENTION_UNTIL_FORMAT_3)
+FORMAT_TRAINING_DEFAULTS: dict[int, dict[str, Any]] = {
+    **dict.fromkeys((1, 2, 3), _RETENTION_UNTIL_FORMAT_3),
+    4: _RETENTION_OF_FORMAT_4,
+}
 #: `ContinualDPOConfig` fields the campaign sets itself (per month, or from its own options).
 CAMPAIGN_TRAINING_KEYS = (
     "output_dir", "adapter_name", "previous_adapters", "fisher_dir", "seed", "health_check", "save_strategy",

@@ -259,6 +259,7 @@ def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_
         "rehearsal_ratio": 0.2,
         "rehearsal_reference": "own_month",
         "kl_coef": 0.1,
+        "kl_every": 1,
         "kl_anchor_kinds": ["general", "earlier_months"],
         "sft_weight": 0.0,
         "boundary_pairs": 0,
@@ -278,6 +279,22 @@ def test_new_campaigns_default_to_the_recommended_retention_and_older_ones_keep_
     # the table covers every recommended option, so that a change of RECOMMENDED_RETENTION leaves older campaigns be
     assert all(set(defaults) >= set(RECOMMENDED_RETENTION) for defaults in FORMAT_TRAINING_DEFAULTS.values())
     assert FORMAT_VERSION not in FORMAT_TRAINING_DEFAULTS
+
+
+def test_a_format_4_campaign_keeps_the_every_step_kl_it_was_created_with(tmp_path):
+    """Format 4 campaigns were created with the KL on every step at 0.1; a file of that format without those keys
+    (hand-edited) trains with them, not with today's every-second-step 0.2."""
+    directory = tmp_path / "c"
+    assert cli("init", "--campaign_dir", directory, "--knowledge_questions", "3") == 0
+    assert (RECOMMENDED_RETENTION["kl_coef"], RECOMMENDED_RETENTION["kl_every"]) == (0.2, 2)
+    path = directory / "campaign.json"
+    state = json.loads(path.read_text())
+    for key in ("kl_coef", "kl_every"):
+        state["config"]["training"].pop(key)
+    path.write_text(json.dumps({**state, "format_version": 4}))
+    args = Campaign(directory).config.training_args(tmp_path / "run", "m", None)
+    assert (args.kl_coef, args.kl_every) == (0.1, 1)
+    assert {key: getattr(args, key) for key in RECOMMENDED_RETENTION} == FORMAT_TRAINING_DEFAULTS[4]
 
 
 def test_two_months_with_the_default_retention_train_with_every_recommended_term(
