@@ -152,6 +152,16 @@ class ContinualDPOConfig(DPOConfig):
             (`peft_selective.continual.trainer.whole_sentences`), and one with no complete sentence in it is skipped
             (logged): the chat template ends the turn after the chosen answer, so a cut answer would teach the model
             to stop mid-sentence.
+        score_retention_rows_apart (`bool`, *optional*, defaults to `True`):
+            Score a training batch's rehearsed and boundary rows in a forward of their own, padded to their own
+            longest pair, and the month's rows in another, instead of padding all of them to the batch's longest. The
+            loss is the same (each part's DPO loss weighted by its share of the pairs, the SFT term re-weighted to the
+            batch's token mean; TRL's logged metrics are the pair-weighted means of the parts'): the retention rows'
+            answers are often longer than the month's (a verbose month's rejected answers, the previous model's
+            boundary answers), and padded together they lengthen every row of the batch, in time and in memory (on
+            CPU, TRL's log-prob kernel allocates temporaries for every padded position). Used when it saves padded
+            positions, on one process, with loss types whose loss is a mean over pairs (`sigmoid`, `hinge`, `ipo`,
+            plus `sft`), without `use_weighting` or a router loss; otherwise the batch is scored in one forward.
 
         > Elastic weight consolidation
 
@@ -238,6 +248,10 @@ class ContinualDPOConfig(DPOConfig):
         default=0, metadata={"help": "Extra rows: off-scope prompt, the previous model's answer over the month's."}
     )
     boundary_max_new_tokens: int = field(default=48, metadata={"help": "Length of the boundary rows' chosen answers."})
+    score_retention_rows_apart: bool = field(
+        default=True,
+        metadata={"help": "Score rehearsed and boundary rows in their own forward (same loss, less padding)."},
+    )
     ewc_coef: float = field(default=0.0, metadata={"help": "Weight of the EWC penalty."})
     fisher_dir: Optional[str] = field(default=None, metadata={"help": "Directory of the stored Fisher."})
     fisher_num_examples: int = field(default=64, metadata={"help": "Rows used to estimate a month's Fisher."})

@@ -343,22 +343,40 @@ def _datasets_progress_bars(enabled: bool):
             datasets.enable_progress_bars()
 
 
+#: Per-pair columns of a collated batch (one value per pair, not per sequence).
+_PAIR_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: TRL loss types whose batch loss is the mean of per-pair terms, plus `"sft"` (a token mean, recombined by tokens):
+#: a batch scored in parts gives the same loss (`ContinualDPOConfig.score_retention_rows_apart`).
+_PART_SEPARABLE_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "sft"})
+
+
 def _batch_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """The pairs `rows` of a collated preference batch (its tensors hold the chosen sequences, then the rejected ones),
-    without the trailing columns that are padding in all of them."""
+    """The pairs `rows` of a collated preference batch (its tensors hold the chosen sequences, then the rejected ones;
+    `_PAIR_COLUMNS` one value per pair), without the trailing columns that are padding in all of them."""
     pairs = inputs["input_ids"].shape[0] // 2
-    pick = torch.cat([rows, rows + pairs]).to(inputs["input_ids"].device)
+    rows = rows.to(inputs["input_ids"].device)
+    pick = torch.cat([rows, rows + pairs])
     width = inputs["input_ids"].shape[1]
     real = inputs["attention_mask"][pick].any(dim=0).nonzero()
     keep = int(real.max()) + 1 if real.numel() else width
     picked = {}
     for key, value in inputs.items():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 2 * pairs:
+        if key in _PAIR_COLUMNS and torch.is_tensor(value):
+            value = value[rows.to(value.device)]
+        elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 2 * pairs:
             value = value[pick]
             if value.dim() > 1 and value.shape[1] == width:
                 value = value[:, :keep]
         picked[key] = value
     return picked
+
+
+def _padded_positions(attention_mask: torch.Tensor, rows: torch.Tensor) -> int:
+    """Positions the chosen and rejected sequences of pairs `rows` fill once padded to their longest one."""
+    pairs = attention_mask.shape[0] // 2
+    pick = torch.cat([rows, rows + pairs]).to(attention_mask.device)
+    real = attention_mask[pick].any(dim=0).nonzero()
+    return len(pick) * (int(real.max()) + 1 if real.numel() else 0)
 
 
 class _RehearsalFlagCollator:
@@ -899,15 +917,62 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        is_rehearsal = inputs.pop(REHEARSAL_FLAG, None)
-        is_boundary = inputs.pop(BOUNDARY_FLAG, None)
-        stored_chosen = inputs.pop(STORED_REF_CHOSEN, None)
-        stored_rejected = inputs.pop(STORED_REF_REJECTED, None)
+        flags = (inputs.pop(REHEARSAL_FLAG, None), inputs.pop(BOUNDARY_FLAG, None))
+        stored = (inputs.pop(STORED_REF_CHOSEN, None), inputs.pop(STORED_REF_REJECTED, None))
         train_rows = inputs.pop(_TRAIN_ROW, None)
+        is_rehearsal, is_boundary = flags
         mode = "train" if self.model.training else "eval"
         args = self.args
         if mode == "train":
             self._refresh_anchors_if_due()
+        parts = None if return_outputs or mode != "train" else self._scoring_parts(inputs, flags)
+        if parts is None:
+            loss, outputs, output = self._dpo_loss(
+                model, inputs, flags, stored, train_rows, mode, return_outputs, num_items_in_batch
+            )
+            scored = [(output, inputs, is_rehearsal)]
+        else:
+            loss, scored = self._dpo_loss_in_parts(model, inputs, flags, stored, train_rows, parts, num_items_in_batch)
+            outputs = None
+
+        if is_rehearsal is not None:
+            self._retention_metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
+        if is_boundary is not None:
+            self._retention_metrics[mode]["boundary/fraction"].append(self._gathered_mean(is_boundary.float()))
+        if scored[0][0] is not None and "sft" in self.loss_types:
+            nll = self._chosen_nll(scored)
+            if nll is not None:
+                self._retention_metrics[mode]["loss/sft"].append(self._gathered_mean(nll.detach()))
+        if scored[0][0] is not None and is_rehearsal is not None and args.rehearsal_nll_coef > 0:
+            nll = self._chosen_nll(scored, rehearsed_only=True)
+            if nll is not None:
+                loss = loss + args.rehearsal_nll_coef * nll
+                self._retention_metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
+        if self.anchors is not None and mode == "train" and self.state.global_step % args.kl_every == 0:
+            batch = self.anchors.sample(self._kl_batch_size(), self._anchor_rng(), self.accelerator.device)
+            # The unwrapped policy: a second forward through DDP before one backward is not needed, its gradient
+            # hooks fire either way.
+            kl = anchor_kl(self.accelerator.unwrap_model(model), self._reference_model(), batch, args.kl_direction)
+            loss = loss + args.kl_coef * kl
+            self._retention_metrics[mode]["retention/kl"].append(self._gathered_mean(kl.detach()))
+        if self.fisher is not None:
+            with torch.set_grad_enabled(mode == "train"):
+                penalty = ewc_penalty(model, args.adapter_name, self.fisher, fisher_mean=1.0)
+            loss = loss + args.ewc_coef * penalty
+            self._retention_metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
+        if args.health_check and mode == "train":
+            # Gathered, so that every process refuses together (a NaN on one rank reaches all through the gradients).
+            losses = self.accelerator.gather(loss.detach().float().reshape(1))
+            finite = torch.isfinite(losses)
+            if not finite.all():
+                check_loss(losses[~finite][0].item(), self.state.global_step + 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def _dpo_loss(self, model, inputs, flags, stored, train_rows, mode, return_outputs=False, num_items_in_batch=None):
+        """TRL's DPO loss of a batch (or part of one) with each row's reference: its own month's stored log-probs for
+        rehearsed rows, the month t−1 model's otherwise (those of the month's own rows kept for `finish_month`).
+        Returns `(loss, TRL's outputs or None, the policy's captured DPO forward or None)`."""
+        (is_rehearsal, is_boundary), (stored_chosen, stored_rejected) = flags, stored
         own = None if stored_chosen is None else ~torch.isnan(stored_chosen)
         own_reference = own is not None and bool(own.any())
         keep_reference = self._keep_reference_logps and train_rows is not None and mode == "train"
@@ -939,39 +1004,61 @@ class ContinualDPOTrainer(DPOTrainer):
                 "`fused_lm_head=True`, so the rehearsal NLL / logged SFT term cannot be computed. Pin a TRL release the "
                 "seam tests pass on (tests/continual/test_trl_seams.py)."
             )
+        return loss, outputs, output
 
-        if is_rehearsal is not None:
-            self._retention_metrics[mode]["rehearsal/fraction"].append(self._gathered_mean(is_rehearsal.float()))
-        if is_boundary is not None:
-            self._retention_metrics[mode]["boundary/fraction"].append(self._gathered_mean(is_boundary.float()))
-        if output is not None and "sft" in self.loss_types:
-            self._retention_metrics[mode]["loss/sft"].append(
-                self._gathered_mean(self._chosen_nll(output, inputs).detach())
+    def _scoring_parts(self, inputs, flags) -> Optional[list[torch.Tensor]]:
+        """The batch's month rows and its rehearsed and boundary rows, as two parts to score apart, when that is exact
+        (see `score_retention_rows_apart`) and leaves fewer padded positions than one forward; else `None`."""
+        if not self.args.score_retention_rows_apart or self.accelerator.num_processes > 1:
+            return None  # TRL gathers its metrics once per forward: every process must run as many
+        if not set(self.loss_types) <= _PART_SEPARABLE_LOSSES or self.aux_loss_enabled or self.use_weighting:
+            return None
+        retention = None
+        for flag in flags:
+            if flag is not None:
+                retention = flag.bool() if retention is None else retention | flag.bool()
+        if retention is None or bool(retention.all()) or not bool(retention.any()):
+            return None
+        parts = [(~retention).nonzero().flatten(), retention.nonzero().flatten()]
+        mask = inputs["attention_mask"]
+        if sum(_padded_positions(mask, part) for part in parts) >= mask.numel():
+            return None
+        return parts
+
+    def _dpo_loss_in_parts(self, model, inputs, flags, stored, train_rows, parts, num_items_in_batch=None):
+        """The DPO loss of a training batch scored in `parts` (one forward each, each padded to its own longest pair):
+        each part's loss weighted by its share of the pairs, and TRL's SFT term re-weighted from each part's token
+        mean to the batch's; TRL's metrics of the step become the pair-weighted means of the parts'. Returns the loss
+        and `[(captured policy forward, part inputs, part rehearsal flags)]`."""
+        pairs = inputs["input_ids"].shape[0] // 2
+        metrics = self._metrics["train"]
+        logged = {key: len(values) for key, values in metrics.items()}
+        loss, scored = 0.0, []
+        for part in parts:
+            part_inputs = _batch_rows(inputs, part)
+            part_flags = tuple(None if flag is None else flag[part.to(flag.device)] for flag in flags)
+            part_stored = tuple(None if value is None else value[part.to(value.device)] for value in stored)
+            part_rows = None if train_rows is None else train_rows[part.to(train_rows.device)]
+            part_loss, _, output = self._dpo_loss(
+                model, part_inputs, part_flags, part_stored, part_rows, "train", num_items_in_batch=num_items_in_batch
             )
-        if output is not None and is_rehearsal is not None and args.rehearsal_nll_coef > 0:
-            nll = self._rehearsal_nll(output, inputs, is_rehearsal)
-            if nll is not None:
-                loss = loss + args.rehearsal_nll_coef * nll
-                self._retention_metrics[mode]["retention/rehearsal_nll"].append(self._gathered_mean(nll.detach()))
-        if self.anchors is not None and mode == "train" and self.state.global_step % args.kl_every == 0:
-            batch = self.anchors.sample(self._kl_batch_size(), self._anchor_rng(), self.accelerator.device)
-            # The unwrapped policy: a second forward through DDP before one backward is not needed, its gradient
-            # hooks fire either way.
-            kl = anchor_kl(self.accelerator.unwrap_model(model), self._reference_model(), batch, args.kl_direction)
-            loss = loss + args.kl_coef * kl
-            self._retention_metrics[mode]["retention/kl"].append(self._gathered_mean(kl.detach()))
-        if self.fisher is not None:
-            with torch.set_grad_enabled(mode == "train"):
-                penalty = ewc_penalty(model, args.adapter_name, self.fisher, fisher_mean=1.0)
-            loss = loss + args.ewc_coef * penalty
-            self._retention_metrics[mode]["retention/ewc"].append(self._gathered_mean(penalty.detach()))
-        if args.health_check and mode == "train":
-            # Gathered, so that every process refuses together (a NaN on one rank reaches all through the gradients).
-            losses = self.accelerator.gather(loss.detach().float().reshape(1))
-            finite = torch.isfinite(losses)
-            if not finite.all():
-                check_loss(losses[~finite][0].item(), self.state.global_step + 1)
-        return (loss, outputs) if return_outputs else loss
+            loss = loss + part_loss * (len(part) / pairs)
+            scored.append((output, part_inputs, part_flags[0]))
+        if "sft" in self.loss_types:
+            # TRL's SFT term is a mean over the part's chosen tokens; the batch's is over all of them
+            weight = self.loss_weights[self.loss_types.index("sft")]
+            for output, part_inputs, _ in scored:
+                part_mean = self._chosen_nll([(output, part_inputs, None)])
+                if part_mean is not None:
+                    loss = loss - weight * part_mean * (part_inputs["input_ids"].shape[0] // 2 / pairs)
+            loss = loss + weight * self._chosen_nll(scored)
+        shares = [len(part) / pairs for part in parts]
+        for key, values in metrics.items():
+            if len(values) == logged.get(key, 0) + len(parts):  # appended once per part: one value for the step
+                merged = sum(share * value for share, value in zip(shares, values[-len(parts) :]))
+                del values[-len(parts) :]
+                values.append(merged)
+        return loss, scored
 
     def _with_own_month_reference(self, inputs, stored_chosen, stored_rejected, own: torch.Tensor) -> dict[str, Any]:
         """The batch with `ref_chosen_logps` / `ref_rejected_logps` for every row: the stored values (the reference
@@ -1046,26 +1133,25 @@ class ContinualDPOTrainer(DPOTrainer):
                 indices += self.anchors.draw(self._kl_batch_size(), self._anchor_rng_at(step, draw))
         return indices
 
-    def _rehearsal_nll(self, output, inputs, is_rehearsal: torch.Tensor) -> Optional[torch.Tensor]:
-        """Mean per-token NLL of the rehearsed rows' chosen responses, from the policy's DPO forward."""
-        shift_mask = inputs["completion_mask"][:, 1:]
-        log_probs = output.log_probs[:, -shift_mask.size(1) :]
-        rows = is_rehearsal.to(log_probs.device).bool()
-        chosen_logps, _ = log_probs.chunk(2, dim=0)
-        chosen_mask, _ = shift_mask.chunk(2, dim=0)
-        mask = chosen_mask[rows].to(log_probs.dtype)
-        if mask.sum() == 0:
-            return None
-        return -(chosen_logps[rows] * mask).sum() / mask.sum()
-
     @staticmethod
-    def _chosen_nll(output, inputs) -> torch.Tensor:
-        """TRL's `"sft"` term, unweighted: mean NLL per token of the batch's chosen responses."""
-        shift_mask = inputs["completion_mask"][:, 1:]
-        log_probs = output.log_probs[:, -shift_mask.size(1) :]
-        chosen_logps, _ = log_probs.chunk(2, dim=0)
-        chosen_mask, _ = shift_mask.chunk(2, dim=0)
-        return -chosen_logps[chosen_mask.bool()].mean()
+    def _chosen_nll(scored, rehearsed_only: bool = False) -> Optional[torch.Tensor]:
+        """Mean per-token NLL of the chosen responses (of the rehearsed pairs only, with `rehearsed_only`: the
+        rehearsal NLL) over the scored batch or parts `[(policy DPO forward, inputs, rehearsal flags)]`; `None`
+        without such a token. Over the whole batch it is TRL's `"sft"` term, unweighted."""
+        total, count = 0.0, 0
+        for output, inputs, is_rehearsal in scored:
+            shift_mask = inputs["completion_mask"][:, 1:]
+            log_probs = output.log_probs[:, -shift_mask.size(1) :]
+            chosen_logps, _ = log_probs.chunk(2, dim=0)
+            chosen_mask, _ = shift_mask.chunk(2, dim=0)
+            mask = chosen_mask.bool()
+            if rehearsed_only:
+                if is_rehearsal is None:
+                    continue
+                mask = mask & is_rehearsal.to(mask.device).bool().unsqueeze(1)
+            total = total - chosen_logps[mask].sum()
+            count += int(mask.sum())
+        return total / count if count else None
 
     def _gathered_mean(self, value: torch.Tensor) -> float:
         value = value.to(self.accelerator.device)

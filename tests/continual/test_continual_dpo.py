@@ -884,3 +884,79 @@ def test_sft_weight_adds_trls_sft_term(tmp_path):
     torch.testing.assert_close(loss_sft.detach(), loss.detach() + 0.5 * nll, rtol=1e-5, atol=1e-5)
     with_sft.train()
     assert "loss/sft" in logged_keys(with_sft)
+
+
+# ------------------------------------------------------------------------------------- retention rows scored apart
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0], ids=["dpo", "dpo+sft"])
+def test_retention_rows_scored_apart_give_the_whole_batch_loss_and_gradient(tmp_path, sft_weight):
+    """Rehearsed rows (month 1's long answers) scored in their own forward and the month's short rows in another:
+    fewer padded positions, the same loss, gradient, rehearsal NLL and logged metrics as one padded forward."""
+    first = ContinualDPOTrainer(
+        tiny_chat_llama(),
+        args=continual_config(tmp_path, "m1", max_steps=2),
+        train_dataset=preference_month("yes " * 7 + "yes", "no " * 7 + "no"),
+        processing_class=word_chat_tokenizer(),
+        peft_config=SelectiveMLPConfig(rank=4),
+        rehearsal_buffer=RehearsalBuffer(tmp_path / "buffer"),
+    )
+    first.train()
+    first.finish_month("m1")
+    second = month_2(
+        first.model,
+        tmp_path,
+        buffer=first.rehearsal_buffer,
+        rehearsal_ratio=0.25,
+        sft_weight=sft_weight,
+        rehearsal_nll_coef=0.5,
+    )
+    with torch.no_grad():  # a non-zero month-2 update, so that policy and references differ
+        for name, param in second.model.named_parameters():
+            if of("m2", name):
+                param.add_(0.5 * torch.randn_like(param))
+    batch = second.data_collator(_rows_where(second, rehearsed=True)[:2] + _rows_where(second, rehearsed=False)[:2])
+    parts = second._scoring_parts(batch, (batch["is_rehearsal"], None))
+    assert [part.tolist() for part in parts] == [[2, 3], [0, 1]]
+    mask = batch["attention_mask"]
+    from peft_selective.continual.trainer import _padded_positions
+
+    assert sum(_padded_positions(mask, part) for part in parts) < mask.numel()
+
+    def scored(apart: bool):
+        second.args.score_retention_rows_apart = apart
+        second.model.train()
+        second.model.zero_grad()
+        second._metrics["train"].clear()
+        second._retention_metrics["train"].clear()
+        loss = second.compute_loss(second.model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in second.model.named_parameters() if p.requires_grad}
+        logged = {**second._metrics["train"], **second._retention_metrics["train"]}
+        return loss.detach(), grads, logged
+
+    whole_loss, whole_grads, whole_logged = scored(False)
+    apart_loss, apart_grads, apart_logged = scored(True)
+    torch.testing.assert_close(apart_loss, whole_loss, rtol=1e-5, atol=1e-6)
+    assert whole_grads.keys() == apart_grads.keys() and whole_grads
+    for name in whole_grads:
+        torch.testing.assert_close(apart_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6)
+    # one value per metric for the step, as with one forward (token-averaged ones differ: they weigh pairs there)
+    assert {key: len(values) for key, values in apart_logged.items() if key != "num_tokens"} == {
+        key: len(values) for key, values in whole_logged.items() if key != "num_tokens"
+    }
+    for key in ("rewards/chosen", "rewards/margins", "logps/rejected", "retention/rehearsal_nll"):
+        assert apart_logged[key] == pytest.approx(whole_logged[key], rel=1e-4, abs=1e-6), key
+    if sft_weight:
+        assert apart_logged["loss/sft"] == pytest.approx(whole_logged["loss/sft"], rel=1e-4)
+
+
+def test_retention_rows_are_scored_with_the_batch_when_parts_would_not_be_exact(tmp_path):
+    first = train_month_1(tmp_path)
+    first.finish_month("m1")
+    second = month_2(first.model, tmp_path, buffer=first.rehearsal_buffer, rehearsal_ratio=0.25, loss_type=["robust"])
+    batch = second.data_collator(_rows_where(second, rehearsed=True)[:2] + _rows_where(second, rehearsed=False)[:2])
+    assert second._scoring_parts(batch, (batch["is_rehearsal"], None)) is None  # not a mean over pairs
+    second.loss_types = ["sigmoid"]
+    assert second._scoring_parts(batch, (torch.zeros(4), None)) is None  # no retention row
+    assert second._scoring_parts(batch, (torch.ones(4), None)) is None  # only retention rows
+    # same-length rows (both months answer in one word): nothing to save
+    assert second._scoring_parts(batch, (batch["is_rehearsal"], None)) is None
