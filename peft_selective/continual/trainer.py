@@ -207,6 +207,15 @@ TRL_SEAMS: tuple[TrlSeam, ...] = (
         "the normalised form of `DPOConfig.loss_type` (a string or a list)",
     ),
     TrlSeam(
+        "loss_in_parts",
+        "trl.DPOTrainer._compute_loss / loss_weights / _metrics / use_weighting / aux_loss_enabled",
+        "the loss is `sum(per-pair loss.mean() * weight)` over `loss_types` (TRL's `sft` term a mean over the "
+        "batch's chosen tokens), weights in `loss_weights`; each call appends one value per metric to "
+        "`_metrics['train'][key]`",
+        "`score_retention_rows_apart` recombines the parts' losses exactly and merges their metrics into one value "
+        "a step",
+    ),
+    TrlSeam(
         "model_card_tags",
         "trl.DPOTrainer._tag_names / _name",
         "class attributes TRL's model card and hub tags read",

@@ -191,6 +191,19 @@ def check_loss_types() -> None:
     )
 
 
+def check_loss_in_parts() -> None:
+    source = _source(DPOTrainer._compute_loss)
+    for needle in (
+        "loss += per_sequence_loss.mean() * loss_weight",
+        "batch_loss = -chosen_per_token_logps[chosen_mask.bool()].mean()",
+        'self._metrics[mode]["entropy"].append(',
+    ):
+        _require("loss_in_parts", needle in source, f"`_compute_loss` no longer has `{needle}`")
+    init = _source(DPOTrainer.__init__)
+    for attribute in ("self.loss_weights =", "self.use_weighting =", "self.aux_loss_enabled ="):
+        _require("loss_in_parts", attribute in init, f"DPOTrainer no longer sets `{attribute[5:-2]}`")
+
+
 def check_model_card_tags() -> None:
     _require(
         "model_card_tags",
@@ -219,6 +232,7 @@ CHECKS = {
     "init_training_state": check_init_training_state,
     "checkpoint_state_last": check_checkpoint_state_last,
     "loss_types": check_loss_types,
+    "loss_in_parts": check_loss_in_parts,
     "model_card_tags": check_model_card_tags,
     "trainer_utils": check_trainer_utils,
 }
