@@ -324,15 +324,16 @@ def continual_config(tmp_path: Path, name: str, **kwargs) -> ContinualDPOConfig:
     return ContinualDPOConfig(**{**defaults, **kwargs})
 
 
-def train_month_1(tmp_path: Path, peft_config=None, base=None, **kwargs) -> ContinualDPOTrainer:
-    """Month "m1" ("yes" over "no") trained on the tiny chat Llama (or `base`), its rows kept in a rehearsal buffer."""
+def train_month_1(tmp_path: Path, peft_config=None, base=None, train_dataset=None, **kwargs) -> ContinualDPOTrainer:
+    """Month "m1" ("yes" over "no", or `train_dataset`) trained on the tiny chat Llama (or `base`), its rows kept in a
+    rehearsal buffer."""
     from peft_selective import SelectiveMLPConfig
     from peft_selective.continual import ContinualDPOTrainer, RehearsalBuffer
 
     trainer = ContinualDPOTrainer(
         base if base is not None else tiny_chat_llama(),
         args=continual_config(tmp_path, "m1", **kwargs),
-        train_dataset=preference_month("yes", "no"),
+        train_dataset=train_dataset if train_dataset is not None else preference_month("yes", "no"),
         processing_class=word_chat_tokenizer(),
         peft_config=peft_config or SelectiveMLPConfig(rank=4),
         rehearsal_buffer=RehearsalBuffer(tmp_path / "buffer"),

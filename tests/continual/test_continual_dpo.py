@@ -891,15 +891,7 @@ def test_sft_weight_adds_trls_sft_term(tmp_path):
 def test_retention_rows_scored_apart_give_the_whole_batch_loss_and_gradient(tmp_path, sft_weight):
     """Rehearsed rows (month 1's long answers) scored in their own forward and the month's short rows in another:
     fewer padded positions, the same loss, gradient, rehearsal NLL and logged metrics as one padded forward."""
-    first = ContinualDPOTrainer(
-        tiny_chat_llama(),
-        args=continual_config(tmp_path, "m1", max_steps=2),
-        train_dataset=preference_month("yes " * 7 + "yes", "no " * 7 + "no"),
-        processing_class=word_chat_tokenizer(),
-        peft_config=SelectiveMLPConfig(rank=4),
-        rehearsal_buffer=RehearsalBuffer(tmp_path / "buffer"),
-    )
-    first.train()
+    first = train_month_1(tmp_path, train_dataset=preference_month("yes " * 7 + "yes", "no " * 7 + "no"), max_steps=2)
     first.finish_month("m1")
     second = month_2(
         first.model,
