@@ -60,7 +60,8 @@ def test_recipe_override_and_terms_arms():
     assert recipe["kl_coef"] == 0.05 and recipe["rehearsal_ratio"] == month_cost.RECOMMENDED["rehearsal_ratio"]
     arms = month_cost.arm_recipes(recipe, with_terms=True)
     assert sorted(arms) == ["only_kl", "only_rehearsal", "only_sft", "ours", "ours_none"]
-    assert arms["only_kl"] == {"kl_coef": 0.05, "kl_anchor_kinds": ["general", "same_shape", "earlier_months"]}
+    kinds = ["general", "same_shape", "earlier_months"]
+    assert arms["only_kl"] == {"kl_coef": 0.05, "kl_every": 2, "kl_anchor_kinds": kinds}
     assert arms["ours_none"] == {} and month_cost.needs_buffer(arms["only_kl"]) and not month_cost.needs_buffer({})
     with pytest.raises(ValueError, match="learning_rate"):
         month_cost.parse_recipe('{"learning_rate": 1.0}')
