@@ -17,8 +17,8 @@ A new campaign trains every month with the recommended retention (`peft_selectiv
 rehearsal 0.2 scored against each pair's own month, KL 0.2 on every second step to last month's model on general,
 same-shape and earlier-month anchors, an SFT term of weight 1, 8 boundary pairs), the arm of the forgetting ablation
 that bled least at LoRA's learning (`benchmarks/results/forgetting.md`). What a month with it costs against plain TRL
-`DPOTrainer`, measured on the bundled model on CPU: `benchmarks/results/month_cost.md`. `init --rehearsal_ratio 0 --kl_coef 0 --sft_weight 0 --boundary_pairs 0`
-turns it off (each option alone, its term). A campaign created by an earlier version keeps the options it was created
+`DPOTrainer`, measured on the bundled model on CPU: `benchmarks/results/month_cost.md`.
+`init --rehearsal_ratio 0 --kl_coef 0 --sft_weight 0 --boundary_pairs 0` turns it off (each option alone, its term). A campaign created by an earlier version keeps the options it was created
 with.
 
 One command runs on a campaign at a time: each holds the directory's lock (`peft_selective.utils.lock`) and a

@@ -400,9 +400,9 @@ class AnchorSet:
     """Tokenized anchor sequences (prompt + a model's continuation), sampled in batches.
 
     The continuations are generated when first needed ([`continue_with`] names the model, [`ensure_continued`]
-    generates): a month of `max_steps` steps draws far fewer anchors than it has (18 steps with a KL batch of 2 draw
-    34 distinct anchors of the recommended recipe's 160 in `benchmarks/month_cost.py`), and the trainer generates the
-    continuations of the anchors its steps will draw, once, when training starts. Reading [`sequences`] or
+    generates): a month of `max_steps` steps draws far fewer anchors than it has (the recommended recipe's KL on 9 of
+    18 steps with a batch of 2 draws 17 distinct anchors of its 160 in `benchmarks/month_cost.py`), and the trainer
+    generates the continuations of the anchors its steps will draw, once, when training starts. Reading [`sequences`] or
     [`calibration_batches`] continues every anchor; [`sample`] those it draws.
 
     Args:

@@ -111,9 +111,9 @@ class ContinualDPOConfig(DPOConfig):
         kl_anchor_max_new_tokens (`int`, *optional*, defaults to `16`):
             Length of the month t−1 model's greedy continuation of each anchor (and of the policy's, with
             `kl_anchor_refresh_steps`); `0` compares the next-token distributions at the prompt's end only. Generated
-            once, when training starts, for the anchors the month's steps will draw (in `benchmarks/month_cost.py`, 18
-            steps with a KL batch of 2 draw 34 distinct anchors of the recommended recipe's 160); the others when first
-            read (`AnchorSet.sequences`, `calibration_batches`).
+            once, when training starts, for the anchors the month's steps will draw (in `benchmarks/month_cost.py`, the
+            recommended recipe's KL on 9 of 18 steps with a batch of 2 draws 17 distinct anchors of its 160); the others
+            when first read (`AnchorSet.sequences`, `calibration_batches`).
         kl_anchor_refresh_steps (`int`, *optional*, defaults to `0`):
             `0`: the anchors keep the month t−1 model's continuations, generated once. `k > 0`: every `k` optimizer
             steps (at global steps k, 2k, ...) the continuations are regenerated from the *current policy* (greedy,

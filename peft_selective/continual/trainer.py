@@ -366,8 +366,7 @@ def _batch_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     rows = rows.to(inputs["input_ids"].device)
     pick = torch.cat([rows, rows + pairs])
     width = inputs["input_ids"].shape[1]
-    real = inputs["attention_mask"][pick].any(dim=0).nonzero()
-    keep = int(real.max()) + 1 if real.numel() else width
+    keep = _padded_width(inputs["attention_mask"], rows) or width
     picked = {}
     for key, value in inputs.items():
         if key in _PAIR_COLUMNS and torch.is_tensor(value):
@@ -380,12 +379,18 @@ def _batch_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     return picked
 
 
+def _padded_width(attention_mask: torch.Tensor, rows: torch.Tensor) -> int:
+    """Columns of a right-padded preference batch that the chosen and rejected sequences of pairs `rows` reach (0 when
+    all of them are padding)."""
+    pairs = attention_mask.shape[0] // 2
+    rows = rows.to(attention_mask.device)
+    real = attention_mask[torch.cat([rows, rows + pairs])].any(dim=0).nonzero()
+    return int(real.max()) + 1 if real.numel() else 0
+
+
 def _padded_positions(attention_mask: torch.Tensor, rows: torch.Tensor) -> int:
     """Positions the chosen and rejected sequences of pairs `rows` fill once padded to their longest one."""
-    pairs = attention_mask.shape[0] // 2
-    pick = torch.cat([rows, rows + pairs]).to(attention_mask.device)
-    real = attention_mask[pick].any(dim=0).nonzero()
-    return len(pick) * (int(real.max()) + 1 if real.numel() else 0)
+    return 2 * len(rows) * _padded_width(attention_mask, rows)
 
 
 class _RehearsalFlagCollator:
@@ -1040,10 +1045,11 @@ class ContinualDPOTrainer(DPOTrainer):
         mean to the batch's; TRL's metrics of the step become the pair-weighted means of the parts'. Returns the loss
         and `[(captured policy forward, part inputs, part rehearsal flags)]`."""
         pairs = inputs["input_ids"].shape[0] // 2
+        shares = [len(part) / pairs for part in parts]
         metrics = self._metrics["train"]
         logged = {key: len(values) for key, values in metrics.items()}
         loss, scored = 0.0, []
-        for part in parts:
+        for part, share in zip(parts, shares):
             part_inputs = _batch_rows(inputs, part)
             part_flags = tuple(None if flag is None else flag[part.to(flag.device)] for flag in flags)
             part_stored = tuple(None if value is None else value[part.to(value.device)] for value in stored)
@@ -1051,17 +1057,16 @@ class ContinualDPOTrainer(DPOTrainer):
             part_loss, _, output = self._dpo_loss(
                 model, part_inputs, part_flags, part_stored, part_rows, "train", num_items_in_batch=num_items_in_batch
             )
-            loss = loss + part_loss * (len(part) / pairs)
+            loss = loss + part_loss * share
             scored.append((output, part_inputs, part_flags[0]))
         if "sft" in self.loss_types:
             # TRL's SFT term is a mean over the part's chosen tokens; the batch's is over all of them
             weight = self.loss_weights[self.loss_types.index("sft")]
-            for output, part_inputs, _ in scored:
+            for (output, part_inputs, _), share in zip(scored, shares):
                 part_mean = self._chosen_nll([(output, part_inputs, None)])
                 if part_mean is not None:
-                    loss = loss - weight * part_mean * (part_inputs["input_ids"].shape[0] // 2 / pairs)
+                    loss = loss - weight * part_mean * share
             loss = loss + weight * self._chosen_nll(scored)
-        shares = [len(part) / pairs for part in parts]
         for key, values in metrics.items():
             if len(values) == logged.get(key, 0) + len(parts):  # appended once per part: one value for the step
                 merged = sum(share * value for share, value in zip(shares, values[-len(parts) :]))
@@ -1226,7 +1231,7 @@ class ContinualDPOTrainer(DPOTrainer):
 
     def _continue_planned_anchors(self, max_steps: int) -> None:
         """Generate, in one go, the month t−1 model's continuations of the anchors the month's steps will draw (up to
-        the first refresh, with `kl_anchor_refresh_steps`), not of every anchor (34 of 160 in an 18-step month). Planned
+        the first refresh, with `kl_anchor_refresh_steps`), not of every anchor (17 of 160 in an 18-step month). Planned
         from step 0 also on resume, so the generation batches, and so the continuations, are the uninterrupted
         run's."""
         every = self.args.kl_anchor_refresh_steps
