@@ -51,6 +51,8 @@ Usage:
     python benchmarks/forgetting.py --render-only   # re-render the committed JSON
 
 Every trained month and every evaluation is saved under `--work-dir`, so an interrupted run resumes where it stopped.
+A work dir serves one set of months, knowledge items and generation settings (`work-dir.json`), and each run in it one
+recipe (`runs/*/recipe.json`); a run that asks for others is refused rather than served stale results.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
+import io
 import json
 import logging
 import sys
@@ -236,12 +240,20 @@ def builtin_spec(args: argparse.Namespace, work_dir: Path) -> Path:
         entry: dict[str, Any] = {"name": name, **BUILTIN_CHECKS.get(name, {})}
         for split, dataset in parts.items():
             path = folder / f"{name}.{split}.jsonl"
-            dataset.to_json(str(path), lines=True)
+            buffer = io.BytesIO()
+            dataset.to_json(buffer, lines=True)
+            _write_if_changed(path, buffer.getvalue())
             entry[split] = path.name
         months.append(entry)
     spec = folder / "months.json"
-    spec.write_text(json.dumps({"months": months}, indent=2))
+    _write_if_changed(spec, json.dumps({"months": months}, indent=2).encode())
     return spec
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Leave a file that already holds `data` untouched: another run sharing the work dir may be reading it."""
+    if not path.exists() or path.read_bytes() != data:
+        path.write_bytes(data)
 
 
 @dataclass
@@ -381,6 +393,56 @@ def style_reference(base, tokenizer, months: dict[str, Month], probe, args) -> d
         "in_scope_items": sum(m is not None for m in owners),
         "answers": answers,
     }
+
+
+# --------------------------------------------------------------------------------------------------- the work dir
+#: the file of a work dir that records what its cached results were computed from (`work_dir_fingerprint`)
+FINGERPRINT_FILE = "work-dir.json"
+#: the options that every cached result depends on, beside the data (what each run trains with is its recipe.json)
+FINGERPRINT_SETTINGS = ("model", "device", "max_length", "max_new_tokens", "eval_batch_size", "knowledge_exact")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def work_dir_fingerprint(spec_path: Path, probe, args: argparse.Namespace) -> dict[str, Any]:
+    """What every cached result of a work dir (base evaluations, style reference, learning-rate runs, runs) depends
+    on, beside each run's own recipe (`check_run_recipe`): the months (the spec's entries, each split file by the
+    sha256 of its content), the knowledge items, the general prompts, and `FINGERPRINT_SETTINGS`. A `"module:function"`
+    check is recorded by its name, not its code."""
+    months = []
+    for entry in json.loads(spec_path.read_text())["months"]:
+        splits = {split: _sha256((spec_path.parent / entry[split]).read_bytes()) for split in ("train", "val", "test")}
+        months.append({**entry, **splits})
+    items = [[item.question, item.answer, list(item.distractors), list(item.aliases)] for item in probe]
+    return {
+        "protocol": PROTOCOL,
+        "months": months,
+        "knowledge_items": _sha256(json.dumps(items).encode()),
+        "general_prompts": _sha256(json.dumps(general_prompts(args)).encode()),
+        **{key: getattr(args, key) for key in FINGERPRINT_SETTINGS},
+    }
+
+
+def check_work_dir(work: Path, fingerprint: dict[str, Any]) -> None:
+    """Reuse a work dir's cached results only for the same data and settings: a run with other months, knowledge items
+    or generation settings must not report numbers computed for the old ones. The first run records the fingerprint;
+    a work dir filled before fingerprints existed is taken as it is, with a warning."""
+    path = work / FINGERPRINT_FILE
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples become lists)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = sorted(key for key in stored.keys() | fingerprint.keys() if stored.get(key) != fingerprint.get(key))
+        if changed:
+            raise SystemExit(
+                f"{work} holds results computed with other {', '.join(changed)} than this run asks for; use another "
+                "--work-dir (or move that one away) to compute them anew."
+            )
+        return
+    if any(any(work.glob(pattern)) for pattern in ("base-*.json", "lr-*.json", "style-reference.json", "runs/*")):
+        log(f"warning: {work} holds results from before {FINGERPRINT_FILE} existed; they are taken to match this run")
+    path.write_text(json.dumps(fingerprint, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -1261,6 +1323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     probe = knowledge_probe(months, args)
     if len(probe) < 150 and args.model == "embedded":
         log(f"warning: {len(probe)} knowledge items; protocol 2 asks for at least 150")
+    check_work_dir(work, work_dir_fingerprint(spec, probe, args))
     orders = orders_of(months)
     base_evals = {}
     for order_key in args.orders:

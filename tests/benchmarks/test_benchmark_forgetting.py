@@ -160,6 +160,37 @@ def test_a_cached_run_of_another_recipe_is_refused_not_reused(forgetting, tmp_pa
         forgetting.check_run_recipe(tmp_path, arm, args, 1e-3)
 
 
+def test_a_work_dir_of_other_months_items_or_settings_is_refused_not_reused(forgetting, tmp_path):
+    from peft_selective.evaluation.knowledge import KnowledgeItem
+
+    rows = [{"prompt": f"q{i}", "chosen": '{"a": 1}', "rejected": "plain words"} for i in range(2)]
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    spec = tmp_path / "months.json"
+    spec.write_text(
+        json.dumps({"months": [{"name": "m1", "train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}]})
+    )
+    args = forgetting.parse_args([])
+    probe = [KnowledgeItem("What is the capital of France?", "Paris", ("Lyon", "Nice", "Lille"))]
+    work = tmp_path / "work"
+    work.mkdir()
+    fingerprint = forgetting.work_dir_fingerprint(spec, probe, args)
+    forgetting.check_work_dir(work, fingerprint)
+    assert (work / forgetting.FINGERPRINT_FILE).exists()
+    forgetting.check_work_dir(work, forgetting.work_dir_fingerprint(spec, probe, args))  # the same: reused
+
+    args.max_new_tokens += 8
+    with pytest.raises(SystemExit, match="other max_new_tokens than"):
+        forgetting.check_work_dir(work, forgetting.work_dir_fingerprint(spec, probe, args))
+    args.max_new_tokens -= 8
+    other_probe = [KnowledgeItem("What is the capital of Peru?", "Lima", ("Cusco", "Quito", "Arequipa"))]
+    with pytest.raises(SystemExit, match="other knowledge_items than"):
+        forgetting.check_work_dir(work, forgetting.work_dir_fingerprint(spec, other_probe, args))
+    (tmp_path / "test.jsonl").write_text(json.dumps(rows[0]))  # a month's data changed under the same file name
+    with pytest.raises(SystemExit, match="other months than"):
+        forgetting.check_work_dir(work, forgetting.work_dir_fingerprint(spec, probe, args))
+
+
 def test_the_per_block_dial_scales_each_blocks_update_on_top_of_alpha(forgetting):
     import torch
     from torch import nn
@@ -242,12 +273,17 @@ def test_a_tiny_run_writes_protocol_2_results_and_resumes(forgetting, tmp_path):
     assert report["arms"]["ours_lower_blocks"]["train"] == report["arms"]["ours"]["train"]
     assert report["arms"]["ours_lower_blocks"]["mechanisms"][-1].startswith("per-block dial")
 
-    # everything is cached: a second run trains and evaluates nothing and writes the same numbers
-    def stamps():  # every cached training and evaluation (the built-in months are rewritten as data each run)
-        return {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*") if "months" not in p.parts}
+    # everything is cached: a second run trains and evaluates nothing, rewrites no file (the built-in months' data
+    # included) and writes the same numbers
+    def stamps():
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*")}
 
     before = stamps()
     assert forgetting.main(argv) == 0
     assert stamps() == before
     again = json.loads((tmp_path / "out" / "forgetting.json").read_text())
     assert again["arms"] == report["arms"] and again["verdict"] == report["verdict"]
+    # the same work dir asked for other generation settings: refused, nothing of it touched
+    with pytest.raises(SystemExit, match="other max_new_tokens"):
+        forgetting.main([*argv, "--max-new-tokens", "7"])
+    assert stamps() == before
