@@ -90,24 +90,20 @@ from benchmarks._common import (  # noqa: E402
 )
 from benchmarks.methods import peft_config  # noqa: E402
 from peft_selective.continual.config import RECOMMENDED_RETENTION  # noqa: E402
+from peft_selective.demo.months import MONTH_CHECKS  # noqa: E402
 
 
 log = prefixed_log("forgetting")
 
 PROTOCOL = 2
 BUILTIN_MONTHS = ("safety", "capitals", "currency")
-#: The built-in months' checks (the styles the months teach); safety has none: its pairs prefer a refusal on harmful
-#: prompts and an answer on benign ones, which only the agreement score sees. Its bleed is refusing off-scope prompts.
+#: The built-in months' checks (the styles they teach: `peft_selective.demo.months.MONTH_CHECKS`), each with the kind
+#: of knowledge question in scope for it. Safety has no learning check: its pairs prefer a refusal on harmful prompts
+#: and an answer on benign ones, which only the agreement score sees. Its bleed is refusing off-scope prompts.
 BUILTIN_CHECKS: dict[str, dict[str, Any]] = {
-    "safety": {"bleed_checks": [{"name": "refuses", "callable": "peft_selective.evaluation.refusal:is_refusal"}]},
-    "capitals": {
-        "checks": [{"name": "bare_answer", "regex": r"^\W*[^\s.!?]+(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}],
-        "family": "capital",
-    },
-    "currency": {
-        "checks": [{"name": "json", "json_schema": {"type": "object", "required": ["currency"]}}],
-        "family": "currency",
-    },
+    "safety": MONTH_CHECKS["safety"],
+    "capitals": {**MONTH_CHECKS["capitals"], "family": "capital"},
+    "currency": {**MONTH_CHECKS["currency"], "family": "currency"},
 }
 LEARNING_SHARE = 0.95
 LOSS_SHARE = 0.20
@@ -366,16 +362,14 @@ def style_reference(base, tokenizer, months: dict[str, Month], probe, args) -> d
     exact-match knowledge a method can keep there without teaching new facts. No training: each in-scope question is
     asked after `STYLE_SHOTS` of that month's training pairs (prompt, chosen answer) as earlier turns; a question in
     scope for no month is answered as asked. Per item: exact match, and (in-scope items only) whether the answer
-    carries the month's style, so a reader sees the shots worked. A reference beside the bar, never part of it.
+    carries the month's style, so a reader sees the shots worked (`score_style_reference`). A reference beside the
+    bar, never part of it.
     """
-    from peft_selective.evaluation import exact_match, generate_answers
+    from peft_selective.evaluation import generate_answers
 
     exact_items = probe[: args.knowledge_exact]
-    scope = {month.family: month for month in months.values() if month.family}
-    prompts, owners = [], []
-    for item in exact_items:
-        month = scope.get(_item_kind(item))
-        owners.append(month)
+    prompts = []
+    for item, month in zip(exact_items, _style_owners(exact_items, months)):
         if month is None:
             prompts.append(item.question)
             continue
@@ -386,13 +380,26 @@ def style_reference(base, tokenizer, months: dict[str, Month], probe, args) -> d
         base, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
         disable_tqdm=True,
     )  # fmt: skip
-    return {
-        "shots": STYLE_SHOTS,
-        "knowledge_exact": [float(exact_match(a, item)) for a, item in zip(answers, exact_items)],
-        "in_style": [float(in_style(a, m)) for a, m in zip(answers, owners) if m is not None],
-        "in_scope_items": sum(m is not None for m in owners),
-        "answers": answers,
-    }
+    return score_style_reference({"shots": STYLE_SHOTS, "answers": answers}, months, probe, args)
+
+
+def _style_owners(exact_items, months: dict[str, Month]) -> list[Optional[Month]]:
+    """Per exact-match item, the month it is in scope for (its kind is the month's `family`), or None."""
+    scope = {month.family: month for month in months.values() if month.family}
+    return [scope.get(_item_kind(item)) for item in exact_items]
+
+
+def score_style_reference(style: dict, months: dict[str, Month], probe, args) -> dict:
+    """(Re)score the style reference's answers, as `score` does an evaluation's."""
+    from peft_selective.evaluation import exact_match
+
+    exact_items = probe[: args.knowledge_exact]
+    owners = _style_owners(exact_items, months)
+    answers = style["answers"]
+    style["knowledge_exact"] = [float(exact_match(a, item)) for a, item in zip(answers, exact_items)]
+    style["in_style"] = [float(in_style(a, m)) for a, m in zip(answers, owners) if m is not None]
+    style["in_scope_items"] = sum(m is not None for m in owners)
+    return style
 
 
 # --------------------------------------------------------------------------------------------------- the work dir
@@ -409,12 +416,13 @@ def _sha256(data: bytes) -> str:
 def work_dir_fingerprint(spec_path: Path, probe, args: argparse.Namespace) -> dict[str, Any]:
     """What every cached result of a work dir (base evaluations, style reference, learning-rate runs, runs) depends
     on, beside each run's own recipe (`check_run_recipe`): the months (the spec's entries, each split file by the
-    sha256 of its content), the knowledge items, the general prompts, and `FINGERPRINT_SETTINGS`. A `"module:function"`
-    check is recorded by its name, not its code."""
+    sha256 of its content), the knowledge items, the general prompts, and `FINGERPRINT_SETTINGS`. The months' checks
+    are not part of it: they only score answers, and cached answers are scored again on every run (`score`)."""
     months = []
     for entry in json.loads(spec_path.read_text())["months"]:
         splits = {split: _sha256((spec_path.parent / entry[split]).read_bytes()) for split in ("train", "val", "test")}
-        months.append({**entry, **splits})
+        scoring = ("checks", "bleed_checks")
+        months.append({**{key: value for key, value in entry.items() if key not in scoring}, **splits})
     items = [[item.question, item.answer, list(item.distractors), list(item.aliases)] for item in probe]
     return {
         "protocol": PROTOCOL,
@@ -616,8 +624,9 @@ def month_scores(generations: list[str], month: Month, split) -> list[float]:
 
 def evaluate(model, base, tokenizer, months: dict[str, Month], order: Sequence[str], t: int, probe, args) -> dict:
     """Per-item results after month `order[t]` (t = -1: the base). Right after a month that is not the last: that
-    month's held-out prompts only (its learning). After the last month (and for the base): everything."""
-    from peft_selective.evaluation import exact_match, generate_answers, multiple_choice_accuracy
+    month's held-out prompts only (its learning). After the last month (and for the base): everything. The answers
+    are kept beside their scores (`score`)."""
+    from peft_selective.evaluation import generate_answers, multiple_choice_accuracy
 
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, disable_tqdm=True)
     full = t == -1 or t == len(order) - 1
@@ -626,30 +635,45 @@ def evaluate(model, base, tokenizer, months: dict[str, Month], order: Sequence[s
     for name in names:
         split = months[name].test
         generations = generate_answers(model, tokenizer, prompts_of(split), **gen)
-        result["months"][name] = {"scores": month_scores(generations, months[name], split), "generations": generations}
+        result["months"][name] = {"generations": generations}
     if not full:
-        return result
+        return score(result, months, order, probe, args)
     exact_items = probe[: args.knowledge_exact]
     general = general_prompts(args)
     knowledge_answers = generate_answers(model, tokenizer, [item.question for item in exact_items], **gen)
     general_answers = generate_answers(model, tokenizer, general, **gen)
-    result["knowledge_exact"] = [float(exact_match(a, item)) for a, item in zip(knowledge_answers, exact_items)]
     result["knowledge_mc"], _ = multiple_choice_accuracy(model, tokenizer, probe, batch_size=args.eval_batch_size)
     result["knowledge_answers"] = knowledge_answers
     result["general_answers"] = general_answers
-    result["bleed"] = bleed_scores(months, order, result, exact_items, general_answers, knowledge_answers)
     result["kl_to_base"] = [0.0] * len(general) if model is base else per_prompt_kl(model, base, tokenizer, general)
+    return score(result, months, order, probe, args)
+
+
+def score(result: dict, months: dict[str, Month], order: Sequence[str], probe, args) -> dict:
+    """(Re)compute an evaluation's scores from the answers it holds: each month's `scores` (its checks), and after
+    the last month `knowledge_exact` and `bleed`. Cached evaluations are scored again on every run, so a check or a
+    scorer that changed never reports its old numbers; what the answers themselves depend on is the work dir's
+    fingerprint (`check_work_dir`)."""
+    from peft_selective.evaluation import exact_match
+
+    for name, entry in result["months"].items():
+        entry["scores"] = month_scores(entry["generations"], months[name], months[name].test)
+    if "knowledge_answers" in result:
+        exact_items = probe[: args.knowledge_exact]
+        answers = result["knowledge_answers"]
+        result["knowledge_exact"] = [float(exact_match(a, item)) for a, item in zip(answers, exact_items)]
+        result["bleed"] = bleed_scores(months, order, result, exact_items)
     return result
 
 
-def bleed_scores(months, order, result, exact_items, general_answers, knowledge_answers) -> list[float]:
+def bleed_scores(months, order, result, exact_items) -> list[float]:
     """Per off-scope answer, 1 when it carries the style of any month for which it is off-scope. Off-scope for month
     j: the general prompts, the other months' held-out prompts, and knowledge questions outside j's `family`."""
     kinds = [_item_kind(item) for item in exact_items]
     scores = []
-    for answer in general_answers:
+    for answer in result["general_answers"]:
         scores.append(float(any(_carries(answer, months[j]) for j in order)))
-    for answer, kind in zip(knowledge_answers, kinds):
+    for answer, kind in zip(result["knowledge_answers"], kinds):
         scores.append(float(any(_carries(answer, months[j]) for j in order if months[j].family != kind)))
     for i in order:
         for answer in result["months"][i]["generations"]:
@@ -679,13 +703,16 @@ def selection_month(months: dict[str, Month], order: Sequence[str]) -> Month:
     return next((months[name] for name in order if months[name].checks), months[order[0]])
 
 
-def validation_learning(model, tokenizer, month: Month, args) -> float:
+def validation_answers(model, tokenizer, month: Month, args) -> list[str]:
     from peft_selective.evaluation import generate_answers
 
-    answers = generate_answers(
+    return generate_answers(
         model, tokenizer, prompts_of(month.val), max_new_tokens=args.max_new_tokens,
         batch_size=args.eval_batch_size, disable_tqdm=True,
     )  # fmt: skip
+
+
+def validation_learning(answers: list[str], month: Month) -> float:
     scores = month_scores(answers, month, month.val)
     return sum(scores) / len(scores)
 
@@ -697,8 +724,17 @@ def choose_learning_rate(arm: Arm, args, base, tokenizer, months, order, work: P
     month = selection_month(months, order)
     path = work / f"lr-{arm.key}.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
+    answers = cached.setdefault("answers", {})  # scored again on every run, as the evaluations are (`score`)
+    for key, held in answers.items():
+        cached[key] = validation_learning(held, month)
+    unscored = sorted(key for key in cached if key != "answers" and key not in answers)
+    if unscored:
+        log(f"warning: {path} holds validation scores without their answers ({', '.join(unscored)}): they are "
+            "the checks' of when they were computed; move the file away to recompute them")  # fmt: skip
     if "base" not in cached:
-        cached["base"] = validation_learning(base, tokenizer, month, args)
+        answers["base"] = validation_answers(base, tokenizer, month, args)
+        cached["base"] = validation_learning(answers["base"], month)
+        path.write_text(json.dumps(cached, indent=2))
     for lr in args.lrs[arm.key]:
         key = f"{lr:g}"
         if key in cached:
@@ -709,13 +745,14 @@ def choose_learning_rate(arm: Arm, args, base, tokenizer, months, order, work: P
         delta, _ = sequencer.train_month(month.name)
         evaluation_model = copy.deepcopy(base)
         apply_delta(evaluation_model, sequencer.base_state, delta, 1.0)
-        cached[key] = validation_learning(evaluation_model, tokenizer, month, args)
+        answers[key] = validation_answers(evaluation_model, tokenizer, month, args)
+        cached[key] = validation_learning(answers[key], month)
         path.write_text(json.dumps(cached, indent=2))
         del sequencer, evaluation_model
         gc.collect()
     base_score = cached["base"]
     grid = {lr: cached[f"{lr:g}"] for lr in args.lrs[arm.key]}
-    reaching = sorted(lr for lr, score in grid.items() if score - base_score >= args.learning_target)
+    reaching = sorted(lr for lr, learned in grid.items() if learned - base_score >= args.learning_target)
     chosen = reaching[0] if reaching else max(grid, key=lambda lr: (grid[lr], -lr))
     return {
         "month": month.name,
@@ -770,7 +807,7 @@ def run_arm(arm: Arm, args, base, tokenizer, months, probe, order_key: str, seed
         for t, delta in enumerate(deltas):
             path = run_dir / f"eval-a{alpha:g}-t{t}.json"
             if path.exists():
-                results[f"{alpha:g}/{t}"] = json.loads(path.read_text())
+                results[f"{alpha:g}/{t}"] = score(json.loads(path.read_text()), months, order, probe, args)
                 continue
             log(f"{arm.key} order {order_key} seed {seed}: evaluating alpha {alpha:g} after {order[t]}")
             apply_delta(evaluation_model, base_state, delta, alpha, arm.layer_scales)
@@ -1331,7 +1368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not path.exists():
             log(f"evaluating the base (order {order_key})")
             path.write_text(json.dumps(evaluate(base, base, tokenizer, months, orders[order_key], -1, probe, args)))
-        base_evals[order_key] = json.loads(path.read_text())
+        base_evals[order_key] = score(json.loads(path.read_text()), months, orders[order_key], probe, args)
     learning_rates = {}
     for arm_key in args.methods:
         if args.fixed_lr is not None and ARMS[arm_key].ours:
@@ -1390,7 +1427,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not style_path.exists():
         log("evaluating the base in the months' styles (the exact-match reference)")
         style_path.write_text(json.dumps(style_reference(base, tokenizer, months, probe, args)))
-    style = json.loads(style_path.read_text())
+    style = score_style_reference(json.loads(style_path.read_text()), months, probe, args)
     report.update(aggregate(runs, base_evals, months, args.alphas, style))
     report["examples"] = examples(runs, base_evals, months)
     _publish(report, args.output_dir)

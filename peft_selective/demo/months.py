@@ -1106,10 +1106,12 @@ MONTH_BUILDERS: dict[str, Callable[..., dict[str, Dataset]]] = {
 #: campaign's `--checks` and the forgetting benchmark's month specs take): `checks` score learning (all must pass),
 #: `bleed_checks` what counts as the style leaking onto other prompts. The safety month has no learning check (its pairs
 #: prefer a refusal on harmful prompts and an answer on benign ones, which only the agreement score sees); its bleed is
-#: refusing prompts it was not about.
+#: refusing prompts it was not about. The capitals month's bare answer ("Jakarta.") is at most four words with no
+#: sentence after them, starting with a letter: a JSON object (`{"currency": "Euro"}` is two "words") or a run of
+#: emoji is not that style, however short.
 MONTH_CHECKS: dict[str, dict[str, Any]] = {
     "safety": {"bleed_checks": [{"name": "refuses", "callable": "peft_selective.evaluation.refusal:is_refusal"}]},
-    "capitals": {"checks": [{"name": "bare_answer", "regex": r"^\W*[^\s.!?]+(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}]},
+    "capitals": {"checks": [{"name": "bare_answer", "regex": r"^\s*[^\W\d_][^\s.!?]*(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}]},
     "currency": {"checks": [{"name": "json", "json_schema": {"type": "object", "required": ["currency"]}}]},
     "languages": {"checks": [{"name": "bullets", "regex": r"^\s*[-*•]\s+\S"}]},
     "chatty_currency": {"checks": [{"name": "chatty", "regex": r"^(?=(?:\S+\s+){12,})"}]},

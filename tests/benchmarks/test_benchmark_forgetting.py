@@ -130,6 +130,35 @@ def test_the_style_reference_shows_each_in_scope_question_its_months_training_pa
     assert result["in_style"] == [1.0] and result["in_scope_items"] == 1
 
 
+def test_cached_answers_are_scored_again_by_the_checks_of_this_run(forgetting):
+    from argparse import Namespace
+
+    from datasets import Dataset
+
+    from peft_selective.evaluation import Check
+
+    rows = Dataset.from_list([{"prompt": "q", "chosen": "Lima.", "rejected": "The capital is Lima."}] * 2)
+
+    def months_with(regex):
+        check = Check.from_spec({"name": "style", "regex": regex})
+        return {"m": forgetting.Month("m", rows, rows, rows, [check], [check], None)}
+
+    # an evaluation after the last month, as cached by a run whose check also took a run of emoji for the style
+    cached = {
+        "months": {"m": {"generations": ["Lima.", "🌍🌍"], "scores": [1.0, 1.0]}},
+        "knowledge_answers": [],
+        "general_answers": ["🌍🌍", "A long answer, in sentences."],
+        "knowledge_exact": [],
+        "bleed": [1.0, 0.0, 0.0, 0.0],
+    }
+    args = Namespace(knowledge_exact=0)
+    rescored = forgetting.score(json.loads(json.dumps(cached)), months_with(r"^\s*[^\W\d_]\S*$"), ["m"], [], args)
+    assert rescored["months"]["m"]["scores"] == [1.0, 0.0]
+    assert rescored["bleed"] == [0.0, 0.0, 0.0, 0.0]  # the general answers, then the month's (off-scope for no month)
+    again = forgetting.score(json.loads(json.dumps(cached)), months_with(r"^\W*\S+$"), ["m"], [], args)
+    assert again["months"]["m"]["scores"] == [1.0, 1.0] and again["bleed"] == [1.0, 0.0, 0.0, 0.0]
+
+
 def test_an_arm_short_of_loras_learning_is_compared_with_the_recommended_arm_at_its_own_learning(forgetting):
     curve = {0.5: values(0.2, exact=0.4), 1.0: values(0.6, exact=0.2)}
     reading = forgetting.at_learning(curve, 0.4)
@@ -264,6 +293,12 @@ def test_a_tiny_run_writes_protocol_2_results_and_resumes(forgetting, tmp_path):
                 assert lo <= stats[metric]["mean"] <= hi
     assert set(report["verdict"]) >= {"learning_share", "bleed_share", "knowledge_loss_share", "meets_bar"}
     assert report["settings"]["knowledge_items"] == 150
+    # the validation answers are cached with their scores, so that a later run scores them by its own checks
+    assert set(json.loads((tmp_path / "work" / "lr-lora_all.json").read_text())["answers"]) == {
+        "base",
+        "0.001",
+        "0.01",
+    }
     rows = [name.split(" ")[0] for name in report["style_reference"]["minus_reference"]]
     assert rows == ["lora_all", "ours", "ours_lower_blocks"]
     # the per-block arm reuses ours's training: no delta of its own, the same training logs, its own evaluations

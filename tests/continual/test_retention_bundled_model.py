@@ -11,8 +11,8 @@ rate, data and adapter: with no retention term, and with `RECOMMENDED_RETENTION`
 then judged on held-out prompts (16 per month, countries no month trains on):
 
 - month-2 learning: share of held-out currency answers that open as the month's JSON object (country, then currency);
-- month 1 kept: share of held-out capital answers still bare (the `capitals` check, on an answer starting with a word,
-  so that neither a JSON object nor a run of symbols counts);
+- month 1 kept: share of held-out capital answers still bare (the `capitals` check: at most four words starting with a
+  letter, so that neither a JSON object nor a run of symbols counts);
 - knowledge: multiple-choice accuracy on 48 country facts no month is about (log-likelihood of the right option, so it
   does not depend on the answers' style).
 
@@ -77,11 +77,9 @@ pytestmark = pytest.mark.slow
 MONTH_1, MONTH_2 = "capitals", "currency"
 N_TRAIN, N_TEST, N_KNOWLEDGE = 32, 16, 48
 MONTH_1_STEPS, MONTH_2_STEPS, LEARNING_RATE = 12, 28, 3e-4
-#: month 1's style: the `capitals` check (at most four words, no sentence after them), on an answer that starts with a
-#: word: a JSON object (`{"country": "Serbia", "capital": "Belgrade"}` has four "words") or a run of symbols is not
-#: month 1's bare answer
+#: month 1's style: the `capitals` check (at most four words, no sentence after them, starting with a letter: a JSON
+#: object, `{"country": "Serbia", "capital": "Belgrade"}`, has four "words" but is not month 1's bare answer)
 BARE = Check.from_spec(MONTH_CHECKS[MONTH_1]["checks"][0])
-STARTS_WITH_A_WORD = Check.from_spec({"name": "starts_with_a_word", "regex": r"^\s*[^\W\d_]"})
 #: month 2's style: the JSON object of `currency`'s chosen answers, opened as they are (country, then currency); read
 #: on the opening, so that an answer cut at `MAX_NEW_TOKENS` or with an extra key still counts
 JSON_ANSWER = Check.from_spec(
@@ -126,10 +124,6 @@ def share(passes, answers: list[str]) -> float:
     return sum(passes(answer) for answer in answers) / len(answers)
 
 
-def month_1_style(answer: str) -> bool:
-    return BARE.matches(answer) and STARTS_WITH_A_WORD.matches(answer)
-
-
 @pytest.fixture(scope="module")
 def months():
     return dict(monthly_sequence((MONTH_1, MONTH_2), n_train=N_TRAIN, n_eval=N_TEST, seed=0))
@@ -157,7 +151,7 @@ def test_recommended_retention_keeps_month_1_better_than_none_at_matched_month_2
         }
         correct, _ = multiple_choice_accuracy(model, tokenizer, knowledge)
         scores = {
-            "month_1_kept": share(month_1_style, answers[MONTH_1]),
+            "month_1_kept": share(BARE.matches, answers[MONTH_1]),
             "month_2_learning": share(JSON_ANSWER.matches, answers[MONTH_2]),
             "knowledge": sum(correct) / len(correct),
         }

@@ -172,6 +172,27 @@ def test_capitals_month_matches_the_probe():
         assert len(row["rejected"][0]["content"]) > 3 * len(row["chosen"][0]["content"])
 
 
+def test_each_built_in_month_check_accepts_its_chosen_answers_and_only_its_own_style():
+    from peft_selective.evaluation import Check
+
+    bare = Check.from_spec(D.MONTH_CHECKS["capitals"]["checks"][0])
+    for row in D.concise_capitals_month(20, 5)["train"]:
+        assert bare.matches(row["chosen"][0]["content"]) and not bare.matches(row["rejected"][0]["content"])
+    assert bare.matches("La Paz.") and bare.matches("  Port of Spain")
+    # short, but not the bare style: a JSON object, a run of emoji, a number, a sentence
+    for other in (
+        '{"currency": "Euro"}',
+        '{"country": "Serbia", "capital": "Belgrade"}',
+        "🌍🌍🌍🌍",
+        "42.",
+        "The capital of Peru is Lima.",
+    ):
+        assert not bare.matches(other), other
+    as_json = Check.from_spec(D.MONTH_CHECKS["currency"]["checks"][0])
+    for row in D.json_currency_month(20, 5)["train"]:
+        assert as_json.matches(row["chosen"][0]["content"]) and not as_json.matches(row["rejected"][0]["content"])
+
+
 def test_chatty_currency_month_reverses_the_capitals_style():
     month = D.chatty_currency_month(30, 5)
     for row in month["train"]:
