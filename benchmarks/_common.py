@@ -389,7 +389,10 @@ def write_results(output_dir: Path, report: dict[str, Any], title: str, machine_
 
 
 def runtime_note(elapsed: float, load_start, load_end) -> str:
-    return f"Runtime: {elapsed:.0f} s. Load average (1/5/15 min) start {load_start}, end {load_end}."
+    def three(load) -> str:  # the same text from os.getloadavg()'s tuple and from the list a JSON report reads back
+        return "n/a" if load is None else "[" + ", ".join(f"{value:.2f}" for value in load) + "]"
+
+    return f"Runtime: {elapsed:.0f} s. Load average (1/5/15 min) start {three(load_start)}, end {three(load_end)}."
 
 
 def publish(
