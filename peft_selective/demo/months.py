@@ -1111,7 +1111,9 @@ MONTH_BUILDERS: dict[str, Callable[..., dict[str, Dataset]]] = {
 #: emoji is not that style, however short.
 MONTH_CHECKS: dict[str, dict[str, Any]] = {
     "safety": {"bleed_checks": [{"name": "refuses", "callable": "peft_selective.evaluation.refusal:is_refusal"}]},
-    "capitals": {"checks": [{"name": "bare_answer", "regex": r"^\s*[^\W\d_][^\s.!?]*(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}]},
+    "capitals": {
+        "checks": [{"name": "bare_answer", "regex": r"^\s*[^\W\d_][^\s.!?]*(?:\s+[^\s.!?]+){0,3}\s*[.!]?\s*$"}]
+    },
     "currency": {"checks": [{"name": "json", "json_schema": {"type": "object", "required": ["currency"]}}]},
     "languages": {"checks": [{"name": "bullets", "regex": r"^\s*[-*•]\s+\S"}]},
     "chatty_currency": {"checks": [{"name": "chatty", "regex": r"^(?=(?:\S+\s+){12,})"}]},
