@@ -48,6 +48,8 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     import torch
     import transformers
 
+    from peft_selective.utils.machine import cpu_info
+
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -65,17 +67,7 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         info["bitsandbytes"] = bitsandbytes.__version__
     except ImportError:
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-        # The CPU features that change bitsandbytes' 4-bit CPU path (AVX512-BF16 repacks weights on eval forwards).
-        info["cpu_flags"] = sorted(flag for flag in flags if flag.startswith(("avx512", "amx", "avx2")))
-    except OSError:
-        pass
+    info.update(cpu_info())  # which CPU kernels ran: results are reproducible on the same kind of CPU only
     return info
 
 

@@ -71,6 +71,7 @@ from peft_selective.evaluation.suites import (
     month_behaviour,
     retention_numbers,
 )
+from peft_selective.utils.machine import cpu_info
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ ARMS = {
     "peft_selective": "peft-selective (SelectiveMLP + recommended retention)",
     "lora": "PEFT LoRA all-linear + TRL DPOTrainer, merged monthly",
 }
-#: The demo's sizes (meant for 2 CPU cores; the committed run took 32.8 min on one thread beside other jobs) and the smoke test's (`--quick`): rows, steps and
+#: The demo's sizes (meant for 2 CPU cores; the committed run took 19.2 min on one thread beside other jobs) and the smoke test's (`--quick`): rows, steps and
 #: evaluation items, and the lengths of what is generated (on a CPU, generation is most of the cost). The retention
 #: terms keep their weights (`RECOMMENDED_RETENTION`); only how many anchor prompts the KL and the boundary pairs
 #: generate from, and how long, is sized here (the trainer's defaults: 32 + 64 anchors of 16 tokens, 48-token answers).
@@ -497,10 +498,7 @@ def machine_info() -> dict:
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        info["cpu_model"] = names[0] if names else None
+    info.update(cpu_info())  # the CPU's kind: training on CPU reproduces on the same kind only
     return info
 
 

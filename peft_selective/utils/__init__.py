@@ -1,2 +1,2 @@
 """Helpers every wing of the package may use: atomic file writes (`io`), the known third-party warnings silenced
-(`warnings`)."""
+(`warnings`), what a result file records about the CPU (`machine`)."""
