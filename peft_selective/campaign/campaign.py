@@ -1473,6 +1473,8 @@ class Campaign:
                     calibration[0].save(self.layout.adapter(name))  # geometry_report.json: the per-layer bounds
             finish = trainer.finish_month(name, overwrite=True)
         entry["data"]["rehearsal_rows"] = sum(v for k, v in trainer.rehearsal_summary.items() if k != "new")
+        # fewer than `boundary_pairs` when answers were skipped (empty, the month's own, no whole sentence in budget)
+        entry["data"]["boundary_rows"] = trainer.boundary_rows
         if not self._is_main:
             self._barrier()  # the main process writes the month's results
             return entry

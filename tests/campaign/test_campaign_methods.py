@@ -215,6 +215,7 @@ def test_anchor_and_boundary_options_reach_the_trainer_and_the_records(tiny_chat
     # the boundary rows joined the training set, and the trainer logged their share
     assert trainer.boundary_rows == 2
     assert sum(trainer.train_dataset["is_boundary"]) == 2
+    assert campaign.month("m1")["data"]["boundary_rows"] == 2  # recorded, since answers can be skipped
     assert any("boundary/fraction" in logs for logs in capture.logs)
     assert any("retention/kl" in logs for logs in capture.logs)
     card = (directory / "cards" / "m1" / "README.md").read_text()
