@@ -804,6 +804,17 @@ class ContinualDPOTrainer(DPOTrainer):
                 unfinished,
             )
         self.boundary_rows = len(rows)
+        if len(rows) < args.boundary_pairs / 2:  # the month trains with much less of the guard than it asked for
+            logger.warning(
+                "Only %d of boundary_pairs=%d boundary rows: %d answers had no complete sentence within "
+                "boundary_max_new_tokens=%d, %d were empty or the month's own. Raise boundary_max_new_tokens to keep "
+                "more.",
+                len(rows),
+                args.boundary_pairs,
+                unfinished,
+                args.boundary_max_new_tokens,
+                skipped,
+            )
         flags = [0] * len(train_dataset)
         if rows:
             boundary = Dataset.from_list(rows, features=train_dataset.features)

@@ -456,6 +456,23 @@ def test_boundary_answers_cut_by_the_budget_keep_their_whole_sentences_or_are_sk
     chosen = [row["chosen"][0]["content"] for row in data.select([i for i, f in enumerate(data[BOUNDARY_FLAG]) if f])]
     assert chosen == ["yes .", "no red", "red yes no"] and built.boundary_rows == 3
     assert "1 cut to their whole sentences, 1 skipped" in caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+    # most answers cut with no sentence end: the month would train with a fraction of its boundary rows, so it warns
+    monkeypatch.setattr(
+        trainer_module, "greedy_continuations", lambda *args, **kwargs: [answers[1]] * 3 + [answers[2]]
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
+        built = ContinualDPOTrainer(
+            tiny_chat_llama(),
+            args=continual_config(tmp_path, "m1", boundary_pairs=4, boundary_max_new_tokens=4),
+            train_dataset=capital_month("good", "bad"),
+            processing_class=tokenizer,
+            peft_config=SelectiveMLPConfig(rank=4),
+        )
+    assert built.boundary_rows == 1
+    assert "Only 1 of boundary_pairs=4 boundary rows: 3 answers had no complete sentence" in caplog.text
 
 
 def test_whole_sentences_ends_at_the_last_complete_sentence():
