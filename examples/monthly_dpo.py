@@ -80,7 +80,7 @@ ARMS = {
     "peft_selective": "peft-selective (SelectiveMLP + recommended retention)",
     "lora": "PEFT LoRA all-linear + TRL DPOTrainer, merged monthly",
 }
-#: The demo's sizes (meant for 2 CPU cores; the committed run took 19.2 min on one thread beside other jobs) and the smoke test's (`--quick`): rows, steps and
+#: The demo's sizes (meant for 2 CPU cores; the committed run took 18.6 min on one thread beside other jobs) and the smoke test's (`--quick`): rows, steps and
 #: evaluation items, and the lengths of what is generated (on a CPU, generation is most of the cost). The retention
 #: terms keep their weights (`RECOMMENDED_RETENTION`); only how many anchor prompts the KL generates from, and how long,
 #: is sized here (the trainer's defaults: 32 + 64 anchors of 16 tokens). The boundary answers keep the trainer's 48
