@@ -443,35 +443,27 @@ def test_boundary_answers_cut_by_the_budget_keep_their_whole_sentences_or_are_sk
         [ids["no"], ids["red"], tokenizer.eos_token_id],  # finished (EOS): whole, though it has no "."
         [ids["red"], ids["yes"], ids["no"]],  # finished (shorter than the budget): whole
     ]
-    monkeypatch.setattr(trainer_module, "greedy_continuations", lambda *args, **kwargs: answers)
-    with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
-        built = ContinualDPOTrainer(
-            tiny_chat_llama(),
-            args=continual_config(tmp_path, "m1", boundary_pairs=4, boundary_max_new_tokens=4),
-            train_dataset=capital_month("good", "bad"),
-            processing_class=tokenizer,
-            peft_config=SelectiveMLPConfig(rank=4),
-        )
+
+    def build(generated):  # a trainer whose month t-1 model answers the boundary prompts with `generated`
+        monkeypatch.setattr(trainer_module, "greedy_continuations", lambda *args, **kwargs: generated)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
+            return ContinualDPOTrainer(
+                tiny_chat_llama(),
+                args=continual_config(tmp_path, "m1", boundary_pairs=4, boundary_max_new_tokens=4),
+                train_dataset=capital_month("good", "bad"),
+                processing_class=tokenizer,
+                peft_config=SelectiveMLPConfig(rank=4),
+            )
+
+    built = build(answers)
     data = built.train_dataset
     chosen = [row["chosen"][0]["content"] for row in data.select([i for i, f in enumerate(data[BOUNDARY_FLAG]) if f])]
     assert chosen == ["yes .", "no red", "red yes no"] and built.boundary_rows == 3
     assert "1 cut to their whole sentences, 1 skipped" in caplog.text
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
-
     # most answers cut with no sentence end: the month would train with a fraction of its boundary rows, so it warns
-    monkeypatch.setattr(
-        trainer_module, "greedy_continuations", lambda *args, **kwargs: [answers[1]] * 3 + [answers[2]]
-    )
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="peft_selective.continual.trainer"):
-        built = ContinualDPOTrainer(
-            tiny_chat_llama(),
-            args=continual_config(tmp_path, "m1", boundary_pairs=4, boundary_max_new_tokens=4),
-            train_dataset=capital_month("good", "bad"),
-            processing_class=tokenizer,
-            peft_config=SelectiveMLPConfig(rank=4),
-        )
-    assert built.boundary_rows == 1
+    assert build([answers[1]] * 3 + [answers[2]]).boundary_rows == 1
     assert "Only 1 of boundary_pairs=4 boundary rows: 3 answers had no complete sentence" in caplog.text
 
 
