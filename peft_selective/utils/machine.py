@@ -1,9 +1,10 @@
 """What a result file records about the CPU it ran on.
 
-Numbers from training on CPU are reproducible on the same kind of CPU, not across kinds: the matmul kernels differ
-(AVX2, AVX512, AVX512-BF16, AMX) and so does the rounding, which a few greedy generations during training (retention
-anchors, boundary answers) can turn into different training data. Two machines both reporting "AMD EPYC" may be
-different generations, so the family, model and stepping numbers and the vector extensions are recorded too.
+Numbers from training on CPU are not guaranteed to reproduce across kinds of CPU: the kernels differ (AVX2, AVX512,
+AVX512-BF16, AMX) and so may the rounding, which greedy generations during training (retention anchors, boundary
+answers) could turn into different training data; bitsandbytes' 4-bit path also changes with AVX512-BF16. Two
+machines both reporting "AMD EPYC" may be different generations, so the family, model and stepping numbers and the
+vector extensions are recorded too.
 """
 
 from __future__ import annotations
