@@ -85,7 +85,7 @@ ARMS = {
 #: terms keep their weights (`RECOMMENDED_RETENTION`); only how many anchor prompts the KL generates from, and how long,
 #: is sized here (the trainer's defaults: 32 + 64 anchors of 16 tokens). The boundary answers keep the trainer's 48
 #: tokens: a boundary answer cut off by its budget keeps only its whole sentences and is skipped without one, and at 24
-#: tokens 2 of month 1's 8 were skipped (the month then bled its style far more: see the README).
+#: tokens some were skipped (the months then bled their style far more: see the README).
 SIZES = {
     "full": dict(
         months=["capitals", "currency", "languages"], n_train=48, n_eval=12, steps=18, batch_size=4,

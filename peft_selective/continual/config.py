@@ -152,7 +152,7 @@ class ContinualDPOConfig(DPOConfig):
             (`peft_selective.continual.trainer.whole_sentences`), and one with no complete sentence in it is skipped
             (logged): the chat template ends the turn after the chosen answer, so a cut answer would teach the model
             to stop mid-sentence. Fewer rows than half of `boundary_pairs` is a warning: too small a budget takes the
-            guard away (on the bundled model, 24 tokens lost 2 of 8 rows and the month bled its style far more).
+            guard away (the README's demo section shows a month bleeding its style far more at 24 tokens).
         score_retention_rows_apart (`bool`, *optional*, defaults to `True`):
             Score a training batch's rehearsed and boundary rows in a forward of their own, padded to their own
             longest pair, and the month's rows in another, instead of padding all of them to the batch's longest. The
